@@ -1,0 +1,227 @@
+"""Small argument checks shared by the library's modules.
+
+Every public entry point of ``fdp`` validates its inputs up front and raises
+an exception that names the offending argument and says what was expected,
+rather than letting a shape or dtype mismatch surface later as an opaque
+kernel error (or, worse, as silently wrong numbers). The helpers here keep
+those messages uniform, e.g.::
+
+    `global_cond` must have shape [B, 32] (B=4), got [4, 31]
+
+Conventions: a wrong Python type or tensor dtype raises ``TypeError``; a wrong
+value, shape, device or non-finite content raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
+
+import torch
+
+__all__ = [
+    "format_shape",
+    "check_int",
+    "check_optional_int",
+    "check_bool",
+    "check_tensor",
+    "check_finite",
+]
+
+#: One entry of an expected shape: an exact size, ``None`` (any size), or a
+#: symbolic name such as ``"B"`` (any size, but equal wherever the name recurs
+#: and to its value in ``dims`` when bound there).
+DimSpec = Union[int, str, None]
+
+_DTYPE_KINDS = ("floating", "integer", "real")
+
+
+def format_shape(shape: Iterable[DimSpec]) -> str:
+    """Render a concrete or symbolic shape as ``[4, 31]`` / ``[B, 32]`` (``None`` shows as ``*``)."""
+    return "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
+
+
+def check_int(name: str, value, *, min_value: int | None = None, odd: bool = False) -> int:
+    """Check that ``value`` is an integer (``bool`` rejected) and return it as ``int``.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check; any :class:`numbers.Integral` (e.g. a numpy int) is accepted.
+        min_value: inclusive lower bound, if any (``min_value=1`` means "positive").
+        odd: also require an odd value.
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+        ValueError: ``value`` is below ``min_value`` or not odd when ``odd`` is set.
+    """
+    what = _int_description(min_value, odd)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be {what}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (min_value is not None and value < min_value) or (odd and value % 2 == 0):
+        raise ValueError(f"`{name}` must be {what}, got {value}")
+    return value
+
+
+def check_optional_int(name: str, value, *, min_value: int | None = None) -> int | None:
+    """Like :func:`check_int`, but ``None`` is accepted and returned unchanged."""
+    if value is None:
+        return None
+    try:
+        return check_int(name, value, min_value=min_value)
+    except (TypeError, ValueError) as e:
+        # Same exception type, with "None or" in the expectation.
+        raise type(e)(str(e).replace(" must be ", " must be None or ", 1)) from None
+
+
+def check_bool(name: str, value) -> bool:
+    """Check that ``value`` is a ``bool`` (or numpy bool) and return it as ``bool``.
+
+    Integers are rejected on purpose: ``flag=2`` is more likely a misplaced
+    positional argument than a deliberate truth value.
+    """
+    is_numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or is_numpy_bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[DimSpec] | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Check that ``t`` is a tensor of the expected rank, shape, dtype and device.
+
+    Checks run in the order type, dtype, rank/shape, device, so the first
+    message describes the most basic problem.
+
+    Args:
+        name: the argument's name, used in messages.
+        t: the value to check.
+        ndim: required number of dimensions (implied by ``shape`` when that is given).
+        shape: expected shape; each entry is an ``int`` (exact size), ``None``
+            (any size) or a ``str`` symbol (any size, consistent across the
+            shape and with ``dims``).
+        dtype: a ``torch.dtype`` for an exact match, or one of ``"floating"``,
+            ``"integer"`` (not bool) or ``"real"`` (floating or integer).
+        device: required device; a device given without an index (``"cuda"``)
+            matches any index of that type.
+        dims: values already bound to symbols, e.g. ``{"B": 4}``; they are
+            shown in messages as ``[B, 32] (B=4)``.
+
+    Returns:
+        The symbol bindings: ``dims`` plus the sizes of the symbols first seen
+        in ``shape``, so that later checks can reuse them::
+
+            d = check_tensor("sample", x, shape=("B", "T", 7))          # {"B": 4, "T": 16}
+            check_tensor("local_cond", c, shape=("B", "T", 3), dims=d)
+
+    Raises:
+        TypeError: ``t`` is not a tensor, or has the wrong dtype.
+        ValueError: wrong rank, shape or device.
+    """
+    bound = dict(dims or {})
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+
+    if dtype is not None:
+        _check_dtype(name, t, dtype)
+
+    if shape is not None:
+        shape = tuple(shape)
+        if ndim is not None and ndim != len(shape):
+            raise ValueError(f"check_tensor: ndim={ndim} contradicts shape={format_shape(shape)}")
+        actual = list(t.shape)
+        ok = len(actual) == len(shape)
+        new: dict[str, int] = {}
+        if ok:
+            for want, got in zip(shape, actual):
+                if want is None:
+                    continue
+                if isinstance(want, str):
+                    ref = bound.get(want, new.get(want))
+                    if ref is None:
+                        new[want] = got
+                    elif ref != got:
+                        ok = False
+                elif want != got:
+                    ok = False
+        if not ok:
+            symbols = [d for d in dict.fromkeys(shape) if isinstance(d, str) and d in bound]
+            known = f" ({', '.join(f'{s}={bound[s]}' for s in symbols)})" if symbols else ""
+            raise ValueError(f"`{name}` must have shape {format_shape(shape)}{known}, got {format_shape(actual)}")
+        bound.update(new)
+    elif ndim is not None and t.ndim != ndim:
+        raise ValueError(f"`{name}` must be a {ndim}-D tensor, got {t.ndim}-D with shape {format_shape(t.shape)}")
+
+    if device is not None and not _same_device(t.device, torch.device(device)):
+        raise ValueError(f"`{name}` must be on device {torch.device(device)}, got {t.device}")
+    return bound
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ``ValueError`` if the floating tensor ``t`` contains NaN or Inf.
+
+    Integer and bool tensors are always finite and pass without work. For a
+    CUDA tensor the check reads one flag back to the host (a device sync).
+    It is skipped while a CUDA graph is being captured or ``torch.compile``
+    is tracing, where a host read is impossible; inputs are checked on the
+    eager calls before and after.
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.device.type == "meta":
+        return
+    if _tracing_or_capturing(t):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"`{name}` must be finite, but {bad} of its {t.numel()} entries are NaN or Inf")
+
+
+# -- internals ---------------------------------------------------------------------
+
+
+def _int_description(min_value: int | None, odd: bool) -> str:
+    what = "an odd int" if odd else "an int"
+    if min_value == 1:
+        what = "a positive " + what.split(" ", 1)[1]
+    elif min_value == 0:
+        what = "a non-negative " + what.split(" ", 1)[1]
+    elif min_value is not None:
+        what += f" >= {min_value}"
+    return what
+
+
+def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | str) -> None:
+    if isinstance(dtype, torch.dtype):
+        if t.dtype != dtype:
+            raise TypeError(f"`{name}` must have dtype {dtype}, got {t.dtype}")
+        return
+    if dtype not in _DTYPE_KINDS:
+        raise ValueError(f"check_tensor: dtype must be a torch.dtype or one of {_DTYPE_KINDS}, got {dtype!r}")
+    is_float = t.is_floating_point()
+    is_int = not is_float and not t.is_complex() and t.dtype != torch.bool
+    ok = {"floating": is_float, "integer": is_int, "real": is_float or is_int}[dtype]
+    if not ok:
+        expected = {"floating": "a floating", "integer": "an integer", "real": "a floating or integer"}[dtype]
+        raise TypeError(f"`{name}` must have {expected} dtype, got {t.dtype}")
+
+
+def _same_device(actual: torch.device, expected: torch.device) -> bool:
+    if actual.type != expected.type:
+        return False
+    return expected.index is None or actual.index is None or actual.index == expected.index
+
+
+def _tracing_or_capturing(t: torch.Tensor) -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
