@@ -1,0 +1,102 @@
+"""The backend registry: the one place that knows which samplers exist.
+
+A backend computes the whole sampling loop for a policy: router once, then T
+steps of composition and scheduler update, given the same inputs as every
+other backend (the coefficient table, ``x_T`` and per-step noise) and
+returning the same ``x_0`` within its dtype's tolerance. Backends register
+here with a priority; ``backend="auto"`` takes the highest-priority one that
+is available on the device and can serve the policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .base import Backend, Prepared
+
+__all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backend", "backend_names",
+           "available_backends", "resolve_backend"]
+
+# name -> module that defines it; imported lazily so that a backend needing
+# Triton or the CUDA extension costs nothing until it is asked for.
+_MODULES: dict[str, str] = {
+    "torch": "fdp.backends.torch_backend",
+}
+_LOADED: dict[str, Backend] = {}
+
+
+def register_backend(name: str, module: str) -> None:
+    """Make ``name`` resolvable; ``module`` must define ``BACKEND`` (a :class:`Backend`)."""
+    _MODULES[name] = module
+    _LOADED.pop(name, None)
+
+
+def backend_names() -> list[str]:
+    return list(_MODULES)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _MODULES:
+        raise ValueError(f"`backend` must be 'auto' or one of {backend_names()}, got {name!r}")
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name]).BACKEND
+    return _LOADED[name]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why not, when not available
+
+
+def available_backends(device=None) -> dict[str, BackendInfo]:
+    """What can run on ``device`` (default: CUDA if present, else CPU), and why not the rest."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    out = {}
+    for name in _MODULES:
+        try:
+            reason = get_backend(name).unavailable_reason(device)
+        except ImportError as exc:
+            reason = str(exc)
+        out[name] = BackendInfo(name, reason is None, reason or "")
+    return out
+
+
+def resolve_backend(name: str, policy, table, device, dtype) -> Backend:
+    """The backend to use: ``name`` checked, or the best one for ``"auto"``.
+
+    A backend asked for by name that cannot serve raises ValueError with its
+    reason; ``auto`` skips it and records why in ``resolve_backend.last_reasons``.
+    """
+    device = torch.device(device)
+    if name != "auto":
+        be = get_backend(name)
+        reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
+        if reason:
+            raise ValueError(f"backend {name!r} cannot serve this policy on {device}: {reason}")
+        return be
+    reasons = {}
+    candidates = []
+    for n in _MODULES:
+        try:
+            be = get_backend(n)
+        except ImportError as exc:
+            reasons[n] = str(exc)
+            continue
+        reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
+        if reason:
+            reasons[n] = reason
+        else:
+            candidates.append(be)
+    resolve_backend.last_reasons = reasons
+    return max(candidates, key=lambda b: b.priority)
+
+
+resolve_backend.last_reasons = {}

@@ -1,0 +1,51 @@
+"""``backend="torch"``: the eager reference sampler — the readable specification.
+
+Router once per call, then for every step the K components one after another,
+their weighted sum, and the scheduler update of :func:`fdp.schedulers.apply_step`.
+Runs anywhere PyTorch does; every fused backend is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..profiling import nvtx_range
+from ..schedulers import apply_step
+from .base import Backend
+
+
+class TorchPrepared:
+    def __init__(self, policy, table, dtype):
+        self.policy = policy
+        self.table = table
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def run(self, global_cond, x_T, step_noise):
+        policy, table = self.policy, self.table
+        with nvtx_range("fdp.router"):
+            weights = policy.weights(global_cond)
+        x = x_T
+        for i, t in enumerate(table.timesteps.tolist()):
+            with nvtx_range("fdp.step", i):
+                eps = policy.compose(x, t, global_cond, weights)
+                noise = step_noise[i] if step_noise is not None else None
+                x = apply_step(table, i, x, eps, noise)
+        return x
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    priority = 0
+
+    def unavailable_reason(self, device):
+        return None
+
+    def unsupported_reason(self, policy, table, dtype):
+        return None
+
+    def prepare(self, policy, table, dtype=None):
+        return TorchPrepared(policy, table, dtype)
+
+
+BACKEND = TorchBackend()

@@ -1,0 +1,171 @@
+"""The packed layout that the fused MLP kernels read — the one place that defines it.
+
+A :class:`fdp.FactorizedPolicy` of K :class:`fdp.MLPDenoiser` components of the
+same shape (D = horizon * action_dim inputs, width H, L blocks) packs into
+weights stacked over K, each matrix stored **input-major** (``[in, out]``,
+row-major) so a kernel computes ``act @ W`` reading contiguous rows:
+
+    w_in   [K, D, H]       W_in^T
+    w_a    [K, L, H, H]    W_a,l^T     (first matmul of block l; its bias is folded into `shift`)
+    w_b    [K, L, H, H]    W_b,l^T     (second matmul of block l)
+    b_b    [K, L, H]       b_b,l       (float32)
+    w_out  [K, H, D]       W_out^T
+    b_out  [K, D]          b_out       (float32)
+
+Matrices are in the pack's weight dtype (float32, bfloat16 or float16); biases
+and every precomputed term are float32, and kernels accumulate in float32.
+Everything that does not depend on ``x_t`` is computed on the host side, once:
+
+    per step (once per pack, for the sampler's timesteps), :class:`StepTerms`:
+        t_in    [T, K, H]      U_in e(t_i)
+        t_shift [T, K, L, H]   T_l e(t_i)
+    per call (once per sampling call, from the features c), :class:`CallTerms`:
+        weights [B, K]         router weights
+        c_in    [B, K, H]      V_in c + b_in
+        scale   [B, K, L, H]   1 + gamma_l(c)
+        shift   [B, K, L, H]   (1 + gamma_l(c)) * b_a,l + beta_l(c)
+
+so that step i of component k, for a row x of the batch, is exactly
+:meth:`fdp.MLPDenoiser.forward_terms` (``reference_eps`` below spells it out
+on the packed tensors). All tensors are contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mlp import MLPDenoiser
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class StepTerms:
+    t_in: torch.Tensor     # [T, K, H] float32
+    t_shift: torch.Tensor  # [T, K, L, H] float32
+
+
+@dataclass
+class CallTerms:
+    weights: torch.Tensor  # [B, K] float32
+    c_in: torch.Tensor     # [B, K, H] float32
+    scale: torch.Tensor    # [B, K, L, H] float32
+    shift: torch.Tensor    # [B, K, L, H] float32
+
+
+@dataclass
+class PackedMLP:
+    """K MLPDenoisers stacked for the fused kernels (see the module docstring)."""
+
+    w_in: torch.Tensor
+    w_a: torch.Tensor
+    w_b: torch.Tensor
+    b_b: torch.Tensor
+    w_out: torch.Tensor
+    b_out: torch.Tensor
+    horizon: int
+    action_dim: int
+
+    @property
+    def K(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def D(self) -> int:
+        return self.w_in.shape[1]
+
+    @property
+    def H(self) -> int:
+        return self.w_in.shape[2]
+
+    @property
+    def L(self) -> int:
+        return self.w_a.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_in.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_in.device
+
+
+def mlp_unsupported_reason(policy) -> str | None:
+    """Why ``policy`` cannot be packed as stacked MLPDenoisers (None if it can)."""
+    comps = list(policy.components)
+    if not all(type(c) is MLPDenoiser for c in comps):
+        kinds = sorted({type(c).__name__ for c in comps})
+        return f"fused MLP kernels serve fdp.MLPDenoiser components only, this policy has {kinds}"
+    shapes = {(c.input_dim, c.horizon, c.global_cond_dim, c.hidden_dim, c.num_blocks) for c in comps}
+    if len(shapes) != 1:
+        return f"all components must have the same (input_dim, horizon, global_cond_dim, hidden_dim, num_blocks), got {sorted(shapes)}"
+    return None
+
+
+@torch.no_grad()
+def pack_policy(policy, dtype: torch.dtype | None = None) -> PackedMLP:
+    """Stack the policy's MLPDenoiser weights in the kernel layout, cast to ``dtype``."""
+    reason = mlp_unsupported_reason(policy)
+    if reason:
+        raise ValueError(f"`policy` cannot be packed: {reason}")
+    comps = list(policy.components)
+    if dtype is None:  # the policy's own dtype where kernels take it (a float64 policy packs as float32)
+        dtype = comps[0].out.weight.dtype if comps[0].out.weight.dtype in WEIGHT_DTYPES else torch.float32
+    if dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"`dtype` must be one of {WEIGHT_DTYPES}, got {dtype}")
+
+    def stack(fn, dt=dtype):
+        return torch.stack([fn(c) for c in comps]).to(dt).contiguous()
+
+    return PackedMLP(
+        w_in=stack(lambda c: c.inp.weight.t()),
+        w_a=stack(lambda c: torch.stack([b.weight.t() for b in c.blocks_a])),
+        w_b=stack(lambda c: torch.stack([b.weight.t() for b in c.blocks_b])),
+        b_b=stack(lambda c: torch.stack([b.bias for b in c.blocks_b]), torch.float32),
+        w_out=stack(lambda c: c.out.weight.t()),
+        b_out=stack(lambda c: c.out.bias, torch.float32),
+        horizon=comps[0].horizon,
+        action_dim=comps[0].input_dim,
+    )
+
+
+@torch.no_grad()
+def step_terms(policy, timesteps: torch.Tensor) -> StepTerms:
+    """Timestep-only terms of every component for the sampler's timesteps ``[T]``."""
+    terms = [c.step_terms(timesteps) for c in policy.components]
+    return StepTerms(
+        t_in=torch.stack([s.t_in for s in terms], dim=1).float().contiguous(),
+        t_shift=torch.stack([s.t_shift for s in terms], dim=1).float().contiguous(),
+    )
+
+
+@torch.no_grad()
+def call_terms(policy, global_cond: torch.Tensor) -> CallTerms:
+    """Router weights and sample-only terms for one sampling call (features ``[B, Dc]``)."""
+    B = global_cond.shape[0]
+    terms = [c.sample_terms(global_cond, B) for c in policy.components]
+    return CallTerms(
+        weights=policy.weights(global_cond).float().contiguous(),
+        c_in=torch.stack([s.c_in for s in terms], dim=1).float().contiguous(),
+        scale=torch.stack([s.scale for s in terms], dim=1).float().contiguous(),
+        shift=torch.stack([s.shift for s in terms], dim=1).float().contiguous(),
+    )
+
+
+def reference_eps(packed: PackedMLP, steps: StepTerms, call: CallTerms, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Composed noise prediction of step ``i`` from packed tensors (``x`` is ``[B, D]``, float32).
+
+    The packed layout's executable definition: kernels compute exactly this
+    (in float32, from weights in the pack's dtype).
+    """
+    eps = torch.zeros_like(x)
+    for k in range(packed.K):
+        h = x @ packed.w_in[k].float() + steps.t_in[i, k] + call.c_in[:, k]
+        for l in range(packed.L):
+            y = (h @ packed.w_a[k, l].float()) * call.scale[:, k, l] + call.shift[:, k, l] + steps.t_shift[i, k, l]
+            h = h + torch.nn.functional.silu(y) @ packed.w_b[k, l].float() + packed.b_b[k, l]
+        eps = eps + call.weights[:, k, None] * (h @ packed.w_out[k].float() + packed.b_out[k])
+    return eps

@@ -1,0 +1,184 @@
+"""``FactorizedPolicy``: K component denoisers composed by a router.
+
+    eps(x_t, t, c) = sum_k w_k(c) * eps_k(x_t, t, c),   w = router(c)
+
+Training minimises the MSE between the composed prediction and its target
+(the noise, for epsilon prediction); components and router train jointly,
+with no auxiliary loss. Adaptation to a new task adds a component (the router
+grows one output), freezes the old ones and trains the new one and the router.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import check_finite, check_tensor
+from .router import NEW_COMPONENT_LOGIT, Router
+
+ADAPT_MODES = ("router", "router+new", "full")
+
+
+class FactorizedPolicy(nn.Module):
+    """A factorized diffusion policy.
+
+    Args:
+        components: K denoisers, each ``forward(sample [B, horizon, action_dim],
+            timestep, local_cond=None, global_cond=None) -> [B, horizon, action_dim]``
+            (e.g. :class:`fdp.ConditionalUnet1D` or :class:`fdp.MLPDenoiser`).
+        router: a :class:`fdp.Router` with ``num_components == K``; it reads the
+            same observation features ``global_cond`` the components see.
+        horizon: action-chunk length.
+        action_dim: action dimension.
+        noise_scheduler: scheduler used by :meth:`loss` for the forward process
+            (default: the paper's DDPM, 100 steps, squaredcos_cap_v2, clipped,
+            epsilon prediction).
+    """
+
+    def __init__(self, components: Sequence[nn.Module], router: Router, horizon: int, action_dim: int,
+                 noise_scheduler=None):
+        super().__init__()
+        components = list(components)
+        if not components:
+            raise ValueError("`components` must hold at least one module")
+        for i, comp in enumerate(components):
+            if not isinstance(comp, nn.Module):
+                raise TypeError(f"`components[{i}]` must be an nn.Module, got {type(comp).__name__}")
+        if not isinstance(router, Router):
+            raise TypeError(f"`router` must be an fdp.Router, got {type(router).__name__}")
+        if router.num_components != len(components):
+            raise ValueError(f"`router` has {router.num_components} outputs but {len(components)} "
+                             "components were given: K must match")
+        for name, v in (("horizon", horizon), ("action_dim", action_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        self.components = nn.ModuleList()
+        self._takes_cond: list[bool] = []
+        self.router = router
+        self.horizon = horizon
+        self.action_dim = action_dim
+        # Which components were added after construction ("new" for adapt()).
+        self.register_buffer("is_new", torch.zeros(0, dtype=torch.bool))
+        for comp in components:
+            self._append(comp, new=False)
+        if noise_scheduler is None:
+            from .schedulers import DDPMScheduler
+
+            noise_scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                                            clip_sample=True, prediction_type="epsilon")
+        self.noise_scheduler = noise_scheduler
+
+    # -- structure -------------------------------------------------------------------
+    @property
+    def num_components(self) -> int:
+        return len(self.components)
+
+    @property
+    def cond_dim(self) -> int:
+        return self.router.cond_dim
+
+    def _append(self, comp: nn.Module, new: bool) -> None:
+        i = len(self.components)
+        for attr, want in (("input_dim", self.action_dim), ("horizon", self.horizon)):
+            have = getattr(comp, attr, None)
+            if have is not None and have != want:
+                raise ValueError(f"component {i} has {attr}={have}, but the policy expects {want}")
+        # A component may ignore the observation (global_cond_dim 0 or None):
+        # then only the router sees it, and the component gets global_cond=None.
+        have = getattr(comp, "global_cond_dim", self.router.cond_dim)
+        if have not in (0, None, self.router.cond_dim):
+            raise ValueError(f"component {i} has global_cond_dim={have}, but the router reads features of "
+                             f"size {self.router.cond_dim} (use the same, or 0/None for a component that ignores them)")
+        self.components.append(comp)
+        self._takes_cond.append(have not in (0, None))
+        self.is_new = torch.cat([self.is_new, torch.tensor([new], device=self.is_new.device)])
+
+    def add_component(self, module: nn.Module, initial_logit: float = NEW_COMPONENT_LOGIT) -> int:
+        """Add a component for a new task; returns its index.
+
+        The router grows one output whose logit starts at ``initial_logit``, so
+        the policy's output for existing inputs is unchanged (to float32
+        rounding) right after adding, while gradients still reach the new
+        component and its router output. Follow with :meth:`adapt`.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}")
+        ref = next(self.router.parameters())
+        self._append(module.to(device=ref.device, dtype=ref.dtype), new=True)
+        self.router.add_output(initial_logit)
+        return self.num_components - 1
+
+    def freeze_components(self, indices: Iterable[int] | None = None, frozen: bool = True) -> None:
+        """Stop (or, with ``frozen=False``, restart) training the given components (all if None)."""
+        indices = range(self.num_components) if indices is None else list(indices)
+        for i in indices:
+            if not isinstance(i, int) or not -self.num_components <= i < self.num_components:
+                raise ValueError(f"`indices` must hold component indices in [0, {self.num_components}), got {i!r}")
+            self.components[i].requires_grad_(not frozen)
+
+    def adapt(self, mode: str) -> list[nn.Parameter]:
+        """Set what trains for adaptation and return those parameters (for the optimiser).
+
+        ``"router"``: the router only; ``"router+new"``: the router and the
+        components added with :meth:`add_component`; ``"full"``: everything.
+        """
+        if mode not in ADAPT_MODES:
+            raise ValueError(f"`mode` must be one of {ADAPT_MODES}, got {mode!r}")
+        for i, comp in enumerate(self.components):
+            comp.requires_grad_(mode == "full" or (mode == "router+new" and bool(self.is_new[i])))
+        self.router.requires_grad_(True)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- evaluation ------------------------------------------------------------------
+    def weights(self, cond: torch.Tensor) -> torch.Tensor:
+        """Router weights ``[B, K]`` for observation features ``cond [B, Dc]``."""
+        return self.router(cond)
+
+    def check_inputs(self, sample, global_cond, weights=None) -> None:
+        check_tensor("sample", sample, shape=(None, self.horizon, self.action_dim), dtype="floating")
+        B = sample.shape[0]
+        check_tensor("global_cond", global_cond, shape=(B, self.cond_dim), dtype="floating", device=sample.device)
+        check_finite("global_cond", global_cond)
+        if weights is not None:
+            check_tensor("weights", weights, shape=(B, self.num_components), dtype="floating", device=sample.device)
+
+    def forward(self, sample, timestep, local_cond=None, global_cond=None, weights=None):
+        """Composed prediction ``sum_k w_k * eps_k`` (``weights`` skips the router)."""
+        self.check_inputs(sample, global_cond, weights)
+        if weights is None:
+            weights = self.weights(global_cond)
+        return self.compose(sample, timestep, global_cond, weights, local_cond)
+
+    def compose(self, sample, timestep, global_cond, weights, local_cond=None):
+        """``sum_k weights[:, k] * eps_k`` without input checks (the sampler's inner loop)."""
+        out = None
+        for k, comp in enumerate(self.components):
+            cond_k = global_cond if self._takes_cond[k] else None
+            eps_k = comp(sample, timestep, local_cond=local_cond, global_cond=cond_k)
+            term = weights[:, k, None, None].to(eps_k.dtype) * eps_k
+            out = term if out is None else out + term
+        return out
+
+    def loss(self, actions: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
+             local_cond=None) -> torch.Tensor:
+        """Denoising loss: MSE of the composed prediction against its target.
+
+        Draws one timestep per sample uniformly and noise from ``generator``;
+        the target follows the scheduler's ``prediction_type``.
+        """
+        self.check_inputs(actions, cond)
+        sched = self.noise_scheduler
+        gen_device = generator.device if generator is not None else actions.device
+        noise = torch.randn(actions.shape, generator=generator, device=gen_device, dtype=actions.dtype).to(actions.device)
+        t = torch.randint(0, sched.config["num_train_timesteps"], (actions.shape[0],), generator=generator,
+                          device=gen_device).to(actions.device)
+        noisy = sched.add_noise(actions, noise, t)
+        pred = self.compose(noisy, t, cond, self.weights(cond), local_cond)
+        kind = sched.config["prediction_type"]
+        target = {"epsilon": noise, "sample": actions}.get(kind)
+        if target is None:
+            target = sched.get_velocity(actions, noise, t)
+        return F.mse_loss(pred, target)

@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+import fdp
+
+
+def make_mlp_policy(K=3, horizon=4, action_dim=3, cond_dim=5, hidden=16, blocks=2, dtype=torch.float64,
+                    strategy="soft", seed=0, **router_kw):
+    """A small random MLP policy (float64 by default: the ground truth for kernels)."""
+    torch.manual_seed(seed)
+    comps = [fdp.MLPDenoiser(action_dim, horizon, global_cond_dim=cond_dim, hidden_dim=hidden, num_blocks=blocks)
+             for _ in range(K)]
+    router = fdp.Router(cond_dim, K, hidden_dim=8, strategy=strategy, **router_kw)
+    policy = fdp.FactorizedPolicy(comps, router, horizon, action_dim).to(dtype)
+    # Non-trivial FiLM and biases, so a kernel that drops a term fails.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy
+
+
+@pytest.fixture
+def mlp_policy():
+    return make_mlp_policy()

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+import fdp
+from conftest import make_mlp_policy
+from fdp import packing
+
+
+@pytest.mark.parametrize("B,strategy", [(1, "soft"), (5, "topk"), (3, "hard")])
+def test_reference_eps_is_the_policy(B, strategy):
+    policy = make_mlp_policy(K=3, strategy=strategy)
+    ts = torch.tensor([80, 41, 3])
+    packed = packing.pack_policy(policy)
+    steps = packing.step_terms(policy, ts)
+    c = torch.randn(B, 5, dtype=torch.float64)
+    call = packing.call_terms(policy, c)
+    x = torch.randn(B, 4, 3, dtype=torch.float64)
+    for i, t in enumerate(ts.tolist()):
+        eps = packing.reference_eps(packed, steps, call, i, x.reshape(B, -1).float())
+        torch.testing.assert_close(eps.double().reshape(x.shape), policy(x, t, global_cond=c), rtol=1e-5, atol=1e-6)
+
+
+def test_layout_shapes_and_dtypes():
+    policy = make_mlp_policy(K=2, horizon=4, action_dim=3, hidden=16, blocks=3)
+    p = packing.pack_policy(policy, torch.bfloat16)
+    assert (p.K, p.D, p.H, p.L) == (2, 12, 16, 3)
+    assert p.w_in.shape == (2, 12, 16) and p.w_a.shape == (2, 3, 16, 16) and p.w_out.shape == (2, 16, 12)
+    assert p.w_in.dtype == torch.bfloat16 and p.b_b.dtype == torch.float32 and p.b_out.dtype == torch.float32
+    assert all(t.is_contiguous() for t in (p.w_in, p.w_a, p.w_b, p.b_b, p.w_out, p.b_out))
+    # input-major: w_in[k] is W_in^T
+    assert torch.equal(p.w_in[1], policy.components[1].inp.weight.t().to(torch.bfloat16))
+
+
+def test_unconditional_components_pack():
+    torch.manual_seed(0)
+    comps = [fdp.MLPDenoiser(2, 4, hidden_dim=16) for _ in range(2)]
+    policy = fdp.FactorizedPolicy(comps, fdp.Router(3, 2), 4, 2).double()
+    c = torch.randn(2, 3, dtype=torch.float64)
+    call = packing.call_terms(policy, c)
+    steps = packing.step_terms(policy, torch.tensor([7]))
+    x = torch.randn(2, 4, 2, dtype=torch.float64)
+    eps = packing.reference_eps(packing.pack_policy(policy), steps, call, 0, x.reshape(2, -1).float())
+    torch.testing.assert_close(eps.double().reshape(x.shape), policy(x, 7, global_cond=c), rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_what_it_cannot_pack():
+    comps = [fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16),
+             fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=32)]
+    policy = fdp.FactorizedPolicy(comps, fdp.Router(5, 2), 4, 3)
+    assert "same" in packing.mlp_unsupported_reason(policy)
+    with pytest.raises(ValueError, match="policy"):
+        packing.pack_policy(policy)
+    unet = fdp.ConditionalUnet1D(3, global_cond_dim=5, down_dims=(16, 32), diffusion_step_embed_dim=16, n_groups=4)
+    policy = fdp.FactorizedPolicy([unet], fdp.Router(5, 1), 4, 3)
+    assert "MLPDenoiser" in packing.mlp_unsupported_reason(policy)
+    with pytest.raises(TypeError, match="dtype"):
+        packing.pack_policy(make_mlp_policy(K=1), torch.int8)

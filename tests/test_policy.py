@@ -1,0 +1,151 @@
+import pytest
+import torch
+
+import fdp
+from conftest import make_mlp_policy
+
+
+def test_composition_is_the_weighted_sum(mlp_policy):
+    x = torch.randn(4, 4, 3, dtype=torch.float64)
+    c = torch.randn(4, 5, dtype=torch.float64)
+    w = mlp_policy.weights(c)
+    expect = torch.zeros_like(x)
+    for b in range(4):
+        for k, comp in enumerate(mlp_policy.components):
+            expect[b] += w[b, k] * comp(x[b:b + 1], 17, global_cond=c[b:b + 1])[0]
+    torch.testing.assert_close(mlp_policy(x, 17, global_cond=c), expect)
+    # Explicit weights bypass the router.
+    w1 = torch.zeros(4, 3, dtype=torch.float64)
+    w1[:, 1] = 1
+    torch.testing.assert_close(mlp_policy(x, 17, global_cond=c, weights=w1),
+                               mlp_policy.components[1](x, 17, global_cond=c))
+
+
+def test_k_mismatch_is_refused():
+    comps = [fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16) for _ in range(2)]
+    with pytest.raises(ValueError, match="K must match"):
+        fdp.FactorizedPolicy(comps, fdp.Router(5, 3), 4, 3)
+    with pytest.raises(ValueError, match="horizon"):
+        fdp.FactorizedPolicy(comps, fdp.Router(5, 2), 8, 3)
+    with pytest.raises(TypeError, match="router"):
+        fdp.FactorizedPolicy(comps, torch.nn.Linear(5, 2), 4, 3)
+
+
+def test_bad_inputs(mlp_policy):
+    c = torch.randn(4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sample"):
+        mlp_policy(torch.randn(4, 4, 2, dtype=torch.float64), 3, global_cond=c)
+    with pytest.raises(ValueError, match="global_cond"):
+        mlp_policy(torch.randn(4, 4, 3, dtype=torch.float64), 3, global_cond=c[:3])
+    bad = c.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="global_cond"):
+        mlp_policy(torch.randn(4, 4, 3, dtype=torch.float64), 3, global_cond=bad)
+
+
+@pytest.mark.parametrize("strategy", ["soft", "hard", "topk"])
+def test_add_component_leaves_outputs_unchanged(strategy):
+    policy = make_mlp_policy(K=3, dtype=torch.float32, strategy=strategy)
+    x = torch.randn(6, 4, 3)
+    c = torch.randn(6, 5)
+    before = policy(x, 42, global_cond=c)
+    idx = policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
+    assert idx == 3 and policy.num_components == 4 and policy.router.num_components == 4
+    assert policy.is_new.tolist() == [False, False, False, True]
+    # exp(-20) relative weight: unchanged to float32 rounding.
+    torch.testing.assert_close(policy(x, 42, global_cond=c), before, rtol=1e-6, atol=1e-7)
+
+
+def test_new_component_receives_gradient():
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
+    policy.adapt("router+new")
+    loss = policy.loss(torch.randn(8, 4, 3).clamp(-1, 1), torch.randn(8, 5), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    g = policy.router.net[2].bias.grad
+    assert g is not None and g[-1] != 0
+    assert policy.components[2].out.weight.grad.abs().sum() > 0
+
+
+def test_add_component_checks_the_module(mlp_policy):
+    with pytest.raises(ValueError, match="horizon"):
+        mlp_policy.add_component(fdp.MLPDenoiser(3, 8, global_cond_dim=5, hidden_dim=16))
+    with pytest.raises(TypeError, match="module"):
+        mlp_policy.add_component("not a module")
+
+
+@pytest.mark.parametrize("mode", ["router", "router+new", "full"])
+def test_adapt_modes_train_only_what_they_say(mode):
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
+    params = policy.adapt(mode)
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        opt.zero_grad()
+        policy.loss(torch.rand(8, 4, 3) * 2 - 1, torch.randn(8, 5), generator=gen).backward()
+        opt.step()
+    expect_trainable = {
+        "router": lambda n: n.startswith("router."),
+        "router+new": lambda n: n.startswith("router.") or n.startswith("components.2."),
+        "full": lambda n: True,
+    }[mode]
+    assert set(trainable) == {n for n, _ in policy.named_parameters() if expect_trainable(n)}
+    for n, p in policy.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+    assert any(not torch.equal(dict(policy.named_parameters())[n], v) for n, v in trainable.items())
+    with pytest.raises(ValueError, match="mode"):
+        policy.adapt("everything")
+
+
+def test_freeze_components_are_bit_identical_after_steps():
+    policy = make_mlp_policy(K=3, dtype=torch.float32)
+    policy.freeze_components([0, 2])
+    snap = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        policy.loss(torch.rand(8, 4, 3) * 2 - 1, torch.randn(8, 5), generator=gen).backward()
+        opt.step()
+    for n, p in policy.named_parameters():
+        if n.startswith(("components.0.", "components.2.")):
+            assert torch.equal(p, snap[n]), n
+    assert not torch.equal(policy.components[1].out.weight, snap["components.1.out.weight"])
+    with pytest.raises(ValueError, match="indices"):
+        policy.freeze_components([7])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_loss_is_mse_against_the_scheduler_target(prediction_type):
+    policy = make_mlp_policy(K=2, dtype=torch.float64)
+    policy.noise_scheduler = fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                                               prediction_type=prediction_type)
+    actions = torch.rand(6, 4, 3, dtype=torch.float64) * 2 - 1
+    c = torch.randn(6, 5, dtype=torch.float64)
+    loss = policy.loss(actions, c, generator=torch.Generator().manual_seed(3))
+    # Replay the same draws by hand.
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(actions.shape, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 100, (6,), generator=g)
+    noisy = policy.noise_scheduler.add_noise(actions, noise, t)
+    target = {"epsilon": noise, "sample": actions,
+              "v_prediction": policy.noise_scheduler.get_velocity(actions, noise, t)}[prediction_type]
+    expect = ((policy(noisy, t, global_cond=c) - target) ** 2).mean()
+    torch.testing.assert_close(loss, expect)
+
+
+def test_components_that_ignore_the_observation():
+    torch.manual_seed(0)
+    comps = [fdp.MLPDenoiser(3, 4, hidden_dim=16), fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16)]
+    policy = fdp.FactorizedPolicy(comps, fdp.Router(5, 2), 4, 3).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    c = torch.randn(2, 5, dtype=torch.float64)
+    w = policy.weights(c)
+    expect = w[:, 0, None, None] * comps[0](x, 9) + w[:, 1, None, None] * comps[1](x, 9, global_cond=c)
+    torch.testing.assert_close(policy(x, 9, global_cond=c), expect)
+    with pytest.raises(ValueError, match="global_cond_dim"):
+        fdp.FactorizedPolicy([fdp.MLPDenoiser(3, 4, global_cond_dim=6, hidden_dim=16)], fdp.Router(5, 1), 4, 3)

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+import fdp
+
+
+def _router(strategy, **kw):
+    torch.manual_seed(0)
+    return fdp.Router(6, 4, hidden_dim=12, strategy=strategy, **kw).double()
+
+
+def test_state_dict_keys():
+    assert set(fdp.Router(6, 4).state_dict()) >= {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert fdp.Router(6, 4).net[2].weight.shape == (4, 6)  # hidden defaults to cond_dim
+
+
+def test_soft_is_softmax_of_the_net():
+    r = _router("soft")
+    c = torch.randn(5, 6, dtype=torch.float64)
+    logits = r.net[2](torch.relu(r.net[0](c)))
+    torch.testing.assert_close(r(c), torch.softmax(logits, -1))
+
+
+def test_hard_is_one_hot_argmax():
+    r = _router("hard")
+    c = torch.randn(7, 6, dtype=torch.float64)
+    w = r(c)
+    assert torch.equal(w.argmax(-1), r.logits(c).argmax(-1))
+    assert torch.equal(w.sum(-1), torch.ones(7, dtype=torch.float64))
+    assert set(w.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_topk_renormalises_over_the_k_largest(k):
+    r = _router("topk", topk=k)
+    c = torch.randn(9, 6, dtype=torch.float64)
+    logits, w = r.logits(c), r(c)
+    for row in range(9):
+        idx = logits[row].topk(k).indices
+        expect = torch.zeros(4, dtype=torch.float64)
+        expect[idx] = torch.softmax(logits[row, idx], -1)
+        torch.testing.assert_close(w[row], expect)
+        assert int((w[row] > 0).sum()) == k
+
+
+def test_fixed_weights():
+    r = _router("fixed", fixed_weights=[0.5, 0.25, 0.25, 0.0])
+    w = r(torch.randn(3, 6, dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.25, 0.25, 0.0]] * 3, dtype=torch.float64))
+
+
+def test_bad_strategy_arguments():
+    with pytest.raises(ValueError, match="strategy"):
+        fdp.Router(6, 4, strategy="greedy")
+    with pytest.raises(ValueError, match="topk"):
+        fdp.Router(6, 4, strategy="topk", topk=5)
+    with pytest.raises(ValueError, match="fixed_weights"):
+        fdp.Router(6, 4, strategy="fixed")
+    with pytest.raises(ValueError, match="fixed_weights"):
+        fdp.Router(6, 4, strategy="fixed", fixed_weights=[0.5, 0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="fixed_weights"):
+        fdp.Router(6, 4, strategy="fixed", fixed_weights=[1.0, 0.0])
+
+
+def test_bad_cond():
+    r = fdp.Router(6, 4)
+    with pytest.raises(ValueError, match="cond"):
+        r(torch.randn(3, 5))
+    bad = torch.randn(3, 6)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="cond"):
+        r(bad)
+
+
+def test_add_output_keeps_existing_logits():
+    r = _router("soft")
+    c = torch.randn(5, 6, dtype=torch.float64)
+    before = r.logits(c)
+    r.add_output()
+    after = r.logits(c)
+    assert r.num_components == 5
+    torch.testing.assert_close(after[:, :4], before)
+    assert torch.all(after[:, 4] == fdp.router.NEW_COMPONENT_LOGIT)
