@@ -100,3 +100,17 @@ def test_available_backends_explains_itself():
     assert info["torch"].available
     for name, i in info.items():
         assert i.available or i.reason, name
+
+
+def test_eager_loop_checks_features_once(monkeypatch):
+    # Each finiteness check is a device sync on CUDA: the sampler checks the
+    # features once per call, not once per component and step.
+    from fdp import _validation
+
+    policy = make_mlp_policy(K=3, dtype=torch.float32)
+    sampler = fdp.Sampler(policy, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=5, backend="torch")
+    seen = []
+    real = _validation.torch.isfinite
+    monkeypatch.setattr(_validation.torch, "isfinite", lambda t: (seen.append(t.shape), real(t))[1])
+    sampler(torch.randn(2, 5))
+    assert len(seen) <= 3, seen  # sampler, router; never per step

@@ -14,6 +14,9 @@ value, shape, device or non-finite content raises ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
@@ -27,6 +30,7 @@ __all__ = [
     "check_bool",
     "check_tensor",
     "check_finite",
+    "inputs_already_checked",
 ]
 
 #: One entry of an expected shape: an exact size, ``None`` (any size), or a
@@ -177,12 +181,35 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     """
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.device.type == "meta":
         return
-    if _tracing_or_capturing(t):
+    if _tracing_or_capturing(t) or _checked.active:
         return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise ValueError(f"`{name}` must be finite, but {bad} of its {t.numel()} entries are NaN or Inf")
+
+
+class _Checked(threading.local):
+    active = False
+
+
+_checked = _Checked()
+
+
+@contextlib.contextmanager
+def inputs_already_checked():
+    """Within this block :func:`check_finite` does nothing.
+
+    For inner loops (the eager sampler's steps) whose inputs were checked once
+    on entry: on CUDA every finiteness check is a device sync, and K of them
+    per step would dominate the loop's time.
+    """
+    prev = _checked.active
+    _checked.active = True
+    try:
+        yield
+    finally:
+        _checked.active = prev
 
 
 # -- internals ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The ``fdp`` command line: ``fdp demo``, ``fdp info``."""
+"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
@@ -37,6 +38,22 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args, argv=None) -> int:
+    from .bench import Options, run_and_report
+
+    opts = Options(quick=args.quick, backends=args.backends, batch=args.batch, K=args.K, component=args.component,
+                   steps=args.steps, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                   budget_s=args.budget, input_sets=args.input_sets, device=args.device, out=args.out,
+                   plots=not args.no_plots, progress=not args.no_progress, nvtx=args.nvtx, seed=args.seed,
+                   threads=args.threads,
+                   command=list(sys.argv) if argv is None else ["fdp", *argv])
+    try:
+        return run_and_report(opts)
+    except ValueError as exc:  # a bad filter or option value (paths report their own errors in the results)
+        print(f"fdp bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fdp", description="Fast sampling for factorized diffusion policies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +69,35 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="versions, the CUDA extension and which backends run here")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("bench", help="time every sampler path side by side (eager, batched, compile, CUDA graph, "
+                                     "fused backends), with roofline, plots and a JSON results file")
+    p.add_argument("--quick", action="store_true",
+                   help="smallest cases only: MLP, K 2,4, batch 1,16, DDIM 10, fp32; eager + batched + library backends")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated paths: eager, batched, compile-reduce-overhead, compile-max-autotune, "
+                        "cuda-graph, registry names (triton, ...), or the groups native, compile, fused")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (full grid: 1,16,256,1024)")
+    p.add_argument("--K", default=None, help="comma-separated component counts (full grid: 1,2,4,8)")
+    p.add_argument("--component", default=None, help="comma-separated: mlp, unet, unet-small, unet-paper (CUDA only)")
+    p.add_argument("--steps", default=None, help="comma-separated schedules: ddim (10 steps), ddpm (100), or 10,100")
+    p.add_argument("--dtype", default=None, help="comma-separated: fp32, bf16")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per path and case (default 20 quick, 50 full)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per path and case before stopping early, at least 3 repeats "
+                        "(default 3 quick, 10 full)")
+    p.add_argument("--input-sets", type=int, default=4, help="pre-generated input sets timed calls rotate among")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default: benchmarks/results/<device>-<date>.json); plots go beside it")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (as FDP_NVTX=1) for an Nsight trace")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: torch's; 1 for --quick on a CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=functools.partial(_bench, argv=argv))
 
     args = parser.parse_args(argv)
     return args.func(args)

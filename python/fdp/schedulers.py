@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
-    "DDPMScheduler", "DDIMScheduler", "StepTable", "SchedulerOutput", "SchedulerConfig", "apply_step",
+    "DDPMScheduler", "DDIMScheduler", "StepTable", "SchedulerOutput", "SchedulerConfig", "apply_step", "apply_coefficients",
     "COL_A_X", "COL_A_M", "COL_C_X0", "COL_C_X", "COL_C_M", "COL_SIGMA", "NUM_COLS",
 ]
 
@@ -130,14 +130,25 @@ def apply_step(table: StepTable, i: int, x: torch.Tensor, m: torch.Tensor, noise
     it). ``noise`` is ignored on steps that add none. Returns ``prev``, or
     ``(prev, x0c)`` with ``return_x0=True``.
     """
-    a_x, a_m, c_x0, c_x, c_m, sigma = table._rows[i]
     m = m.to(x.dtype)
-    x0 = a_x * x + a_m * m
-    x0c = x0.clamp(-table.clip_range, table.clip_range) if table.clip_sample else x0
-    prev = c_x0 * x0c + c_x * x + c_m * m
-    if noise is not None and table._adds[i]:
-        prev = prev + sigma * noise.to(x.dtype)
+    noise = noise.to(x.dtype) if noise is not None and table._adds[i] else None
+    prev, x0c = apply_coefficients(table._rows[i], x, m, noise, table.clip_sample, table.clip_range)
     return (prev, x0c) if return_x0 else prev
+
+
+def apply_coefficients(coef, x, m, noise, clip_sample: bool, clip_range: float):
+    """The three lines of the table, for one row ``coef`` (6 numbers, or a ``[6]`` tensor).
+
+    Returns ``(prev, x0c)``. A tensor row keeps compiled or captured code from
+    specialising on the step's values; ``noise=None`` adds none.
+    """
+    a_x, a_m, c_x0, c_x, c_m, sigma = (coef[j] for j in range(NUM_COLS))
+    x0 = a_x * x + a_m * m
+    x0c = x0.clamp(-clip_range, clip_range) if clip_sample else x0
+    prev = c_x0 * x0c + c_x * x + c_m * m
+    if noise is not None:
+        prev = prev + sigma * noise
+    return prev, x0c
 
 
 # ----------------------------------------------------------------------------------------------------------------

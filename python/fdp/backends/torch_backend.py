@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import inputs_already_checked
 from ..profiling import nvtx_range
 from ..schedulers import apply_step
 from .base import Backend
@@ -26,11 +27,14 @@ class TorchPrepared:
         with nvtx_range("fdp.router"):
             weights = policy.weights(global_cond)
         x = x_T
-        for i, t in enumerate(table.timesteps.tolist()):
-            with nvtx_range("fdp.step", i):
-                eps = policy.compose(x, t, global_cond, weights)
-                noise = step_noise[i] if step_noise is not None else None
-                x = apply_step(table, i, x, eps, noise)
+        # The sampler checked global_cond once; components would re-check it
+        # (a device sync each on CUDA) at every step.
+        with inputs_already_checked():
+            for i, t in enumerate(table.timesteps.tolist()):
+                with nvtx_range("fdp.step", i):
+                    eps = policy.compose(x, t, global_cond, weights)
+                    noise = step_noise[i] if step_noise is not None else None
+                    x = apply_step(table, i, x, eps, noise)
         return x
 
 
