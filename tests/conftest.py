@@ -3,6 +3,10 @@ import torch
 
 import fdp
 
+# The suite's tensors are tiny: torch's intra-op threads only spin-wait for
+# each other there (badly so on a loaded 2-core CI machine).
+torch.set_num_threads(1)
+
 
 def make_mlp_policy(K=3, horizon=4, action_dim=3, cond_dim=5, hidden=16, blocks=2, dtype=torch.float64,
                     strategy="soft", seed=0, **router_kw):

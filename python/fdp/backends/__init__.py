@@ -25,6 +25,7 @@ __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backen
 # Triton or the CUDA extension costs nothing until it is asked for.
 _MODULES: dict[str, str] = {
     "torch": "fdp.backends.torch_backend",
+    "graph": "fdp.backends.graph_backend",
 }
 _LOADED: dict[str, Backend] = {}
 
