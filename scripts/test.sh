@@ -5,5 +5,4 @@
 set -euo pipefail
 FDP_EXTRAS=test
 . "$(dirname "$0")/setup.sh"
-export TRITON_INTERPRET=1
 python -m pytest -q -p no:cacheprovider "$@"

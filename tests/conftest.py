@@ -1,7 +1,16 @@
+import os
+
 import pytest
 import torch
 
-import fdp
+# In-process Triton tests run the kernels in the Triton interpreter, on CPU
+# tensors, on every machine; native GPU runs happen in subprocesses started
+# without this variable (see test_triton.py, test_unet_fused.py). The switch
+# is read when Triton and the kernels are first imported, so it is set here,
+# before any test module (or diffusers, which may import Triton) loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fdp  # noqa: E402
 
 # The suite's tensors are tiny: torch's intra-op threads only spin-wait for
 # each other there (badly so on a loaded 2-core CI machine).

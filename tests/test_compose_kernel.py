@@ -1,16 +1,12 @@
 """The composition + scheduler-step kernel (``fdp_kernels.compose_step``) in the Triton interpreter.
 
-``TRITON_INTERPRET=1`` is set here before anything imports the kernel. The
+``TRITON_INTERPRET=1`` is set by tests/conftest.py before anything imports the kernel. The
 reference is :func:`fdp.schedulers.apply_step` on the router-weighted sum,
 in float64; errors are relative, ``max|a - b| / max|b|``. The interpreter does
 no bounds checks, so every kernel output is written into a NaN-filled buffer
 with canaries on both sides, and strided inputs are views into NaN-filled
 buffers: a stray read or write, or an unwritten element, shows as NaN.
 """
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

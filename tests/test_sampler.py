@@ -114,3 +114,12 @@ def test_eager_loop_checks_features_once(monkeypatch):
     monkeypatch.setattr(_validation.torch, "isfinite", lambda t: (seen.append(t.shape), real(t))[1])
     sampler(torch.randn(2, 5))
     assert len(seen) <= 3, seen  # sampler, router; never per step
+
+
+def test_features_in_another_float_dtype_are_cast():
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    sampler = fdp.Sampler(policy, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=3, backend="torch")
+    c = torch.randn(2, 5, dtype=torch.float64)
+    a = sampler(c, generator=torch.Generator().manual_seed(0))
+    b = sampler(c.float(), generator=torch.Generator().manual_seed(0))
+    assert a.dtype == torch.float32 and torch.equal(a, b)

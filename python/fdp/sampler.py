@@ -67,6 +67,9 @@ class Sampler:
         param = next(policy.parameters())
         self.device = param.device
         self.dtype = dtype or param.dtype
+        # Features and noise live in the policy's own dtype (the dtype of a
+        # diffusers loop's sample); fused backends cast weights to self.dtype.
+        self.sample_dtype = param.dtype
         be = resolve_backend(backend, policy, self.table, self.device, self.dtype)
         self.backend = be.name
         if backend == "auto":
@@ -80,8 +83,12 @@ class Sampler:
     def num_steps(self) -> int:
         return len(self.table.timesteps)
 
-    def noise(self, batch_size: int, generator: torch.Generator | None = None, dtype=torch.float32):
-        """Draw ``(x_T, step_noise)`` as the diffusers loop would with ``generator``."""
+    def noise(self, batch_size: int, generator: torch.Generator | None = None, dtype=None):
+        """Draw ``(x_T, step_noise)`` as the diffusers loop would with ``generator``.
+
+        ``dtype`` defaults to the policy's dtype, the one ``__call__`` draws in.
+        """
+        dtype = dtype or self.sample_dtype
         shape = (batch_size, self.policy.horizon, self.policy.action_dim)
         x_T = _draw(shape, generator, self.device, dtype)
         adds = self.table.adds_noise.tolist()
@@ -108,7 +115,7 @@ class Sampler:
                 raise ValueError("pass either `generator` or explicit `x_T`/`step_noise`, not both")
             shape = (B, policy.horizon, policy.action_dim)
             if x_T is None:
-                drawn_x, drawn_noise = self.noise(B, generator, dtype=global_cond.dtype)
+                drawn_x, drawn_noise = self.noise(B, generator)
                 x_T = drawn_x
                 if step_noise is None:
                     step_noise = drawn_noise
@@ -116,11 +123,14 @@ class Sampler:
                 check_tensor("x_T", x_T, shape=shape, dtype="floating", device=self.device)
                 check_finite("x_T", x_T)
             if step_noise is None and bool(self.table.adds_noise.any()):
-                step_noise = self.noise(B, generator, dtype=x_T.dtype)[1]
+                step_noise = self.noise(B, generator)[1]
             if step_noise is not None:
                 check_tensor("step_noise", step_noise, shape=(self.num_steps, *shape), dtype="floating",
                              device=self.device)
-            return self._prepared.run(global_cond, x_T, step_noise)
+            dt = self.sample_dtype
+            if step_noise is not None:
+                step_noise = step_noise.to(dt)
+            return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
 
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,

@@ -26,6 +26,8 @@ __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backen
 _MODULES: dict[str, str] = {
     "torch": "fdp.backends.torch_backend",
     "graph": "fdp.backends.graph_backend",
+    "triton": "fdp.backends.triton_backend",
+    "triton-persistent": "fdp.backends.triton_persistent_backend",
 }
 _LOADED: dict[str, Backend] = {}
 

@@ -1,0 +1,441 @@
+"""Pieces shared by the fused MLP kernels (:mod:`fdp_kernels.mlp_step`, :mod:`fdp_kernels.mlp_persistent`).
+
+The math is docs/mlp_denoiser.md, on the packed tensors of
+``python/fdp/packing.py`` (weights input-major ``[in, out]``, stacked over K;
+biases and every precomputed term float32). For one tile of ``BLOCK_B`` batch
+rows and denoising step ``i``:
+
+    for k in 0..K-1 (skipped when the router gives it weight 0 on every row of the tile):
+        h   = x @ w_in[k] + t_in[i, k] + c_in[:, k]
+        for l in 0..L-1:
+            y = (h @ w_a[k, l]) * scale[:, k, l] + shift[:, k, l] + t_shift[i, k, l]
+            h = h + SiLU(y) @ w_b[k, l] + b_b[k, l]
+        eps += weights[:, k] * (h @ w_out[k] + b_out[k])
+    x0   = a_x x + a_m eps;  x0 = clamp(x0, +-clip_range) if CLIP
+    x'   = c_x0 x0 + c_x x + c_m eps + [adds_noise[i]] sigma z
+
+with the scheduler row ``coef[i] = (a_x, a_m, c_x0, c_x, c_m, sigma)`` (the
+column order of ``fdp.schedulers.COL_*``, :data:`COEF_COLUMNS` here).
+
+Everything accumulates in float32: weights (float32, bfloat16 or float16) are
+read in the pack's dtype and every ``tl.dot`` accumulates in float32.
+``PRECISION`` picks the products (:data:`PRECISIONS`): "ieee" (float32 FMA,
+the default for float32 weights: matches the float32 reference to ~1e-6),
+"tf32" (tensor cores, the default for bfloat16/float16 weights, which tf32
+holds exactly; the float32 activations are rounded to 10 mantissa bits),
+"tf32x3" (three tf32 products, about float32 accuracy on tensor cores) or
+"native" (half weights only: activations rounded to the weight dtype, half
+tensor cores).
+
+One program owns a tile of ``BLOCK_B`` rows (>= 16, the smallest ``tl.dot``;
+rows past B are masked and never stored). ``x`` and the composed ``eps``
+(``[BLOCK_B, D_PAD]``, D padded to a power of two >= 16) always stay in
+registers; the matmuls that touch them use ``BLOCK_HD`` hidden columns at a
+time so that their ``[D_PAD, BLOCK_HD]`` weight tile stays small. Where the
+hidden state lives (``H_IN_REGS``):
+
+* ``H_IN_REGS=True`` (padded width ``H_PAD <= MAX_H_IN_REGS`` = 32 by default,
+  up to 64 on request): the whole ``[BLOCK_B, H_PAD]`` hidden state stays in
+  registers and each matmul is one ``tl.dot`` against the whole
+  ``[H_PAD, H_PAD]`` weight tile.
+* ``H_IN_REGS=False`` (any width up to 512): a ``[BLOCK_B, H]`` float32
+  activation plus an ``[H, H]`` weight tile do not fit in registers (nor in
+  shared memory at H = 512: 1 MiB of float32 weights), so the hidden state
+  ``h`` and the block activation ``SiLU(y)`` are staged in a per-program
+  global scratch buffer (``2 * BLOCK_B * H_STRIDE`` floats, 64 KiB at H = 512,
+  BLOCK_B = 16: it stays in L1/L2) and every matmul is tiled, ``BLOCK_N``
+  output columns at a time reducing over ``BLOCK_K`` input columns
+  (``BLOCK_H`` = 32), with a CTA barrier (``tl.debug_barrier``) between a
+  phase that writes the scratch and the next that reads it. The residual
+  update ``h += ...`` runs chunk by chunk in place: chunk n of the new h reads
+  only chunk n of the old one.
+
+The block sizes and thresholds are the largest that ptxas (sm_90a, Triton
+3.9) compiles without register spills for K = 4, H = 256, D = 32 (64-wide
+tiles and a 64-wide register-resident h spill); their speed is unmeasured.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: The scheduler-table column order the kernels read (``fdp.schedulers.COL_*``).
+COEF_COLUMNS = ("a_x", "a_m", "c_x0", "c_x", "c_m", "sigma")
+NUM_COEF = len(COEF_COLUMNS)
+
+#: Limits of the fused kernels (the backends refuse larger models with these numbers).
+MAX_K = 8
+MIN_H = 16
+MAX_H = 512
+MAX_D = 512
+#: Padded widths up to this keep the hidden state in registers (64 already spills registers on sm_90).
+MAX_H_IN_REGS = 32
+#: Hidden columns per matmul tile in the scratch path (64 spills registers on sm_90).
+BLOCK_H = 32
+
+#: ``tl.dot`` precisions: float32 FMA ("ieee"), tensor cores on float32 ("tf32": activations rounded to 10
+#: mantissa bits; "tf32x3": split in three tf32 products, about float32 accuracy), or tensor cores in the
+#: weight dtype ("native", bfloat16/float16 weights only: activations rounded to that dtype).
+PRECISIONS = ("ieee", "tf32", "tf32x3", "native")
+
+#: ``NOISE_MODE`` values.
+NOISE_NONE = 0     # no step adds noise
+NOISE_TENSOR = 1   # z read from step_noise [T, B, D]
+NOISE_SEED = 2     # z = tl.randn(seed, ...) generated in the kernel
+
+
+# ------------------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _silu(y):
+    return y / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def _dot(a, w, PRECISION: tl.constexpr):
+    """``a @ w`` accumulated in float32 (a: float32 activations, w: a weight tile in the pack's dtype)."""
+    if PRECISION == "native":
+        # bfloat16/float16 tensor cores: the activations are rounded to the weight dtype.
+        return tl.dot(a.to(w.dtype), w, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, w.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _row_vec(ptr, rows64, rmask, row_stride, cols, cmask):
+    """A per-row float32 term tile ``ptr[rows, cols]`` (masked entries 0)."""
+    return tl.load(ptr + rows64[:, None] * row_stride + cols[None, :],
+                   mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _component_regs(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                    w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                    t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr,
+                    H_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """eps_k for the tile, hidden state ``[BLOCK_B, H_PAD]`` in registers (H_PAD small)."""
+    hc = tl.arange(0, H_PAD)
+    hm = hc < H
+    # h = x @ w_in[k] + t_in[step, k] + c_in[:, k]
+    w_i = tl.load(w_in_ptr + k * D * H + dcols[:, None] * H + hc[None, :],
+                  mask=dmask[:, None] & hm[None, :], other=0.0)
+    t_in = tl.load(t_in_ptr + (step * K + k) * H + hc, mask=hm, other=0.0)
+    h = _dot(x, w_i, PRECISION) + t_in[None, :] + _row_vec(c_in_ptr + k * H, rows64, rmask, K * H, hc, hm)
+    wmask = hm[:, None] & hm[None, :]
+    for l in range(L):
+        kl = k * L + l
+        w_a = tl.load(w_a_ptr + kl * H * H + hc[:, None] * H + hc[None, :], mask=wmask, other=0.0)
+        off = (k * L + l) * H
+        t_sh = tl.load(t_shift_ptr + step * K * L * H + off + hc, mask=hm, other=0.0)
+        y = (_dot(h, w_a, PRECISION) * _row_vec(scale_ptr + off, rows64, rmask, K * L * H, hc, hm)
+             + _row_vec(shift_ptr + off, rows64, rmask, K * L * H, hc, hm) + t_sh[None, :])
+        w_b = tl.load(w_b_ptr + kl * H * H + hc[:, None] * H + hc[None, :], mask=wmask, other=0.0)
+        b_b = tl.load(b_b_ptr + kl * H + hc, mask=hm, other=0.0)
+        h = h + _dot(_silu(y), w_b, PRECISION) + b_b[None, :]
+    w_o = tl.load(w_out_ptr + k * H * D + hc[:, None] * D + dcols[None, :],
+                  mask=hm[:, None] & dmask[None, :], other=0.0)
+    b_o = tl.load(b_out_ptr + k * D + dcols, mask=dmask, other=0.0)
+    return _dot(h, w_o, PRECISION) + b_o[None, :]
+
+
+@triton.jit
+def _scratch_matmul(a_ptr, w_ptr, n0, H, BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``a[:, :H] @ w[:H, n0:n0+BLOCK_N]``: a is a ``[BLOCK_B, H_STRIDE]`` fp32 scratch tile, w ``[H, H]``."""
+    br = tl.arange(0, BLOCK_B)
+    nc = n0 + tl.arange(0, BLOCK_N)
+    nm = nc < H
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        km = kc < H
+        a = tl.load(a_ptr + br[:, None] * H_STRIDE + kc[None, :], mask=km[None, :], other=0.0)
+        w = tl.load(w_ptr + kc[:, None] * H + nc[None, :], mask=km[:, None] & nm[None, :], other=0.0)
+        acc += _dot(a, w, PRECISION)
+    return acc
+
+
+@triton.jit
+def _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                       w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                       t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+                       BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr, D_PAD: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """eps_k for the tile, ``h`` and ``SiLU(y)`` staged in the program's scratch (any H <= 512)."""
+    br = tl.arange(0, BLOCK_B)
+    # h = x @ w_in[k] + t_in + c_in, BLOCK_HD columns at a time (x stays in registers).
+    for n0 in range(0, H, BLOCK_HD):
+        nc = n0 + tl.arange(0, BLOCK_HD)
+        nm = nc < H
+        w = tl.load(w_in_ptr + k * D * H + dcols[:, None] * H + nc[None, :],
+                    mask=dmask[:, None] & nm[None, :], other=0.0)
+        t_in = tl.load(t_in_ptr + (step * K + k) * H + nc, mask=nm, other=0.0)
+        h = _dot(x, w, PRECISION) + t_in[None, :] + _row_vec(c_in_ptr + k * H, rows64, rmask, K * H, nc, nm)
+        tl.store(h_buf + br[:, None] * H_STRIDE + nc[None, :], h)
+    tl.debug_barrier()
+    for l in range(L):
+        kl = k * L + l
+        off = (k * L + l) * H
+        # SiLU(y) with y = (h @ w_a) * scale + shift + t_shift   -> y_buf
+        for n0 in range(0, H, BLOCK_N):
+            nc = n0 + tl.arange(0, BLOCK_N)
+            nm = nc < H
+            acc = _scratch_matmul(h_buf, w_a_ptr + kl * H * H, n0, H, BLOCK_B, H_STRIDE, BLOCK_N, BLOCK_K,
+                                  PRECISION)
+            t_sh = tl.load(t_shift_ptr + step * K * L * H + off + nc, mask=nm, other=0.0)
+            y = (acc * _row_vec(scale_ptr + off, rows64, rmask, K * L * H, nc, nm)
+                 + _row_vec(shift_ptr + off, rows64, rmask, K * L * H, nc, nm) + t_sh[None, :])
+            tl.store(y_buf + br[:, None] * H_STRIDE + nc[None, :], _silu(y))
+        tl.debug_barrier()
+        # h += SiLU(y) @ w_b + b_b, in place chunk by chunk
+        for n0 in range(0, H, BLOCK_N):
+            nc = n0 + tl.arange(0, BLOCK_N)
+            nm = nc < H
+            acc = _scratch_matmul(y_buf, w_b_ptr + kl * H * H, n0, H, BLOCK_B, H_STRIDE, BLOCK_N, BLOCK_K,
+                                  PRECISION)
+            b = tl.load(b_b_ptr + kl * H + nc, mask=nm, other=0.0)
+            hp = h_buf + br[:, None] * H_STRIDE + nc[None, :]
+            tl.store(hp, tl.load(hp) + acc + b[None, :])
+        tl.debug_barrier()
+    # eps_k = h @ w_out[k] + b_out[k]   ([BLOCK_B, D_PAD], reduced BLOCK_HD hidden columns at a time)
+    acc = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_HD):
+        kc = k0 + tl.arange(0, BLOCK_HD)
+        km = kc < H
+        a = tl.load(h_buf + br[:, None] * H_STRIDE + kc[None, :], mask=km[None, :], other=0.0)
+        w = tl.load(w_out_ptr + k * H * D + kc[:, None] * D + dcols[None, :],
+                    mask=km[:, None] & dmask[None, :], other=0.0)
+        acc += _dot(a, w, PRECISION)
+    tl.debug_barrier()  # the next component overwrites h_buf
+    b = tl.load(b_out_ptr + k * D + dcols, mask=dmask, other=0.0)
+    return acc + b[None, :]
+
+
+@triton.jit
+def _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
+             w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+             t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+             BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, H_STRIDE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
+             H_IN_REGS: tl.constexpr, SKIP_UNUSED: tl.constexpr, PRECISION: tl.constexpr):
+    """``sum_k weights[:, k] * eps_k(x)`` for the tile, ``[BLOCK_B, D_PAD]`` float32."""
+    eps = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    for k in range(K):
+        wk = tl.load(wts_ptr + rows64 * K + k, mask=rmask, other=0.0)
+        # Hard / top-k routing: a component no row of the tile uses costs nothing.
+        if SKIP_UNUSED:
+            used = tl.max(tl.abs(wk), axis=0) > 0.0
+        else:
+            used = tl.max(tl.abs(wk), axis=0) >= 0.0  # always
+        if used:
+            if H_IN_REGS:
+                ek = _component_regs(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                                     w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                                     t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, H_PAD, PRECISION)
+            else:
+                ek = _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                                        w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                                        t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+                                        BLOCK_B, H_STRIDE, D_PAD, BLOCK_N, BLOCK_K, BLOCK_HD, PRECISION)
+            eps += wk[:, None] * ek
+    return eps
+
+
+@triton.jit
+def _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D,
+                BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, NOISE_MODE: tl.constexpr):
+    """The noise z of ``step`` for the tile (float32; zeros when NOISE_MODE is NOISE_NONE)."""
+    if NOISE_MODE == 1:
+        z = tl.load(noise_ptr + (step * B + rows64[:, None]) * D + dcols[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    elif NOISE_MODE == 2:
+        # One Philox stream per (seed, step, row, column): counter (step*B + row)*D + col (< 2**31, checked
+        # by the launcher). Not the numbers torch's generator would draw.
+        offs = ((step * B + rows64[:, None]) * D + dcols[None, :]).to(tl.int32)
+        z = tl.randn(seed, offs)
+    else:
+        z = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range,
+                      CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
+    """One scheduler step from row ``step`` of the coefficient table (fdp.schedulers.apply_step)."""
+    row = coef_ptr + step * 6
+    a_x = tl.load(row + 0)
+    a_m = tl.load(row + 1)
+    c_x0 = tl.load(row + 2)
+    c_x = tl.load(row + 3)
+    c_m = tl.load(row + 4)
+    x0 = a_x * x + a_m * eps
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    prev = c_x0 * x0 + c_x * x + c_m * eps
+    if NOISE_MODE != 0:
+        sigma = tl.load(row + 5)
+        adds = tl.load(adds_ptr + step)
+        prev += tl.where(adds != 0, sigma * z, 0.0)
+    return prev
+
+
+# ------------------------------------------------------------------------------------------------------------
+# host side: validation and block sizes shared by the two launchers
+
+_WEIGHT_DTYPES = None
+
+
+def _weight_dtypes():
+    global _WEIGHT_DTYPES
+    if _WEIGHT_DTYPES is None:
+        import torch
+
+        _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    return _WEIGHT_DTYPES
+
+
+def _check(name, t, shape, dtype, device):
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(dtype, tuple):
+        if t.dtype not in dtype:
+            raise TypeError(f"`{name}` must have one of the dtypes {list(dtype)}, got {t.dtype}")
+    elif t.dtype != dtype:
+        raise TypeError(f"`{name}` must have dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"`{name}` must be on {device} (where `x` is), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"`{name}` must be contiguous (call .contiguous())")
+
+
+def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_range, seed):
+    """Validate a launch's tensors; returns ``dict(B, D, H, L, K, T)``.
+
+    ``packed`` / ``steps`` / ``call`` are :class:`fdp.packing.PackedMLP` /
+    ``StepTerms`` / ``CallTerms`` (or anything with the same tensor attributes).
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"`x` must have dtype torch.float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"`x` must be [B, D] (the flattened [B, horizon, action_dim] sample), got {list(x.shape)}")
+    dev = x.device
+    B, D = x.shape
+    if B < 1:
+        raise ValueError("`x` must hold at least one row")
+    for obj, name, kind, attrs in ((packed, "packed", "PackedMLP", ("w_in", "w_a", "w_b", "b_b", "w_out", "b_out")),
+                                   (steps, "steps", "StepTerms", ("t_in", "t_shift")),
+                                   (call, "call", "CallTerms", ("weights", "c_in", "scale", "shift"))):
+        for attr in attrs:
+            if not isinstance(getattr(obj, attr, None), torch.Tensor):
+                raise TypeError(f"`{name}` must be an fdp.packing.{kind} (missing tensor `{attr}`), "
+                                f"got {type(obj).__name__}")
+    w_in = packed.w_in
+    if w_in.ndim != 3:
+        raise ValueError(f"`packed.w_in` must be [K, D, H], got {list(w_in.shape)}")
+    K, Dw, H = w_in.shape
+    if Dw != D:
+        raise ValueError(f"`x` must have D = {Dw} columns (packed.w_in is [K, D, H] = {list(w_in.shape)}), got {D}")
+    if packed.w_a.ndim != 4:
+        raise ValueError(f"`packed.w_a` must be [K, L, H, H], got {list(packed.w_a.shape)}")
+    L = packed.w_a.shape[1]
+    if not 1 <= K <= MAX_K:
+        raise ValueError(f"fused MLP kernels serve 1..{MAX_K} components, got K = {K}")
+    if not MIN_H <= H <= MAX_H:
+        raise ValueError(f"fused MLP kernels serve hidden widths {MIN_H}..{MAX_H}, got H = {H}")
+    if D > MAX_D:
+        raise ValueError(f"fused MLP kernels serve D = horizon * action_dim <= {MAX_D}, got D = {D}")
+    wdt = w_in.dtype
+    if wdt not in _weight_dtypes():
+        raise TypeError(f"`packed.w_in` must have one of the dtypes {list(_weight_dtypes())}, got {wdt}")
+    f32 = torch.float32
+    _check("packed.w_in", w_in, (K, D, H), wdt, dev)
+    _check("packed.w_a", packed.w_a, (K, L, H, H), wdt, dev)
+    _check("packed.w_b", packed.w_b, (K, L, H, H), wdt, dev)
+    _check("packed.b_b", packed.b_b, (K, L, H), f32, dev)
+    _check("packed.w_out", packed.w_out, (K, H, D), wdt, dev)
+    _check("packed.b_out", packed.b_out, (K, D), f32, dev)
+    if steps.t_in.ndim != 3:
+        raise ValueError(f"`steps.t_in` must be [T, K, H], got {list(steps.t_in.shape)}")
+    T = steps.t_in.shape[0]
+    _check("steps.t_in", steps.t_in, (T, K, H), f32, dev)
+    _check("steps.t_shift", steps.t_shift, (T, K, L, H), f32, dev)
+    _check("call.weights", call.weights, (B, K), f32, dev)
+    _check("call.c_in", call.c_in, (B, K, H), f32, dev)
+    _check("call.scale", call.scale, (B, K, L, H), f32, dev)
+    _check("call.shift", call.shift, (B, K, L, H), f32, dev)
+    _check("coef", coef, (T, NUM_COEF), f32, dev)
+    _check("adds_noise", adds_noise, (T,), (torch.bool, torch.int8, torch.uint8, torch.int32), dev)
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("pass either `noise` or `seed`, not both")
+        _check("noise", noise, (T, B, D), (torch.float32, torch.bfloat16, torch.float16), dev)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"`seed` must be an int in [0, 2**31), got {seed!r}")
+        if T * B * D >= 2**31:
+            raise ValueError(f"in-kernel noise needs T * B * D < 2**31, got {T} * {B} * {D}")
+    if out is not None:
+        _check("out", out, (B, D), f32, dev)
+    if clip_range is not None:
+        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range >= 0:
+            raise ValueError(f"`clip_range` must be None (no clipping) or a non-negative number, got {clip_range!r}")
+    if K * L * H * H >= 2**31 or T * K * L * H >= 2**31:
+        raise ValueError(f"fused MLP kernels index weights with 32-bit offsets: K * L * H * H = {K * L * H * H} "
+                         f"and T * K * L * H = {T * K * L * H} must be < 2**31")
+    return dict(B=B, D=D, H=H, L=L, K=K, T=T)
+
+
+def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, weight_dtype=None, num_warps=None):
+    """Block sizes, code path and warps for a launch.
+
+    The defaults are the configurations that ptxas (sm_90a, Triton 3.9) compiles
+    without register spills for K = 4, H = 256, D = 32; their speed is unmeasured.
+    """
+    import torch
+
+    if block_b is None:
+        block_b = 16 if B <= 1024 else 32
+    if block_b not in (16, 32, 64, 128):
+        raise ValueError(f"`block_b` must be one of 16, 32, 64, 128, got {block_b!r}")
+    h_pad = max(16, triton.next_power_of_2(H))
+    d_pad = max(16, triton.next_power_of_2(D))
+    if h_in_registers is None:
+        h_in_registers = h_pad <= MAX_H_IN_REGS
+    if h_in_registers and h_pad > 64:
+        raise ValueError(f"`h_in_registers=True` serves hidden widths up to 64, got H = {H}")
+    half = weight_dtype not in (None, torch.float32)
+    if precision is None:
+        precision = "tf32" if half else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "native" and not half:
+        raise ValueError("`precision`='native' needs bfloat16 or float16 weights (float32: use 'tf32')")
+    if num_warps is None:
+        num_warps = 8 if precision in ("ieee", "tf32x3") or d_pad >= 256 else 4
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"`num_warps` must be a power of two in 1..16, got {num_warps!r}")
+    block_n = block_k = min(BLOCK_H, h_pad)
+    # [D_PAD, BLOCK_HD] weight tiles of at most 4096 elements.
+    block_hd = max(16, min(block_n, 4096 // d_pad))
+    h_stride = triton.cdiv(H, BLOCK_H) * BLOCK_H  # every chunk the kernels write lies inside the row
+    return dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
+                BLOCK_HD=block_hd, H_IN_REGS=bool(h_in_registers), PRECISION=precision, num_warps=num_warps)
+
+
+def scratch_numel(B, cfg):
+    """Floats of scratch a launch needs (0 when the hidden state stays in registers)."""
+    if cfg["H_IN_REGS"]:
+        return 0
+    return triton.cdiv(B, cfg["BLOCK_B"]) * 2 * cfg["BLOCK_B"] * cfg["H_STRIDE"]

@@ -1,0 +1,109 @@
+"""The whole sampling loop of a factorized MLP policy in one launch.
+
+For t = 0..T-1 (sampling order), for every batch row:
+
+    eps = sum_k weights[k] * eps_k(x; t_in[t], t_shift[t])      (docs/mlp_denoiser.md)
+    x0  = a_x[t] x + a_m[t] eps;  x0 = clamp(x0, +-clip_range) when clipping
+    x   = c_x0[t] x0 + c_x[t] x + c_m[t] eps + sigma[t] z_t     (z_t only where adds_noise[t])
+
+starting from ``x = x_T`` and writing the final ``x`` (x_0). Inputs are those
+of :func:`fdp_kernels.mlp_step.mlp_step` (the layout of ``python/fdp/packing.py``),
+with all T rows of the step terms, the table and the noise used in turn.
+
+Design: one program per tile of ``BLOCK_B`` rows owns those rows for all T
+steps: ``x`` stays in registers from x_T to x_0, only the result is written,
+and the K components are evaluated with the same helpers as the per-step
+kernel (:mod:`fdp_kernels.mlp_common`). The weights are re-read every step;
+for the models this kernel serves (K * (2 D H + 2 L H^2) weights, 4.4 MB at
+K = 4, H = 256, L = 2 in float32) they stay resident in L2 across steps, and
+small ones stay in L1. Wide models stage the hidden state in a per-program
+scratch buffer as in the per-step kernel.
+
+Noise: ``noise`` is the step-noise tensor ``[T, B, D]`` (row t read at step t
+where ``adds_noise[t]``); or, with ``seed=``, z is generated in the kernel
+with ``tl.randn`` (Philox), counter ``(t * B + row) * D + column`` under
+``seed``. That noise is standard normal but **not** bit-equal to what
+``torch.randn`` with any generator would draw; the same seed (and batch size)
+gives the same result, and the per-step kernel with the same seed draws the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .mlp_common import (NOISE_NONE, NOISE_SEED, NOISE_TENSOR, _compose, _scheduler_update, _step_noise,
+                         block_config, check_launch, scratch_numel)
+
+__all__ = ["mlp_sample", "mlp_persistent_kernel"]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def mlp_persistent_kernel(x_ptr, out_ptr,
+                          w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                          t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr,
+                          coef_ptr, adds_ptr, noise_ptr, scratch_ptr,
+                          T, seed, clip_range, B, D, H, L, K,
+                          BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                          H_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_HD: tl.constexpr, H_IN_REGS: tl.constexpr, SKIP_UNUSED: tl.constexpr,
+                          PRECISION: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    dcols = tl.arange(0, D_PAD)
+    dmask = dcols < D
+    xp = rows64[:, None] * D + dcols[None, :]
+    xm = rmask[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + xp, mask=xm, other=0.0)
+    h_buf = scratch_ptr + pid * (2 * BLOCK_B * H_STRIDE)
+    y_buf = h_buf + BLOCK_B * H_STRIDE
+    for step in range(T):
+        eps = _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                       w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                       t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+                       BLOCK_B, D_PAD, H_PAD, H_STRIDE, BLOCK_N, BLOCK_K, BLOCK_HD, H_IN_REGS, SKIP_UNUSED,
+                       PRECISION)
+        z = _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, NOISE_MODE)
+        x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE)
+        # Keep the padding rows of a partial tile at 0 (they never reach memory, but stay tame over T steps).
+        x = tl.where(xm, x, 0.0)
+    tl.store(out_ptr + xp, x, mask=xm)
+
+
+def mlp_sample(packed, steps, call, coef, adds_noise, x_T, noise=None, *, seed=None, clip_range=None, out=None,
+               scratch=None, block_b=None, h_in_registers=None, precision=None, skip_unused=True, num_warps=None):
+    """All T denoising steps from ``x_T [B, D]`` (float32) in one launch; returns x_0 in ``out``.
+
+    Arguments as :func:`fdp_kernels.mlp_step.mlp_step` (without ``step``): ``noise``
+    is the whole step-noise tensor ``[T, B, D]``, or None; ``seed`` generates the
+    noise in the kernel instead (not bit-equal to torch's generator). ``out``
+    may be ``x_T`` itself.
+    """
+    check_launch(packed, steps, call, coef, adds_noise, x_T, noise, out, clip_range, seed)
+    B, D = x_T.shape
+    K, _, H = packed.w_in.shape
+    L = packed.w_a.shape[1]
+    T = coef.shape[0]
+    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps)
+    need = scratch_numel(B, cfg)
+    if scratch is None:
+        scratch = torch.empty(need, device=x_T.device, dtype=torch.float32) if need else x_T
+    elif need and (not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32
+                   or scratch.device != x_T.device or not scratch.is_contiguous() or scratch.numel() < need):
+        raise ValueError(f"`scratch` must be a contiguous float32 tensor on {x_T.device} with at least {need} "
+                         "elements")
+    if out is None:
+        out = torch.empty_like(x_T)
+    mode = NOISE_TENSOR if noise is not None else (NOISE_SEED if seed is not None else NOISE_NONE)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    mlp_persistent_kernel[grid](
+        x_T, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
+        steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift,
+        coef, adds_noise, noise if noise is not None else x_T, scratch,
+        T, seed or 0, float(clip_range or 0.0), B, D, H, L, K,
+        SKIP_UNUSED=bool(skip_unused), CLIP=clip_range is not None, NOISE_MODE=mode, **cfg)
+    return out

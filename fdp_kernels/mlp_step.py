@@ -1,0 +1,123 @@
+"""One fused denoising step of a factorized MLP policy: all K components, their weighted sum, the scheduler update.
+
+For step ``i`` and every batch row ``x`` (the flattened ``[horizon, action_dim]`` sample, ``D`` floats):
+
+    eps   = sum_k weights[k] * eps_k(x)           eps_k: the MLPDenoiser chain of docs/mlp_denoiser.md
+    x0    = a_x x + a_m eps;   x0 = clamp(x0, -clip_range, clip_range) when clipping
+    x_out = c_x0 x0 + c_x x + c_m eps + sigma z   (z only where adds_noise[i])
+
+Inputs (the layout of ``python/fdp/packing.py``; all contiguous, on one device):
+
+    packed  PackedMLP: w_in [K, D, H], w_a/w_b [K, L, H, H], w_out [K, H, D] in float32/bfloat16/float16,
+            b_b [K, L, H] and b_out [K, D] float32
+    steps   StepTerms: t_in [T, K, H], t_shift [T, K, L, H] float32
+    call    CallTerms: weights [B, K], c_in [B, K, H], scale/shift [B, K, L, H] float32
+    coef    [T, 6] float32, columns (a_x, a_m, c_x0, c_x, c_m, sigma) = fdp.schedulers.COL_* order
+    adds_noise [T] bool/int8
+    x       [B, D] float32;  out [B, D] float32 (may be ``x`` itself: each program reads its rows first)
+    noise   [T, B, D] (the step-noise tensor; row ``i`` is read) or None; or ``seed`` for in-kernel noise
+
+The step index is a runtime int and the coefficients are read from the device
+table, so a sampling loop launches the same compiled kernel T times without
+host synchronisation or per-step host tensors.
+
+Design: one program per tile of ``BLOCK_B`` rows (16 by default; ``tl.dot``
+needs 16; rows past B are masked). The program keeps ``x`` and the composed
+``eps`` (``[BLOCK_B, D_PAD]``) in registers and evaluates the components one
+after the other, skipping any that the router gives weight 0 on every row of
+the tile (hard / top-k routing). The hidden state stays in registers for
+padded widths up to 32; wider models stage it in a per-program scratch
+buffer (see :mod:`fdp_kernels.mlp_common` for the reasoning and the tiling).
+Everything accumulates in float32 whatever the weight dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .mlp_common import (NOISE_NONE, NOISE_SEED, NOISE_TENSOR, _compose, _scheduler_update, _step_noise,
+                         block_config, check_launch, scratch_numel)
+
+__all__ = ["mlp_step", "mlp_step_kernel"]
+
+
+@triton.jit(do_not_specialize=["step", "seed"])
+def mlp_step_kernel(x_ptr, out_ptr,
+                    w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                    t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr,
+                    coef_ptr, adds_ptr, noise_ptr, scratch_ptr,
+                    step, seed, clip_range, B, D, H, L, K,
+                    BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, H_STRIDE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
+                    H_IN_REGS: tl.constexpr, SKIP_UNUSED: tl.constexpr, PRECISION: tl.constexpr,
+                    CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    dcols = tl.arange(0, D_PAD)
+    dmask = dcols < D
+    xp = rows64[:, None] * D + dcols[None, :]
+    xm = rmask[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + xp, mask=xm, other=0.0)
+    h_buf = scratch_ptr + pid * (2 * BLOCK_B * H_STRIDE)
+    y_buf = h_buf + BLOCK_B * H_STRIDE
+    eps = _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                   w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                   t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+                   BLOCK_B, D_PAD, H_PAD, H_STRIDE, BLOCK_N, BLOCK_K, BLOCK_HD, H_IN_REGS, SKIP_UNUSED, PRECISION)
+    z = _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, NOISE_MODE)
+    x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE)
+    tl.store(out_ptr + xp, x, mask=xm)
+
+
+def mlp_step(packed, steps, call, coef, adds_noise, step, x, noise=None, *, seed=None, clip_range=None,
+             out=None, scratch=None, block_b=None, h_in_registers=None, precision=None, skip_unused=True,
+             num_warps=None, validate=True):
+    """Run denoising step ``step`` (0-based, sampling order) for every row of ``x``; returns ``out``.
+
+    Args:
+        packed, steps, call: :func:`fdp.packing.pack_policy`, ``step_terms``, ``call_terms``.
+        coef, adds_noise: the scheduler table (``StepTable.to(device).coef`` / ``.adds_noise``).
+        step: which row of the table (and of ``steps`` / ``noise``) this launch applies.
+        x: ``[B, D]`` float32 sample x_t.
+        noise: the step-noise tensor ``[T, B, D]`` (its row ``step`` is used where
+            ``adds_noise[step]``), or None.
+        seed: instead of ``noise``, draw z in the kernel (Philox; see :mod:`fdp_kernels.mlp_persistent`).
+        clip_range: clamp x0 to ``[-clip_range, clip_range]`` (None: no clipping).
+        out: ``[B, D]`` float32 result buffer (default: a new one); may be ``x``.
+        scratch: float32 buffer of at least ``mlp_common.scratch_numel`` elements for
+            wide models (default: allocated here; pass one to avoid the allocation).
+        block_b, h_in_registers, precision (``mlp_common.PRECISIONS``), skip_unused, num_warps: tuning
+            (defaults from :func:`fdp_kernels.mlp_common.block_config`).
+        validate: check every argument (the sampler validates once and skips it on later steps).
+    """
+    if validate:
+        dims = check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_range, seed)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < dims["T"]:
+            raise ValueError(f"`step` must be an int in [0, {dims['T']}), got {step!r}")
+    B, D = x.shape
+    K, _, H = packed.w_in.shape
+    L = packed.w_a.shape[1]
+    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps)
+    need = scratch_numel(B, cfg)
+    if scratch is None:
+        scratch = torch.empty(max(need, 1), device=x.device, dtype=torch.float32) if need else x
+    elif validate and need:
+        if not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32 or scratch.device != x.device \
+                or not scratch.is_contiguous() or scratch.numel() < need:
+            raise ValueError(f"`scratch` must be a contiguous float32 tensor on {x.device} with at least {need} "
+                             "elements")
+    if out is None:
+        out = torch.empty_like(x)
+    mode = NOISE_TENSOR if noise is not None else (NOISE_SEED if seed is not None else NOISE_NONE)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    mlp_step_kernel[grid](
+        x, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
+        steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift,
+        coef, adds_noise, noise if noise is not None else x, scratch,
+        step, seed or 0, float(clip_range or 0.0), B, D, H, L, K,
+        SKIP_UNUSED=bool(skip_unused), CLIP=clip_range is not None, NOISE_MODE=mode, **cfg)
+    return out

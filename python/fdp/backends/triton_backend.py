@@ -1,0 +1,190 @@
+"""``backend="triton"``: fused Triton kernels for MLPDenoiser policies, one launch per denoising step.
+
+Serves a :class:`fdp.FactorizedPolicy` whose K components are
+:class:`fdp.MLPDenoiser` s of one shape (``packing.mlp_unsupported_reason``)
+within the kernels' limits (K <= 8, 16 <= H <= 512, D = horizon * action_dim
+<= 512) in float32, bfloat16 or float16 weights. ``prepare`` packs the weights
+(:func:`fdp.packing.pack_policy`), computes the timestep terms of the T steps
+and moves the scheduler table to the device, once; every sampling call then
+computes the router weights and per-sample terms (:func:`fdp.packing.call_terms`)
+and launches :func:`fdp_kernels.mlp_step.mlp_step` T times, in place on one
+float32 buffer. Each launch evaluates all K components, their weighted sum and
+the scheduler update for its rows; accumulation is float32 whatever the weight
+dtype. :class:`TritonBackendBase` is shared with ``triton-persistent``
+(:mod:`fdp.backends.triton_persistent_backend`), which runs the whole loop in
+one launch instead.
+
+On the CPU the kernels run in the Triton interpreter when ``TRITON_INTERPRET=1``
+is set before they are first imported (slow: for tests). Interpreted, both
+backends must be asked for by name: ``auto`` ranks them below ``torch``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from .. import packing
+from .base import Backend
+
+_TRITON_CPU_REASON = ("Triton kernels need a CUDA device; set TRITON_INTERPRET=1 to run them (slowly) on the CPU")
+
+
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        return f"Triton is not installed or failed to import ({exc}); pip install triton"
+    return None
+
+
+def _limits():
+    from fdp_kernels import mlp_common
+
+    return mlp_common
+
+
+class TritonPrepared:
+    """A policy packed for the Triton kernels: ``run(global_cond, x_T, step_noise, seed=None)``."""
+
+    def __init__(self, policy, table, dtype, **tuning):
+        from fdp_kernels.mlp_common import COEF_COLUMNS
+
+        from .. import schedulers
+
+        param = next(policy.parameters())
+        self.policy = policy
+        self.device = param.device
+        self.param_dtype = param.dtype
+        self.dtype = dtype or param.dtype
+        self.horizon, self.action_dim = policy.horizon, policy.action_dim
+        self.D = self.horizon * self.action_dim
+        self.packed = packing.pack_policy(policy, self.dtype)
+        self.steps = packing.step_terms(policy, table.timesteps.to(self.device))
+        tbl = table.to(self.device, torch.float32)
+        # The kernels read the columns in COEF_COLUMNS order; gather them by the scheduler's own COL_* names.
+        cols = [getattr(schedulers, f"COL_{name.upper()}") for name in COEF_COLUMNS]
+        self.coef = tbl.coef[:, cols].contiguous()
+        self.adds_noise = tbl.adds_noise.to(torch.int8).contiguous()
+        self.adds_any = bool(table.adds_noise.any())
+        self.clip_range = float(tbl.clip_range) if tbl.clip_sample else None
+        self.T = len(table.timesteps)
+        self.tuning = tuning
+        self._scratch = None
+
+    def _scratch_for(self, B):
+        from fdp_kernels.mlp_common import block_config, scratch_numel
+
+        cfg = block_config(B, self.D, self.packed.H, self.tuning.get("block_b"), self.tuning.get("h_in_registers"),
+                           self.tuning.get("precision"), self.packed.dtype, self.tuning.get("num_warps"))
+        need = scratch_numel(B, cfg)
+        if need == 0:
+            return None
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, device=self.device, dtype=torch.float32)
+        return self._scratch
+
+    def _inputs(self, global_cond, x_T, step_noise, seed):
+        call = packing.call_terms(self.policy, global_cond.to(self.param_dtype))
+        B = x_T.shape[0]
+        x = x_T.reshape(B, self.D).to(torch.float32, copy=True).contiguous()
+        noise = None
+        if seed is None and step_noise is not None and self.adds_any:
+            noise = step_noise.reshape(self.T, B, self.D)
+            if noise.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # what the kernels read
+                noise = noise.to(torch.float32)
+            noise = noise.contiguous()
+        if seed is not None and not self.adds_any:
+            seed = None
+        return call, x, noise, seed
+
+    @torch.no_grad()
+    def run(self, global_cond, x_T, step_noise, seed: int | None = None):
+        """x_0 ``[B, horizon, action_dim]`` in ``x_T``'s dtype (``seed``: draw the step noise in the kernel)."""
+        from fdp_kernels.mlp_step import mlp_step
+
+        call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
+        scratch = self._scratch_for(x.shape[0])
+        for i in range(self.T):
+            mlp_step(self.packed, self.steps, call, self.coef, self.adds_noise, i, x, noise, seed=seed,
+                     clip_range=self.clip_range, out=x, scratch=scratch, validate=(i == 0), **self.tuning)
+        return x.reshape(x_T.shape).to(x_T.dtype)
+
+
+class TritonBackendBase(Backend):
+    """What the two Triton backends share: availability, limits and packing."""
+
+    prepared_class = TritonPrepared
+    base_priority = 0
+
+    @property
+    def priority(self) -> int:
+        # Under TRITON_INTERPRET=1 the kernels are emulated on the host, far slower than eager PyTorch: they stay
+        # available by name (that is how the tests run them) but ``auto`` never prefers them to "torch".
+        return self.base_priority - 100 if os.environ.get("TRITON_INTERPRET") == "1" else self.base_priority
+
+    def __init__(self, **tuning):
+        # Kernel tuning knobs (block_b, h_in_registers, precision, skip_unused, num_warps), for benchmarks.
+        self.tuning = tuning
+
+    def unavailable_reason(self, device):
+        reason = _triton_import_error()
+        if reason:
+            return reason
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available in this PyTorch build or machine"
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return _TRITON_CPU_REASON
+            for name, attr in (("fdp_kernels.mlp_step", "mlp_step_kernel"),
+                               ("fdp_kernels.mlp_persistent", "mlp_persistent_kernel")):
+                kernel = getattr(sys.modules.get(name), attr, None)
+                if kernel is not None and type(kernel).__name__ != "InterpretedFunction":
+                    return (f"{name} was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled "
+                            "for a GPU; set TRITON_INTERPRET=1 before anything imports fdp_kernels")
+            return None
+        return f"Triton kernels need a CUDA device, got {device}"
+
+    def unsupported_reason(self, policy, table, dtype):
+        reason = packing.mlp_unsupported_reason(policy)
+        if reason:
+            return reason
+        lim = _limits()
+        comp = policy.components[0]
+        K, H, L = len(policy.components), comp.hidden_dim, comp.num_blocks
+        D = comp.horizon * comp.input_dim
+        dtype = dtype or next(policy.parameters()).dtype
+        if dtype not in packing.WEIGHT_DTYPES:
+            return f"weight dtype must be one of {list(packing.WEIGHT_DTYPES)}, got {dtype}"
+        if getattr(policy.router, "num_components", K) != K:
+            return f"the router has {policy.router.num_components} outputs but there are {K} components"
+        if K > lim.MAX_K:
+            return f"at most {lim.MAX_K} components, got K = {K}"
+        if not lim.MIN_H <= H <= lim.MAX_H:
+            return f"hidden width must be in {lim.MIN_H}..{lim.MAX_H}, got H = {H}"
+        if D > lim.MAX_D:
+            return f"D = horizon * action_dim must be <= {lim.MAX_D}, got {D}"
+        T = len(table.timesteps)
+        if K * L * H * H >= 2**31 or T * K * L * H >= 2**31:
+            return "the model is too large for the kernels' 32-bit weight offsets"
+        return None
+
+    def prepare(self, policy, table, dtype=None):
+        reason = self.unsupported_reason(policy, table, dtype)
+        if reason:
+            raise ValueError(f"backend {self.name!r} cannot serve this policy: {reason}")
+        return self.prepared_class(policy, table, dtype, **self.tuning)
+
+
+class TritonBackend(TritonBackendBase):
+    name = "triton"
+    base_priority = 20
+
+
+BACKEND = TritonBackend()
