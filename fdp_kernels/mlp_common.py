@@ -57,6 +57,7 @@ tiles and a 64-wide register-resident h spill); their speed is unmeasured.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -439,3 +440,27 @@ def scratch_numel(B, cfg):
     if cfg["H_IN_REGS"]:
         return 0
     return triton.cdiv(B, cfg["BLOCK_B"]) * 2 * cfg["BLOCK_B"] * cfg["H_STRIDE"]
+
+
+def launch_setup(packed, x, noise, seed, out, scratch, validate, block_b, h_in_registers, precision, num_warps):
+    """What both launchers derive before launching: block sizes, buffers, noise mode.
+
+    Returns ``(cfg, grid, out, scratch, noise_mode)``; ``scratch`` is allocated
+    when not given and checked when given (with ``validate``).
+    """
+    B, D = x.shape
+    H = packed.w_in.shape[2]
+    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps)
+    need = scratch_numel(B, cfg)
+    if scratch is None:
+        # x stands in for an unused pointer argument when no scratch is needed.
+        scratch = torch.empty(need, device=x.device, dtype=torch.float32) if need else x
+    elif validate and need and (not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32
+                                or scratch.device != x.device or not scratch.is_contiguous()
+                                or scratch.numel() < need):
+        raise ValueError(f"`scratch` must be a contiguous float32 tensor on {x.device} with at least {need} "
+                         "elements")
+    if out is None:
+        out = torch.empty_like(x)
+    mode = NOISE_TENSOR if noise is not None else (NOISE_SEED if seed is not None else NOISE_NONE)
+    return cfg, (triton.cdiv(B, cfg["BLOCK_B"]),), out, scratch, mode

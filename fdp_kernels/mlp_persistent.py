@@ -30,12 +30,10 @@ same numbers.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .mlp_common import (NOISE_NONE, NOISE_SEED, NOISE_TENSOR, _compose, _scheduler_update, _step_noise,
-                         block_config, check_launch, scratch_numel)
+from .mlp_common import _compose, _scheduler_update, _step_noise, check_launch, launch_setup
 
 __all__ = ["mlp_sample", "mlp_persistent_kernel"]
 
@@ -88,18 +86,8 @@ def mlp_sample(packed, steps, call, coef, adds_noise, x_T, noise=None, *, seed=N
     K, _, H = packed.w_in.shape
     L = packed.w_a.shape[1]
     T = coef.shape[0]
-    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps)
-    need = scratch_numel(B, cfg)
-    if scratch is None:
-        scratch = torch.empty(need, device=x_T.device, dtype=torch.float32) if need else x_T
-    elif need and (not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32
-                   or scratch.device != x_T.device or not scratch.is_contiguous() or scratch.numel() < need):
-        raise ValueError(f"`scratch` must be a contiguous float32 tensor on {x_T.device} with at least {need} "
-                         "elements")
-    if out is None:
-        out = torch.empty_like(x_T)
-    mode = NOISE_TENSOR if noise is not None else (NOISE_SEED if seed is not None else NOISE_NONE)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    cfg, grid, out, scratch, mode = launch_setup(packed, x_T, noise, seed, out, scratch, True, block_b,
+                                                 h_in_registers, precision, num_warps)
     mlp_persistent_kernel[grid](
         x_T, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
         steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift,

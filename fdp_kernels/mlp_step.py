@@ -33,12 +33,10 @@ Everything accumulates in float32 whatever the weight dtype.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .mlp_common import (NOISE_NONE, NOISE_SEED, NOISE_TENSOR, _compose, _scheduler_update, _step_noise,
-                         block_config, check_launch, scratch_numel)
+from .mlp_common import _compose, _scheduler_update, _step_noise, check_launch, launch_setup
 
 __all__ = ["mlp_step", "mlp_step_kernel"]
 
@@ -101,19 +99,8 @@ def mlp_step(packed, steps, call, coef, adds_noise, step, x, noise=None, *, seed
     B, D = x.shape
     K, _, H = packed.w_in.shape
     L = packed.w_a.shape[1]
-    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps)
-    need = scratch_numel(B, cfg)
-    if scratch is None:
-        scratch = torch.empty(max(need, 1), device=x.device, dtype=torch.float32) if need else x
-    elif validate and need:
-        if not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32 or scratch.device != x.device \
-                or not scratch.is_contiguous() or scratch.numel() < need:
-            raise ValueError(f"`scratch` must be a contiguous float32 tensor on {x.device} with at least {need} "
-                             "elements")
-    if out is None:
-        out = torch.empty_like(x)
-    mode = NOISE_TENSOR if noise is not None else (NOISE_SEED if seed is not None else NOISE_NONE)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    cfg, grid, out, scratch, mode = launch_setup(packed, x, noise, seed, out, scratch, validate, block_b,
+                                                 h_in_registers, precision, num_warps)
     mlp_step_kernel[grid](
         x, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
         steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift,

@@ -32,15 +32,6 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared CPU: intra-op threads spin-wait far longer than they compute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_runs_in_the_interpreter():
     assert type(compose_step_kernel).__name__ == "InterpretedFunction"
 

@@ -44,15 +44,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: with the CPU shared, intra-op threads spin-wait far longer than they compute.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_unets(K, kwargs, override=None, dtype=F64, seed=0):
     torch.manual_seed(seed)
     comps = []
