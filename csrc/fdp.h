@@ -1,6 +1,7 @@
 // Host-side declarations shared by the CUDA sources and the pybind11 bindings.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace fdp {
@@ -13,5 +14,50 @@ struct RuntimeInfo {
 };
 
 RuntimeInfo runtime_info();
+
+// ---- Fused MLP sampler kernels (csrc/mlp_step.cu, csrc/mlp_persistent.cu) ----
+// Tensors are validated in Python (fdp.backends.cuda_backend.check_launch); only
+// raw device pointers, sizes and the caller's stream cross this boundary.
+
+struct MlpPointers {
+  std::uintptr_t w_in, w_a, w_b, b_b, w_out, b_out;  // packed weights (fdp.packing.PackedMLP)
+  std::uintptr_t t_in, t_shift;                      // StepTerms
+  std::uintptr_t weights, c_in, scale, shift;        // CallTerms
+  std::uintptr_t coef;                               // [T, 8] float32: COL_* columns, adds_noise, pad
+  std::uintptr_t noise;                              // [T, B, D] float32, or 0 when no step adds noise
+  std::uintptr_t x_in, x_out;                        // [B, D] float32 (may alias)
+  std::uintptr_t scratch, counters;                  // global combine only: [groups, B, D] f32, [tiles] i32 zeroed
+};
+
+struct MlpDims {
+  std::int64_t B, D, H, L, K, T;
+};
+
+// 0 = automatic for every field (mma: -1 = automatic).
+struct MlpOptions {
+  int bt = 0;      // rows per tile: 1, 2, 4, 8 (FMA) or 16, 32, 64 (MMA)
+  int ranks = 0;   // column slices per component (cluster ranks; >1 needs sm_90)
+  int groups = 0;  // component groups per tile
+  int mma = -1;    // tensor cores (16-bit weights only)
+  int skip_unused = 1;
+};
+
+struct MlpPlanInfo {
+  bool ok = false;
+  std::string reason;  // why not, when !ok
+  int block_rows = 0, mma = 0, ranks = 0, groups = 0, groups_per_cluster = 0, tiles = 0, cluster_size = 0;
+  int smem_bytes = 0, fixed_bytes = 0, weight_bytes = 0, resident_bytes = 0;
+  bool global_combine = false;
+};
+
+// wtype: 0 float32, 1 bfloat16, 2 float16. Plans use the current CUDA device.
+MlpPlanInfo mlp_step_plan(int wtype, const MlpDims& dims, const MlpOptions& opts);
+MlpPlanInfo mlp_persistent_plan(int wtype, const MlpDims& dims, const MlpOptions& opts);
+// One launch per step in [step_begin, step_end); step_begin reads x_in, later steps x_out.
+void mlp_step_launch(int wtype, const MlpPointers& ptrs, const MlpDims& dims, bool clip, float clip_range,
+                     int step_begin, int step_end, const MlpOptions& opts, std::uintptr_t stream);
+// All T steps in one launch.
+void mlp_persistent_launch(int wtype, const MlpPointers& ptrs, const MlpDims& dims, bool clip, float clip_range,
+                           const MlpOptions& opts, std::uintptr_t stream);
 
 }  // namespace fdp

@@ -61,6 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fdp._validation import check_kernel_arg as _check
+from fdp.packing import WEIGHT_DTYPES
+
 #: The scheduler-table column order the kernels read (``fdp.schedulers.COL_*``).
 COEF_COLUMNS = ("a_x", "a_m", "c_x0", "c_x", "c_m", "sigma")
 NUM_COEF = len(COEF_COLUMNS)
@@ -287,44 +290,12 @@ def _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range,
 # ------------------------------------------------------------------------------------------------------------
 # host side: validation and block sizes shared by the two launchers
 
-_WEIGHT_DTYPES = None
-
-
-def _weight_dtypes():
-    global _WEIGHT_DTYPES
-    if _WEIGHT_DTYPES is None:
-        import torch
-
-        _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-    return _WEIGHT_DTYPES
-
-
-def _check(name, t, shape, dtype, device):
-    import torch
-
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if isinstance(dtype, tuple):
-        if t.dtype not in dtype:
-            raise TypeError(f"`{name}` must have one of the dtypes {list(dtype)}, got {t.dtype}")
-    elif t.dtype != dtype:
-        raise TypeError(f"`{name}` must have dtype {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"`{name}` must be on {device} (where `x` is), got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"`{name}` must be contiguous (call .contiguous())")
-
-
 def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_range, seed):
     """Validate a launch's tensors; returns ``dict(B, D, H, L, K, T)``.
 
     ``packed`` / ``steps`` / ``call`` are :class:`fdp.packing.PackedMLP` /
     ``StepTerms`` / ``CallTerms`` (or anything with the same tensor attributes).
     """
-    import torch
-
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
@@ -358,8 +329,8 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     if D > MAX_D:
         raise ValueError(f"fused MLP kernels serve D = horizon * action_dim <= {MAX_D}, got D = {D}")
     wdt = w_in.dtype
-    if wdt not in _weight_dtypes():
-        raise TypeError(f"`packed.w_in` must have one of the dtypes {list(_weight_dtypes())}, got {wdt}")
+    if wdt not in WEIGHT_DTYPES:
+        raise TypeError(f"`packed.w_in` must have one of the dtypes {list(WEIGHT_DTYPES)}, got {wdt}")
     f32 = torch.float32
     _check("packed.w_in", w_in, (K, D, H), wdt, dev)
     _check("packed.w_a", packed.w_a, (K, L, H, H), wdt, dev)
@@ -404,8 +375,6 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
     The defaults are the configurations that ptxas (sm_90a, Triton 3.9) compiles
     without register spills for K = 4, H = 256, D = 32; their speed is unmeasured.
     """
-    import torch
-
     if block_b is None:
         block_b = 16 if B <= 1024 else 32
     if block_b not in (16, 32, 64, 128):

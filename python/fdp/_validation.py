@@ -31,6 +31,7 @@ __all__ = [
     "check_tensor",
     "check_finite",
     "inputs_already_checked",
+    "check_kernel_arg",
 ]
 
 #: One entry of an expected shape: an exact size, ``None`` (any size), or a
@@ -187,6 +188,24 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise ValueError(f"`{name}` must be finite, but {bad} of its {t.numel()} entries are NaN or Inf")
+
+
+def check_kernel_arg(name: str, t, shape, dtype, device) -> None:
+    """A tensor handed to a fused kernel: exact ``shape``, ``dtype`` (or a tuple of
+    them), on ``device`` (None: anywhere) and contiguous — kernels read raw memory."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(dtype, tuple):
+        if t.dtype not in dtype:
+            raise TypeError(f"`{name}` must have one of the dtypes {list(dtype)}, got {t.dtype}")
+    elif t.dtype != dtype:
+        raise TypeError(f"`{name}` must have dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"`{name}` must be on {device} (where `x` is), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"`{name}` must be contiguous (call .contiguous())")
 
 
 class _Checked(threading.local):

@@ -28,6 +28,8 @@ _MODULES: dict[str, str] = {
     "graph": "fdp.backends.graph_backend",
     "triton": "fdp.backends.triton_backend",
     "triton-persistent": "fdp.backends.triton_persistent_backend",
+    "cuda": "fdp.backends.cuda_backend",
+    "cuda-persistent": "fdp.backends.cuda_persistent_backend",
 }
 _LOADED: dict[str, Backend] = {}
 

@@ -1,0 +1,83 @@
+// backend="cuda-persistent": the whole sampling loop (all T steps) in one launch.
+//
+// For every step i and a tile of rows x of the flattened sample [B, D]:
+//   eps = sum_k weights[:, k] * MLP_k(x; t_in[i,k], t_shift[i,k], c_in[:,k], scale[:,k], shift[:,k])
+//   x   = apply_step(coef[i], x, eps, noise[i])
+// on the packed layout of python/fdp/packing.py (tensors listed in mlp_common.cuh).
+//
+// One thread-block cluster per row tile (sm_90): K component groups x R column
+// ranks, K * R <= 16 blocks. Each block loads its slices of the weights into
+// shared memory once and reuses them for all T steps (slices that do not fit
+// are read from L2 each step); hidden activations move between ranks through
+// distributed shared memory, and each step's weighted sum is gathered from the
+// K groups over DSMEM by every block, which keeps an identical copy of x: one
+// cluster barrier per phase, no grid-wide synchronisation. Without clusters
+// (sm_80/86/87/89) one block per row tile runs all K components.
+// The next step's step-dependent vectors and noise are prefetched with
+// cp.async while the current step computes.
+#include "fdp.h"
+#include "mlp_common.cuh"
+
+namespace fdp {
+namespace mlp {
+
+template <typename W, int BT, bool MMA>
+__global__ void __launch_bounds__(kThreads, 1)
+    mlp_persistent_kernel(const Args a, const Plan p, int step_begin, int step_end) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  run_tile<W, BT, MMA, true>(a, p, step_begin, step_end);
+#else
+  __trap();  // the host refuses devices below compute capability 8.0
+#endif
+}
+
+template <typename W>
+const void* persistent_kernel_for(int mma, int bt) {
+  if constexpr (sizeof(W) == 2) {
+    if (mma) {
+      switch (bt) {
+        case 16: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 16, true>);
+        case 32: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 32, true>);
+        case 64: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 64, true>);
+        default: return nullptr;
+      }
+    }
+  }
+  if (mma) return nullptr;
+  switch (bt) {
+    case 1: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 1, false>);
+    case 2: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 2, false>);
+    case 4: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 4, false>);
+    case 8: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 8, false>);
+    default: return nullptr;
+  }
+}
+
+const void* persistent_kernel(int wtype, int mma, int bt) {
+  switch (wtype) {
+    case kF32: return persistent_kernel_for<float>(mma, bt);
+    case kBF16: return persistent_kernel_for<__nv_bfloat16>(mma, bt);
+    case kF16: return persistent_kernel_for<__half>(mma, bt);
+    default: return nullptr;
+  }
+}
+
+}  // namespace mlp
+
+MlpPlanInfo mlp_persistent_plan(int wtype, const MlpDims& dims, const MlpOptions& opts) {
+  std::string reason;
+  const mlp::Plan p = mlp::cached_plan(mlp::kPersistent, wtype, dims, opts, &mlp::persistent_kernel, reason);
+  return mlp::plan_info(p, reason);
+}
+
+void mlp_persistent_launch(int wtype, const MlpPointers& ptrs, const MlpDims& dims, bool clip, float clip_range,
+                           const MlpOptions& opts, std::uintptr_t stream) {
+  std::string reason;
+  const mlp::Plan p = mlp::cached_plan(mlp::kPersistent, wtype, dims, opts, &mlp::persistent_kernel, reason);
+  if (p.bt == 0) throw std::invalid_argument("backend 'cuda-persistent' cannot serve this model: " + reason);
+  const mlp::Args a = mlp::make_args(ptrs, dims, clip, clip_range, opts.skip_unused);
+  mlp::launch_plan(mlp::persistent_kernel(wtype, p.mma, p.bt), p, a, 0, static_cast<int>(dims.T),
+                   reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace fdp

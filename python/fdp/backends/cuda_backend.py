@@ -1,0 +1,384 @@
+"""``backend="cuda"``: MLP components, one fused CUDA kernel launch per denoising step.
+
+The kernel (``csrc/mlp_step.cu``, shared code in ``csrc/mlp_common.cuh``)
+evaluates all K :class:`fdp.MLPDenoiser` components on a tile of rows, their
+router-weighted sum and the scheduler update in one launch; float32, bfloat16
+or float16 weights with float32 accumulation (tensor cores for 16-bit weights
+on tiles of 16+ rows), clusters with distributed shared memory on sm_90.
+
+This module also holds what both CUDA backends share: validation of every
+tensor before a pointer reaches the extension (:func:`check_launch`), the
+kernel's coefficient table (:func:`kernel_coef`) and the raw launcher
+(:func:`launch`). ``backend="cuda-persistent"`` (whole loop in one launch)
+subclasses the backend here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._extension import extension, extension_status
+from .._validation import check_kernel_arg as _check
+from ..packing import WEIGHT_DTYPES, call_terms, mlp_unsupported_reason, pack_policy, step_terms
+from ..schedulers import NUM_COLS
+from .base import Backend
+
+__all__ = ["CudaBackend", "CudaPrepared", "check_launch", "kernel_coef", "launch", "plan",
+           "KIND_STEP", "KIND_PERSISTENT", "MAX_K", "MAX_L", "MAX_H", "MAX_D", "COEF_WIDTH"]
+
+KIND_STEP = 0
+KIND_PERSISTENT = 1
+#: Limits of the fused CUDA kernels (csrc/mlp_common.cuh); shared memory may refuse earlier.
+MAX_K = 8
+MAX_L = 16
+MAX_H = 4096
+MAX_D = 4096
+#: Columns of the kernel's coefficient table: the scheduler's COL_* columns, adds_noise (0/1), padding.
+COEF_WIDTH = 8
+_WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_OPTION_KEYS = ("block_rows", "ranks", "groups", "mma", "skip_unused")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation (runs on any device; `require_cuda=False` lets CPU tests exercise it)
+
+
+def _tensor_attr(obj, owner, attr):
+    t = getattr(obj, attr, None)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{owner}` must be an fdp.packing object with a tensor `{attr}`, got {type(obj).__name__}")
+    return t
+
+
+def check_static(packed, steps, coef, device, *, require_cuda: bool = True) -> dict:
+    """Validate the per-pack tensors (weights, step terms, coefficient table); returns ``dict(D, H, L, K, T)``."""
+    device = torch.device(device)
+    if require_cuda and device.type != "cuda":
+        raise ValueError(f"the CUDA kernels need CUDA tensors, got tensors on {device}")
+    w_in = _tensor_attr(packed, "packed", "w_in")
+    if w_in.ndim != 3:
+        raise ValueError(f"`packed.w_in` must be [K, D, H], got {list(w_in.shape)}")
+    K, D, H = w_in.shape
+    w_a = _tensor_attr(packed, "packed", "w_a")
+    if w_a.ndim != 4:
+        raise ValueError(f"`packed.w_a` must be [K, L, H, H], got {list(w_a.shape)}")
+    L = w_a.shape[1]
+    wdt = w_in.dtype
+    if wdt not in WEIGHT_DTYPES:
+        raise TypeError(f"`packed.w_in` must have one of the dtypes {list(WEIGHT_DTYPES)}, got {wdt}")
+    f32 = torch.float32
+    _check("packed.w_in", w_in, (K, D, H), wdt, device)
+    _check("packed.w_a", w_a, (K, L, H, H), wdt, device)
+    _check("packed.w_b", _tensor_attr(packed, "packed", "w_b"), (K, L, H, H), wdt, device)
+    _check("packed.b_b", _tensor_attr(packed, "packed", "b_b"), (K, L, H), f32, device)
+    _check("packed.w_out", _tensor_attr(packed, "packed", "w_out"), (K, H, D), wdt, device)
+    _check("packed.b_out", _tensor_attr(packed, "packed", "b_out"), (K, D), f32, device)
+    t_in = _tensor_attr(steps, "steps", "t_in")
+    if t_in.ndim != 3:
+        raise ValueError(f"`steps.t_in` must be [T, K, H], got {list(t_in.shape)}")
+    T = t_in.shape[0]
+    _check("steps.t_in", t_in, (T, K, H), f32, device)
+    _check("steps.t_shift", _tensor_attr(steps, "steps", "t_shift"), (T, K, L, H), f32, device)
+    _check("coef", coef, (T, COEF_WIDTH), f32, device)
+    if not 1 <= K <= MAX_K:
+        raise ValueError(f"the fused CUDA kernels serve 1..{MAX_K} components, got K = {K}")
+    if not 1 <= L <= MAX_L:
+        raise ValueError(f"the fused CUDA kernels serve 1..{MAX_L} residual blocks, got L = {L}")
+    if not 1 <= H <= MAX_H:
+        raise ValueError(f"the fused CUDA kernels serve hidden widths 1..{MAX_H}, got H = {H}")
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"the fused CUDA kernels serve D = horizon * action_dim in 1..{MAX_D}, got D = {D}")
+    if T < 1:
+        raise ValueError("`steps` must hold at least one step")
+    return dict(D=D, H=H, L=L, K=K, T=T)
+
+
+def check_call(call, x, noise, out, dims: dict, *, require_cuda: bool = True) -> int:
+    """Validate the per-call tensors against ``dims`` (from :func:`check_static`); returns B."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"`x` must have dtype torch.float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"`x` must be [B, D] (the flattened [B, horizon, action_dim] sample), got {list(x.shape)}")
+    device = x.device
+    if require_cuda and device.type != "cuda":
+        raise ValueError(f"`x` must be a CUDA tensor, got one on {device}")
+    B = x.shape[0]
+    D, H, L, K, T = (dims[k] for k in ("D", "H", "L", "K", "T"))
+    if B < 1:
+        raise ValueError("`x` must hold at least one row")
+    f32 = torch.float32
+    _check("x", x, (B, D), f32, device)
+    _check("call.weights", _tensor_attr(call, "call", "weights"), (B, K), f32, device)
+    _check("call.c_in", _tensor_attr(call, "call", "c_in"), (B, K, H), f32, device)
+    _check("call.scale", _tensor_attr(call, "call", "scale"), (B, K, L, H), f32, device)
+    _check("call.shift", _tensor_attr(call, "call", "shift"), (B, K, L, H), f32, device)
+    if noise is not None:
+        _check("noise", noise, (T, B, D), f32, device)
+    _check("out", out, (B, D), f32, device)
+    if B * K * L * H >= 2**31 or T * B * D >= 2**31:
+        raise ValueError(f"the CUDA kernels index with 32-bit sizes: B * K * L * H = {B * K * L * H} and "
+                         f"T * B * D = {T * B * D} must be < 2**31")
+    return B
+
+
+def check_launch(packed, steps, call, coef, x, noise, out, clip_range, *, require_cuda: bool = True) -> dict:
+    """Validate every tensor of a launch before any pointer is taken; returns ``dict(B, D, H, L, K, T)``.
+
+    ``packed`` / ``steps`` / ``call`` are :class:`fdp.packing.PackedMLP` / ``StepTerms`` /
+    ``CallTerms``; ``coef`` is :func:`kernel_coef`'s ``[T, 8]`` table; ``x`` the float32
+    ``[B, D]`` start sample, ``noise`` ``[T, B, D]`` float32 or None, ``out`` ``[B, D]``
+    float32 (may be ``x``). ``clip_range`` is None (no clipping) or a non-negative number.
+    ``require_cuda=False`` skips only the "is a CUDA tensor" checks (for CPU tests).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    dims = check_static(packed, steps, coef, x.device, require_cuda=require_cuda)
+    dims["B"] = check_call(call, x, noise, out, dims, require_cuda=require_cuda)
+    if clip_range is not None:
+        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not (
+                math.isfinite(clip_range) and clip_range >= 0):
+            raise ValueError(f"`clip_range` must be None (no clipping) or a finite non-negative number, "
+                             f"got {clip_range!r}")
+    return dims
+
+
+def kernel_coef(table) -> torch.Tensor:
+    """The kernels' ``[T, 8]`` float32 coefficient table on the table's device: the scheduler's
+    ``COL_*`` columns, then ``adds_noise`` as 0/1, then padding (32-byte rows)."""
+    coef = table.coef.to(torch.float32)
+    T = coef.shape[0]
+    adds = table.adds_noise.to(device=coef.device, dtype=torch.float32).reshape(T, 1)
+    pad = torch.zeros((T, COEF_WIDTH - NUM_COLS - 1), dtype=torch.float32, device=coef.device)
+    return torch.cat([coef, adds, pad], dim=1).contiguous()
+
+
+def _options_tuple(options) -> tuple:
+    options = dict(options or {})
+    unknown = set(options) - set(_OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown kernel options {sorted(unknown)}; expected some of {list(_OPTION_KEYS)}")
+    vals = []
+    for key, default in zip(_OPTION_KEYS, (0, 0, 0, -1, 1)):
+        v = options.get(key, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool):
+            v = int(v)
+        if not isinstance(v, int):
+            raise TypeError(f"kernel option `{key}` must be an int, got {v!r}")
+        vals.append(v)
+    return tuple(vals)
+
+
+def plan(kind: int, dtype: torch.dtype, B: int, D: int, H: int, L: int, K: int, T: int = 1, options=None,
+         device=None) -> dict:
+    """The extension's launch plan (tile rows, tensor cores, ranks, groups, shared memory) for a shape."""
+    ext = extension()
+    dev = torch.device(device) if device is not None else None
+    with _on_device(dev):
+        return dict(ext.mlp_plan(int(kind), _WTYPE[dtype], (B, D, H, L, K, T), _options_tuple(options)))
+
+
+class _on_device:
+    """Make ``device`` current for the extension's runtime calls (no-op when it already is)."""
+
+    def __init__(self, device):
+        self.ctx = None
+        if device is not None and device.type == "cuda" and device.index is not None \
+                and device.index != torch.cuda.current_device():
+            self.ctx = torch.cuda.device(device)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims, options, step_begin, step_end,
+                stream, plan_info):
+    """Pointers + sizes + stream into the extension; inputs already validated."""
+    ext = extension()
+    B, D, H, L, K, T = (dims[k] for k in ("B", "D", "H", "L", "K", "T"))
+    scratch = counters = None
+    if plan_info["global_combine"]:
+        # Partials of the component groups and per-tile arrival counters (the kernel re-zeroes them).
+        scratch = torch.empty((plan_info["groups"], B, D), dtype=torch.float32, device=x.device)
+        counters = torch.zeros((plan_info["tiles"],), dtype=torch.int32, device=x.device)
+    ptrs = (packed.w_in.data_ptr(), packed.w_a.data_ptr(), packed.w_b.data_ptr(), packed.b_b.data_ptr(),
+            packed.w_out.data_ptr(), packed.b_out.data_ptr(), steps.t_in.data_ptr(), steps.t_shift.data_ptr(),
+            call.weights.data_ptr(), call.c_in.data_ptr(), call.scale.data_ptr(), call.shift.data_ptr(),
+            coef.data_ptr(), 0 if noise is None else noise.data_ptr(), x.data_ptr(), out.data_ptr(),
+            0 if scratch is None else scratch.data_ptr(), 0 if counters is None else counters.data_ptr())
+    if stream is None:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+    wtype = _WTYPE[packed.w_in.dtype]
+    clip = clip_range is not None
+    cr = float(clip_range) if clip else 0.0
+    sizes = (B, D, H, L, K, T)
+    with _on_device(x.device):
+        if kind == KIND_STEP:
+            ext.mlp_step_launch(wtype, ptrs, sizes, clip, cr, step_begin, step_end, options, int(stream))
+        else:
+            ext.mlp_persistent_launch(wtype, ptrs, sizes, clip, cr, options, int(stream))
+    return out
+
+
+def launch(kind: int, packed, steps, call, coef, x, noise, out, clip_range, *, options=None, step_begin: int = 0,
+           step_end: int | None = None, stream=None) -> torch.Tensor:
+    """Run the fused kernel ``kind`` (KIND_STEP: one launch per step in [step_begin, step_end);
+    KIND_PERSISTENT: all steps in one launch) on validated tensors; returns ``out``.
+
+    ``stream`` is a raw ``cudaStream_t`` integer (default: the current torch stream of ``x``'s device).
+    ``options`` may set ``block_rows``, ``ranks``, ``groups``, ``mma`` and ``skip_unused`` (tuning, tests).
+    """
+    if kind not in (KIND_STEP, KIND_PERSISTENT):
+        raise ValueError(f"`kind` must be KIND_STEP (0) or KIND_PERSISTENT (1), got {kind!r}")
+    dims = check_launch(packed, steps, call, coef, x, noise, out, clip_range)
+    T = dims["T"]
+    if step_end is None:
+        step_end = T
+    if kind == KIND_PERSISTENT and (step_begin, step_end) != (0, T):
+        raise ValueError("the persistent kernel runs all T steps: `step_begin`/`step_end` must be 0/T")
+    if not 0 <= step_begin <= step_end <= T:
+        raise ValueError(f"`step_begin`/`step_end` must satisfy 0 <= begin <= end <= T = {T}, "
+                         f"got {step_begin}/{step_end}")
+    opts = _options_tuple(options)
+    info = plan(kind, packed.w_in.dtype, dims["B"], dims["D"], dims["H"], dims["L"], dims["K"], T, options,
+                device=x.device)
+    if not info["ok"]:
+        raise ValueError(f"the CUDA kernel cannot serve this model: {info['reason']}")
+    return _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims, opts, step_begin, step_end,
+                       stream, info)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The backend
+
+
+class CudaPrepared:
+    """A policy packed once for the CUDA kernels; ``run`` is one sampling call."""
+
+    kind = KIND_STEP
+
+    def __init__(self, policy, table, dtype, kind, options=None):
+        param = next(policy.parameters())
+        self.device = param.device
+        self.policy = policy
+        self.kind = kind
+        self.options = dict(options or {})
+        self.packed = pack_policy(policy, dtype)
+        dev_table = table.to(self.device)
+        self.steps = step_terms(policy, dev_table.timesteps)
+        self.coef = kernel_coef(dev_table)
+        self.clip_range = float(table.clip_range) if table.clip_sample else None
+        self.adds_noise = bool(table.adds_noise.any())
+        self.dims = check_static(self.packed, self.steps, self.coef, self.device)
+        self.horizon, self.action_dim = policy.horizon, policy.action_dim
+        self._plans: dict[int, dict] = {}
+
+    def plan(self, B: int) -> dict:
+        info = self._plans.get(B)
+        if info is None:
+            d = self.dims
+            info = plan(self.kind, self.packed.dtype, B, d["D"], d["H"], d["L"], d["K"], d["T"], self.options,
+                        device=self.device)
+            if not info["ok"]:
+                raise ValueError(f"the CUDA kernel cannot serve this model at batch {B}: {info['reason']}")
+            self._plans[B] = info
+        return info
+
+    @torch.no_grad()
+    def run(self, global_cond, x_T, step_noise):
+        B = x_T.shape[0]
+        D, T = self.dims["D"], self.dims["T"]
+        call = call_terms(self.policy, global_cond)
+        x = x_T.reshape(B, D)
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        noise = None
+        if step_noise is not None and self.adds_noise:
+            noise = step_noise.reshape(T, B, D)
+            if noise.dtype != torch.float32 or not noise.is_contiguous():
+                noise = noise.to(torch.float32).contiguous()
+        out = torch.empty((B, D), dtype=torch.float32, device=self.device)
+        dims = dict(self.dims)
+        dims["B"] = check_call(call, x, noise, out, self.dims)
+        info = self.plan(B)
+        _raw_launch(self.kind, self.packed, self.steps, call, self.coef, x, noise, out, self.clip_range, dims,
+                    _options_tuple(self.options), 0, T, None, info)
+        out = out.view(B, self.horizon, self.action_dim)
+        return out if x_T.dtype == torch.float32 else out.to(x_T.dtype)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    priority = 40
+    kind = KIND_STEP
+
+    def unavailable_reason(self, device):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"backend {self.name!r} needs a CUDA device, got {device}"
+        status = extension_status()
+        if not status["available"]:
+            return status["reason"]
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (f"backend {self.name!r} needs compute capability 8.0 or newer (cp.async, bfloat16), "
+                    f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
+        return None
+
+    def unsupported_reason(self, policy, table, dtype):
+        reason = mlp_unsupported_reason(policy)
+        if reason:
+            return reason
+        comp = policy.components[0]
+        if dtype is None:
+            dtype = comp.out.weight.dtype
+        if dtype not in WEIGHT_DTYPES:
+            return f"the CUDA kernels take float32, bfloat16 or float16 weights, got {dtype}"
+        K, L, H = len(policy.components), comp.num_blocks, comp.hidden_dim
+        D = comp.horizon * comp.input_dim
+        if K > MAX_K:
+            return f"the CUDA kernels serve at most {MAX_K} components, this policy has {K}"
+        if L > MAX_L:
+            return f"the CUDA kernels serve at most {MAX_L} residual blocks, got {L}"
+        if H > MAX_H:
+            return f"the CUDA kernels serve hidden widths up to {MAX_H}, got {H}"
+        if D > MAX_D:
+            return f"the CUDA kernels serve D = horizon * action_dim up to {MAX_D}, got {D}"
+        if table.clip_sample and not math.isfinite(float(table.clip_range)):
+            return f"clip_range must be finite, got {table.clip_range}"
+        try:
+            param = next(policy.parameters())
+        except StopIteration:
+            return "the policy has no parameters"
+        device = param.device
+        if device.type == "cuda" and extension_status()["available"]:
+            # Shared memory is the one limit that depends on the device: ask the planner
+            # (which also finds a build without code for this GPU's architecture).
+            try:
+                info = plan(self.kind, dtype, 1, D, H, L, K, len(table), device=device)
+            except (RuntimeError, ValueError) as exc:
+                return str(exc)
+            if not info["ok"]:
+                return info["reason"]
+        return None
+
+    def prepare(self, policy, table, dtype=None, options=None):
+        reason = self.unsupported_reason(policy, table, dtype)
+        if reason:
+            raise ValueError(f"backend {self.name!r} cannot serve this policy: {reason}")
+        return CudaPrepared(policy, table, dtype, self.kind, options)
+
+
+BACKEND = CudaBackend()
