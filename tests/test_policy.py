@@ -56,15 +56,38 @@ def test_add_component_leaves_outputs_unchanged(strategy):
     torch.testing.assert_close(policy(x, 42, global_cond=c), before, rtol=1e-6, atol=1e-7)
 
 
-def test_new_component_receives_gradient():
+def _new_component_grads(policy):
+    policy.zero_grad()
+    loss = policy.loss(torch.rand(8, 4, 3) * 2 - 1, torch.randn(8, 5), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    return abs(float(policy.router.net[2].bias.grad[-1])), float(policy.components[-1].out.weight.grad.abs().max())
+
+
+def test_adapt_starts_the_new_component_where_adam_can_train_it():
     policy = make_mlp_policy(K=2, dtype=torch.float32)
     policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
+    policy.requires_grad_(True)
+    # At the output-preserving logit the gradients sit below Adam's eps (1e-8):
+    # the new component would never train.
+    assert max(_new_component_grads(policy)) < 1e-8
     policy.adapt("router+new")
-    loss = policy.loss(torch.randn(8, 4, 3).clamp(-1, 1), torch.randn(8, 5), generator=torch.Generator().manual_seed(0))
-    loss.backward()
-    g = policy.router.net[2].bias.grad
-    assert g is not None and g[-1] != 0
-    assert policy.components[2].out.weight.grad.abs().sum() > 0
+    assert float(policy.router.net[2].bias[-1].detach()) == fdp.policy.ADAPT_START_LOGIT
+    assert min(_new_component_grads(policy)) > 1e-5
+    # Only once: a second adapt() keeps what training has done since.
+    with torch.no_grad():
+        policy.router.net[2].bias[-1] = 0.5
+    policy.adapt("router+new")
+    assert float(policy.router.net[2].bias[-1].detach()) == 0.5
+
+
+def test_adapt_keeps_a_chosen_initial_logit_and_router_mode_keeps_outputs():
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16), initial_logit=-6.0)
+    policy.adapt("router+new")
+    assert float(policy.router.net[2].bias[-1].detach()) == -6.0
+    policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
+    policy.adapt("router")  # the new component does not train: leave its weight at ~0
+    assert float(policy.router.net[2].bias[-1].detach()) == fdp.router.NEW_COMPONENT_LOGIT
 
 
 def test_add_component_checks_the_module(mlp_policy):

@@ -20,6 +20,10 @@ from ._validation import check_finite, check_tensor
 from .router import NEW_COMPONENT_LOGIT, Router
 
 ADAPT_MODES = ("router", "router+new", "full")
+# Where adapt() starts a new component's router logit: measured on MetaWorld
+# adaptation (docs/metaworld.md), -4 learns the new tasks well; -8 forgets
+# less of the old ones but learns the new ones unreliably.
+ADAPT_START_LOGIT = -4.0
 
 
 class FactorizedPolicy(nn.Module):
@@ -62,6 +66,9 @@ class FactorizedPolicy(nn.Module):
         self.action_dim = action_dim
         # Which components were added after construction ("new" for adapt()).
         self.register_buffer("is_new", torch.zeros(0, dtype=torch.bool))
+        # New components whose router logit still holds the output-preserving
+        # start value; adapt() moves it to where training can reach it.
+        self.register_buffer("awaits_start", torch.zeros(0, dtype=torch.bool))
         for comp in components:
             self._append(comp, new=False)
         if noise_scheduler is None:
@@ -95,20 +102,26 @@ class FactorizedPolicy(nn.Module):
         self.components.append(comp)
         self._takes_cond.append(have not in (0, None))
         self.is_new = torch.cat([self.is_new, torch.tensor([new], device=self.is_new.device)])
+        self.awaits_start = torch.cat([self.awaits_start, torch.tensor([False], device=self.is_new.device)])
 
     def add_component(self, module: nn.Module, initial_logit: float = NEW_COMPONENT_LOGIT) -> int:
         """Add a component for a new task; returns its index.
 
-        The router grows one output whose logit starts at ``initial_logit``, so
-        the policy's output for existing inputs is unchanged (to float32
-        rounding) right after adding, while gradients still reach the new
-        component and its router output. Follow with :meth:`adapt`.
+        The router grows one output whose logit is the constant
+        ``initial_logit``. With the default (-20) its weight is about e^-20 of
+        the others', so the policy's output for existing inputs is unchanged to
+        float32 rounding right after adding. That weight is also too small to
+        train from (the new component's gradients fall under Adam's epsilon),
+        so :meth:`adapt` then lifts the logit to ``start_logit``; pass another
+        ``initial_logit`` to choose the starting point yourself (``adapt``
+        leaves it alone).
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}")
         ref = next(self.router.parameters())
         self._append(module.to(device=ref.device, dtype=ref.dtype), new=True)
         self.router.add_output(initial_logit)
+        self.awaits_start[-1] = initial_logit == NEW_COMPONENT_LOGIT
         return self.num_components - 1
 
     def freeze_components(self, indices: Iterable[int] | None = None, frozen: bool = True) -> None:
@@ -119,14 +132,23 @@ class FactorizedPolicy(nn.Module):
                 raise ValueError(f"`indices` must hold component indices in [0, {self.num_components}), got {i!r}")
             self.components[i].requires_grad_(not frozen)
 
-    def adapt(self, mode: str) -> list[nn.Parameter]:
+    def adapt(self, mode: str, start_logit: float = ADAPT_START_LOGIT) -> list[nn.Parameter]:
         """Set what trains for adaptation and return those parameters (for the optimiser).
 
         ``"router"``: the router only; ``"router+new"``: the router and the
         components added with :meth:`add_component`; ``"full"``: everything.
+        In the modes that train new components, a new component still at the
+        default output-preserving logit gets its logit bias set to
+        ``start_logit`` (once), so that it receives gradients Adam can follow;
+        outputs change from here on, as training changes them anyway.
         """
         if mode not in ADAPT_MODES:
             raise ValueError(f"`mode` must be one of {ADAPT_MODES}, got {mode!r}")
+        if mode != "router":
+            with torch.no_grad():
+                for i in torch.nonzero(self.awaits_start).flatten().tolist():
+                    self.router.net[2].bias[i] = start_logit
+            self.awaits_start.zero_()
         for i, comp in enumerate(self.components):
             comp.requires_grad_(mode == "full" or (mode == "router+new" and bool(self.is_new[i])))
         self.router.requires_grad_(True)

@@ -24,8 +24,9 @@ STRATEGIES = ("soft", "hard", "topk", "fixed")
 
 # Logit given to a freshly added component (see Router.add_output): small
 # enough that its weight, about exp(-20) of the others', leaves every
-# composed output unchanged to float32 rounding, yet large enough that its
-# gradient is not exactly zero, so training can bring the component in.
+# composed output unchanged to float32 rounding. Training cannot start from
+# there (gradients that small fall under Adam's epsilon): FactorizedPolicy.adapt
+# lifts it first.
 NEW_COMPONENT_LOGIT = -20.0
 
 
