@@ -17,6 +17,27 @@ import fdp  # noqa: E402
 torch.set_num_threads(1)
 
 
+# Relative-error bounds for fused kernels against the float64 reference, by weight dtype.
+KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+# Schedules every fused-kernel test draws from: name -> (scheduler factory, eta).
+KERNEL_SCHEDULERS = {
+    # DDPM with clipping: every step but the last adds noise.
+    "ddpm_clip": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                                            clip_sample=True), 0.0),
+    # Deterministic DDIM (eta 0): no noise input at all.
+    "ddim": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                                       clip_sample=True), 0.0),
+    # Stochastic DDIM, no clipping.
+    "ddim_eta": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear",
+                                           clip_sample=False, timestep_spacing="trailing"), 0.7),
+    # v-prediction with the log variance.
+    "ddpm_v": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear",
+                                         variance_type="fixed_small_log", prediction_type="v_prediction",
+                                         clip_sample=False), 0.0),
+}
+
+
 def make_mlp_policy(K=3, horizon=4, action_dim=3, cond_dim=5, hidden=16, blocks=2, dtype=torch.float64,
                     strategy="soft", seed=0, **router_kw):
     """A small random MLP policy (float64 by default: the ground truth for kernels)."""

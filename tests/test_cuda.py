@@ -19,27 +19,16 @@ import pytest
 import torch
 
 import fdp
-from conftest import make_mlp_policy
+from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy
 from fdp import packing
 from fdp.backends import available_backends, get_backend, resolve_backend
 from fdp.backends import cuda_backend as cb
 
 NAN = float("nan")
 COND_DIM = 5
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
-SCHEDULERS = {
-    # name: (scheduler factory, eta)
-    "ddpm_clip": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                            clip_sample=True), 0.0),
-    "ddim": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                       clip_sample=True), 0.0),
-    "ddim_eta": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear",
-                                           clip_sample=False, timestep_spacing="trailing"), 0.7),
-    "ddpm_v": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear",
-                                         variance_type="fixed_small_log", prediction_type="v_prediction",
-                                         clip_sample=False), 0.0),
-}
+SCHEDULERS = KERNEL_SCHEDULERS
+TOL = KERNEL_TOL
 
 
 def _ext_or_skip():

@@ -32,7 +32,7 @@ from fdp import packing
 from fdp.backends import get_backend
 from fdp.backends import cuda_backend
 
-from conftest import make_mlp_policy
+from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy
 
 HERE = Path(__file__).resolve().parent
 EMU = HERE / "cuda_emulation"
@@ -41,22 +41,12 @@ CSRC = HERE.parent / "csrc"
 STEP, PERSISTENT = 0, 1
 WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CXX_TYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
-# FMA path on fp32 weights: only float32 rounding and summation order differ from float64.
-# 16-bit weights on tensor cores: activations are rounded to TF32 (10-bit mantissa).
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 SMEM_H100 = 232448  # opt-in shared memory per block on sm_90
 
-SCHEDULERS = {
-    # DDPM with clipping: every step but the last adds noise.
-    "ddpm_clip": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                            clip_sample=True), 0.0),
-    # Deterministic DDIM (eta 0): no noise input at all.
-    "ddim": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                       clip_sample=True), 0.0),
-    # Stochastic DDIM, no clipping.
-    "ddim_eta": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear",
-                                           clip_sample=False, timestep_spacing="trailing"), 0.7),
-}
+SCHEDULERS = KERNEL_SCHEDULERS
+# fp32 weights take the FMA path (only float32 rounding and summation order differ
+# from float64); 16-bit weights take tensor cores with activations rounded to TF32.
+TOL = KERNEL_TOL
 
 
 # A problem: policy, scheduler and batch. Several launch plans run on each.

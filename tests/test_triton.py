@@ -19,7 +19,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import fdp  # noqa: E402
-from conftest import make_mlp_policy  # noqa: E402
+from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy  # noqa: E402
 from fdp import packing, schedulers  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
 from fdp_kernels import mlp_common  # noqa: E402
@@ -28,21 +28,10 @@ from fdp_kernels.mlp_step import mlp_step, mlp_step_kernel  # noqa: E402
 
 NAN = float("nan")
 PAD = 37  # canary floats on each side of every kernel output
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 COND_DIM = 5
 
-SCHEDULERS = {
-    # name: (scheduler factory, eta)
-    "ddpm_clip": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                            clip_sample=True), 0.0),
-    "ddim": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                       clip_sample=True), 0.0),
-    "ddim_eta": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear",
-                                           clip_sample=False, timestep_spacing="trailing"), 0.7),
-    "ddpm_v": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear",
-                                         variance_type="fixed_small_log", prediction_type="v_prediction",
-                                         clip_sample=False), 0.0),
-}
+SCHEDULERS = KERNEL_SCHEDULERS
+TOL = KERNEL_TOL
 
 
 def test_kernels_run_in_the_interpreter():
