@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdp._validation import check_kernel_arg as _check
+from fdp._validation import check_flat_sample, check_kernel_arg as _check
 from fdp.packing import WEIGHT_DTYPES
 
 #: The scheduler-table column order the kernels read (``fdp.schedulers.COL_*``).
@@ -220,6 +220,23 @@ def _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
 
 
 @triton.jit
+def _tile(x_ptr, scratch_ptr, B, D, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_STRIDE: tl.constexpr):
+    """This program's rows: x [BLOCK_B, D_PAD] (masked), its offsets and masks, and its two scratch buffers."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    dcols = tl.arange(0, D_PAD)
+    dmask = dcols < D
+    xp = rows64[:, None] * D + dcols[None, :]
+    xm = rmask[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + xp, mask=xm, other=0.0)
+    h_buf = scratch_ptr + pid * (2 * BLOCK_B * H_STRIDE)
+    y_buf = h_buf + BLOCK_B * H_STRIDE
+    return x, xp, xm, rows64, rmask, dcols, dmask, h_buf, y_buf
+
+
+@triton.jit
 def _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
              w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
              t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
@@ -296,12 +313,7 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     ``packed`` / ``steps`` / ``call`` are :class:`fdp.packing.PackedMLP` /
     ``StepTerms`` / ``CallTerms`` (or anything with the same tensor attributes).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"`x` must have dtype torch.float32, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"`x` must be [B, D] (the flattened [B, horizon, action_dim] sample), got {list(x.shape)}")
+    check_flat_sample(x)
     dev = x.device
     B, D = x.shape
     if B < 1:

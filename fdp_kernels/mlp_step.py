@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mlp_common import _compose, _scheduler_update, _step_noise, check_launch, launch_setup
+from .mlp_common import _compose, _scheduler_update, _step_noise, _tile, check_launch, launch_setup
 
 __all__ = ["mlp_step", "mlp_step_kernel"]
 
@@ -51,17 +51,7 @@ def mlp_step_kernel(x_ptr, out_ptr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
                     H_IN_REGS: tl.constexpr, SKIP_UNUSED: tl.constexpr, PRECISION: tl.constexpr,
                     CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
-    dcols = tl.arange(0, D_PAD)
-    dmask = dcols < D
-    xp = rows64[:, None] * D + dcols[None, :]
-    xm = rmask[:, None] & dmask[None, :]
-    x = tl.load(x_ptr + xp, mask=xm, other=0.0)
-    h_buf = scratch_ptr + pid * (2 * BLOCK_B * H_STRIDE)
-    y_buf = h_buf + BLOCK_B * H_STRIDE
+    x, xp, xm, rows64, rmask, dcols, dmask, h_buf, y_buf = _tile(x_ptr, scratch_ptr, B, D, BLOCK_B, D_PAD, H_STRIDE)
     eps = _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
                    w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
                    t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,

@@ -32,6 +32,7 @@ __all__ = [
     "check_finite",
     "inputs_already_checked",
     "check_kernel_arg",
+    "check_flat_sample",
 ]
 
 #: One entry of an expected shape: an exact size, ``None`` (any size), or a
@@ -206,6 +207,16 @@ def check_kernel_arg(name: str, t, shape, dtype, device) -> None:
         raise ValueError(f"`{name}` must be on {device} (where `x` is), got {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"`{name}` must be contiguous (call .contiguous())")
+
+
+def check_flat_sample(x) -> None:
+    """The sample handed to a fused kernel: a float32 ``[B, D]`` tensor (``[B, horizon, action_dim]`` flattened)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"`x` must have dtype torch.float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"`x` must be [B, D] (the flattened [B, horizon, action_dim] sample), got {list(x.shape)}")
 
 
 class _Checked(threading.local):

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .._extension import extension, extension_status
-from .._validation import check_kernel_arg as _check
+from .._validation import check_flat_sample, check_kernel_arg as _check
 from ..packing import WEIGHT_DTYPES, call_terms, mlp_unsupported_reason, pack_policy, step_terms
 from ..schedulers import NUM_COLS
 from .base import Backend
@@ -97,12 +97,7 @@ def check_static(packed, steps, coef, device, *, require_cuda: bool = True) -> d
 
 def check_call(call, x, noise, out, dims: dict, *, require_cuda: bool = True) -> int:
     """Validate the per-call tensors against ``dims`` (from :func:`check_static`); returns B."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"`x` must have dtype torch.float32, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"`x` must be [B, D] (the flattened [B, horizon, action_dim] sample), got {list(x.shape)}")
+    check_flat_sample(x)
     device = x.device
     if require_cuda and device.type != "cuda":
         raise ValueError(f"`x` must be a CUDA tensor, got one on {device}")
