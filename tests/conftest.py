@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -16,6 +17,9 @@ import fdp  # noqa: E402
 # each other there (badly so on a loaded 2-core CI machine).
 torch.set_num_threads(1)
 
+
+# Feature size of the kernel tests' policies.
+KERNEL_COND_DIM = 5
 
 # Relative-error bounds for fused kernels against the float64 reference, by weight dtype.
 KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -51,6 +55,38 @@ def make_mlp_policy(K=3, horizon=4, action_dim=3, cond_dim=5, hidden=16, blocks=
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return policy
+
+
+def kernel_policy(K, H, L, horizon, action_dim, strategy="soft", seed=0, dtype=torch.float64):
+    """A random MLP policy for kernel tests, with routing parameters that suit ``strategy``."""
+    kw = {}
+    if strategy == "topk":
+        kw["topk"] = min(2, K)
+    if strategy == "fixed":
+        w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
+        kw["fixed_weights"] = (w / w.sum()).tolist()
+    return make_mlp_policy(K=K, horizon=horizon, action_dim=action_dim, cond_dim=KERNEL_COND_DIM, hidden=H,
+                           blocks=L, strategy=strategy, seed=seed, dtype=dtype, **kw)
+
+
+def rounded_reference(policy, dtype):
+    """The float64 ground truth for a pack in ``dtype``: weight matrices rounded to
+    ``dtype`` (the kernels compute with exactly those values), everything else float64."""
+    ref = copy.deepcopy(policy).double()
+    if dtype != torch.float32:
+        with torch.no_grad():
+            for c in ref.components:
+                for w in [c.inp.weight, c.out.weight] + [b.weight for b in c.blocks_a] + [b.weight for b in c.blocks_b]:
+                    w.copy_(w.to(dtype).double())
+    return ref
+
+
+def replaced(obj, **kw):
+    """A shallow copy of ``obj`` with attributes replaced (bad-input tests on packed objects)."""
+    new = copy.copy(obj)
+    for k, v in kw.items():
+        setattr(new, k, v)
+    return new
 
 
 @pytest.fixture

@@ -19,13 +19,14 @@ import pytest
 import torch
 
 import fdp
-from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy
+from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy, make_mlp_policy, replaced,
+                      rounded_reference)
 from fdp import packing
 from fdp.backends import available_backends, get_backend, resolve_backend
 from fdp.backends import cuda_backend as cb
 
 NAN = float("nan")
-COND_DIM = 5
+COND_DIM = KERNEL_COND_DIM
 
 SCHEDULERS = KERNEL_SCHEDULERS
 TOL = KERNEL_TOL
@@ -46,26 +47,10 @@ def _has_gpu():
 gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device and the fdp._C extension")
 
 
-def _policy(K, H, L, horizon, action_dim, strategy="soft", seed=0, dtype=torch.float64):
-    kw = {}
-    if strategy == "topk":
-        kw["topk"] = min(2, K)
-    if strategy == "fixed":
-        w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
-        kw["fixed_weights"] = (w / w.sum()).tolist()
-    return make_mlp_policy(K=K, horizon=horizon, action_dim=action_dim, cond_dim=COND_DIM, hidden=H, blocks=L,
-                           strategy=strategy, seed=seed, dtype=dtype, **kw)
-
-
 def _rel_err(a, b):
     return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().cpu().abs().max())
 
 
-def _rounded(policy64, dtype):
-    """A float64 copy whose matrices hold exactly the values the kernels read in `dtype`."""
-    ref = copy.deepcopy(policy64).double()
-    if dtype == torch.float32:
-        return ref
     with torch.no_grad():
         for c in ref.components:
             mats = [c.inp.weight, c.out.weight] + [b.weight for b in c.blocks_a] + [b.weight for b in c.blocks_b]
@@ -76,7 +61,7 @@ def _rounded(policy64, dtype):
 
 def _cpu_launch_args(K=3, H=24, L=2, horizon=4, action_dim=3, B=5, T=3, dtype=torch.float32):
     """Valid launch tensors on the CPU (for the validation layer only)."""
-    pol = _policy(K, H, L, horizon, action_dim, dtype=torch.float32)
+    pol = kernel_policy(K, H, L, horizon, action_dim, dtype=torch.float32)
     table = SCHEDULERS["ddpm_clip"][0]().step_table(T)
     cond = torch.randn(B, COND_DIM)
     D = horizon * action_dim
@@ -139,33 +124,26 @@ def test_valid_cpu_arguments_pass_validation():
     cb.check_launch(**a, require_cuda=False)
 
 
-def _replace(obj, **kw):
-    obj = copy.copy(obj)
-    for k, v in kw.items():
-        setattr(obj, k, v)
-    return obj
-
-
 BAD_INPUTS = [
     ("x-dtype", lambda a: a.update(x=a["x"].double()), TypeError, "`x` must have dtype torch.float32"),
     ("x-list", lambda a: a.update(x=a["x"].tolist()), TypeError, "`x` must be a torch.Tensor"),
     ("x-3d", lambda a: a.update(x=a["x"].reshape(5, 4, 3)), ValueError, r"`x` must be \[B, D\]"),
     ("x-D", lambda a: a.update(x=torch.randn(5, 11)), ValueError, "`x` must have shape"),
     ("x-noncontig", lambda a: a.update(x=torch.randn(12, 5).t()), ValueError, "`x` must be contiguous"),
-    ("w_a-dtype", lambda a: a.update(packed=_replace(a["packed"], w_a=a["packed"].w_a.half())), TypeError,
+    ("w_a-dtype", lambda a: a.update(packed=replaced(a["packed"], w_a=a["packed"].w_a.half())), TypeError,
      "`packed.w_a` must have dtype"),
-    ("w_out-shape", lambda a: a.update(packed=_replace(a["packed"], w_out=a["packed"].w_out[:, :-1].contiguous())),
+    ("w_out-shape", lambda a: a.update(packed=replaced(a["packed"], w_out=a["packed"].w_out[:, :-1].contiguous())),
      ValueError, "`packed.w_out` must have shape"),
-    ("b_b-dtype", lambda a: a.update(packed=_replace(a["packed"], b_b=a["packed"].b_b.double())), TypeError,
+    ("b_b-dtype", lambda a: a.update(packed=replaced(a["packed"], b_b=a["packed"].b_b.double())), TypeError,
      "`packed.b_b`"),
-    ("w_in-f64", lambda a: a.update(packed=_replace(a["packed"], w_in=a["packed"].w_in.double())), TypeError,
+    ("w_in-f64", lambda a: a.update(packed=replaced(a["packed"], w_in=a["packed"].w_in.double())), TypeError,
      "`packed.w_in` must have one of the dtypes"),
     ("packed-type", lambda a: a.update(packed=object()), TypeError, "`packed` must be an fdp.packing object"),
-    ("t_shift-shape", lambda a: a.update(steps=_replace(a["steps"], t_shift=a["steps"].t_shift[:2].contiguous())),
+    ("t_shift-shape", lambda a: a.update(steps=replaced(a["steps"], t_shift=a["steps"].t_shift[:2].contiguous())),
      ValueError, "`steps.t_shift` must have shape"),
-    ("scale-noncontig", lambda a: a.update(call=_replace(a["call"], scale=torch.randn(5, 3, 24, 2).transpose(2, 3))),
+    ("scale-noncontig", lambda a: a.update(call=replaced(a["call"], scale=torch.randn(5, 3, 24, 2).transpose(2, 3))),
      ValueError, "`call.scale` must be contiguous"),
-    ("weights-batch", lambda a: a.update(call=_replace(a["call"], weights=a["call"].weights[:4].contiguous())),
+    ("weights-batch", lambda a: a.update(call=replaced(a["call"], weights=a["call"].weights[:4].contiguous())),
      ValueError, "`call.weights` must have shape"),
     ("coef-width", lambda a: a.update(coef=a["coef"][:, :6].contiguous()), ValueError, "`coef` must have shape"),
     ("coef-f64", lambda a: a.update(coef=a["coef"].double()), TypeError, "`coef` must have dtype"),
@@ -173,7 +151,7 @@ BAD_INPUTS = [
     ("noise-bf16", lambda a: a.update(noise=a["noise"].bfloat16()), TypeError, "`noise` must have dtype"),
     ("out-dtype", lambda a: a.update(out=a["out"].half()), TypeError, "`out` must have dtype"),
     ("out-device", lambda a: a.update(out=a["out"].to("meta")), ValueError, "`out` must be on cpu"),
-    ("c_in-device", lambda a: a.update(call=_replace(a["call"], c_in=a["call"].c_in.to("meta"))), ValueError,
+    ("c_in-device", lambda a: a.update(call=replaced(a["call"], c_in=a["call"].c_in.to("meta"))), ValueError,
      "`call.c_in` must be on cpu"),
     ("clip-negative", lambda a: a.update(clip_range=-1.0), ValueError, "`clip_range`"),
     ("clip-nan", lambda a: a.update(clip_range=NAN), ValueError, "`clip_range`"),
@@ -233,11 +211,11 @@ def test_backends_registered_and_unavailable_on_cpu(name):
 def test_unsupported_models_are_refused_with_a_reason(name):
     be = get_backend(name)
     table = SCHEDULERS["ddim"][0]().step_table(3)
-    pol = _policy(3, 24, 2, 4, 3, dtype=torch.float32)
+    pol = kernel_policy(3, 24, 2, 4, 3, dtype=torch.float32)
     assert be.unsupported_reason(pol, table, torch.float32) is None
     assert be.unsupported_reason(pol, table, torch.bfloat16) is None
     assert "float64" in be.unsupported_reason(pol, table, torch.float64)
-    assert "at most 8 components" in be.unsupported_reason(_policy(9, 8, 1, 2, 1, dtype=torch.float32), table,
+    assert "at most 8 components" in be.unsupported_reason(kernel_policy(9, 8, 1, 2, 1, dtype=torch.float32), table,
                                                             torch.float32)
     unet = fdp.FactorizedPolicy([fdp.ConditionalUnet1D(3, global_cond_dim=COND_DIM, down_dims=(16, 32),
                                                        diffusion_step_embed_dim=16, n_groups=4)],
@@ -248,7 +226,7 @@ def test_unsupported_models_are_refused_with_a_reason(name):
 
 
 def test_auto_on_cpu_does_not_pick_cuda():
-    pol = _policy(2, 16, 1, 4, 3, dtype=torch.float32)
+    pol = kernel_policy(2, 16, 1, 4, 3, dtype=torch.float32)
     table = SCHEDULERS["ddim"][0]().step_table(2)
     be = resolve_backend("auto", pol, table, "cpu", torch.float32)
     assert be.name not in ("cuda", "cuda-persistent")
@@ -266,7 +244,7 @@ class Case:
     """A float64 policy, its schedule, x_T, step noise (NaN where no step adds noise) and the reference."""
 
     def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, dtype, seed=0):
-        self.policy = _policy(K, H, L, horizon, action_dim, strategy, seed)
+        self.policy = kernel_policy(K, H, L, horizon, action_dim, strategy, seed)
         factory, eta = SCHEDULERS[sched]
         self.table = factory().step_table(T, eta=eta)
         g = torch.Generator().manual_seed(seed + 1)
@@ -276,7 +254,7 @@ class Case:
         self.noise = torch.randn((T, *self.shape), generator=g, dtype=torch.float64)
         self.noise[~self.table.adds_noise] = NAN  # kernels must not read these into x
         self.adds = bool(self.table.adds_noise.any())
-        self.ref = get_backend("torch").prepare(_rounded(self.policy, dtype), self.table).run(
+        self.ref = get_backend("torch").prepare(rounded_reference(self.policy, dtype), self.table).run(
             self.cond, self.x_T, self.noise if self.adds else None)
         dev = torch.device("cuda")
         pol32 = copy.deepcopy(self.policy).float().to(dev)
@@ -457,7 +435,7 @@ def test_plan_reports_a_schedulable_launch():
     (torch.float16, "ddpm_clip", "soft", 2),
 ])
 def test_backends_match_torch(name, dtype, sched, strategy, B):
-    pol64 = _policy(3, 40, 2, 4, 3, strategy)
+    pol64 = kernel_policy(3, 40, 2, 4, 3, strategy)
     factory, eta = SCHEDULERS[sched]
     cond = torch.randn(B, COND_DIM, dtype=torch.float64)
     pol = copy.deepcopy(pol64).float().cuda()
@@ -467,7 +445,7 @@ def test_backends_match_torch(name, dtype, sched, strategy, B):
     x_T, step_noise = sampler.noise(B, gen)
     out = sampler(cond.float().cuda(), x_T=x_T, step_noise=step_noise)
     assert out.shape == (B, 4, 3) and out.dtype == torch.float32 and out.is_cuda
-    ref = fdp.Sampler(_rounded(pol64, dtype), factory(), num_inference_steps=5, eta=eta, backend="torch")(
+    ref = fdp.Sampler(rounded_reference(pol64, dtype), factory(), num_inference_steps=5, eta=eta, backend="torch")(
         cond, x_T=x_T.double().cpu(), step_noise=None if step_noise is None else step_noise.double().cpu())
     err = _rel_err(out, ref)
     print(f"[{name} {dtype} {sched} {strategy} B{B}] rel err vs float64 torch: {err:.2e}")
@@ -488,7 +466,7 @@ def test_auto_picks_cuda_persistent_on_gpu():
 @gpu
 @pytest.mark.parametrize("name", ["cuda", "cuda-persistent"])
 def test_cuda_graph_capture_and_replay(name):
-    pol = _policy(4, 64, 2, 8, 2, "soft", dtype=torch.float32).cuda()
+    pol = kernel_policy(4, 64, 2, 8, 2, "soft", dtype=torch.float32).cuda()
     sampler = fdp.Sampler(pol, SCHEDULERS["ddpm_clip"][0](), num_inference_steps=6, backend=name)
     B = 3
     cond = torch.randn(B, COND_DIM, device="cuda")
@@ -519,7 +497,7 @@ def test_cuda_graph_capture_and_replay(name):
 @gpu
 @pytest.mark.parametrize("name", ["cuda", "cuda-persistent"])
 def test_non_default_stream(name):
-    pol = _policy(3, 48, 2, 4, 3, "soft", dtype=torch.float32).cuda()
+    pol = kernel_policy(3, 48, 2, 4, 3, "soft", dtype=torch.float32).cuda()
     sampler = fdp.Sampler(pol, SCHEDULERS["ddim_eta"][0](), num_inference_steps=4, eta=0.7, backend=name)
     B = 5
     cond = torch.randn(B, COND_DIM, device="cuda")

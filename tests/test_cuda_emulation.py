@@ -32,7 +32,7 @@ from fdp import packing
 from fdp.backends import get_backend
 from fdp.backends import cuda_backend
 
-from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy
+from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy, rounded_reference
 
 HERE = Path(__file__).resolve().parent
 EMU = HERE / "cuda_emulation"
@@ -140,19 +140,6 @@ def driver(tmp_path_factory):
     return exe
 
 
-def _rounded_reference_policy(policy, dtype):
-    """The float64 ground truth for 16-bit packs: weight matrices rounded to `dtype` (the
-    kernels compute with exactly those values), everything else kept in float64."""
-    ref = copy.deepcopy(policy).double()
-    if dtype != torch.float32:
-        with torch.no_grad():
-            for c in ref.components:
-                mats = [c.inp.weight, c.out.weight] + [b.weight for b in c.blocks_a] + [b.weight for b in c.blocks_b]
-                for w in mats:
-                    w.copy_(w.to(dtype).double())
-    return ref
-
-
 def _write(d: Path, name: str, t: torch.Tensor):
     t = t.detach().contiguous()
     if t.dtype in (torch.bfloat16, torch.float16):
@@ -181,7 +168,7 @@ def _problem(name, d: Path):
     x_T = torch.randn(B, p["horizon"], p["action_dim"], generator=g, dtype=torch.float64)
     adds = bool(table.adds_noise.any())
     noise = torch.randn(T, B, p["horizon"], p["action_dim"], generator=g, dtype=torch.float64) if adds else None
-    ref = get_backend("torch").prepare(_rounded_reference_policy(policy, dtype), table).run(cond, x_T, noise)
+    ref = get_backend("torch").prepare(rounded_reference(policy, dtype), table).run(cond, x_T, noise)
 
     p32 = copy.deepcopy(policy).float()
     packed = packing.pack_policy(p32, dtype)

@@ -19,7 +19,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import fdp  # noqa: E402
-from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy  # noqa: E402
+from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy,  # noqa: E402
+                      make_mlp_policy, replaced)
 from fdp import packing, schedulers  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
 from fdp_kernels import mlp_common  # noqa: E402
@@ -28,7 +29,7 @@ from fdp_kernels.mlp_step import mlp_step, mlp_step_kernel  # noqa: E402
 
 NAN = float("nan")
 PAD = 37  # canary floats on each side of every kernel output
-COND_DIM = 5
+COND_DIM = KERNEL_COND_DIM
 
 SCHEDULERS = KERNEL_SCHEDULERS
 TOL = KERNEL_TOL
@@ -43,17 +44,6 @@ def test_kernels_run_in_the_interpreter():
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _policy(K, H, L, horizon, action_dim, strategy, seed=0):
-    kw = {}
-    if strategy == "topk":
-        kw["topk"] = min(2, K)
-    if strategy == "fixed":
-        w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
-        kw["fixed_weights"] = (w / w.sum()).tolist()
-    return make_mlp_policy(K=K, horizon=horizon, action_dim=action_dim, cond_dim=COND_DIM, hidden=H, blocks=L,
-                           strategy=strategy, seed=seed, **kw)
 
 
 def _rel_err(a, b):
@@ -74,7 +64,7 @@ class Case:
     """A float64 policy, a scheduler table, x_T, step noise, the float64 reference and the kernel inputs."""
 
     def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, seed=0):
-        self.policy = _policy(K, H, L, horizon, action_dim, strategy, seed)
+        self.policy = kernel_policy(K, H, L, horizon, action_dim, strategy, seed)
         factory, eta = SCHEDULERS[sched]
         self.table = factory().step_table(T, eta=eta)
         g = torch.Generator().manual_seed(seed + 1)
@@ -270,7 +260,7 @@ def test_backend_seeded_noise(name):
     (torch.bfloat16, 24, "ddim_eta", "soft", 17),
 ])
 def test_backends_match_torch(name, dtype, H, sched, strategy, B):
-    pol64 = _policy(3, H, 2, 4, 3, strategy)
+    pol64 = kernel_policy(3, H, 2, 4, 3, strategy)
     factory, eta = SCHEDULERS[sched]
     cond = torch.randn(B, COND_DIM, dtype=torch.float64)
     pol = copy.deepcopy(pol64).float()
@@ -388,13 +378,6 @@ def _non_contiguous(t):
     return t.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-def _replace(obj, **kw):
-    new = copy.copy(obj)
-    for k, v in kw.items():
-        setattr(new, k, v)
-    return new
-
-
 BAD_INPUTS = [
     ("x-dtype", lambda a: a.update(x=a["x"].double()), TypeError, "`x` must have dtype"),
     ("x-cols", lambda a: a.update(x=a["x"][:, :-1].contiguous()), ValueError, "`x` must have D = 12"),
@@ -402,19 +385,19 @@ BAD_INPUTS = [
     ("x-list", lambda a: a.update(x=a["x"].tolist()), TypeError, "`x` must be a torch.Tensor"),
     ("packed-type", lambda a: a.update(packed=object()), TypeError, "`packed` must be an fdp.packing.PackedMLP"),
     ("call-type", lambda a: a.update(call=a["steps"]), TypeError, "`call` must be an fdp.packing.CallTerms"),
-    ("w_a-dtype", lambda a: a.update(packed=_replace(a["packed"], w_a=a["packed"].w_a.bfloat16())), TypeError,
+    ("w_a-dtype", lambda a: a.update(packed=replaced(a["packed"], w_a=a["packed"].w_a.bfloat16())), TypeError,
      "`packed.w_a`"),
-    ("w_in-dtype", lambda a: a.update(packed=_replace(a["packed"], w_in=a["packed"].w_in.double())), TypeError,
+    ("w_in-dtype", lambda a: a.update(packed=replaced(a["packed"], w_in=a["packed"].w_in.double())), TypeError,
      "`packed.w_in`"),
-    ("b_out-shape", lambda a: a.update(packed=_replace(a["packed"], b_out=a["packed"].b_out[:, :-1].contiguous())),
+    ("b_out-shape", lambda a: a.update(packed=replaced(a["packed"], b_out=a["packed"].b_out[:, :-1].contiguous())),
      ValueError, "`packed.b_out` must have shape"),
-    ("weights-B", lambda a: a.update(call=_replace(a["call"], weights=a["call"].weights[:4].contiguous())),
+    ("weights-B", lambda a: a.update(call=replaced(a["call"], weights=a["call"].weights[:4].contiguous())),
      ValueError, "`call.weights` must have shape"),
-    ("c_in-noncontig", lambda a: a.update(call=_replace(a["call"], c_in=_non_contiguous(a["call"].c_in))),
+    ("c_in-noncontig", lambda a: a.update(call=replaced(a["call"], c_in=_non_contiguous(a["call"].c_in))),
      ValueError, "`call.c_in` must be contiguous"),
-    ("scale-device", lambda a: a.update(call=_replace(a["call"], scale=a["call"].scale.to("meta"))), ValueError,
+    ("scale-device", lambda a: a.update(call=replaced(a["call"], scale=a["call"].scale.to("meta"))), ValueError,
      "`call.scale` must be on cpu"),
-    ("t_shift-T", lambda a: a.update(steps=_replace(a["steps"], t_shift=a["steps"].t_shift[:2].contiguous())),
+    ("t_shift-T", lambda a: a.update(steps=replaced(a["steps"], t_shift=a["steps"].t_shift[:2].contiguous())),
      ValueError, "`steps.t_shift`"),
     ("coef-dtype", lambda a: a.update(coef=a["coef"].double()), TypeError, "`coef`"),
     ("coef-cols", lambda a: a.update(coef=a["coef"][:, :5].contiguous()), ValueError, "`coef` must have shape"),
@@ -428,7 +411,7 @@ BAD_INPUTS = [
     ("precision", lambda a: a.update(precision="tf16"), ValueError, "`precision`"),
     ("native-fp32", lambda a: a.update(precision="native"), ValueError, "`precision`='native'"),
     ("num_warps", lambda a: a.update(num_warps=3), ValueError, "`num_warps`"),
-    ("regs-wide", lambda a: a.update(packed=_replace(a["packed"], **_widen(a["packed"]))), ValueError, "hidden widths"),
+    ("regs-wide", lambda a: a.update(packed=replaced(a["packed"], **_widen(a["packed"]))), ValueError, "hidden widths"),
     ("scratch-small", lambda a: a.update(h_in_registers=False, scratch=torch.empty(10)), ValueError, "`scratch`"),
 ]
 
