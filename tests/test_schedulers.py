@@ -170,22 +170,35 @@ def test_float32_free_running_loops_within_tolerance():
     """The whole sweep in float32 with free-running loops (errors carried from step to
     step), every prediction type: every element within rtol=1e-5, atol=1e-6.
 
-    Should this fail after the sweep changes, look first at epsilon prediction at high
-    noise levels: x0 = (x - sqrt(b_t) m) / sqrt(ab_t) cancels there, and two float32
-    evaluation orders of it can differ by more than rtol of the small result (the
-    teacher-forced test above bounds that by float32 rounding of the terms)."""
+    One derived exception: under epsilon prediction x0 = c_ax x + c_am m cancels at high
+    noise levels, so a small x0 carries the absolute difference its inputs already had
+    (x and m of the two loops differ by what earlier steps left, each within tolerance)
+    times |c_ax|, |c_am|, plus the float32 rounding of its terms (as in the teacher-forced
+    test above). The bound for pred_original_sample there adds exactly that first-order
+    propagation; prev_sample, the loop's output, is held to the plain tolerance."""
     worst_abs = worst_excess = 0.0
     outside = total = 0
     for idx, cfg in enumerate(CONFIGS):
-        for _, _, _, _, o, r in run_pair(*cfg, torch.float32, seed=idx, explicit_noise=False):
-            for got, want in ((o.prev_sample, r.prev_sample), (o.pred_original_sample, r.pred_original_sample)):
+        eps = cfg[1]["prediction_type"] == "epsilon"
+        x_ref = None
+        for i, t, table, (x, m), o, r in run_pair(*cfg, torch.float32, seed=idx, explicit_noise=False):
+            x_ref = x if x_ref is None else x_ref  # step 0: both loops start from the same x_T
+            x0_extra = 0.0
+            if eps:
+                c = table.coef[i].float()
+                dx, dm = (x - x_ref).abs(), (m - fake_model(x_ref, t)).abs()
+                x0_extra = (c[COL_A_X].abs() * dx + c[COL_A_M].abs() * dm
+                            + _f32_rounding_bound([c[COL_A_X] * x, c[COL_A_M] * m]))
+            for got, want, extra in ((o.prev_sample, r.prev_sample, 0.0),
+                                     (o.pred_original_sample, r.pred_original_sample, x0_extra)):
                 err = (got - want).abs()
                 worst_abs = max(worst_abs, err.max().item())
-                worst_excess = max(worst_excess, ((err - 1e-6) / want.abs()).max().item())
-                outside += int((err > 1e-6 + 1e-5 * want.abs()).sum())
+                worst_excess = max(worst_excess, ((err - 1e-6 - extra) / want.abs()).max().item())
+                outside += int((err > 1e-6 + 1e-5 * want.abs() + extra).sum())
                 total += err.numel()
+            x_ref = r.prev_sample
     print(f"\nfloat32 vs diffusers over {len(CONFIGS)} configs: max abs diff {worst_abs:.3g}, "
-          f"max (diff - atol)/|ref| {worst_excess:.3g}; {outside}/{total} elements outside rtol=1e-5 atol=1e-6")
+          f"max (diff - atol - propagated)/|ref| {worst_excess:.3g}; {outside}/{total} elements outside")
     assert outside == 0
 
 
