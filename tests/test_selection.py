@@ -291,3 +291,27 @@ def test_auto_on_gpu_times_the_verified_backends_and_caches(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+
+
+def test_fdp_tune_shows_the_decision_and_refresh_checks_again(register, capsys, tmp_path):
+    from fdp.cli import main
+
+    good = register("good", 500)
+    assert main(["tune", "--K", "2", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["backend"] == "good" and not first["cached"] and first["batch_size"] == 1
+    runs = good.runs
+    assert main(["tune", "--K", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("backend 'good'") and "from the cache" in out and good.runs == runs
+    assert main(["tune", "--K", "2", "--refresh", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["cached"] and good.runs == runs + 1
+    register("off-by-1pct", 1000, offset=0.01)
+    assert main(["tune", "--K", "2", "--backend", "off-by-1pct"]) == 1
+    assert "'off-by-1pct' disagrees" in capsys.readouterr().err
+    torch.save({"not": "a policy"}, tmp_path / "p.pt")
+    assert main(["tune", "--policy", str(tmp_path / "p.pt")]) == 2
+    assert "FactorizedPolicy" in capsys.readouterr().err
+    torch.save(_policy(), tmp_path / "policy.pt")
+    assert main(["tune", "--policy", str(tmp_path / "policy.pt"), "--steps", "ddpm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "good"
