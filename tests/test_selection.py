@@ -20,8 +20,9 @@ from fdp.backends import Backend, VerificationError, get_backend, register_backe
 class _Fake(Backend):
     """The torch backend with its output scaled by ``1 + offset`` (or raising), counting its calls."""
 
-    def __init__(self, name, priority, offset=0.0, raises=False):
+    def __init__(self, name, priority, offset=0.0, raises=False, max_batch=None):
         self.name, self.priority, self.offset, self.raises = name, priority, offset, raises
+        self.max_batch = max_batch  # raise on larger batches
         self.runs = 0
 
     def unavailable_reason(self, device):
@@ -37,7 +38,7 @@ class _Fake(Backend):
         class Prepared:
             def run(self, global_cond, x_T, step_noise):
                 fake.runs += 1
-                if fake.raises:
+                if fake.raises or (fake.max_batch is not None and x_T.shape[0] > fake.max_batch):
                     raise RuntimeError("illegal memory access (simulated)")
                 return inner.run(global_cond, x_T, step_noise) * (1 + fake.offset)
 
@@ -168,9 +169,14 @@ def test_an_unwritable_cache_warns_and_still_selects(register, monkeypatch, tmp_
 
 
 def test_no_candidate_above_torch_costs_no_check_and_no_file(register, tmp_path):
+    tie = register("tie", 0)
+    below = register("below", -5)
     s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4)
     assert s.backend == "torch" and s.selection.why.startswith("no faster backend")
-    assert not (tmp_path / "cache").exists()
+    assert tie.runs == below.runs == 0 and not (tmp_path / "cache").exists()
+    skipped = s.selection.skipped()
+    assert skipped["tie"] == "ranked below: priority 0 <= 0 of 'torch'"
+    assert skipped["below"] == "ranked below: priority -5 <= 0 of 'torch'"
 
 
 def test_a_named_backend_is_never_replaced_and_verify_checks_it(register):
@@ -198,12 +204,14 @@ def test_bad_arguments_name_themselves():
 def test_on_a_timed_device_the_fastest_verified_backend_wins(register, monkeypatch):
     """The decision logic of the CUDA path, with the CUDA-event timer replaced by fixed times."""
     register("off-by-1pct", 1000, offset=0.01)
+    register("small-batches-only", 800, max_batch=8)  # verified at batch 4, fails at 16
     register("slow", 600)
     register("fast", 400)
     times = {}
 
     def fake_time(self, prep, budget_s):
         assert 0 < budget_s <= selection.TIME_BUDGET_S
+        prep.run(*self._draw(self.batch_size, seed=1))  # the real call at the batch size asked for
         name = next(n for n, p in prepared.items() if p is prep)
         return times[name]
 
@@ -228,6 +236,8 @@ def test_on_a_timed_device_the_fastest_verified_backend_wins(register, monkeypat
     assert rows["fast"].status == "picked" and rows["fast"].time_ms == 0.5
     assert "4.00x the time of 'fast'" in rows["slow"].reason and rows["torch"].time_ms == 4.0
     assert rows["off-by-1pct"].status == "disagrees" and rows["off-by-1pct"].time_ms is None
+    small = rows["small-batches-only"]
+    assert small.status == "failed" and "at batch 16" in small.reason and small.rel_error < KERNEL_TOL[torch.float32]
     assert "fastest of 3 verified" in s.selection.why and "batch 16" in s.selection.why
     assert s._prepared is prepared["fast"]  # the verified pack is the one used
 

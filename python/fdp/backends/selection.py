@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -141,27 +142,29 @@ def select(name: str, policy, table, device, dtype: torch.dtype, *, batch_size: 
             rows[n] = Candidate(n, 0, "unavailable", str(exc))
             continue
         reason = be.unavailable_reason(device)
-        status = "unavailable"
-        if not reason:
-            reason, status = be.unsupported_reason(policy, table, dtype), "unsupported"
-        rows[n] = Candidate(n, be.priority, status, reason or "")
-        if not reason:
-            ranked.append(be)
+        if reason:
+            rows[n] = Candidate(n, be.priority, "unavailable", reason)
+            continue
+        reason = be.unsupported_reason(policy, table, dtype)
+        if reason:
+            rows[n] = Candidate(n, be.priority, "unsupported", reason)
+            continue
+        ranked.append(be)
     ranked.sort(key=lambda b: -b.priority)
     ref = get_backend(REFERENCE)
     rows[REFERENCE] = Candidate(REFERENCE, ref.priority, "reference", "the reference every backend is checked against")
+    # The reference wins ties: a backend must rank above it to be worth checking.
     contenders = [b for b in ranked if b.priority > ref.priority]
     for b in ranked:
-        if b.priority < ref.priority:
-            note = getattr(b, "priority_note", None)
+        if b.priority <= ref.priority and b is not ref:
+            note = b.priority_note
             rows[b.name] = Candidate(b.name, b.priority, "ranked below",
-                                     f"priority {b.priority} < {ref.priority} of {REFERENCE!r}"
+                                     f"priority {b.priority} <= {ref.priority} of {REFERENCE!r}"
                                      + (f" ({note})" if note else ""))
 
-    def record(winner, mode, why, cached=False, cache_file=None):
+    def record(winner, mode, why):
         order = [c.name for c in sorted(rows.values(), key=lambda c: -c.priority)]
-        return Selection(winner, "auto", str(device), mode, why, batch_size, [rows[n] for n in order], cached,
-                         cache_file)
+        return Selection(winner, "auto", str(device), mode, why, batch_size, [rows[n] for n in order])
 
     if not contenders:
         rows[REFERENCE].status = "picked"
@@ -199,15 +202,23 @@ def select(name: str, policy, table, device, dtype: torch.dtype, *, batch_size: 
     if timed and prepared:
         prepared[REFERENCE] = ref.prepare(policy, table, dtype)
         budget = TIME_BUDGET_S / len(prepared)
-        for n, prep in prepared.items():
-            rows[n].time_ms = ctx.time(prep, budget)
+        for n, prep in list(prepared.items()):
+            try:
+                rows[n].time_ms = ctx.time(prep, budget)
+            except Exception as exc:  # noqa: BLE001 - e.g. a kernel that fails only at the larger batch
+                if n == REFERENCE:
+                    raise
+                rows[n].status = "failed"
+                rows[n].reason = f"raised {type(exc).__name__} at batch {batch_size}: {exc}"[:500]
+                _warn(rows[n], str(device))
+                del prepared[n]
         best = min(prepared, key=lambda n: rows[n].time_ms)
         for n in prepared:
             if n != best:
                 rows[n].reason = (f"{rows[n].time_ms / rows[best].time_ms:.2f}x the time of {best!r}"
                                   + (f"; {rows[n].reason}" if rows[n].reason else ""))
         rows[best].status = "picked"
-        sel = record(best, "timed", f"the fastest of {len(prepared)} verified backends "
+        sel = record(best, "timed", f"the fastest of {len(prepared)} verified backends, torch included "
                                     f"({rows[best].time_ms:.3f} ms per call at batch {batch_size})")
         _write_cache(path, key, sel)
         return get_backend(best), prepared[best], sel
@@ -358,17 +369,25 @@ def policy_signature(policy) -> list:
     return [policy.horizon, policy.action_dim, routing, modules, tensors]
 
 
+@functools.lru_cache(maxsize=None)
+def _device_versions(device: torch.device) -> tuple:
+    """(device name, driver version): read once per process (the driver through nvidia-smi)."""
+    from ..bench.report import device_name, driver_version
+
+    return device_name(device), driver_version(device)
+
+
 def _cache_key(policy, table, device, dtype, batch_size, ranked) -> dict:
     import fdp
 
-    from ..bench.report import device_name, driver_version
+    name, driver = _device_versions(device)
 
     table_text = json.dumps([table.timesteps.tolist(), table.coef.tolist(), table.adds_noise.tolist(),
                              bool(table.clip_sample), float(table.clip_range)])
     return {
         "format": CACHE_FORMAT,
-        "device": device_name(device),
-        "driver": driver_version(device),
+        "device": name,
+        "driver": driver,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "triton": _version("triton"),
