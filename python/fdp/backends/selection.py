@@ -44,7 +44,7 @@ VERIFY_BATCH = 4
 #: Seconds of timed calls per new configuration on CUDA, shared among the timed backends.
 TIME_BUDGET_S = 1.5
 #: Untimed calls before timing (the first one compiles kernels or captures graphs).
-WARMUP_CALLS = 2
+WARMUP_CALLS = 1
 #: Timed calls per backend at most, and at least.
 MAX_TIMED_CALLS, MIN_TIMED_CALLS = 20, 1
 #: Device types where candidates are timed (elsewhere the order is by priority).
