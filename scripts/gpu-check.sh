@@ -24,6 +24,7 @@
 # Needs nothing from the network: missing optional packages (rich, matplotlib) are detected and
 # their stage skipped or reduced, with the reason logged.
 set -uo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
@@ -76,6 +77,7 @@ if [ -z "$OUT_DIR" ]; then
   [ "$DRY" = 1 ] || { echo "gpu-check: RESULTS_DIR is required" >&2; usage >&2; exit 2; }
   OUT_DIR="gpu-check-results"
 fi
+case "$OUT_DIR" in /*) ;; *) OUT_DIR="$CALLER_DIR/$OUT_DIR" ;; esac
 if [ "$DRY" = 0 ]; then
   mkdir -p "$OUT_DIR" || { echo "gpu-check: cannot create $OUT_DIR" >&2; exit 2; }
   OUT_DIR=$(cd "$OUT_DIR" && pwd)

@@ -25,6 +25,7 @@ def test_dry_run_lists_every_stage_and_command_and_touches_nothing(tmp_path):
     r = _run("--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
+    assert f"results would go to {tmp_path}/gpu-check-results" in out
     headers = [line.split()[1] for line in out.splitlines() if line.startswith("stage ")]
     assert headers == STAGES
     for expected in (
@@ -60,7 +61,7 @@ def test_stage_selection_and_bad_arguments():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
 def test_without_a_gpu_the_gpu_stages_fail_and_the_summary_says_so(tmp_path):
     out = tmp_path / "results"
-    r = _run("--stages", "tune,bench-mlp", "--skip", "bench-mlp", str(out))
+    r = _run("--stages", "tune,bench-mlp", "--skip", "bench-mlp", "results", cwd=tmp_path)  # relative to the caller
     assert r.returncode == 1, r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["tune"]["status"] == "FAIL" and "no CUDA device" in summary["stages"]["tune"]["note"]
