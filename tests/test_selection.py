@@ -325,3 +325,14 @@ def test_fdp_tune_shows_the_decision_and_refresh_checks_again(register, capsys, 
     torch.save(_policy(), tmp_path / "policy.pt")
     assert main(["tune", "--policy", str(tmp_path / "policy.pt"), "--steps", "ddpm", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "good"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_passes_a_real_fused_backend(dtype):
+    """The Triton kernel (interpreted) through the same check: correct kernels pass at the library's bounds."""
+    pytest.importorskip("triton")
+    s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4, backend="triton-persistent", dtype=dtype,
+                    verify=True, batch_size=3)
+    row = s.selection.candidates[0]
+    assert s.backend == "triton-persistent" and row.tolerance == tolerances.tolerance(dtype, torch.float32)
+    assert 0 < row.rel_error <= row.tolerance, row
