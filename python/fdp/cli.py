@@ -71,11 +71,11 @@ def _tune(args) -> int:
             print(f"fdp tune: error: --policy {args.policy} holds a {type(policy).__name__}, expected a "
                   "torch.save'd fdp.FactorizedPolicy", file=sys.stderr)
             return 2
-    else:
-        policy = make_policy(args.component, args.K, device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     table = make_scheduler(args.steps).step_table(SCHEDULES[args.steps])
     try:
+        if not args.policy:
+            policy = make_policy(args.component, args.K, device)
         _, _, sel = select(args.backend, policy, table, device, dtype, batch_size=args.batch,
                            verify=args.backend != "auto", use_cache=not args.refresh)
     except (ValueError, VerificationError) as exc:

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from ._validation import check_bool, check_finite, check_int, check_tensor
+from ._validation import check_finite, check_tensor
 from .backends import select
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
@@ -77,8 +77,6 @@ class Sampler:
         # Features and noise live in the policy's own dtype (the dtype of a
         # diffusers loop's sample); fused backends cast weights to self.dtype.
         self.sample_dtype = param.dtype
-        check_int("batch_size", batch_size, min_value=1)
-        check_bool("verify", verify)
         be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
                                               batch_size=batch_size, verify=verify)
         self.backend = be.name

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import tolerances
+from .._validation import check_bool, check_int
 from . import _MODULES, get_backend
 
 log = logging.getLogger("fdp")
@@ -128,6 +129,8 @@ def select(name: str, policy, table, device, dtype: torch.dtype, *, batch_size: 
     Returns ``(backend, prepared, selection)``; ``prepared`` is the winner
     already packed when checking it required packing, else None.
     """
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    verify = check_bool("verify", verify)
     device = torch.device(device)
     dtype = dtype or next(policy.parameters()).dtype
     if name != "auto":
