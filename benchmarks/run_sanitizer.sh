@@ -7,7 +7,8 @@
 #   bash benchmarks/run_sanitizer.sh                 # memcheck + racecheck on the GPU tests
 #   TOOLS="memcheck synccheck" bash benchmarks/run_sanitizer.sh -k reference
 #
-# Extra arguments go to pytest. Needs a CUDA GPU and compute-sanitizer on PATH (CUDA toolkit).
+# Extra arguments go to pytest; PYTHON names the interpreter (default python). Needs a CUDA GPU and
+# compute-sanitizer on PATH (CUDA toolkit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v compute-sanitizer >/dev/null 2>&1; then
@@ -31,7 +32,7 @@ for tool in $TOOLS; do
     racecheck) extra=(--racecheck-report analysis) ;;
   esac
   if ! compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 99 --target-processes all \
-      python -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py "${filter[@]}" "$@"; then
+      "${PYTHON:-python}" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py "${filter[@]}" "$@"; then
     echo "== $tool reported errors" >&2
     status=1
   fi

@@ -454,10 +454,14 @@ def test_backends_match_torch(name, dtype, sched, strategy, B):
 
 @pytest.mark.gpu
 @gpu
-def test_auto_picks_cuda_persistent_on_gpu():
+def test_auto_verifies_both_kernels_and_picks_the_fastest_on_gpu():
     pol = make_mlp_policy(K=2, dtype=torch.float32).cuda()
     s = fdp.Sampler(pol, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=2)
-    assert s.backend == "cuda-persistent"
+    rows = {c.name: c for c in s.selection.candidates}
+    assert s.selection.mode == "timed"
+    for name in ("cuda", "cuda-persistent"):
+        assert rows[name].rel_error <= rows[name].tolerance and rows[name].time_ms > 0, rows[name]
+    assert s.backend == min((c for c in rows.values() if c.time_ms is not None), key=lambda c: c.time_ms).name
     assert get_backend("cuda-persistent").priority > get_backend("cuda").priority > get_backend(
         "triton-persistent").priority
 

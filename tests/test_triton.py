@@ -287,9 +287,12 @@ def test_auto_ranks_interpreted_kernels_below_torch(monkeypatch):
     pol = make_mlp_policy(K=2, dtype=torch.float32)
     sched = fdp.DDIMScheduler(num_train_timesteps=100)
     assert get_backend("triton").priority < get_backend("torch").priority
-    # Considered and able to serve (no reason recorded), but emulated kernels are slower than eager torch.
-    assert fdp.Sampler(pol, sched, num_inference_steps=2).backend == "torch"
-    assert "triton" not in resolve_backend.last_reasons and "triton-persistent" not in resolve_backend.last_reasons
+    # Able to serve, but emulated kernels are slower than eager torch: skipped for their rank, which auto says.
+    sampler = fdp.Sampler(pol, sched, num_inference_steps=2)
+    assert sampler.backend == "torch"
+    for name in ("triton", "triton-persistent"):
+        assert sampler.selection.skipped()[name].startswith("ranked below") and "TRITON_INTERPRET=1" in \
+            sampler.selection.skipped()[name]
     monkeypatch.delenv("TRITON_INTERPRET")
     assert get_backend("triton-persistent").priority == 30 and get_backend("triton").priority == 20
 
@@ -355,7 +358,7 @@ def test_unsupported_models_are_refused_with_a_reason(make, dtype, match):
         sampler = fdp.Sampler(pol, sched, num_inference_steps=2)
         assert sampler.backend == "torch"
         for name in ("triton", "triton-persistent"):
-            assert match in resolve_backend.last_reasons[name]
+            assert match in sampler.selection.skipped()[name]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``."""
+"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``, ``fdp tune``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,37 @@ def _bench(args, argv=None) -> int:
         return 2
 
 
+def _tune(args) -> int:
+    import json
+
+    import torch
+
+    import fdp
+    from fdp.backends import VerificationError, select
+    from fdp.bench.cases import SCHEDULES
+    from fdp.bench.paths import make_policy, make_scheduler
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.policy:
+        policy = torch.load(args.policy, map_location=device, weights_only=False)
+        if not isinstance(policy, fdp.FactorizedPolicy):
+            print(f"fdp tune: error: --policy {args.policy} holds a {type(policy).__name__}, expected a "
+                  "torch.save'd fdp.FactorizedPolicy", file=sys.stderr)
+            return 2
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    table = make_scheduler(args.steps).step_table(SCHEDULES[args.steps])
+    try:
+        if not args.policy:
+            policy = make_policy(args.component, args.K, device)
+        _, _, sel = select(args.backend, policy, table, device, dtype, batch_size=args.batch,
+                           verify=args.backend != "auto", use_cache=not args.refresh)
+    except (ValueError, VerificationError) as exc:
+        print(f"fdp tune: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(sel.to_dict(), indent=1) if args.json else sel)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fdp", description="Fast sampling for factorized diffusion policies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +129,23 @@ def main(argv=None) -> int:
                    help="CPU intra-op threads (default: torch's; 1 for --quick on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=functools.partial(_bench, argv=argv))
+
+    p = sub.add_parser("tune", help="which backend backend='auto' picks for a policy here, and why: each backend "
+                                    "checked against torch, timed on CUDA, the decision cached")
+    p.add_argument("--policy", default=None,
+                   help="a torch.save'd fdp.FactorizedPolicy (default: a random one of --component and --K)")
+    p.add_argument("--component", default="mlp", choices=["mlp", "unet-small", "unet-paper"],
+                   help="the component configuration of fdp bench (default: mlp, K components of width 256)")
+    p.add_argument("--K", type=int, default=4, help="components, without --policy (default 4)")
+    p.add_argument("--steps", default="ddim", choices=["ddim", "ddpm"],
+                   help="schedule: ddim (10 steps) or ddpm (100), as in fdp bench (default ddim)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
+    p.add_argument("--batch", type=int, default=1, help="the batch size to time at (default 1)")
+    p.add_argument("--backend", default="auto", help="auto, or a backend name to verify against torch (default auto)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--refresh", action="store_true", help="ignore the cached decision: check and time again")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=_tune)
 
     args = parser.parse_args(argv)
     return args.func(args)

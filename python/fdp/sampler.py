@@ -16,7 +16,7 @@ import logging
 import torch
 
 from ._validation import check_finite, check_tensor
-from .backends import resolve_backend
+from .backends import select
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
 
@@ -39,13 +39,20 @@ class Sampler:
         eta: DDIM's eta (0: deterministic); must be 0 for DDPM.
         backend: ``"auto"`` or a name from :func:`fdp.available_backends`.
         dtype: weight dtype for fused backends (None: the policy's dtype).
+        batch_size: the batch size ``auto`` times backends at (calls may use any).
+        verify: check a backend named in ``backend`` against the torch reference
+            once, here, and raise :class:`fdp.backends.VerificationError` if it
+            disagrees (``auto`` checks every candidate anyway).
 
-    ``sampler.backend`` names the backend in use (``auto`` resolves it once,
-    here, and logs why the faster ones were skipped).
+    ``sampler.backend`` names the backend in use; ``auto`` resolves it once,
+    here, and logs why it skipped each other one. ``sampler.selection``
+    (:class:`fdp.backends.Selection`) records what was tried: each backend's
+    error against ``torch``, its time, and why the winner won.
     """
 
     def __init__(self, policy: FactorizedPolicy, scheduler, num_inference_steps: int | None = 10,
-                 eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None):
+                 eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None,
+                 batch_size: int = 1, verify: bool = False):
         if not isinstance(policy, FactorizedPolicy):
             raise TypeError(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
         if not hasattr(scheduler, "step_table"):
@@ -70,14 +77,14 @@ class Sampler:
         # Features and noise live in the policy's own dtype (the dtype of a
         # diffusers loop's sample); fused backends cast weights to self.dtype.
         self.sample_dtype = param.dtype
-        be = resolve_backend(backend, policy, self.table, self.device, self.dtype)
+        be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
+                                              batch_size=batch_size, verify=verify)
         self.backend = be.name
         if backend == "auto":
-            skipped = {n: r for n, r in resolve_backend.last_reasons.items()}
-            log.info("fdp.Sampler: backend 'auto' picked %r on %s%s", be.name, self.device,
-                     "".join(f"; skipped {n!r}: {r}" for n, r in skipped.items()))
+            log.info("fdp.Sampler: backend 'auto' picked %r on %s (%s)%s", be.name, self.device, self.selection.why,
+                     "".join(f"; skipped {n!r}: {r}" for n, r in self.selection.skipped().items()))
         with nvtx_range("fdp.pack"):
-            self._prepared = be.prepare(policy, self.table, self.dtype)
+            self._prepared = prepared or be.prepare(policy, self.table, self.dtype)
 
     @property
     def num_steps(self) -> int:

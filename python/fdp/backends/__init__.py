@@ -4,8 +4,10 @@ A backend computes the whole sampling loop for a policy: router once, then T
 steps of composition and scheduler update, given the same inputs as every
 other backend (the coefficient table, ``x_T`` and per-step noise) and
 returning the same ``x_0`` within its dtype's tolerance. Backends register
-here with a priority; ``backend="auto"`` takes the highest-priority one that
-is available on the device and can serve the policy.
+here with a priority. ``backend="auto"`` considers every one that is available
+on the device and can serve the policy, checks each against ``torch`` before
+trusting it, and takes the fastest on CUDA, the highest-priority one elsewhere
+(:mod:`fdp.backends.selection`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from .base import Backend, Prepared
 
 __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backend", "backend_names",
-           "available_backends", "resolve_backend"]
+           "available_backends", "resolve_backend", "Selection", "VerificationError"]
 
 # name -> module that defines it; imported lazily so that a backend needing
 # Triton or the CUDA extension costs nothing until it is asked for.
@@ -74,34 +76,21 @@ def available_backends(device=None) -> dict[str, BackendInfo]:
     return out
 
 
-def resolve_backend(name: str, policy, table, device, dtype) -> Backend:
-    """The backend to use: ``name`` checked, or the best one for ``"auto"``.
+def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int = 1, verify: bool = False) -> Backend:
+    """The backend to use: ``name`` checked, or the one ``"auto"`` selects.
 
     A backend asked for by name that cannot serve raises ValueError with its
-    reason; ``auto`` skips it and records why in ``resolve_backend.last_reasons``.
+    reason (with ``verify=True``, VerificationError when it disagrees with
+    ``torch``). The full record goes to ``resolve_backend.last_selection``;
+    ``resolve_backend.last_reasons`` maps every backend not picked to why.
     """
-    device = torch.device(device)
-    if name != "auto":
-        be = get_backend(name)
-        reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
-        if reason:
-            raise ValueError(f"backend {name!r} cannot serve this policy on {device}: {reason}")
-        return be
-    reasons = {}
-    candidates = []
-    for n in _MODULES:
-        try:
-            be = get_backend(n)
-        except ImportError as exc:
-            reasons[n] = str(exc)
-            continue
-        reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
-        if reason:
-            reasons[n] = reason
-        else:
-            candidates.append(be)
-    resolve_backend.last_reasons = reasons
-    return max(candidates, key=lambda b: b.priority)
+    be, _, sel = select(name, policy, table, device, dtype, batch_size=batch_size, verify=verify)
+    resolve_backend.last_selection = sel
+    resolve_backend.last_reasons = sel.skipped()
+    return be
 
 
+resolve_backend.last_selection = None
 resolve_backend.last_reasons = {}
+
+from .selection import Selection, VerificationError, select  # noqa: E402 - needs the registry above

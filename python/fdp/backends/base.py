@@ -21,7 +21,8 @@ class Backend:
     """Base class: subclasses set ``name`` and ``priority`` and implement the three methods."""
 
     name: str = ""
-    priority: int = 0  # auto picks the highest available
+    priority: int = 0  # auto tries the highest first (on CUDA it times them all)
+    priority_note: str | None = None  # why the priority is what it is, when that depends on the environment
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None if the backend can run on ``device``, else why not (and how to fix it)."""

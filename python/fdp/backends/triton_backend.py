@@ -126,6 +126,12 @@ class TritonBackendBase(Backend):
         # available by name (that is how the tests run them) but ``auto`` never prefers them to "torch".
         return self.base_priority - 100 if os.environ.get("TRITON_INTERPRET") == "1" else self.base_priority
 
+    @property
+    def priority_note(self) -> str | None:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1: the kernels are emulated on the host, slower than eager torch"
+        return None
+
     def __init__(self, **tuning):
         # Kernel tuning knobs (block_b, h_in_registers, precision, skip_unused, num_warps), for benchmarks.
         self.tuning = tuning

@@ -1,0 +1,70 @@
+"""scripts/gpu-check.sh: its dry run lists every stage and command; without a GPU its stages fail, never pass."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu-check.sh")
+STAGES = ["env", "build", "tests", "sanitizer", "tune", "bench-mlp", "bench-unet", "ncu"]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _run(*args, cwd=None, **env):
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_dry_run_lists_every_stage_and_command_and_touches_nothing(tmp_path):
+    r = _run("--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"results would go to {tmp_path}/gpu-check-results" in out
+    headers = [line.split()[1] for line in out.splitlines() if line.startswith("stage ")]
+    assert headers == STAGES
+    for expected in (
+            "nvidia-smi",
+            "FDP_CUDA_ARCHS=",  # the architecture of the GPU present
+            "-m pip install --no-build-isolation --no-deps --no-index",
+            "import fdp, fdp._C",  # a build that silently lost the extension fails
+            "-m pytest -q -p no:cacheprovider -rs -m gpu",
+            "tests/test_bench.py",
+            "benchmarks/run_sanitizer.sh",
+            "fdp tune --component unet-paper --K 4 --batch 1 --steps ddim --dtype fp16",
+            "fdp bench --component mlp --K 4 --batch 1,16,256 --steps ddim,ddpm --dtype fp32,bf16",
+            "fdp bench --component unet-paper --K 4 --batch 1",
+            "ncu --clock-control none --kernel-name regex:mlp_persistent_kernel",
+            "cuda-persistent", "triton-persistent"):
+        assert expected in out, expected
+    assert sum(line.startswith("+ ") for line in out.splitlines()) >= 15
+    assert not os.path.exists(os.path.join(tmp_path, "gpu-check-results")) and os.listdir(tmp_path) == []
+
+
+def test_stage_selection_and_bad_arguments():
+    r = _run("--dry-run", "--stages", "tests,ncu,bench-mlp", "--skip", "ncu")
+    assert r.returncode == 0
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("stage ")] == ["tests", "bench-mlp"]
+    for args, message in ((["--dry-run", "--stages", "tests,warp"], "unknown stage 'warp'"),
+                          (["--dry-run", "--budget", "soon"], "--budget must be a positive number"),
+                          (["--bogus"], "unknown option --bogus"),
+                          ([], "RESULTS_DIR is required")):
+        r = _run(*args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+def test_without_a_gpu_the_gpu_stages_fail_and_the_summary_says_so(tmp_path):
+    out = tmp_path / "results"
+    r = _run("--stages", "tune,bench-mlp", "--skip", "bench-mlp", "results", cwd=tmp_path)  # relative to the caller
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["tune"]["status"] == "FAIL" and "no CUDA device" in summary["stages"]["tune"]["note"]
+    assert summary["stages"]["bench-mlp"] == {"status": "SKIP", "seconds": 0, "note": "not selected"}
+    assert set(summary["stages"]) == set(STAGES)
+    assert "| tune | FAIL |" in (out / "summary.md").read_text()
