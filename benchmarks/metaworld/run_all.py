@@ -163,6 +163,9 @@ def main(argv=None):
     ap.add_argument("--adapt-variants", nargs="*", choices=tr.VARIANTS, default=DEFAULT_ADAPT_VARIANTS,
                     help="the variants also adapted to the new tasks, with every method of train.ADAPT_METHODS "
                     "(none: skip adaptation)")
+    all_methods = list(dict.fromkeys(m for ms in tr.ADAPT_METHODS.values() for m in ms))
+    ap.add_argument("--adapt-methods", nargs="+", choices=all_methods, default=all_methods,
+                    help="adaptation methods to run (each variant runs those of its kind)")
     ap.add_argument("--reuse-checkpoints", action="store_true",
                     help="load multitask checkpoints found in the cache instead of training them again")
     for f, v in asdict(tr.Config()).items():
@@ -184,6 +187,8 @@ def main(argv=None):
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     variants = list(dict.fromkeys(args.variants))
     adapt_variants = [v for v in dict.fromkeys(args.adapt_variants) if v in variants]
+    methods = {v: [m for m in tr.ADAPT_METHODS[tr.variant(v).factorized] if m in args.adapt_methods]
+               for v in adapt_variants}
 
     res = {
         "factorized_mean_success": None,
@@ -202,7 +207,7 @@ def main(argv=None):
                    "steps, eta 0, backend torch", "demo_seed": mw.DEMO_SEED, "eval_seed": mw.EVAL_SEED,
                    "multitask_tasks": mw.MT_TASKS, "adaptation_tasks": mw.ADAPT_TASKS,
                    "variants": variants, "adapt_variants": adapt_variants,
-                   "adapt_methods": {v: list(tr.ADAPT_METHODS[tr.variant(v).factorized]) for v in adapt_variants}},
+                   "adapt_methods": methods},
         "variants": {v: {**asdict(tr.variant(v)), "loss": tr.loss_kwargs(v, cfg) or "paper (composed MSE)",
                          "adaptation_loss": tr.loss_kwargs(v, cfg, adaptation=True) or "paper (composed MSE)"}
                      for v in variants},
@@ -213,8 +218,7 @@ def main(argv=None):
         "params": {},
         "multitask": {v: {"per_seed": {}} for v in variants},
         "uniform_weights": {v: {"per_seed": {}} for v in variants if tr.variant(v).factorized},
-        "adaptation": {v: {m: {"new_per_seed": {}, "old_per_seed": {}}
-                           for m in tr.ADAPT_METHODS[tr.variant(v).factorized]} for v in adapt_variants},
+        "adaptation": {v: {m: {"new_per_seed": {}, "old_per_seed": {}} for m in ms} for v, ms in methods.items()},
         "diagnostics": {},
         "wall_time_s": {"demos": None, "per_seed": {}, "total": None},
         "loss_curves": {},
@@ -268,7 +272,7 @@ def main(argv=None):
 
     jobs = [{"cfg": cfg, "variant": v, "seed": seed, "episodes": args.episodes, "max_steps": args.max_steps,
              "envs_per_task": args.envs_per_task, "reuse": args.reuse_checkpoints,
-             "adapt_methods": list(tr.ADAPT_METHODS[tr.variant(v).factorized]) if v in adapt_variants else []}
+             "adapt_methods": methods.get(v, [])}
             for seed in args.seeds for v in variants]
     log(f"== {len(jobs)} jobs (seed x variant), {args.jobs} at a time")
     if args.jobs == 1:
