@@ -211,8 +211,7 @@ class FactorizedPolicy(nn.Module):
              local_cond=None, component_weight: float = 0.0, balance_weight: float = 0.0) -> torch.Tensor:
         """Denoising loss: MSE of the composed prediction against its target (the paper's loss).
 
-        Draws one timestep per sample uniformly and noise from ``generator``;
-        the target follows the scheduler's ``prediction_type``.
+        The noisy actions, timesteps and target come from :meth:`noised` (drawn from ``generator``).
 
         Two optional terms push the components to specialise (both off by default):
 
