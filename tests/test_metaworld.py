@@ -5,6 +5,7 @@ short closed-loop episode through fdp.Sampler, and the adaptation path (add a co
 train router + new). Well under a minute on a CPU.
 """
 
+import copy
 import os
 import sys
 
@@ -16,6 +17,8 @@ pytest.importorskip("mujoco")
 pytest.importorskip("tqdm")
 
 import torch  # noqa: E402
+
+import fdp  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                                 "metaworld"))
@@ -66,3 +69,54 @@ def test_metaworld_end_to_end(tmp_path):
     for p0, p1 in zip(before, adapted.components[0].parameters()):
         torch.testing.assert_close(p0, p1)
     assert adapted.num_components == 3
+
+
+def test_variants_adaptation_methods_replay_and_diagnostics(tmp_path, monkeypatch):
+    import train as tr
+
+    torch.set_num_threads(1)
+    cfg = tr.Config(n_demos=1, K=2, hidden=16, steps=3, adapt_steps=2, batch_size=20, cache_dir=str(tmp_path),
+                    progress=False)
+    data = tr.Data(cfg, log=lambda *a: None)
+    v = tr.variant("factorized-spec-notid")
+    assert v.factorized and v.specialise and not v.task_id and v.strategy == "soft"
+    assert tr.variant("factorized-spec-topk").strategy == "topk" and not tr.variant("monolithic").factorized
+    with pytest.raises(ValueError, match="unknown variant"):
+        tr.variant("factorised")
+    no_id, _ = data.dataset(mw.MT_TASKS, task_id=False)
+    with_id, _ = data.dataset(mw.MT_TASKS)
+    assert (no_id[:, -len(mw.ALL_TASKS):] == 0).all() and (with_id[:, -len(mw.ALL_TASKS):].sum(1) == 1).all()
+    torch.testing.assert_close(no_id[:, :-len(mw.ALL_TASKS)], with_id[:, :-len(mw.ALL_TASKS)])
+    assert tr.loss_kwargs("factorized", cfg) == {}
+    assert tr.loss_kwargs("factorized-spec", cfg) == {"component_weight": 1.0, "balance_weight": 0.1}
+    assert tr.loss_kwargs("factorized-spec", cfg, adaptation=True)["balance_weight"] == cfg.adapt_balance_weight
+
+    policy, _ = tr.train_multitask("factorized-spec", 0, cfg, data)
+    g = copy.deepcopy(policy)
+    tr.prepare_adaptation(g, tr.variant("factorized-spec"), cfg, "mean-row")
+    w = g.router.net[2]
+    torch.testing.assert_close(w.weight[-1], w.weight[:-1].mean(0))
+    torch.testing.assert_close(w.bias[-1], w.bias[:-1].mean())
+    g = copy.deepcopy(policy)
+    tr.prepare_adaptation(g, tr.variant("factorized-spec"), cfg, "new-logit")
+    assert float(g.router.net[2].bias[-1]) == cfg.new_logit and not g.router.net[2].weight[-1].any()
+
+    # replay: 10 % of every adaptation batch comes from the multitask tasks (told apart by the task id)
+    seen = []
+    real_loss = fdp.FactorizedPolicy.loss
+
+    def recording_loss(self, actions, cond, **kw):
+        seen.append(cond[:, -len(mw.ALL_TASKS):].argmax(1))
+        return real_loss(self, actions, cond, **kw)
+
+    monkeypatch.setattr(fdp.FactorizedPolicy, "loss", recording_loss)
+    adapted, _ = tr.adapt("factorized-spec", policy, 0, cfg, data, "new-logit+replay")
+    monkeypatch.undo()
+    old_ids = {mw.TASK_INDEX[n] for n in mw.MT_TASKS}
+    assert len(seen) == cfg.adapt_steps
+    assert all(sum(int(i) in old_ids for i in ids) == round(cfg.replay_fraction * cfg.batch_size) for ids in seen)
+    assert adapted.num_components == 3
+
+    d = tr.diagnostics(adapted, "factorized-spec", data, mw.ALL_TASKS, max_per_task=7)
+    assert list(d["tasks"]) == mw.ALL_TASKS and d["num_components"] == 3
+    assert all(t["samples"] == 7 for t in d["tasks"].values())

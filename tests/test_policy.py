@@ -172,3 +172,92 @@ def test_components_that_ignore_the_observation():
     torch.testing.assert_close(policy(x, 9, global_cond=c), expect)
     with pytest.raises(ValueError, match="global_cond_dim"):
         fdp.FactorizedPolicy([fdp.MLPDenoiser(3, 4, global_cond_dim=6, hidden_dim=16)], fdp.Router(5, 1), 4, 3)
+
+
+def _loss_inputs(B=6, seed=3):
+    actions = torch.rand(B, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    c = torch.randn(B, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return actions, c
+
+
+def test_loss_without_extra_terms_is_bit_identical_to_the_paper_loss():
+    policy = make_mlp_policy(K=3)
+    actions, c = _loss_inputs()
+    base = policy.loss(actions, c, generator=torch.Generator().manual_seed(5))
+    zero = policy.loss(actions, c, generator=torch.Generator().manual_seed(5), component_weight=0.0, balance_weight=0)
+    assert torch.equal(base, zero)
+    noisy, t, target = policy.noised(actions, torch.Generator().manual_seed(5))
+    assert torch.equal(base, ((policy(noisy, t, global_cond=c) - target) ** 2).mean())
+
+
+def test_specialisation_terms_match_a_hand_computation():
+    policy = make_mlp_policy(K=3)
+    actions, c = _loss_inputs()
+    loss = policy.loss(actions, c, generator=torch.Generator().manual_seed(5), component_weight=0.7,
+                       balance_weight=0.3)
+    noisy, t, target = policy.noised(actions, torch.Generator().manual_seed(5))
+    w = policy.weights(c)
+    eps = [comp(noisy, t, global_cond=c) for comp in policy.components]
+    composed = sum(w[:, k, None, None] * eps[k] for k in range(3))
+    mse = ((composed - target) ** 2).mean()
+    per_comp = sum(w[b, k] * ((eps[k][b] - target[b]) ** 2).mean() for b in range(6) for k in range(3)) / 6
+    wbar = w.mean(0)
+    balance = 3 * (wbar ** 2).sum() - 1
+    torch.testing.assert_close(loss, mse + 0.7 * per_comp + 0.3 * balance)
+
+
+def test_balance_term_is_zero_for_uniform_use_and_k_minus_1_for_collapse():
+    policy = make_mlp_policy(K=4)
+    actions, c = _loss_inputs(B=8)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base = policy.loss(actions, c, generator=g())
+    policy.router.set_strategy("fixed", fixed_weights=[0.25] * 4)
+    torch.testing.assert_close(policy.loss(actions, c, generator=g(), balance_weight=2.0),
+                               policy.loss(actions, c, generator=g()))
+    policy.router.set_strategy("fixed", fixed_weights=[0.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(policy.loss(actions, c, generator=g(), balance_weight=2.0)
+                               - policy.loss(actions, c, generator=g()), torch.tensor(2.0 * 3, dtype=base.dtype))
+
+
+def test_component_term_sends_the_router_towards_the_better_component():
+    # Component 0 predicts the target far better than component 1: the per-component term's
+    # gradient must lower the router's preference for 1 (raise logit 0 relative to logit 1).
+    policy = make_mlp_policy(K=2)
+    actions, c = _loss_inputs(B=16)
+    noisy, t, target = policy.noised(actions, torch.Generator().manual_seed(2))
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, sample, timestep, local_cond=None, global_cond=None):
+            return self.out
+
+    policy.components = torch.nn.ModuleList([Fixed(target + 0.01), Fixed(torch.zeros_like(target))])
+    policy.loss(actions, c, generator=torch.Generator().manual_seed(2), component_weight=1.0).backward()
+    gb = policy.router.net[2].bias.grad
+    assert gb[0] < 0 < gb[1]
+
+
+def test_topk_training_reaches_the_router_through_the_kept_logits_only():
+    policy = make_mlp_policy(K=4, strategy="topk", topk=2)
+    actions, c = _loss_inputs(B=1)
+    logits = policy.router.logits(c)[0]
+    kept = set(logits.topk(2).indices.tolist())
+    policy.loss(actions, c, generator=torch.Generator().manual_seed(0), component_weight=1.0,
+                balance_weight=0.1).backward()
+    g = policy.router.net[2].bias.grad
+    assert all(g[k] != 0 for k in kept)
+    assert all(g[k] == 0 for k in set(range(4)) - kept)
+    assert policy.router.net[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["component_weight", "balance_weight"])
+@pytest.mark.parametrize("value,exc", [(-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                       ("1", TypeError), (True, TypeError), (None, TypeError)])
+def test_loss_weights_are_checked(name, value, exc):
+    policy = make_mlp_policy(K=2)
+    actions, c = _loss_inputs()
+    with pytest.raises(exc, match=f"`{name}` must be a non-negative float"):
+        policy.loss(actions, c, **{name: value})

@@ -10,7 +10,10 @@ Setting (see docs/metaworld.md):
   set on the environment with ``env.set_task``; demos use seeds ``DEMO_SEED, DEMO_SEED+1, ...``
   and evaluation uses ``EVAL_SEED`` (a disjoint set of placements, checked).
 - conditioning: two stacked observations (t-1, t), each normalised to [-1, 1] with min/max
-  from the demos, plus a one-hot task id over all 10 tasks: 2 * 39 + 10 = 88 features.
+  from the demos, plus a one-hot task id over all 10 tasks: 2 * 39 + 10 = 88 features. Without
+  the task id (``task_id=False``) those 10 features are zero: the same networks and parameter
+  counts, and a constant-zero input adds nothing to a first layer, so it is the same as leaving
+  them out.
 - actions: chunks of 16 (padded with the last action at an episode's end), normalised to
   [-1, 1]; at test time 16 are sampled and the first 8 executed (receding horizon).
 """
@@ -215,9 +218,11 @@ def fit_normalizers(demos: dict) -> tuple[Normalizer, Normalizer]:
     return Normalizer.fit(obs), Normalizer.fit(act)
 
 
-def one_hot(name: str) -> np.ndarray:
+def task_vec(name: str, task_id: bool = True) -> np.ndarray:
+    """The task-id features of ``name``: its one-hot over all 10 tasks, or zeros without the task id."""
     v = np.zeros(len(ALL_TASKS), np.float32)
-    v[TASK_INDEX[name]] = 1.0
+    if task_id:
+        v[TASK_INDEX[name]] = 1.0
     return v
 
 
@@ -226,7 +231,7 @@ def make_cond(obs_prev: np.ndarray, obs_now: np.ndarray, task_vec: np.ndarray, o
     return np.concatenate([obs_norm.normalize(obs_prev), obs_norm.normalize(obs_now), task_vec], axis=-1)
 
 
-def build_dataset(demos: dict, names, obs_norm: Normalizer, act_norm: Normalizer):
+def build_dataset(demos: dict, names, obs_norm: Normalizer, act_norm: Normalizer, task_id: bool = True):
     """Training pairs (cond [N, 88], action chunk [N, 16, 4]), one per demo step, as float32 tensors.
 
     The chunk at step t is a_t .. a_{t+15} (the last action repeated past the episode's end),
@@ -234,7 +239,7 @@ def build_dataset(demos: dict, names, obs_norm: Normalizer, act_norm: Normalizer
     """
     conds, chunks = [], []
     for name in names:
-        tv = one_hot(name)
+        tv = task_vec(name, task_id)
         for o, a in zip(demos[name]["obs"], demos[name]["actions"]):
             T = len(a)
             t = np.arange(T)
@@ -256,9 +261,10 @@ def make_component(hidden: int, num_blocks: int = 2) -> fdp.MLPDenoiser:
     return fdp.MLPDenoiser(ACTION_DIM, HORIZON, global_cond_dim=COND_DIM, hidden_dim=hidden, num_blocks=num_blocks)
 
 
-def make_policy(K: int, hidden: int, num_blocks: int = 2) -> fdp.FactorizedPolicy:
+def make_policy(K: int, hidden: int, num_blocks: int = 2, strategy: str = "soft", topk: int = 2) -> fdp.FactorizedPolicy:
     comps = [make_component(hidden, num_blocks) for _ in range(K)]
-    return fdp.FactorizedPolicy(comps, fdp.Router(COND_DIM, K, strategy="soft"), HORIZON, ACTION_DIM)
+    router = fdp.Router(COND_DIM, K, strategy=strategy, topk=min(topk, K))
+    return fdp.FactorizedPolicy(comps, router, HORIZON, ACTION_DIM)
 
 
 def matched_hidden(K: int, hidden: int, num_blocks: int = 2) -> int:
@@ -295,8 +301,14 @@ class EMA:
 
 def train(policy: fdp.FactorizedPolicy, cond: torch.Tensor, actions: torch.Tensor, params, steps: int,
           batch_size: int, lr: float, seed: int, desc: str = "train", ema_decay: float = 0.995,
-          weight_decay: float = 1e-6, warmup: int = 100, progress: bool = True):
-    """AdamW with warm-up and cosine decay on ``policy.loss``; returns (EMA policy, loss curve)."""
+          weight_decay: float = 1e-6, warmup: int = 100, progress: bool = True, loss_kwargs: dict | None = None,
+          replay=None):
+    """AdamW with warm-up and cosine decay on ``policy.loss``; returns (EMA policy, loss curve).
+
+    ``loss_kwargs`` go to ``policy.loss`` (e.g. ``component_weight``, ``balance_weight``).
+    ``replay = (cond_old, actions_old, fraction)`` replaces that fraction of every batch with
+    samples drawn from a second dataset (old-task replay during adaptation).
+    """
     from tqdm import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -306,10 +318,15 @@ def train(policy: fdp.FactorizedPolicy, cond: torch.Tensor, actions: torch.Tenso
     ema = EMA(policy, ema_decay)
     policy.train()
     curve, run = [], 0.0
+    n_old = 0 if replay is None else round(replay[2] * batch_size)
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0, ncols=100)
     for step in bar:
-        idx = torch.randint(0, len(cond), (batch_size,), generator=g)
-        loss = policy.loss(actions[idx], cond[idx], generator=g)
+        idx = torch.randint(0, len(cond), (batch_size - n_old,), generator=g)
+        a, c = actions[idx], cond[idx]
+        if n_old:
+            old = torch.randint(0, len(replay[0]), (n_old,), generator=g)
+            a, c = torch.cat([a, replay[1][old]]), torch.cat([c, replay[0][old]])
+        loss = policy.loss(a, c, generator=g, **(loss_kwargs or {}))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -327,12 +344,14 @@ def train(policy: fdp.FactorizedPolicy, cond: torch.Tensor, actions: torch.Tenso
 @torch.no_grad()
 def evaluate(policy: fdp.FactorizedPolicy, names, obs_norm: Normalizer, act_norm: Normalizer, n_episodes: int,
              max_steps: int, seed: int = 0, eval_seed: int = EVAL_SEED, envs_per_task: int = 5,
-             backend: str = "torch", exclude_vecs: dict | None = None, progress: bool = True, desc: str = "eval"):
+             backend: str = "torch", exclude_vecs: dict | None = None, progress: bool = True, desc: str = "eval",
+             task_id: bool = True):
     """Success rate per task over ``n_episodes`` unseen variations (receding horizon: sample 16, run 8).
 
     Episodes of all tasks run side by side (``envs_per_task`` envs per task) so that one batched
     ``fdp.Sampler`` call serves every active episode. Success = ``info["success"]`` at any step of an
-    episode of at most ``max_steps`` steps. ``seed`` seeds the sampler's noise.
+    episode of at most ``max_steps`` steps. ``seed`` seeds the sampler's noise. ``task_id`` as in
+    :func:`build_dataset` (it must match how the policy was trained).
     """
     from tqdm import tqdm
 
@@ -365,7 +384,7 @@ def evaluate(policy: fdp.FactorizedPolicy, names, obs_norm: Normalizer, act_norm
                 env.set_task(task)
                 obs, _ = env.reset()
                 slots.append(dict(name=name, env=env, prev=obs, obs=obs, t=0, done=False, ok=False,
-                                  tv=one_hot(name)))
+                                  tv=task_vec(name, task_id)))
         while True:
             active = [sl for sl in slots if not sl["done"]]
             if not active:

@@ -1,6 +1,10 @@
 """Markdown tables from a MetaWorld results JSON (what docs/metaworld.md shows).
 
     python benchmarks/metaworld/report.py benchmarks/results/metaworld-<date>.json
+
+Reads both layouts: the first run's (factorized vs monolithic) and the per-variant one that
+run_all.py writes now (``"schema": 2``: variants, uniform-weight ablation, routing diagnostics,
+adaptation methods).
 """
 
 from __future__ import annotations
@@ -68,6 +72,68 @@ def tables(r: dict) -> str:
     return "\n".join(lines)
 
 
+def pm(summary):
+    return f"{pct(summary.get('mean'))} ± {pct(summary.get('std_over_seeds'))}"
+
+
+def num(x, fmt=".3f"):
+    return "–" if x is None else format(x, fmt)
+
+
+def tables_v2(r: dict) -> str:
+    from fdp.diagnostics import format_routing
+
+    cfg = r["config"]
+    mt_tasks, variants = cfg["multitask_tasks"], cfg["variants"]
+    seeds = cfg["seeds"]
+    lines = [f"Success rate (%), mean ± std over the training seeds done (planned: {', '.join(map(str, seeds))}), "
+             f"{cfg['episodes']} unseen variations per task per seed; {cfg['steps']} training steps, "
+             f"{cfg['adapt_steps']} adaptation steps.", "",
+             "**Multitask** (6 tasks)", "",
+             "| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    MT = r["multitask"]
+    for n in mt_tasks:
+        lines.append(f"| {n} | " + " | ".join(cell(MT[v], n) for v in variants) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{pm(MT[v])}**" for v in variants) + " |")
+    uw = r["uniform_weights"]
+    lines.append("| weights fixed to 1/K | " + " | ".join(pm(uw[v]) if v in uw else "–" for v in variants) + " |")
+    lines.append("| seeds done | " + " | ".join(str(len(MT[v].get("seeds", []))) for v in variants) + " |")
+    c = r["criteria"]
+    ratio = "–" if c.get("ratio") is None else f"{c['ratio']:.3f}"
+    lines += ["", f"Best factorized variant (with task id): {r['best_factorized_variant']}; factorized / monolithic "
+              f"= {ratio} (target ≥ {c.get('target_ratio')}); uniform-weight ablation "
+              f"{num(c.get('uniform_drop_points'), '.1f')} points below (target ≥ "
+              f"{num(c.get('target_uniform_drop_points'), '.0f')}); least forgetting "
+              f"{num(c.get('forgetting_points'), '.1f')} points ({c.get('least_forgetting_method')}) vs the "
+              f"monolithic fine-tune's {num(c.get('monolithic_full_forgetting_points'), '.1f')}.", ""]
+    lines += ["**Routing** (fdp.diagnostics.routing on up to 1000 demo samples per task, mean over seeds: "
+              "normalised weight entropy, top weight, denoising MSE of the composition, of the 1/K "
+              "composition, and the range of each component's own MSE)", "",
+              "| variant | entropy | top weight | MSE | MSE, weights 1/K | components alone |", "|---|---|---|---|---|---|"]
+    for v in variants:
+        row = r["per_variant"].get(v, {})
+        if "entropy" in row:
+            rng = row.get("component_mse_range")
+            lines.append(f"| {v} | {num(row['entropy'])} | {num(row['top_weight'])} | {num(row['composed_mse'], '.4f')} "
+                         f"| {num(row['uniform_mse'], '.4f')} | "
+                         f"{'–' if rng is None else f'{rng[0]:.3f}–{rng[1]:.3f}'} |")
+    lines += ["", "**Adaptation** (4 new tasks, then all 10 evaluated; forgetting = old-task mean before − after)", "",
+              "| variant | method | new-task mean | old-task mean after | forgetting (points) |", "|---|---|---|---|---|"]
+    for v, methods in r["adaptation"].items():
+        for m, ad in methods.items():
+            f = ad.get("forgetting_mean")
+            lines.append(f"| {v} | {m} | {pm(ad.get('new_tasks', {}))} | {pm(ad.get('old_tasks', {}))} | "
+                         f"{pct(f)} ± {pct(ad.get('forgetting_std_over_seeds'))} |")
+    lines += ["", f"Demos: {r['wall_time_s']['demos']} s; total: {r['wall_time_s']['total']} s "
+              f"({r['wall_time_s']['total'] / 60:.1f} min) with {r['hardware']['parallel_jobs']} parallel jobs."]
+    for v, per_seed in r["diagnostics"].items():
+        for s, d in per_seed.items():
+            lines += ["", f"Routing diagnostics, {v}, seed {s}, after multitask training:", "", "```",
+                      format_routing(d["multitask"]), "```"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as fh:
-        print(tables(json.load(fh)))
+        res = json.load(fh)
+    print(tables_v2(res) if res.get("schema") == 2 else tables(res))

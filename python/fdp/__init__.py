@@ -6,6 +6,7 @@ CUDA backends evaluate all of it in one launch per step. ``import fdp`` never
 needs Triton or the CUDA extension: both load on first use.
 """
 
+from . import diagnostics
 from ._extension import extension_status
 from .backends import available_backends
 from .mlp import MLPDenoiser
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConditionalUnet1D", "MLPDenoiser", "Router", "FactorizedPolicy",
     "DDPMScheduler", "DDIMScheduler", "StepTable", "apply_step",
-    "Sampler", "sample", "available_backends", "extension_status",
+    "Sampler", "sample", "available_backends", "extension_status", "diagnostics",
 ]

@@ -103,8 +103,14 @@ def plot(samples: torch.Tensor, path: Path) -> None:
 
 
 def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 256, seed: int = 0,
-        samples_per_task: int = 200, backend: str = "auto", progress: bool = True) -> dict:
-    """Train, sample, evaluate and plot; returns the report as a dict (also saved as JSON)."""
+        samples_per_task: int = 200, backend: str = "auto", progress: bool = True, component_weight: float = 0.0,
+        balance_weight: float = 0.0) -> dict:
+    """Train, sample, evaluate and plot; returns the report as a dict (also saved as JSON).
+
+    ``component_weight`` and ``balance_weight`` go to :meth:`fdp.FactorizedPolicy.loss`
+    (0, 0: the paper's loss); ``"routing"`` in the result is :func:`fdp.diagnostics.routing`
+    on a fresh batch of demonstrations per task.
+    """
     import fdp
 
     try:
@@ -127,7 +133,8 @@ def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 25
     ema = None
     for step in bar:
         actions, cond, _, _ = make_batch(batch_size, gen)
-        loss = policy.loss(actions, cond, generator=gen)
+        loss = policy.loss(actions, cond, generator=gen, component_weight=component_weight,
+                           balance_weight=balance_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -147,6 +154,9 @@ def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 25
         actions = sampler(cond, generator=torch.Generator().manual_seed(seed + 1))
         weights = policy.weights(torch.eye(Dc))
     sample_s = time.perf_counter() - t0
+    demo_actions, demo_cond, demo_task, _ = make_batch(samples_per_task * Dc, gen)
+    routing = fdp.diagnostics.routing(policy, {n: demo_cond[demo_task == i] for i, n in enumerate(TASKS)},
+                                      {n: demo_actions[demo_task == i] for i, n in enumerate(TASKS)}, generator=gen)
     samples = actions.reshape(Dc, samples_per_task, HORIZON, ACTION_DIM)
     reports = evaluate(samples, weights)
 
@@ -157,7 +167,7 @@ def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 25
     result = {
         "train_steps": train_steps, "train_seconds": round(train_s, 2), "final_loss": ema,
         "sampler_backend": sampler.backend, "sample_seconds": round(sample_s, 3),
-        "tasks": [r.__dict__ for r in reports], "plot": str(png),
+        "tasks": [r.__dict__ for r in reports], "routing": routing, "plot": str(png),
     }
     (out / "report.json").write_text(json.dumps(result, indent=2))
     return result

@@ -4,12 +4,16 @@
 
 Training minimises the MSE between the composed prediction and its target
 (the noise, for epsilon prediction); components and router train jointly,
-with no auxiliary loss. Adaptation to a new task adds a component (the router
+with no auxiliary loss by default (the paper's objective). ``loss`` can add a
+per-component term and a load-balance term that make the components
+specialise (see :meth:`FactorizedPolicy.loss`). Adaptation to a new task adds a component (the router
 grows one output), freezes the old ones and trains the new one and the router.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -176,31 +180,92 @@ class FactorizedPolicy(nn.Module):
 
     def compose(self, sample, timestep, global_cond, weights, local_cond=None):
         """``sum_k weights[:, k] * eps_k`` without input checks (the sampler's inner loop)."""
-        out = None
+        return _weighted_sum(weights, self.component_outputs(sample, timestep, global_cond, local_cond))
+
+    def component_outputs(self, sample, timestep, global_cond, local_cond=None):
+        """Each component's own prediction ``eps_k``, one at a time (an iterator), without input checks."""
         for k, comp in enumerate(self.components):
             cond_k = global_cond if self._takes_cond[k] else None
-            eps_k = comp(sample, timestep, local_cond=local_cond, global_cond=cond_k)
-            term = weights[:, k, None, None].to(eps_k.dtype) * eps_k
-            out = term if out is None else out + term
-        return out
+            yield comp(sample, timestep, local_cond=local_cond, global_cond=cond_k)
 
-    def loss(self, actions: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-             local_cond=None) -> torch.Tensor:
-        """Denoising loss: MSE of the composed prediction against its target.
+    def noised(self, actions: torch.Tensor, generator: torch.Generator | None = None):
+        """One draw of the forward process for training: ``(noisy actions, timesteps, target)``.
 
-        Draws one timestep per sample uniformly and noise from ``generator``;
-        the target follows the scheduler's ``prediction_type``.
+        One timestep per sample, uniform over the scheduler's training steps,
+        and Gaussian noise, both from ``generator``; the target follows the
+        scheduler's ``prediction_type``.
         """
-        self.check_inputs(actions, cond)
         sched = self.noise_scheduler
         gen_device = generator.device if generator is not None else actions.device
         noise = torch.randn(actions.shape, generator=generator, device=gen_device, dtype=actions.dtype).to(actions.device)
         t = torch.randint(0, sched.config["num_train_timesteps"], (actions.shape[0],), generator=generator,
                           device=gen_device).to(actions.device)
         noisy = sched.add_noise(actions, noise, t)
-        pred = self.compose(noisy, t, cond, self.weights(cond), local_cond)
         kind = sched.config["prediction_type"]
         target = {"epsilon": noise, "sample": actions}.get(kind)
         if target is None:
             target = sched.get_velocity(actions, noise, t)
+        return noisy, t, target
+
+    def loss(self, actions: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
+             local_cond=None, component_weight: float = 0.0, balance_weight: float = 0.0) -> torch.Tensor:
+        """Denoising loss: MSE of the composed prediction against its target (the paper's loss).
+
+        The noisy actions, timesteps and target come from :meth:`noised` (drawn from ``generator``).
+
+        Two optional terms push the components to specialise (both off by default):
+
+        - ``component_weight * mean_b sum_k w_bk * mse(eps_k, target)_b``: each
+          component is also scored on its own, weighted by its routing weight
+          (gradients reach the router through ``w`` too, so it learns to send a
+          sample to the components that predict it best);
+        - ``balance_weight * (K * sum_k wbar_k**2 - 1)`` with ``wbar`` the
+          batch-mean weights: 0 when the batch uses every component equally,
+          ``K - 1`` when it uses only one (keeps the router from collapsing).
+
+        The weights follow the router's strategy, so training with
+        ``Router(..., strategy="topk", topk=k)`` trains with renormalised top-k
+        routing: the weights are the softmax of the k largest logits, and
+        gradients reach the router through those k logits only (the others
+        get none in that step). With ``topk=1`` or ``"hard"`` every weight is a
+        constant 0 or 1, so none of these terms gives the router a gradient:
+        train those soft or with ``topk >= 2``.
+        """
+        self.check_inputs(actions, cond)
+        component_weight = _check_loss_weight("component_weight", component_weight)
+        balance_weight = _check_loss_weight("balance_weight", balance_weight)
+        noisy, t, target = self.noised(actions, generator)
+        weights = self.weights(cond)
+        if component_weight or balance_weight:
+            return self._specialisation_loss(noisy, t, cond, weights, target, local_cond, component_weight,
+                                             balance_weight)
+        pred = self.compose(noisy, t, cond, weights, local_cond)
         return F.mse_loss(pred, target)
+
+    def _specialisation_loss(self, noisy, t, cond, weights, target, local_cond, component_weight, balance_weight):
+        """The composed MSE plus the per-component and balance terms of :meth:`loss`."""
+        outputs = list(self.component_outputs(noisy, t, cond, local_cond))
+        loss = F.mse_loss(_weighted_sum(weights, outputs), target)
+        if component_weight:
+            per_comp = torch.stack([((o - target) ** 2).flatten(1).mean(1) for o in outputs], dim=1)  # [B, K]
+            loss = loss + component_weight * (weights.to(per_comp.dtype) * per_comp).sum(1).mean()
+        if balance_weight:
+            wbar = weights.mean(0)
+            loss = loss + balance_weight * (self.num_components * (wbar ** 2).sum() - 1)
+        return loss
+
+
+def _weighted_sum(weights, outputs):
+    out = None
+    for k, eps_k in enumerate(outputs):
+        term = weights[:, k, None, None].to(eps_k.dtype) * eps_k
+        out = term if out is None else out + term
+    return out
+
+
+def _check_loss_weight(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a non-negative float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}")
+    return float(value)
