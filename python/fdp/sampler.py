@@ -11,11 +11,12 @@ gives the same numbers because the model itself consumes no randomness.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
-from ._validation import check_finite, check_tensor
+from ._validation import check_bool, check_finite, check_tensor, inputs_already_checked
 from .backends import resolve_backend
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
@@ -39,13 +40,19 @@ class Sampler:
         eta: DDIM's eta (0: deterministic); must be 0 for DDPM.
         backend: ``"auto"`` or a name from :func:`fdp.available_backends`.
         dtype: weight dtype for fused backends (None: the policy's dtype).
+        check_inputs: check that the inputs are finite on every call (a NaN or Inf
+            raises ValueError). Each check reads a flag back from the device (a sync
+            on CUDA). With False a call reads nothing back: shapes, dtypes and
+            devices are still checked (from metadata, free), but a NaN input gives
+            NaN actions instead of an error.
 
     ``sampler.backend`` names the backend in use (``auto`` resolves it once,
     here, and logs why the faster ones were skipped).
     """
 
     def __init__(self, policy: FactorizedPolicy, scheduler, num_inference_steps: int | None = 10,
-                 eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None):
+                 eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None,
+                 check_inputs: bool = True):
         if not isinstance(policy, FactorizedPolicy):
             raise TypeError(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
         if not hasattr(scheduler, "step_table"):
@@ -61,6 +68,7 @@ class Sampler:
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
         self.policy = policy
         self.scheduler = scheduler
+        self.check_inputs = check_bool("check_inputs", check_inputs)
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
         self.table = scheduler.step_table(num_inference_steps, eta=self.eta)
@@ -108,7 +116,8 @@ class Sampler:
             check_tensor("global_cond", global_cond, ndim=2, dtype="floating", device=self.device)
             B = global_cond.shape[0]
             check_tensor("global_cond", global_cond, shape=(B, policy.cond_dim))
-            check_finite("global_cond", global_cond)
+            if self.check_inputs:
+                check_finite("global_cond", global_cond)
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
             if generator is not None and (x_T is not None or step_noise is not None):
@@ -121,8 +130,9 @@ class Sampler:
                     step_noise = drawn_noise
             else:
                 check_tensor("x_T", x_T, shape=shape, dtype="floating", device=self.device)
-                check_finite("x_T", x_T)
-            if step_noise is None and bool(self.table.adds_noise.any()):
+                if self.check_inputs:
+                    check_finite("x_T", x_T)
+            if step_noise is None and any(self.table._adds):
                 step_noise = self.noise(B, generator)[1]
             if step_noise is not None:
                 check_tensor("step_noise", step_noise, shape=(self.num_steps, *shape), dtype="floating",
@@ -130,7 +140,9 @@ class Sampler:
             dt = self.sample_dtype
             if step_noise is not None:
                 step_noise = step_noise.to(dt)
-            return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
+            # Without checks, neither may the modules the backend calls (router, components) read a flag back.
+            with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
+                return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
 
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,
