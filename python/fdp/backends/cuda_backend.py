@@ -5,6 +5,8 @@ evaluates all K :class:`fdp.MLPDenoiser` components on a tile of rows, their
 router-weighted sum and the scheduler update in one launch; float32, bfloat16
 or float16 weights with float32 accumulation (tensor cores for 16-bit weights
 on tiles of 16+ rows), clusters with distributed shared memory on sm_90.
+A sampling call (per-call terms and the T launches) is captured once per
+batch size into a CUDA graph and replayed (:mod:`fdp.backends.captured`).
 
 This module also holds what both CUDA backends share: validation of every
 tensor before a pointer reaches the extension (:func:`check_launch`), the
@@ -24,6 +26,7 @@ from .._validation import check_flat_sample, check_kernel_arg as _check
 from ..packing import WEIGHT_DTYPES, call_terms, mlp_unsupported_reason, pack_policy, step_terms
 from ..schedulers import NUM_COLS
 from .base import Backend
+from .captured import CapturedCall, CapturesCalls
 
 __all__ = ["CudaBackend", "CudaPrepared", "check_launch", "kernel_coef", "launch", "plan",
            "KIND_STEP", "KIND_PERSISTENT", "MAX_K", "MAX_L", "MAX_H", "MAX_D", "COEF_WIDTH"]
@@ -257,7 +260,7 @@ def launch(kind: int, packed, steps, call, coef, x, noise, out, clip_range, *, o
 # The backend
 
 
-class CudaPrepared:
+class CudaPrepared(CapturesCalls):
     """A policy packed once for the CUDA kernels; ``run`` is one sampling call."""
 
     kind = KIND_STEP
@@ -277,6 +280,7 @@ class CudaPrepared:
         self.dims = check_static(self.packed, self.steps, self.coef, self.device)
         self.horizon, self.action_dim = policy.horizon, policy.action_dim
         self._plans: dict[int, dict] = {}
+        self._call = CapturedCall(self._sample, self.device)
 
     def plan(self, B: int) -> dict:
         info = self._plans.get(B)
@@ -291,6 +295,12 @@ class CudaPrepared:
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise):
+        if not self.adds_noise:
+            step_noise = None  # the kernel ignores it: no copy into a static buffer
+        return self._call(global_cond, x_T, step_noise)
+
+    def _sample(self, global_cond, x_T, step_noise):
+        """The whole call: per-call terms and the kernel launch(es). Capturable (on CUDA, replayed per batch size)."""
         B = x_T.shape[0]
         D, T = self.dims["D"], self.dims["T"]
         call = call_terms(self.policy, global_cond)
