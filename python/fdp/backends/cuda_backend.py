@@ -24,6 +24,7 @@ import torch
 from .._extension import extension, extension_status
 from .._validation import check_flat_sample, check_kernel_arg as _check
 from ..packing import WEIGHT_DTYPES, call_terms, mlp_unsupported_reason, pack_policy, step_terms
+from ..ops import mlp_cuda_call
 from ..schedulers import NUM_COLS
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls
@@ -279,19 +280,7 @@ class CudaPrepared(CapturesCalls):
         self.adds_noise = bool(table.adds_noise.any())
         self.dims = check_static(self.packed, self.steps, self.coef, self.device)
         self.horizon, self.action_dim = policy.horizon, policy.action_dim
-        self._plans: dict[int, dict] = {}
         self._call = CapturedCall(self._sample, self.device)
-
-    def plan(self, B: int) -> dict:
-        info = self._plans.get(B)
-        if info is None:
-            d = self.dims
-            info = plan(self.kind, self.packed.dtype, B, d["D"], d["H"], d["L"], d["K"], d["T"], self.options,
-                        device=self.device)
-            if not info["ok"]:
-                raise ValueError(f"the CUDA kernel cannot serve this model at batch {B}: {info['reason']}")
-            self._plans[B] = info
-        return info
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise):
@@ -312,12 +301,9 @@ class CudaPrepared(CapturesCalls):
             noise = step_noise.reshape(T, B, D)
             if noise.dtype != torch.float32 or not noise.is_contiguous():
                 noise = noise.to(torch.float32).contiguous()
-        out = torch.empty((B, D), dtype=torch.float32, device=self.device)
-        dims = dict(self.dims)
-        dims["B"] = check_call(call, x, noise, out, self.dims)
-        info = self.plan(B)
-        _raw_launch(self.kind, self.packed, self.steps, call, self.coef, x, noise, out, self.clip_range, dims,
-                    _options_tuple(self.options), 0, T, None, info)
+        # Through the torch.library op, so torch.compile and torch.export see the launch.
+        out = mlp_cuda_call(self.kind, self.packed, self.steps, call, self.coef, x, noise, self.clip_range,
+                            _options_tuple(self.options))
         out = out.view(B, self.horizon, self.action_dim)
         return out if x_T.dtype == torch.float32 else out.to(x_T.dtype)
 
