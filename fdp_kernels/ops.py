@@ -95,3 +95,16 @@ def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, no
         s_ek, s_eb, s_er, s_ec, weights.stride(0), weights.stride(1),
         COL_A_X=COL_A_X, COL_A_M=COL_A_M, COL_C_X0=COL_C_X0, COL_C_X=COL_C_X, COL_C_M=COL_C_M, COL_SIGMA=COL_SIGMA,
         NUM_COLS=NUM_COLS, K=K, CLIP=clip, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
+
+
+# Both ops only write buffers they are given: shapes and dtypes never change, so their fake (meta)
+# kernels do nothing. (triton_op's default fake runs the body on fake tensors, which an interpreted
+# kernel cannot take: this one also lets dynamo trace the launchers under TRITON_INTERPRET=1.)
+@mlp_launch.register_fake
+def _mlp_launch_fake(*args, **kwargs) -> None:
+    return None
+
+
+@compose_launch.register_fake
+def _compose_launch_fake(*args, **kwargs) -> None:
+    return None

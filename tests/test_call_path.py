@@ -140,6 +140,49 @@ def test_compile_fullgraph_matches_eager(check_inputs, compiler):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton-persistent"])
+def test_triton_backends_trace_fullgraph(backend):
+    """Dynamo through the launchers to the registered ops (interpreted kernels: dynamo only, no Inductor)."""
+    from torch._dynamo.utils import counters
+
+    s = _sampler(backend)
+    cond = torch.randn(2, 5)
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        got = torch.compile(lambda c, x, n: s(c, x_T=x, step_noise=n), fullgraph=True, backend="eager")(
+            cond, x_T, noise)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    # Had the graph lost the launches (the op), it would return x_T.
+    assert torch.equal(got, s(cond, x_T=x_T, step_noise=noise)) and not torch.equal(got, x_T)
+
+
+def test_graph_backend_loop_traces_fullgraph():
+    from torch._dynamo.utils import counters
+
+    from fdp.backends import get_backend
+    from test_unet_fused import make_policy
+
+    policy = make_policy(K=2, dtype=torch.float32)
+    factory, eta = KERNEL_SCHEDULERS["ddpm_clip"]
+    prepared = get_backend("graph").prepare(policy, factory().step_table(3, eta=eta), capture=False,
+                                            compose="torch")
+    B = 2
+    args = (torch.randn(B, policy.cond_dim), torch.randn(B, policy.horizon, policy.action_dim),
+            torch.randn(3, B, policy.horizon, policy.action_dim))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        got = torch.compile(prepared.run, fullgraph=True, backend="eager")(*args)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, prepared.run(*args))
+
+
 # -- CapturedCall on the CPU, its CUDA steps emulated ------------------------------------------------------------
 
 
@@ -253,8 +296,21 @@ def test_prepared_objects_route_calls_through_their_captured_call(backend):
     x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
     s(cond, x_T=x_T, step_noise=noise)
     assert len(calls) == 1
-    prepared.invalidate()  # nothing captured on the CPU; still callable
-    assert prepared._call.signatures == []
+    assert prepared._call.signatures == []  # nothing captured on the CPU
+
+
+def test_sampler_invalidate_drops_the_captured_graphs():
+    s = _sampler("triton")
+    emulated = _Emulated(s._prepared._call.fn)
+    s._prepared._call = emulated
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 5)
+    first = s(cond, x_T=x_T, step_noise=noise)
+    assert emulated.signatures and emulated.captures == 1
+    s.invalidate()
+    assert emulated.signatures == []
+    assert torch.equal(s(cond, x_T=x_T, step_noise=noise), first) and emulated.captures == 2
+    _sampler("torch").invalidate()  # nothing captured: a no-op
 
 
 # -- torch.library ops -------------------------------------------------------------------------------------------

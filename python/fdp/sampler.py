@@ -87,6 +87,16 @@ class Sampler:
         with nvtx_range("fdp.pack"):
             self._prepared = be.prepare(policy, self.table, self.dtype)
 
+    def invalidate(self) -> None:
+        """Drop the CUDA graphs the backend captured; each batch size captures again on its next call.
+
+        For changes a captured graph cannot see: parameters replaced rather than updated in
+        place, a new router strategy (see :mod:`fdp.backends.captured`).
+        """
+        drop = getattr(self._prepared, "invalidate", None)
+        if drop is not None:
+            drop()
+
     @property
     def num_steps(self) -> int:
         return len(self.table.timesteps)

@@ -83,9 +83,9 @@ class TritonPrepared(CapturesCalls):
         cfg = block_config(B, self.D, self.packed.H, self.tuning.get("block_b"), self.tuning.get("h_in_registers"),
                            self.tuning.get("precision"), self.packed.dtype, self.tuning.get("num_warps"))
         need = scratch_numel(B, cfg)
-        if need == 0 or capturing(self.device):
-            # None: the launcher allocates it. Under capture that puts it in the graph's own pool: a cached
-            # buffer could be replaced (freed) by a later, larger call while the graph still writes to it.
+        if need == 0 or torch.compiler.is_compiling() or capturing(self.device):
+            # None: the launcher allocates it, inside the compiled or captured graph, which then owns it (a
+            # cached buffer could be replaced, and freed, by a later larger call while a graph still uses it).
             return None
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, device=self.device, dtype=torch.float32)
