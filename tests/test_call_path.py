@@ -368,11 +368,15 @@ def _run_fresh(body: str) -> None:
 
 
 _GPU_PRELUDE = """
-import torch, fdp
+import os, torch, fdp
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 from conftest import KERNEL_SCHEDULERS, make_mlp_policy
+os.environ.pop("TRITON_INTERPRET", None)  # conftest sets it; no kernel module is imported yet
 from fdp.bench.timing import count_launches
+from fdp_kernels import compose_step, mlp_step
+assert type(mlp_step.mlp_step_kernel).__name__ == "JITFunction", "kernels must be compiled, not interpreted"
+assert type(compose_step.compose_step_kernel).__name__ == "JITFunction"
 
 MLP = ["triton", "triton-persistent", "cuda", "cuda-persistent"]
 
@@ -424,12 +428,15 @@ def test_gpu_user_capture_and_replay_match_eager():
             static = s(c, x_T=x, step_noise=n)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static, eager), name
+        # The same kernels on the same inputs; cuDNN (graph's U-Nets) may pick other algorithms under capture.
+        tol = 1e-5 if name == "graph" else 0.0
+        assert rel(static, eager) <= tol, (name, rel(static, eager))
         c2, x2, n2 = inputs(s, 3, seed=1)
         c.copy_(c2); x.copy_(x2); n.copy_(n2)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static, s(c2, x_T=x2, step_noise=n2)), name
+        expect = s(c2, x_T=x2, step_noise=n2)
+        assert rel(static, expect) <= tol and not torch.equal(static, eager), name
     """)
 
 
