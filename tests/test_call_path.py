@@ -183,6 +183,28 @@ def test_graph_backend_loop_traces_fullgraph():
     assert torch.equal(got, prepared.run(*args))
 
 
+class _Act(torch.nn.Module):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def forward(self, cond, x_T, noise):
+        return self.sampler(cond, x_T=x_T, step_noise=noise)
+
+
+@pytest.mark.parametrize("backend,op", [("torch", None), ("triton-persistent", "fdp.mlp_launch.default")])
+def test_export_keeps_the_registered_op_and_matches_eager(backend, op):
+    s = _sampler(backend)
+    cond = torch.randn(2, 5)
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
+    ep = torch.export.export(_Act(s), (cond, x_T, noise))
+    targets = {str(n.target) for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+               for n in m.graph.nodes if n.op == "call_function"}
+    if op is not None:
+        assert op in targets, sorted(targets)
+    assert torch.equal(ep.module()(cond, x_T, noise), s(cond, x_T=x_T, step_noise=noise))
+
+
 # -- CapturedCall on the CPU, its CUDA steps emulated ------------------------------------------------------------
 
 
