@@ -136,7 +136,9 @@ class CapturedCall:
                     self.fn(*static)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # On the warm-up stream: torch.cuda.graph's default capture stream lives on whichever device
+            # was current when it was first made.
+            with torch.cuda.graph(graph, stream=side):
                 output = self.fn(*static)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"a captured call must return one tensor, got {type(output).__name__}")
