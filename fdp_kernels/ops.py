@@ -14,8 +14,9 @@ They are :func:`torch.library.triton_op` s whose bodies launch through
 :func:`torch.library.wrap_triton`: dynamo traces through the launchers and
 records the op, Inductor sees the kernel itself, and ``torch.export`` keeps
 the op. Eagerly an op costs one dispatcher call around the launch. Under
-``TRITON_INTERPRET=1`` the ops run the interpreted kernels (eagerly only:
-tracing needs compiled kernels).
+``TRITON_INTERPRET=1`` the ops run the interpreted kernels, and dynamo and
+``torch.export`` still trace them (their fake kernels only describe that
+nothing changes shape); Inductor needs compiled kernels.
 """
 
 from __future__ import annotations
@@ -97,9 +98,8 @@ def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, no
         NUM_COLS=NUM_COLS, K=K, CLIP=clip, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
 
 
-# Both ops only write buffers they are given: shapes and dtypes never change, so their fake (meta)
-# kernels do nothing. (triton_op's default fake runs the body on fake tensors, which an interpreted
-# kernel cannot take: this one also lets dynamo trace the launchers under TRITON_INTERPRET=1.)
+# Both ops only write buffers they are given, so their fake (meta) kernels have nothing to do. triton_op's
+# default fake runs the body on fake tensors, which an interpreted kernel cannot take.
 @mlp_launch.register_fake
 def _mlp_launch_fake(*args, **kwargs) -> None:
     return None
