@@ -26,15 +26,18 @@ CPU_BACKENDS = ["torch", "triton", "triton-persistent"]
 
 
 class _Dispatched(TorchDispatchMode):
-    """Counts the ops dispatched inside the block, by name."""
+    """Counts the ops dispatched inside the block, by name, and records the calls of fdp's own ops."""
 
     def __init__(self):
         super().__init__()
         self.counts = {}
+        self.fdp_calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         self.counts[name] = self.counts.get(name, 0) + 1
+        if name.startswith("fdp."):
+            self.fdp_calls.append((func, args, dict(kwargs or {})))
         return func(*args, **(kwargs or {}))
 
     def __getitem__(self, name):
@@ -347,6 +350,38 @@ def test_triton_backends_launch_through_the_registered_op(backend, launches):
     assert d["fdp.mlp_launch"] == launches
 
 
+# AOT dispatch (the fourth opcheck test) functionalizes the op's body, which an interpreted kernel cannot run.
+_OPCHECK_CPU = ("test_schema", "test_faketensor", "test_autograd_registration")
+
+
+@pytest.mark.parametrize("backend,hidden", [("triton", 16), ("triton-persistent", 40)])  # 40: the scratch path
+def test_mlp_launch_op_passes_opcheck(backend, hidden):
+    factory, eta = KERNEL_SCHEDULERS["ddpm_clip"]
+    s = fdp.Sampler(make_mlp_policy(K=2, hidden=hidden, dtype=torch.float32), factory(), num_inference_steps=2,
+                    backend=backend, check_inputs=False)
+    x_T, noise = s.noise(3, torch.Generator().manual_seed(0))
+    with _Dispatched() as d:
+        s(torch.randn(3, 5), x_T=x_T, step_noise=noise)
+    func, args, kwargs = d.fdp_calls[0]
+    assert str(func) == "fdp.mlp_launch.default" and (args[18] is None) == (hidden == 16)  # scratch
+    torch.library.opcheck(func, args, kwargs, test_utils=_OPCHECK_CPU)
+
+
+def test_compose_launch_op_passes_opcheck():
+    from fdp_kernels.compose_step import compose_step
+
+    factory, eta = KERNEL_SCHEDULERS["ddpm_clip"]
+    table = factory().step_table(4, eta=eta).to("cpu")
+    K, B = 3, 5
+    x = torch.randn(B, 4, 3)
+    with _Dispatched() as d:
+        compose_step(torch.randn(K, B, 4, 3), torch.rand(B, K), table.coef, table.adds_noise, 1, x,
+                     torch.randn(4, B, 4, 3), clip_range=1.0, out=x)
+    func, args, kwargs = d.fdp_calls[0]
+    assert str(func) == "fdp.compose_launch.default"
+    torch.library.opcheck(func, args, kwargs, test_utils=_OPCHECK_CPU)
+
+
 def _cuda_op_args(B=3, D=12, H=16, L=2, K=2, T=5, device="cpu"):
     z = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
     return [z(B, D), z(K, D, H), z(K, L, H, H), z(K, L, H, H), z(K, L, H), z(K, H, D), z(K, D), z(T, K, H),
@@ -483,4 +518,24 @@ def test_gpu_fused_backends_compile_fullgraph():
             *(lambda ct: (ct.weights, ct.c_in, ct.scale, ct.shift))(call_terms(mlp.policy, c)), p.coef,
             n.reshape(n.shape[0], 3, -1).contiguous(), p.clip_range, [0, 0, 0, -1, 1])
     torch.library.opcheck(torch.ops.fdp.mlp_cuda.default, args)
+    # The Triton ops, with the arguments a sampling call gives them (all four opcheck tests on a GPU).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        calls = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).startswith("fdp."):
+                self.calls.setdefault(str(func), (func, args, dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    for name, s, _ in samplers():
+        if name in ("triton", "graph"):
+            s._prepared._call.enabled = False  # launch directly, where the mode sees the ops
+            c, x, n = inputs(s, 3)
+            with Record():
+                s(c, x_T=x, step_noise=n)
+    assert set(Record.calls) == {"fdp.mlp_launch.default", "fdp.compose_launch.default"}, Record.calls
+    for func, args, kwargs in Record.calls.values():
+        torch.library.opcheck(func, args, kwargs)
     """)
