@@ -3,7 +3,8 @@
 A backend writes its whole call (router, per-call terms, all T steps) as one
 function of tensors, ``fn(global_cond, x_T, step_noise) -> x_0``, that is
 *capturable*: it reads no tensor back to the host, takes every per-call
-value from its tensor arguments and does not modify them. :class:`CapturedCall` wraps it:
+value from its tensor arguments and does not modify them.
+:class:`CapturedCall` wraps it:
 
 - the first call with a new input signature (the shape and dtype of every
   argument, or None) runs ``fn`` eagerly on a side stream (Triton compiles,
@@ -16,10 +17,10 @@ value from its tensor arguments and does not modify them. :class:`CapturedCall` 
   synchronisation.
 
 What a graph freezes: the addresses of every tensor ``fn`` reads besides its
-arguments (packed weights, step terms, the live parameters of the router and
-the conditioning projections, which are read at replay, so in-place updates
-are seen) and every host value (Python ints and floats, the router's
-strategy). :meth:`CapturedCall.invalidate` drops the graphs; the next call per
+arguments (the packed weights and step terms, copies made at packing, and the
+module parameters ``fn`` reads directly: the router's and, for the MLP
+backends, the conditioning projections', whose in-place updates a replay
+sees) and every host value (Python ints and floats, the router's strategy). :meth:`CapturedCall.invalidate` drops the graphs; the next call per
 signature captures again. A prepared object that packs again builds a new
 ``CapturedCall`` (its graphs go with the old one).
 
