@@ -200,29 +200,12 @@ def compose_step(eps, weights, coef, adds_noise, step, x, noise=None, *, clip_ra
         _validate(eps, weights, coef, adds_noise, step, x, noise, clip_range, out)
         if not isinstance(block, int) or block < 16 or block & (block - 1):
             raise ValueError(f"`block` must be a power of 2 >= 16, got {block!r}")
-    from fdp.schedulers import COL_A_M, COL_A_X, COL_C_M, COL_C_X, COL_C_X0, COL_SIGMA, NUM_COLS
+    from .ops import compose_launch
 
     if out is None:
         out = torch.empty_like(x)
-    K = eps.shape[0]
-    # Views of eps as [K, B, R, C]: a [K, B, N] tensor is R = 1.
-    if x.ndim == 2:
-        R, C = 1, x.shape[1]
-        s_ek, s_eb, s_ec = eps.stride()
-        s_er = 0
-    else:
-        R, C = x.shape[1], x.shape[2]
-        s_ek, s_eb, s_er, s_ec = eps.stride()
-    has_noise = noise is not None
-    # Row ``step`` of an all-steps noise tensor, as an element offset computed here in Python ints.
-    noise_offset = step * x.numel() if has_noise and noise.ndim == x.ndim + 1 else 0
     if adds_noise.dtype == torch.bool:
         adds_noise = adds_noise.view(torch.int8)
-    grid = (triton.cdiv(x.numel(), block),)
-    compose_step_kernel[grid](
-        eps, weights, x, noise if has_noise else x, out, coef, adds_noise,
-        step, noise_offset, float(clip_range or 0.0), x.numel(), R, C,
-        s_ek, s_eb, s_er, s_ec, weights.stride(0), weights.stride(1),
-        COL_A_X=COL_A_X, COL_A_M=COL_A_M, COL_C_X0=COL_C_X0, COL_C_X=COL_C_X, COL_C_M=COL_C_M, COL_SIGMA=COL_SIGMA,
-        NUM_COLS=NUM_COLS, K=K, CLIP=clip_range is not None, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
+    compose_launch(eps, weights, x, noise, out, coef, adds_noise, step, float(clip_range or 0.0),
+                   clip_range is not None, block, num_warps)
     return out

@@ -72,16 +72,10 @@ def mlp_sample(packed, steps, call, coef, adds_noise, x_T, noise=None, *, seed=N
     may be ``x_T`` itself.
     """
     check_launch(packed, steps, call, coef, adds_noise, x_T, noise, out, clip_range, seed)
-    B, D = x_T.shape
-    K, _, H = packed.w_in.shape
-    L = packed.w_a.shape[1]
-    T = coef.shape[0]
-    cfg, grid, out, scratch, mode = launch_setup(packed, x_T, noise, seed, out, scratch, True, block_b,
+    cfg, _, out, scratch, mode = launch_setup(packed, x_T, noise, seed, out, scratch, True, block_b,
                                                  h_in_registers, precision, num_warps)
-    mlp_persistent_kernel[grid](
-        x_T, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
-        steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift,
-        coef, adds_noise, noise if noise is not None else x_T, scratch,
-        T, seed or 0, float(clip_range or 0.0), B, D, H, L, K,
-        SKIP_UNUSED=bool(skip_unused), CLIP=clip_range is not None, NOISE_MODE=mode, **cfg)
+    from .ops import launch_mlp  # here: fdp_kernels.ops imports this module's kernel
+
+    launch_mlp(True, x_T, out, packed, steps, call, coef, adds_noise, noise, scratch, 0, seed, clip_range, mode,
+               skip_unused, cfg)
     return out

@@ -86,15 +86,10 @@ def mlp_step(packed, steps, call, coef, adds_noise, step, x, noise=None, *, seed
         dims = check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_range, seed)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < dims["T"]:
             raise ValueError(f"`step` must be an int in [0, {dims['T']}), got {step!r}")
-    B, D = x.shape
-    K, _, H = packed.w_in.shape
-    L = packed.w_a.shape[1]
-    cfg, grid, out, scratch, mode = launch_setup(packed, x, noise, seed, out, scratch, validate, block_b,
+    cfg, _, out, scratch, mode = launch_setup(packed, x, noise, seed, out, scratch, validate, block_b,
                                                  h_in_registers, precision, num_warps)
-    mlp_step_kernel[grid](
-        x, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
-        steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift,
-        coef, adds_noise, noise if noise is not None else x, scratch,
-        step, seed or 0, float(clip_range or 0.0), B, D, H, L, K,
-        SKIP_UNUSED=bool(skip_unused), CLIP=clip_range is not None, NOISE_MODE=mode, **cfg)
+    from .ops import launch_mlp  # here: fdp_kernels.ops imports this module's kernel
+
+    launch_mlp(False, x, out, packed, steps, call, coef, adds_noise, noise, scratch, step, seed, clip_range, mode,
+               skip_unused, cfg)
     return out

@@ -54,6 +54,7 @@ def test_quick_run_writes_the_schema(quick_run):
         if c["status"] == "skipped":
             assert isinstance(c["skipped"], str) and c["skipped"]
             assert c["call_wall_us"] is None and c["raw_call_wall_us"] == []
+            assert c["host_us"] is None and c["launches_per_call"] is None
             continue
         if c["kind"] == "library":  # fused backends have their own tests; here only the schema matters
             assert c["status"] in ("ok", "FAILED", "error")
@@ -66,8 +67,12 @@ def test_quick_run_writes_the_schema(quick_run):
         assert c["call_wall_us"] > 0
         if gpu:
             assert len(c["raw_step_gpu_us"]) == REPEATS and c["step_gpu_us"] > 0
+            assert 0 < c["host_us"] <= c["call_wall_us"]
+            assert isinstance(c["launches_per_call"], int) and c["launches_per_call"] >= 1
         else:
             assert c["step_gpu_us"] is None and c["raw_step_gpu_us"] is None
+            # All of a CPU call is host work; there are no kernel launches to count.
+            assert c["host_us"] == c["call_wall_us"] and c["launches_per_call"] is None
         assert c["floor_us"] is None or c["floor_us"] > 0
         if c["floor_us"] is None:
             assert c["fraction_of_floor"] is None
@@ -170,3 +175,17 @@ def test_nvtx_range_is_a_no_op_when_off():
             pass
     finally:
         profiling.enable_nvtx(was)
+
+
+def test_launch_counter_names():
+    from fdp.bench import timing
+
+    for name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+                 "cuGraphLaunch", "cudaLaunchCooperativeKernel"):
+        assert timing._LAUNCH.match(name) and not timing._COPY.match(name), name
+    for name in ("cudaMemcpyAsync", "cudaMemsetAsync", "cuMemcpyDtoDAsync_v2"):
+        assert timing._COPY.match(name) and not timing._LAUNCH.match(name), name
+    for name in ("cudaStreamSynchronize", "cudaEventRecord", "aten::copy_", "cudaGraphInstantiate"):
+        assert not timing._LAUNCH.match(name) and not timing._COPY.match(name), name
+    with pytest.raises(ValueError, match="CUDA"):
+        timing.count_launches(lambda i: None, "cpu")

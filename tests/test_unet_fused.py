@@ -330,7 +330,7 @@ def test_gpu_graph_backend_matches_torch_and_replays():
             a = fast(gc, x_T=x_T, step_noise=noise)
             b = ref(gc, x_T=x_T, step_noise=noise)
             assert rel(a, b) < 1e-4, (name, B, rel(a, b))
-        assert len(fast._prepared._graphs) == 2
+        assert len(fast._prepared._call.signatures) == 2
         # New inputs into the same captured graph.
         gc, x_T, noise = inputs(policy, n, 7, seed=99)
         assert rel(fast(gc, x_T=x_T, step_noise=noise), ref(gc, x_T=x_T, step_noise=noise)) < 1e-4

@@ -6,7 +6,10 @@ reads as ``fdp.sample > fdp.router, fdp.step[0], fdp.step[1], ...``. Ranges
 are off unless enabled, with the environment variable ``FDP_NVTX=1`` or
 :func:`enable_nvtx` (``True``), and they are always off without CUDA. Off,
 ``nvtx_range`` returns a shared do-nothing context manager: one global read
-and one call, no string formatting, no allocation.
+and one call, no string formatting, no allocation. While ``torch.compile``
+traces, it returns ``contextlib.nullcontext()``, which dynamo can enter (it
+cannot enter a custom context manager without a graph break), and emits
+nothing: a range pushed while tracing would mark the trace, not the run.
 
 Names used by the library (fused backends use the same ones):
 
@@ -19,6 +22,7 @@ Names used by the library (fused backends use the same ones):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -82,6 +86,8 @@ def nvtx_enabled() -> bool:
 
 def nvtx_range(name: str, index: int | None = None):
     """Context manager for the NVTX range ``name`` (``name[index]`` with an index); a no-op when off."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     active = _active
     if active is None:
         active = _resolve()

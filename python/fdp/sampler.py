@@ -11,11 +11,12 @@ gives the same numbers because the model itself consumes no randomness.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
-from ._validation import check_finite, check_tensor
+from ._validation import check_bool, check_finite, check_tensor, inputs_already_checked
 from .backends import select
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
@@ -43,6 +44,11 @@ class Sampler:
         verify: check a backend named in ``backend`` against the torch reference
             once, here, and raise :class:`fdp.backends.VerificationError` if it
             disagrees (``auto`` checks every candidate anyway).
+        check_inputs: check that the inputs are finite on every call (a NaN or Inf
+            raises ValueError). Each check reads a flag back from the device (a sync
+            on CUDA). With False a call reads nothing back: shapes, dtypes and
+            devices are still checked (from metadata, free), but a NaN input gives
+            NaN actions instead of an error.
 
     ``sampler.backend`` names the backend in use; ``auto`` resolves it once,
     here, and logs why it skipped each other one. ``sampler.selection``
@@ -52,7 +58,7 @@ class Sampler:
 
     def __init__(self, policy: FactorizedPolicy, scheduler, num_inference_steps: int | None = 10,
                  eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None,
-                 batch_size: int = 1, verify: bool = False):
+                 batch_size: int = 1, verify: bool = False, check_inputs: bool = True):
         if not isinstance(policy, FactorizedPolicy):
             raise TypeError(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
         if not hasattr(scheduler, "step_table"):
@@ -68,6 +74,7 @@ class Sampler:
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
         self.policy = policy
         self.scheduler = scheduler
+        self.check_inputs = check_bool("check_inputs", check_inputs)
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
         self.table = scheduler.step_table(num_inference_steps, eta=self.eta)
@@ -85,6 +92,16 @@ class Sampler:
                      "".join(f"; skipped {n!r}: {r}" for n, r in self.selection.skipped().items()))
         with nvtx_range("fdp.pack"):
             self._prepared = prepared or be.prepare(policy, self.table, self.dtype)
+
+    def invalidate(self) -> None:
+        """Drop the CUDA graphs the backend captured; each batch size captures again on its next call.
+
+        For changes a captured graph cannot see: parameters replaced rather than updated in
+        place, a new router strategy (see :mod:`fdp.backends.captured`).
+        """
+        drop = getattr(self._prepared, "invalidate", None)
+        if drop is not None:
+            drop()
 
     @property
     def num_steps(self) -> int:
@@ -115,7 +132,8 @@ class Sampler:
             check_tensor("global_cond", global_cond, ndim=2, dtype="floating", device=self.device)
             B = global_cond.shape[0]
             check_tensor("global_cond", global_cond, shape=(B, policy.cond_dim))
-            check_finite("global_cond", global_cond)
+            if self.check_inputs:
+                check_finite("global_cond", global_cond)
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
             if generator is not None and (x_T is not None or step_noise is not None):
@@ -128,8 +146,9 @@ class Sampler:
                     step_noise = drawn_noise
             else:
                 check_tensor("x_T", x_T, shape=shape, dtype="floating", device=self.device)
-                check_finite("x_T", x_T)
-            if step_noise is None and bool(self.table.adds_noise.any()):
+                if self.check_inputs:
+                    check_finite("x_T", x_T)
+            if step_noise is None and any(self.table._adds):
                 step_noise = self.noise(B, generator)[1]
             if step_noise is not None:
                 check_tensor("step_noise", step_noise, shape=(self.num_steps, *shape), dtype="floating",
@@ -137,7 +156,9 @@ class Sampler:
             dt = self.sample_dtype
             if step_noise is not None:
                 step_noise = step_noise.to(dt)
-            return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
+            # Without checks, neither may the modules the backend calls (router, components) read a flag back.
+            with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
+                return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
 
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,

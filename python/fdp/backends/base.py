@@ -12,6 +12,9 @@ class Prepared(Protocol):
 
     ``run(global_cond [B, Dc], x_T [B, Ta, Da], step_noise [T, B, Ta, Da] or None)``
     returns ``x_0 [B, Ta, Da]``. Inputs arrive validated, on the right device.
+    A call must read nothing back to the host (no ``.item()``, ``bool(tensor)``):
+    the CUDA backends capture it into a graph (:mod:`fdp.backends.captured`) and
+    give their prepared objects ``invalidate()``, which drops those graphs.
     """
 
     def run(self, global_cond: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor | None) -> torch.Tensor: ...

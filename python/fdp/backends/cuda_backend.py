@@ -5,6 +5,8 @@ evaluates all K :class:`fdp.MLPDenoiser` components on a tile of rows, their
 router-weighted sum and the scheduler update in one launch; float32, bfloat16
 or float16 weights with float32 accumulation (tensor cores for 16-bit weights
 on tiles of 16+ rows), clusters with distributed shared memory on sm_90.
+A sampling call (per-call terms and the T launches) is captured once per
+batch size into a CUDA graph and replayed (:mod:`fdp.backends.captured`).
 
 This module also holds what both CUDA backends share: validation of every
 tensor before a pointer reaches the extension (:func:`check_launch`), the
@@ -22,8 +24,10 @@ import torch
 from .._extension import extension, extension_status
 from .._validation import check_flat_sample, check_kernel_arg as _check
 from ..packing import WEIGHT_DTYPES, call_terms, mlp_unsupported_reason, pack_policy, step_terms
+from ..ops import mlp_cuda_call
 from ..schedulers import NUM_COLS
 from .base import Backend
+from .captured import CapturedCall, CapturesCalls
 
 __all__ = ["CudaBackend", "CudaPrepared", "check_launch", "kernel_coef", "launch", "plan",
            "KIND_STEP", "KIND_PERSISTENT", "MAX_K", "MAX_L", "MAX_H", "MAX_D", "COEF_WIDTH"]
@@ -257,7 +261,7 @@ def launch(kind: int, packed, steps, call, coef, x, noise, out, clip_range, *, o
 # The backend
 
 
-class CudaPrepared:
+class CudaPrepared(CapturesCalls):
     """A policy packed once for the CUDA kernels; ``run`` is one sampling call."""
 
     kind = KIND_STEP
@@ -276,21 +280,16 @@ class CudaPrepared:
         self.adds_noise = bool(table.adds_noise.any())
         self.dims = check_static(self.packed, self.steps, self.coef, self.device)
         self.horizon, self.action_dim = policy.horizon, policy.action_dim
-        self._plans: dict[int, dict] = {}
-
-    def plan(self, B: int) -> dict:
-        info = self._plans.get(B)
-        if info is None:
-            d = self.dims
-            info = plan(self.kind, self.packed.dtype, B, d["D"], d["H"], d["L"], d["K"], d["T"], self.options,
-                        device=self.device)
-            if not info["ok"]:
-                raise ValueError(f"the CUDA kernel cannot serve this model at batch {B}: {info['reason']}")
-            self._plans[B] = info
-        return info
+        self._call = CapturedCall(self._sample, self.device)
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise):
+        if not self.adds_noise:
+            step_noise = None  # the kernel ignores it: no copy into a static buffer
+        return self._call(global_cond, x_T, step_noise)
+
+    def _sample(self, global_cond, x_T, step_noise):
+        """The whole call: per-call terms and the kernel launch(es). Capturable (on CUDA, replayed per batch size)."""
         B = x_T.shape[0]
         D, T = self.dims["D"], self.dims["T"]
         call = call_terms(self.policy, global_cond)
@@ -302,12 +301,9 @@ class CudaPrepared:
             noise = step_noise.reshape(T, B, D)
             if noise.dtype != torch.float32 or not noise.is_contiguous():
                 noise = noise.to(torch.float32).contiguous()
-        out = torch.empty((B, D), dtype=torch.float32, device=self.device)
-        dims = dict(self.dims)
-        dims["B"] = check_call(call, x, noise, out, self.dims)
-        info = self.plan(B)
-        _raw_launch(self.kind, self.packed, self.steps, call, self.coef, x, noise, out, self.clip_range, dims,
-                    _options_tuple(self.options), 0, T, None, info)
+        # Through the torch.library op, so torch.compile and torch.export see the launch.
+        out = mlp_cuda_call(self.kind, self.packed, self.steps, call, self.coef, x, noise, self.clip_range,
+                            _options_tuple(self.options))
         out = out.view(B, self.horizon, self.action_dim)
         return out if x_T.dtype == torch.float32 else out.to(x_T.dtype)
 

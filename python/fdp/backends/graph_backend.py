@@ -14,11 +14,12 @@ FiLM for the T steps of the schedule, once. A sampling call then runs:
    :func:`fdp_kernels.compose_step.compose_step` composes them with ``w`` and
    applies the scheduler update in place on the float32 sample.
 
-On CUDA all of that is captured once per batch size (and per "with / without
-step noise") into a CUDA graph over static input buffers; a call copies its
-inputs in, replays the graph and returns a copy of the static output. The
-first call for a batch size runs the loop eagerly on a side stream (cuDNN
-algorithm selection, Triton compilation) and then captures it.
+On CUDA all of that is captured once per batch size (and input dtypes) into a
+CUDA graph over static input buffers; a call copies its inputs in, replays the
+graph and returns a copy of the static output. The first call for a batch
+size runs the loop eagerly on a side stream (cuDNN algorithm selection, Triton
+compilation) and then captures it (:class:`fdp.backends.captured.CapturedCall`,
+which every CUDA backend shares).
 
 What a graph freezes: the packed weights are copies taken at ``prepare`` (the
 components are untouched; re-create the ``Sampler`` after changing them), the
@@ -36,7 +37,7 @@ composition (the kernel computes in float32). In float32, convolutions follow
 PyTorch's TF32 switches (``torch.backends.cudnn.allow_tf32``), as eager code does.
 
 Memory: each captured batch size keeps its graph and a private memory pool
-(its activations) for the life of the prepared object.
+(its activations) for the life of the prepared object (or until ``invalidate()``).
 
 Without Triton (or with the kernel module loaded in the Triton interpreter),
 or for float64, the composition falls back to :func:`compose_step_torch`
@@ -54,6 +55,7 @@ from ..schedulers import apply_step
 from ..unet import ConditionalUnet1D
 from ..unet_fused import FusedUnets, fusion_mismatch
 from .base import Backend
+from .captured import CapturedCall, CapturesCalls
 
 __all__ = ["GraphBackend", "GraphPrepared", "compose_step_torch", "BACKEND"]
 
@@ -91,14 +93,7 @@ def _compose_kernel(device: torch.device):
     return mod.compose_step, None
 
 
-class _Graph:
-    """One captured sampling loop for one batch size: static inputs, the graph, the static output."""
-
-    def __init__(self, graph, global_cond, x_T, step_noise, out):
-        self.graph, self.global_cond, self.x_T, self.step_noise, self.out = graph, global_cond, x_T, step_noise, out
-
-
-class GraphPrepared:
+class GraphPrepared(CapturesCalls):
     """A U-Net policy fused for one schedule and dtype; ``run(global_cond, x_T, step_noise)``.
 
     Args:
@@ -146,7 +141,7 @@ class GraphPrepared:
         self.adds_noise = dev_table.adds_noise.contiguous()
         self.adds_any = bool(table.adds_noise.any())
         self.clip_range = float(table.clip_range) if table.clip_sample else None
-        self._graphs: dict[tuple, _Graph] = {}
+        self._call = CapturedCall(self._sample, self.device, enabled=self.capture)
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -178,42 +173,15 @@ class GraphPrepared:
             step_noise = None
         return global_cond, x_T, step_noise
 
+    def _sample(self, global_cond, x_T, step_noise):
+        """The whole call, from the sampler's inputs to x_0 in ``x_T``'s dtype. Capturable."""
+        return self._loop(*self._inputs(global_cond, x_T, step_noise)).to(x_T.dtype)
+
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise):
         if self.adds_any and step_noise is None:
             raise ValueError("this schedule adds noise: `step_noise` [T, B, Ta, Da] is required")
-        gc, xt, noise = self._inputs(global_cond, x_T, step_noise)
-        if not self.capture:
-            return self._loop(gc, xt, noise).to(x_T.dtype)
-        g = self._graphs.get(self._key(gc, noise))
-        if g is None:
-            g = self._graphs[self._key(gc, noise)] = self._capture(gc, xt, noise)
-        g.global_cond.copy_(gc)
-        g.x_T.copy_(xt)
-        if noise is not None:
-            g.step_noise.copy_(noise)
-        g.graph.replay()
-        return g.out.to(x_T.dtype, copy=True)
-
-    @staticmethod
-    def _key(global_cond, step_noise):
-        return global_cond.shape[0], step_noise is not None
-
-    def _capture(self, global_cond, x_T, step_noise):
-        static_gc = global_cond.clone()
-        static_x = x_T.clone()
-        static_noise = step_noise.clone() if step_noise is not None else None
-        # Warm up on a side stream, as torch.cuda.graphs asks: cuDNN picks its algorithms and
-        # Triton compiles here, not during capture.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._loop(static_gc, static_x, static_noise)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._loop(static_gc, static_x, static_noise)
-        return _Graph(graph, static_gc, static_x, static_noise, out)
+        return self._call(global_cond, x_T, step_noise if self.adds_any else None)
 
 
 class GraphBackend(Backend):

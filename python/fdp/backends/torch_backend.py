@@ -20,6 +20,8 @@ class TorchPrepared:
         self.policy = policy
         self.table = table
         self.dtype = dtype
+        # Host ints, read once: a call then reads no tensor back (no sync, nothing for torch.compile to break on).
+        self.timesteps = tuple(int(t) for t in table.timesteps.tolist())
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise):
@@ -30,7 +32,7 @@ class TorchPrepared:
         # The sampler checked global_cond once; components would re-check it
         # (a device sync each on CUDA) at every step.
         with inputs_already_checked():
-            for i, t in enumerate(table.timesteps.tolist()):
+            for i, t in enumerate(self.timesteps):
                 with nvtx_range("fdp.step", i):
                     eps = policy.compose(x, t, global_cond, weights)
                     noise = step_noise[i] if step_noise is not None else None

@@ -28,6 +28,7 @@ import torch
 
 from .. import packing
 from .base import Backend
+from .captured import CapturedCall, CapturesCalls, capturing
 
 _TRITON_CPU_REASON = ("Triton kernels need a CUDA device; set TRITON_INTERPRET=1 to run them (slowly) on the CPU")
 
@@ -47,7 +48,7 @@ def _limits():
     return mlp_common
 
 
-class TritonPrepared:
+class TritonPrepared(CapturesCalls):
     """A policy packed for the Triton kernels: ``run(global_cond, x_T, step_noise, seed=None)``."""
 
     def __init__(self, policy, table, dtype, **tuning):
@@ -74,6 +75,7 @@ class TritonPrepared:
         self.T = len(table.timesteps)
         self.tuning = tuning
         self._scratch = None
+        self._call = CapturedCall(self._sample, self.device)
 
     def _scratch_for(self, B):
         from fdp_kernels.mlp_common import block_config, scratch_numel
@@ -81,7 +83,9 @@ class TritonPrepared:
         cfg = block_config(B, self.D, self.packed.H, self.tuning.get("block_b"), self.tuning.get("h_in_registers"),
                            self.tuning.get("precision"), self.packed.dtype, self.tuning.get("num_warps"))
         need = scratch_numel(B, cfg)
-        if need == 0:
+        if need == 0 or torch.compiler.is_compiling() or capturing(self.device):
+            # None: the launcher allocates it, inside the compiled or captured graph, which then owns it (a
+            # cached buffer could be replaced, and freed, by a later larger call while a graph still uses it).
             return None
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, device=self.device, dtype=torch.float32)
@@ -103,7 +107,19 @@ class TritonPrepared:
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise, seed: int | None = None):
-        """x_0 ``[B, horizon, action_dim]`` in ``x_T``'s dtype (``seed``: draw the step noise in the kernel)."""
+        """x_0 ``[B, horizon, action_dim]`` in ``x_T``'s dtype (``seed``: draw the step noise in the kernel).
+
+        On CUDA a call replays the graph of its batch size (:class:`~fdp.backends.captured.CapturedCall`);
+        with ``seed`` it launches directly (a graph would freeze the seed).
+        """
+        if not self.adds_any:
+            step_noise = None  # the kernels ignore it: no copy into a static buffer
+        if seed is None:
+            return self._call(global_cond, x_T, step_noise)
+        return self._sample(global_cond, x_T, step_noise, seed)
+
+    def _sample(self, global_cond, x_T, step_noise, seed=None):
+        """The whole call: per-call terms, then T launches in place on one float32 buffer. Capturable."""
         from fdp_kernels.mlp_step import mlp_step
 
         call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)

@@ -4,22 +4,20 @@ Same packing, limits and availability as ``backend="triton"``
 (:class:`fdp.backends.triton_backend.TritonBackendBase`); each sampling call
 computes the per-call terms and launches :func:`fdp_kernels.mlp_persistent.mlp_sample`
 once: every program keeps its rows of ``x`` on chip from x_T to x_0 through
-all T steps. ``run(..., seed=n)`` draws the step noise in the kernel instead
+all T steps (on CUDA the call is one replay of a captured graph, as for
+``triton``). ``run(..., seed=n)`` draws the step noise in the kernel instead
 of reading ``step_noise`` (standard normal, deterministic per seed, but not
 the numbers torch's generator would draw).
 """
 
 from __future__ import annotations
 
-import torch
-
 from .triton_backend import TritonBackendBase, TritonPrepared
 
 
 class TritonPersistentPrepared(TritonPrepared):
-    @torch.no_grad()
-    def run(self, global_cond, x_T, step_noise, seed: int | None = None):
-        """x_0 ``[B, horizon, action_dim]`` in ``x_T``'s dtype (``seed``: draw the step noise in the kernel)."""
+    def _sample(self, global_cond, x_T, step_noise, seed=None):
+        """The whole call: per-call terms, then one launch for all T steps. Capturable."""
         from fdp_kernels.mlp_persistent import mlp_sample
 
         call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)

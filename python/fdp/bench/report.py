@@ -8,7 +8,7 @@ JSON (other tools read it; the key names are fixed)::
      "skipped_axes": [...],
      "cases": [{"component", "K", "batch", "steps", "scheduler", "dtype", "config", "backend", "kind",
                 "status", "skipped", "step_gpu_us", "call_wall_us", "raw_step_gpu_us", "raw_call_wall_us",
-                "floor_us", "fraction_of_floor", ...extras}, ...]}
+                "host_us", "launches_per_call", "floor_us", "fraction_of_floor", ...extras}, ...]}
 
 See benchmarks/README.md for every field.
 """
@@ -28,7 +28,8 @@ import torch
 
 #: Keys every case entry has (tests and readers rely on them).
 CASE_KEYS = ("component", "K", "batch", "steps", "scheduler", "dtype", "config", "backend", "step_gpu_us",
-             "call_wall_us", "raw_step_gpu_us", "raw_call_wall_us", "floor_us", "fraction_of_floor")
+             "call_wall_us", "raw_step_gpu_us", "raw_call_wall_us", "floor_us", "fraction_of_floor", "host_us",
+             "launches_per_call")
 #: Keys the top level has.
 TOP_KEYS = ("device", "driver", "cuda", "torch", "triton", "commit", "command", "date", "cases")
 
@@ -191,6 +192,9 @@ def print_table(result: dict, console=None) -> None:
         table.add_column("step GPU", justify="right", no_wrap=True)
     table.add_column("step wall", justify="right", no_wrap=True)
     table.add_column("call wall (IQR)", justify="right", no_wrap=True)
+    table.add_column("host/call", justify="right", no_wrap=True)
+    if gpu:
+        table.add_column("launches", justify="right", no_wrap=True)
     table.add_column("chunks/s", justify="right", no_wrap=True)
     table.add_column("vs eager", justify="right", no_wrap=True)
     table.add_column("vs best native", justify="right", no_wrap=True)
@@ -219,6 +223,11 @@ def print_table(result: dict, console=None) -> None:
         row += [
             _fmt_time(c.get("step_wall_us")),
             f"{_fmt_time(c['call_wall_us'])} ({_fmt_time(iqr)})" if c["call_wall_us"] is not None else "—",
+            _fmt_time(c.get("host_us")),
+        ]
+        if gpu:
+            row.append(_fmt(c.get("launches_per_call"), "d"))
+        row += [
             _fmt_rate(c.get("chunks_per_s")),
             _fmt_speed(c.get("speedup_vs_eager")),
             _fmt_speed(c.get("speedup_vs_best_native")),

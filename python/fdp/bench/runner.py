@@ -6,7 +6,8 @@ the same effective weights), pre-generate the input sets, compute the eager
 float32 reference on set 0, then for each path: build it, check its result
 on set 0 against the reference (relative L2 error; beyond the dtype's
 tolerance the case is marked FAILED and left out of "best native"), time it
-(:func:`fdp.bench.timing.measure`) and attach the roofline numbers. Ratios
+(:func:`fdp.bench.timing.measure`; on CUDA also count one call's kernel launches,
+:func:`fdp.bench.timing.count_launches`) and attach the roofline numbers. Ratios
 to the eager loop and to the best PyTorch-native path are filled in once
 all paths of the configuration are done.
 """
@@ -28,7 +29,7 @@ from . import paths as P
 from .cases import NATIVE_PATHS, Config, build_grid, expand_backends
 from .report import environment, now, default_out, print_table, write_json, write_plots
 from .roofline import floor_us, measure_device, step_cost
-from .timing import measure, summarize
+from .timing import count_launches, measure, summarize
 
 #: Relative L2 error against the eager float32 result above which a path is FAILED. fp32 leaves room for
 #: TF32 convolutions (cuDNN's default) and reordered sums over 100 steps; bf16 for bf16 activations.
@@ -79,6 +80,7 @@ def _entry(cfg: Config, name: str, cost, floor, bound) -> dict:
         "step_gpu_us": None, "call_wall_us": None, "raw_step_gpu_us": None, "raw_call_wall_us": [],
         "step_wall_us": None, "step_gpu_us_iqr": None, "step_gpu_us_min": None,
         "call_wall_us_iqr": None, "call_wall_us_min": None, "call_gpu_us": None,
+        "host_us": None, "launches_per_call": None, "copies_per_call": None,
         "repeats": 0, "warmup": 0,
         "chunks_per_s": None, "chunks_per_s_gpu": None,
         "weight_bytes_per_step": cost.weight_bytes, "flops_per_step": cost.flops,
@@ -95,6 +97,7 @@ def _fill_timing(e: dict, m, steps: int, batch: int) -> None:
     e["call_wall_us_iqr"] = wall["iqr"]
     e["call_wall_us_min"] = wall["min"]
     e["step_wall_us"] = wall["median"] / steps
+    e["host_us"] = summarize(m.call_host_us)["median"]
     e["chunks_per_s"] = batch * 1e6 / wall["median"]
     if m.call_gpu_us is not None:
         raw = [t / steps for t in m.call_gpu_us]
@@ -263,6 +266,8 @@ def _run_config(cfg, names, explicit, device, peaks, repeats, budget, opts, cach
                 e["status"] = "ok" if err <= TOLERANCE[cfg.dtype] else "FAILED"
                 m = measure(fn, device, n_sets=len(ctx.inputs), repeats=repeats, warmup=opts.warmup,
                             budget_s=budget)
+                if device.type == "cuda":
+                    e["launches_per_call"], e["copies_per_call"] = count_launches(fn, device)
             _fill_timing(e, m, cfg.steps, cfg.batch)
         except P.Skip as s:
             e["status"], e["skipped"] = "skipped", str(s)

@@ -1,0 +1,110 @@
+"""The Triton kernels' launches as ``torch.library`` ops, so ``torch.compile`` and ``torch.export`` see them.
+
+Each launcher (:func:`fdp_kernels.mlp_step.mlp_step`,
+:func:`fdp_kernels.mlp_persistent.mlp_sample`,
+:func:`fdp_kernels.compose_step.compose_step`) validates its arguments and
+picks its block sizes in Python, then launches through one of these ops:
+
+- ``torch.ops.fdp.mlp_launch``: one launch of the per-step or the persistent
+  fused MLP kernel; writes ``out`` (and ``scratch``, when given);
+- ``torch.ops.fdp.compose_launch``: one launch of the compose-and-step kernel;
+  writes ``out``.
+
+They are :func:`torch.library.triton_op` s whose bodies launch through
+:func:`torch.library.wrap_triton`: dynamo traces through the launchers and
+records the op, Inductor sees the kernel itself, and ``torch.export`` keeps
+the op. Eagerly an op costs one dispatcher call around the launch. Under
+``TRITON_INTERPRET=1`` the ops run the interpreted kernels, and dynamo and
+``torch.export`` still trace them (their fake kernels only describe that
+nothing changes shape); Inductor needs compiled kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .compose_step import compose_step_kernel
+from .mlp_persistent import mlp_persistent_kernel
+from .mlp_step import mlp_step_kernel
+
+__all__ = ["mlp_launch", "compose_launch", "launch_mlp"]
+
+
+def launch_mlp(persistent: bool, x, out, packed, steps, call, coef, adds_noise, noise, scratch, step: int,
+               seed: int | None, clip_range: float | None, noise_mode: int, skip_unused: bool, cfg: dict) -> None:
+    """:func:`mlp_launch` from the launchers' objects (``packed``, ``steps``, ``call``) and ``block_config``'s ``cfg``."""
+    mlp_launch(persistent, x, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
+               steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift, coef, adds_noise, noise,
+               None if cfg["H_IN_REGS"] else scratch, step, seed or 0, float(clip_range or 0.0),
+               clip_range is not None, noise_mode, bool(skip_unused), **{k.lower(): v for k, v in cfg.items()})
+
+
+@triton_op("fdp::mlp_launch", mutates_args={"out", "scratch"})
+def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch.Tensor, w_a: torch.Tensor,
+               w_b: torch.Tensor, b_b: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, t_in: torch.Tensor,
+               t_shift: torch.Tensor, weights: torch.Tensor, c_in: torch.Tensor, scale: torch.Tensor,
+               shift: torch.Tensor, coef: torch.Tensor, adds_noise: torch.Tensor, noise: Optional[torch.Tensor],
+               scratch: Optional[torch.Tensor], step: int, seed: int, clip_range: float, clip: bool, noise_mode: int,
+               skip_unused: bool, block_b: int, d_pad: int, h_pad: int, h_stride: int, block_n: int, block_k: int,
+               block_hd: int, h_in_regs: bool, precision: str, num_warps: int) -> None:
+    """One launch of the fused MLP kernel (``persistent``: all T steps, else step ``step``) on validated tensors.
+
+    The block sizes are :func:`fdp_kernels.mlp_common.block_config`'s; ``scratch`` is None when the hidden
+    state stays in registers.
+    """
+    B, D = x.shape
+    K, _, H = w_in.shape
+    L = w_a.shape[1]
+    # The persistent kernel's loop bound takes the step argument's place.
+    kernel, step_or_T = (mlp_persistent_kernel, coef.shape[0]) if persistent else (mlp_step_kernel, step)
+    # x stands in for unused pointer arguments.
+    wrap_triton(kernel)[(triton.cdiv(B, block_b),)](
+        x, out, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, weights, c_in, scale, shift,
+        coef, adds_noise, noise if noise is not None else x, scratch if scratch is not None else x,
+        step_or_T, seed, clip_range, B, D, H, L, K,
+        BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_HD=block_hd, H_IN_REGS=h_in_regs, SKIP_UNUSED=skip_unused, PRECISION=precision, CLIP=clip,
+        NOISE_MODE=noise_mode, num_warps=num_warps)
+
+
+@triton_op("fdp::compose_launch", mutates_args={"out"})
+def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor],
+                   out: torch.Tensor, coef: torch.Tensor, adds_noise: torch.Tensor, step: int, clip_range: float,
+                   clip: bool, block: int, num_warps: int) -> None:
+    """One launch of the compose-and-step kernel on validated tensors (``adds_noise`` int8)."""
+    from fdp.schedulers import COL_A_M, COL_A_X, COL_C_M, COL_C_X, COL_C_X0, COL_SIGMA, NUM_COLS
+
+    K = eps.shape[0]
+    # Views of eps as [K, B, R, C]: a [K, B, N] tensor is R = 1.
+    if x.ndim == 2:
+        R, C = 1, x.shape[1]
+        s_ek, s_eb, s_ec = eps.stride()
+        s_er = 0
+    else:
+        R, C = x.shape[1], x.shape[2]
+        s_ek, s_eb, s_er, s_ec = eps.stride()
+    has_noise = noise is not None
+    # Row ``step`` of an all-steps noise tensor, as an element offset computed here in Python ints.
+    noise_offset = step * x.numel() if has_noise and noise.ndim == x.ndim + 1 else 0
+    wrap_triton(compose_step_kernel)[(triton.cdiv(x.numel(), block),)](
+        eps, weights, x, noise if has_noise else x, out, coef, adds_noise,
+        step, noise_offset, clip_range, x.numel(), R, C,
+        s_ek, s_eb, s_er, s_ec, weights.stride(0), weights.stride(1),
+        COL_A_X=COL_A_X, COL_A_M=COL_A_M, COL_C_X0=COL_C_X0, COL_C_X=COL_C_X, COL_C_M=COL_C_M, COL_SIGMA=COL_SIGMA,
+        NUM_COLS=NUM_COLS, K=K, CLIP=clip, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
+
+
+# Both ops only write buffers they are given, so their fake (meta) kernels have nothing to do. triton_op's
+# default fake runs the body on fake tensors, which an interpreted kernel cannot take.
+@mlp_launch.register_fake
+def _mlp_launch_fake(*args, **kwargs) -> None:
+    return None
+
+
+@compose_launch.register_fake
+def _compose_launch_fake(*args, **kwargs) -> None:
+    return None

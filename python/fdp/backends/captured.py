@@ -1,0 +1,156 @@
+"""One sampling call as one CUDA graph launch: :class:`CapturedCall`, shared by every CUDA backend.
+
+A backend writes its whole call (router, per-call terms, all T steps) as one
+function of tensors, ``fn(global_cond, x_T, step_noise) -> x_0``, that is
+*capturable*: it reads no tensor back to the host, takes every per-call
+value from its tensor arguments and does not modify them.
+:class:`CapturedCall` wraps it:
+
+- the first call with a new input signature (the shape and dtype of every
+  argument, or None) runs ``fn`` eagerly on a side stream (Triton compiles,
+  cuBLAS / cuDNN set up, the caching allocator grows there, not during
+  capture), then captures one ``fn`` call on static input buffers into a
+  ``torch.cuda.CUDAGraph`` with its own memory pool;
+- every call copies its inputs into that signature's static buffers, replays
+  the graph and returns a copy of the static output (the next replay
+  overwrites it). On the host that is a few copies and one graph launch; no
+  synchronisation.
+
+What a graph freezes: the addresses of every tensor ``fn`` reads besides its
+arguments (the packed weights and step terms, copies made at packing, and the
+module parameters ``fn`` reads directly: the router's and, for the MLP
+backends, the conditioning projections', whose in-place updates a replay
+sees) and every host value (Python ints and floats, the router's strategy). :meth:`CapturedCall.invalidate` drops the graphs; the next call per
+signature captures again. A prepared object that packs again builds a new
+``CapturedCall`` (its graphs go with the old one).
+
+``fn`` runs directly, not replayed, off CUDA (``enabled=False``), while
+``torch.compile`` traces the call (dynamo sees ``fn``'s operations) and while
+the current stream is being captured by the user's own ``torch.cuda.graph``
+(``fn``'s kernels then go into the user's graph; warm up with one call before
+capturing, as for any CUDA graph).
+
+Memory: each captured signature keeps its static buffers, its graph and its
+pool for the life of the ``CapturedCall`` (or until :meth:`invalidate`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["CapturedCall", "CapturesCalls", "capturing"]
+
+Signature = tuple
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is being captured into a CUDA graph (False off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class _Entry:
+    """One captured signature: the graph, its static input buffers and its static output."""
+
+    __slots__ = ("graph", "inputs", "output")
+
+    def __init__(self, graph, inputs: list[Optional[torch.Tensor]], output: torch.Tensor):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+class CapturedCall:
+    """``fn(*inputs)`` replayed from a CUDA graph captured once per input signature.
+
+    Args:
+        fn: a capturable function of tensors (or None) returning one tensor (see the module docstring).
+        device: where ``fn`` runs.
+        enabled: capture and replay (default: when ``device`` is a CUDA device); with False ``fn``
+            is called directly.
+        warmup: eager calls of ``fn`` on a side stream before each capture.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], device, *, enabled: bool | None = None, warmup: int = 1):
+        self.fn = fn
+        self.device = torch.device(device)
+        self.enabled = self.device.type == "cuda" if enabled is None else bool(enabled)
+        if self.enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graph capture needs a CUDA device, got {self.device}")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"`warmup` must be a positive int, got {warmup!r}")
+        self.warmup = warmup
+        self._entries: dict[Signature, _Entry] = {}
+
+    @staticmethod
+    def signature(inputs) -> Signature:
+        """What a captured graph is specific to: each argument's shape and dtype, or None."""
+        return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+
+    @property
+    def signatures(self) -> list[Signature]:
+        """The signatures captured so far, in capture order."""
+        return list(self._entries)
+
+    def invalidate(self) -> None:
+        """Drop every captured graph; the next call per signature captures again.
+
+        For changes a graph cannot see: parameters replaced (not updated in place), a new
+        router strategy, re-packed weights.
+        """
+        self._entries.clear()
+
+    def replays(self) -> bool:
+        """Whether a call made now would replay a graph (rather than call ``fn`` directly)."""
+        if not self.enabled or torch.compiler.is_compiling():
+            return False
+        return not capturing(self.device)
+
+    def __call__(self, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.replays():
+            return self.fn(*inputs)
+        key = self.signature(inputs)
+        entry = self._entries.get(key)
+        if entry is None:
+            static = [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in inputs]
+            graph, output = self._capture(static)
+            entry = self._entries[key] = _Entry(graph, static, output)
+        for buf, t in zip(entry.inputs, inputs):
+            if buf is not None:
+                buf.copy_(t)
+        self._replay(entry.graph)
+        return entry.output.clone()
+
+    # The two steps that need CUDA (tests emulate them on the CPU).
+
+    def _replay(self, graph) -> None:
+        with torch.cuda.device(self.device):  # a graph replays on the current stream of its own device
+            graph.replay()
+
+    def _capture(self, static: list[Optional[torch.Tensor]]):
+        """Warm up on a side stream, then capture ``fn(*static)``; returns ``(graph, static output)``."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*static)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # On the warm-up stream: torch.cuda.graph's default capture stream lives on whichever device
+            # was current when it was first made.
+            with torch.cuda.graph(graph, stream=side):
+                output = self.fn(*static)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"a captured call must return one tensor, got {type(output).__name__}")
+        return graph, output
+
+
+class CapturesCalls:
+    """For prepared objects whose sampling call is ``self._call``, a :class:`CapturedCall`."""
+
+    _call: CapturedCall
+
+    def invalidate(self) -> None:
+        """Drop the captured graphs (the next call per batch size captures again)."""
+        self._call.invalidate()

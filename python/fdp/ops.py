@@ -1,0 +1,61 @@
+"""fdp's fused kernels as ``torch.library`` ops: what ``torch.compile`` and ``torch.export`` see.
+
+A Sampler call of a fused backend reaches its kernels through these ops, so
+``torch.compile(fullgraph=True)`` traces it without a graph break and
+``torch.export`` keeps the ops in the exported program:
+
+- ``torch.ops.fdp.mlp_cuda`` (here): one sampling call's kernel launch(es) of
+  the CUDA extension ``fdp._C`` (``backend="cuda"`` / ``"cuda-persistent"``);
+  a :func:`torch.library.custom_op` with a fake (meta) implementation, so
+  tracing needs no GPU work;
+- ``torch.ops.fdp.mlp_launch`` and ``torch.ops.fdp.compose_launch``
+  (:mod:`fdp_kernels.ops`, registered when the Triton kernels are first
+  used): :func:`torch.library.triton_op` s of the Triton kernels
+  (``triton``, ``triton-persistent``, ``graph``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .packing import CallTerms, PackedMLP, StepTerms
+
+__all__ = ["mlp_cuda", "mlp_cuda_call"]
+
+
+@torch.library.custom_op("fdp::mlp_cuda", mutates_args=())
+def mlp_cuda(kind: int, x: torch.Tensor, w_in: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
+             b_b: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, t_in: torch.Tensor, t_shift: torch.Tensor,
+             weights: torch.Tensor, c_in: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, coef: torch.Tensor,
+             noise: Optional[torch.Tensor], clip_range: Optional[float], options: list[int]) -> torch.Tensor:
+    """x_0 ``[B, D]`` float32 from ``x`` (x_T) by the fused CUDA kernel ``kind`` (0 per-step, 1 persistent).
+
+    Tensors as :func:`fdp.backends.cuda_backend.launch` takes them, flattened; ``options`` are the five
+    kernel options in ``cuda_backend``'s order (0 / -1: automatic). Validates before launching.
+    """
+    from .backends import cuda_backend as cb
+
+    # The kernels see only the flat sample: horizon x action_dim = 1 x D.
+    packed = PackedMLP(w_in, w_a, w_b, b_b, w_out, b_out, horizon=1, action_dim=w_in.shape[1])
+    out = torch.empty_like(x)
+    return cb.launch(kind, packed, StepTerms(t_in, t_shift), CallTerms(weights, c_in, scale, shift), coef, x, noise,
+                     out, clip_range, options=dict(zip(cb._OPTION_KEYS, options)))
+
+
+@mlp_cuda.register_fake
+def _mlp_cuda_fake(kind, x, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, weights, c_in, scale, shift, coef,
+                   noise, clip_range, options):
+    if x.ndim != 2 or w_in.ndim != 3 or x.shape[1] != w_in.shape[1]:
+        raise ValueError(f"`x` must be [B, D] with D = w_in.shape[1], got {list(x.shape)} and w_in "
+                         f"{list(w_in.shape)}")
+    return torch.empty_like(x)
+
+
+def mlp_cuda_call(kind: int, packed: PackedMLP, steps: StepTerms, call: CallTerms, coef: torch.Tensor,
+                  x: torch.Tensor, noise: torch.Tensor | None, clip_range: float | None, options) -> torch.Tensor:
+    """:func:`mlp_cuda` from the packing objects (``options``: ``cuda_backend``'s tuple)."""
+    return mlp_cuda(kind, x, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
+                    steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift, coef, noise,
+                    clip_range, list(options))
