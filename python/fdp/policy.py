@@ -170,17 +170,27 @@ class FactorizedPolicy(nn.Module):
     def forward(self, sample, timestep, local_cond=None, global_cond=None, weights=None):
         """Composed prediction ``sum_k w_k * eps_k`` (``weights`` skips the router)."""
         self.check_inputs(sample, global_cond, weights)
+        if sample.shape[0] == 0:
+            return sample.new_empty(sample.shape)
         if weights is None:
             weights = self.weights(global_cond)
         return self.compose(sample, timestep, global_cond, weights, local_cond)
 
     def compose(self, sample, timestep, global_cond, weights, local_cond=None):
-        """``sum_k weights[:, k] * eps_k`` without input checks (the sampler's inner loop)."""
+        """``sum_k weights[:, k] * eps_k`` without input checks (the sampler's inner loop).
+
+        A component whose weight is exactly 0 for a row is left out of that
+        row, whatever it outputs (no value, no gradient): sparse routing
+        (``hard``, ``topk``) lets fused backends skip it, and all backends
+        must agree even when its output is NaN. A NaN weight is not 0, so it
+        gives a NaN row.
+        """
         out = None
         for k, comp in enumerate(self.components):
             cond_k = global_cond if self._takes_cond[k] else None
             eps_k = comp(sample, timestep, local_cond=local_cond, global_cond=cond_k)
-            term = weights[:, k, None, None].to(eps_k.dtype) * eps_k
+            w_k = weights[:, k, None, None].to(eps_k.dtype)
+            term = torch.where(w_k != 0, w_k * eps_k, 0)
             out = term if out is None else out + term
         return out
 
@@ -192,6 +202,8 @@ class FactorizedPolicy(nn.Module):
         the target follows the scheduler's ``prediction_type``.
         """
         self.check_inputs(actions, cond)
+        if actions.shape[0] == 0:
+            raise ValueError("`actions` must hold at least one sample: the loss is a mean over the batch")
         sched = self.noise_scheduler
         gen_device = generator.device if generator is not None else actions.device
         noise = torch.randn(actions.shape, generator=generator, device=gen_device, dtype=actions.dtype).to(actions.device)

@@ -11,7 +11,11 @@ class Prepared(Protocol):
     """A policy packed for one backend, scheduler table and dtype.
 
     ``run(global_cond [B, Dc], x_T [B, Ta, Da], step_noise [T, B, Ta, Da] or None)``
-    returns ``x_0 [B, Ta, Da]``. Inputs arrive validated, on the right device.
+    returns ``x_0 [B, Ta, Da]``. Inputs arrive validated, on the right device,
+    with ``B >= 1``. A prepared object whose class sets ``noise_per_step = True``
+    reads ``step_noise[i]`` only while step ``i`` runs, in step order, and may
+    be given an indexable source that draws it then (None for a step that adds
+    none) instead of a tensor.
     """
 
     def run(self, global_cond: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor | None) -> torch.Tensor: ...

@@ -1,0 +1,93 @@
+"""Noticing that a policy changed since a backend packed it, from host metadata only.
+
+Fused backends copy the weights when they pack a policy, so a
+:class:`fdp.Sampler` must pack again after an optimizer step, an in-place
+edit, ``load_state_dict``, ``.to(dtype or device)`` or ``add_component``.
+:meth:`PolicyWatch.changed` tells it, per call, without reading the device:
+
+- every parameter's and buffer's version counter, which each in-place write
+  through the tensor bumps (optimizer steps, ``copy_``, ``load_state_dict``);
+- their data pointers, which change when ``.to()`` or ``t.data = ...`` swap a
+  tensor's storage (neither bumps the version);
+- that each module still holds the same tensor objects;
+- a process-wide count of module, parameter and buffer registrations (new
+  components, replaced layers): after one, the tensors are collected again;
+- a process-wide count of steps of fused optimizers (``fused=True``), which
+  write parameters without bumping their versions: after one, every watch
+  reports a change (the watch cannot tell whose parameters were stepped);
+- the router's strategy.
+
+What it cannot see: in-place writes through ``.data`` (that tensor has a
+version counter of its own) and writes to tensors created in inference mode
+(which have none). Call :meth:`fdp.Sampler.repack` after those.
+
+Importing this module registers the two global hooks that keep the counts
+(:func:`torch.nn.modules.module.register_module_parameter_registration_hook`
+and friends, :func:`torch.optim.optimizer.register_optimizer_step_post_hook`);
+each adds one integer increment to what it observes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+from torch.optim import optimizer as _optimizer
+
+
+class _Counts:
+    registrations = 0
+    fused_steps = 0
+
+
+def _on_registration(module, name, value):
+    _Counts.registrations += 1
+
+
+def _on_optimizer_step(optimizer, args, kwargs):
+    if any(group.get("fused") for group in optimizer.param_groups):
+        _Counts.fused_steps += 1
+
+
+_module.register_module_module_registration_hook(_on_registration)
+_module.register_module_parameter_registration_hook(_on_registration)
+_module.register_module_buffer_registration_hook(_on_registration)
+_optimizer.register_optimizer_step_post_hook(_on_optimizer_step)
+
+
+class PolicyWatch:
+    """A snapshot of a module's tensors; :meth:`changed` compares the module with it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.reset()
+
+    def reset(self) -> None:
+        """Take a new snapshot (after the module was packed again)."""
+        self._registrations = _Counts.registrations
+        self._fused_steps = _Counts.fused_steps
+        self._slots = [(d, name) for m in self.module.modules() for d in (m._parameters, m._buffers)
+                       for name, t in d.items() if t is not None]
+        self._tensors = [d[name] for d, name in self._slots]
+        # Tensors made in inference mode have no version counter; their pointers are still watched.
+        self._versioned = [t for t in self._tensors if not t.is_inference()]
+        self._state = self._read()
+
+    def _read(self) -> tuple:
+        router = getattr(self.module, "router", None)
+        return ([id(d.get(name)) for d, name in self._slots], [t._version for t in self._versioned],
+                list(map(torch.Tensor.data_ptr, self._tensors)), getattr(router, "strategy", None),
+                getattr(router, "topk", None))
+
+    def changed(self) -> bool:
+        """True if the module may differ from the snapshot; the snapshot stays until :meth:`reset`."""
+        if self._fused_steps != _Counts.fused_steps:
+            return True
+        if self._registrations != _Counts.registrations:
+            # Something registered a module or tensor somewhere: collect the tensors again.
+            now = PolicyWatch(self.module)
+            if now._state != self._state:
+                return True
+            self._registrations = now._registrations
+            return False
+        return self._read() != self._state
