@@ -168,7 +168,8 @@ class FactorizedPolicy(nn.Module):
             check_tensor("weights", weights, shape=(B, self.num_components), dtype="floating", device=sample.device)
 
     def forward(self, sample, timestep, local_cond=None, global_cond=None, weights=None):
-        """Composed prediction ``sum_k w_k * eps_k`` (``weights`` skips the router)."""
+        """Composed prediction ``sum_k w_k * eps_k`` (``weights`` skips the router); an empty batch gives an
+        empty prediction."""
         self.check_inputs(sample, global_cond, weights)
         if sample.shape[0] == 0:
             return sample.new_empty(sample.shape)
@@ -199,7 +200,8 @@ class FactorizedPolicy(nn.Module):
         """Denoising loss: MSE of the composed prediction against its target.
 
         Draws one timestep per sample uniformly and noise from ``generator``;
-        the target follows the scheduler's ``prediction_type``.
+        the target follows the scheduler's ``prediction_type``. An empty batch
+        has no mean and is refused (ValueError naming ``actions``).
         """
         self.check_inputs(actions, cond)
         if actions.shape[0] == 0:
