@@ -200,6 +200,31 @@ def test_freshness_check_reads_nothing_and_repacks_only_on_change():
     assert sampler._prepared is not prepared
 
 
+def test_policy_watch_sees_what_bypasses_the_hooks():
+    from fdp._watch import PolicyWatch
+
+    policy = make_policy("torch")
+    watch = PolicyWatch(policy)
+    assert not watch.changed()
+    out = policy.components[0].out
+    out._parameters["weight"] = torch.nn.Parameter(out.weight.detach().clone())  # no registration hook runs
+    assert watch.changed()
+    watch.reset()
+    del out._parameters["bias"]
+    assert watch.changed()
+
+
+def test_policy_watch_with_inference_tensors():
+    from fdp._watch import PolicyWatch
+
+    with torch.inference_mode():
+        policy = make_policy("torch")
+    watch = PolicyWatch(policy)
+    assert not watch.changed()
+    policy.components[0].out.weight.data = torch.zeros(12, 16)
+    assert watch.changed()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2. NaN
 

@@ -5,11 +5,11 @@ Fused backends copy the weights when they pack a policy, so a
 edit, ``load_state_dict``, ``.to(dtype or device)`` or ``add_component``.
 :meth:`PolicyWatch.changed` tells it, per call, without reading the device:
 
-- every parameter's and buffer's version counter, which each in-place write
-  through the tensor bumps (optimizer steps, ``copy_``, ``load_state_dict``);
-- their data pointers, which change when ``.to()`` or ``t.data = ...`` swap a
-  tensor's storage (neither bumps the version);
-- that each module still holds the same tensor objects;
+- the version counter of every parameter and buffer the modules hold now,
+  which each in-place write through the tensor bumps (optimizer steps,
+  ``copy_``, ``load_state_dict``);
+- their data pointers, which change when ``.to()``, ``t.data = ...`` or a
+  replaced tensor bring other storage (none of which bumps a version);
 - a process-wide count of module, parameter and buffer registrations (new
   components, replaced layers): after one, the tensors are collected again;
 - a process-wide count of steps of fused optimizers (``fused=True``), which
@@ -21,13 +21,15 @@ What it cannot see: in-place writes through ``.data`` (that tensor has a
 version counter of its own) and writes to tensors created in inference mode
 (which have none). Call :meth:`fdp.Sampler.repack` after those.
 
-Importing this module registers the two global hooks that keep the counts
+Importing this module registers the global hooks that keep the counts
 (:func:`torch.nn.modules.module.register_module_parameter_registration_hook`
 and friends, :func:`torch.optim.optimizer.register_optimizer_step_post_hook`);
 each adds one integer increment to what it observes.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import nn
@@ -55,6 +57,17 @@ _module.register_module_buffer_registration_hook(_on_registration)
 _optimizer.register_optimizer_step_post_hook(_on_optimizer_step)
 
 
+_version = operator.attrgetter("_version")
+
+
+def _version_or_none(t):
+    # Tensors made in inference mode have no version counter (their pointers are still watched).
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class PolicyWatch:
     """A snapshot of a module's tensors; :meth:`changed` compares the module with it."""
 
@@ -66,17 +79,21 @@ class PolicyWatch:
         """Take a new snapshot (after the module was packed again)."""
         self._registrations = _Counts.registrations
         self._fused_steps = _Counts.fused_steps
-        self._slots = [(d, name) for m in self.module.modules() for d in (m._parameters, m._buffers)
-                       for name, t in d.items() if t is not None]
-        self._tensors = [d[name] for d, name in self._slots]
-        # Tensors made in inference mode have no version counter; their pointers are still watched.
-        self._versioned = [t for t in self._tensors if not t.is_inference()]
+        slots = [(d, name) for m in self.module.modules() for d in (m._parameters, m._buffers)
+                 for name, t in d.items() if t is not None]
+        self._dicts, self._names = [d for d, _ in slots], [name for _, name in slots]
+        self._unversioned = None in map(_version_or_none, (d[name] for d, name in slots))
         self._state = self._read()
 
-    def _read(self) -> tuple:
+    def _read(self) -> tuple | None:
+        # Read through the modules' dicts: a replaced tensor shows by its own storage and version.
+        try:
+            tensors = list(map(dict.__getitem__, self._dicts, self._names))
+            versions = list(map(_version_or_none if self._unversioned else _version, tensors))
+        except (KeyError, AttributeError, RuntimeError):  # a tensor deleted, set to None, or now unversioned
+            return None
         router = getattr(self.module, "router", None)
-        return ([id(d.get(name)) for d, name in self._slots], [t._version for t in self._versioned],
-                list(map(torch.Tensor.data_ptr, self._tensors)), getattr(router, "strategy", None),
+        return (versions, list(map(torch.Tensor.data_ptr, tensors)), getattr(router, "strategy", None),
                 getattr(router, "topk", None))
 
     def changed(self) -> bool:
@@ -86,8 +103,10 @@ class PolicyWatch:
         if self._registrations != _Counts.registrations:
             # Something registered a module or tensor somewhere: collect the tensors again.
             now = PolicyWatch(self.module)
-            if now._state != self._state:
+            same_slots = list(map(id, now._dicts)) == list(map(id, self._dicts)) and now._names == self._names
+            if not same_slots or now._state != self._state:
                 return True
             self._registrations = now._registrations
             return False
-        return self._read() != self._state
+        state = self._read()
+        return state is None or state != self._state
