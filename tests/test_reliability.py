@@ -290,6 +290,21 @@ def test_rows_that_do_not_use_a_nan_component_stay_finite(name, monkeypatch):
     assert torch.isnan(out[uses_nan]).all() and torch.isfinite(out[~uses_nan]).all()
 
 
+@pytest.mark.parametrize("compose", ["torch", pytest.param("triton", marks=KERNEL_NAN_FIX)])
+def test_graph_composition_leaves_zero_weight_components_out(compose):
+    # The compose kernel is what backend="graph" runs on CUDA; here in the Triton interpreter.
+    policy = make_policy("graph", strategy="fixed", fixed_weights=[0.6, 0.0, 0.4])
+    table = KERNEL_SCHEDULERS["ddim"][0]().step_table(3)
+    x_T = torch.randn(3, 4, 3, generator=seed())
+    expect = get_backend("torch").prepare(policy, table).run(cond(), x_T, None)
+    with torch.no_grad():
+        for p in policy.components[1].parameters():
+            p.fill_(NAN)
+    prepared = get_backend("graph").prepare(policy, table, capture=False, compose=compose)
+    assert prepared.compose == compose
+    torch.testing.assert_close(prepared.run(cond(), x_T, None), expect, rtol=1e-5, atol=1e-6)
+
+
 def test_policy_forward_leaves_zero_weight_components_out():
     policy = make_policy("torch", strategy="fixed", fixed_weights=[0.6, 0.0, 0.4])
     x, c = torch.randn(3, 4, 3), cond()
