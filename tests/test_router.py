@@ -81,3 +81,35 @@ def test_add_output_keeps_existing_logits():
     assert r.num_components == 5
     torch.testing.assert_close(after[:, :4], before)
     assert torch.all(after[:, 4] == fdp.router.NEW_COMPONENT_LOGIT)
+
+
+@pytest.mark.parametrize("strategy,kw", [("soft", {}), ("hard", {}), ("topk", {"topk": 2})])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_logits_give_nan_rows(strategy, kw, bad):
+    # An argmax or top-k would turn a NaN logit into a confident, finite choice.
+    r = _router(strategy, **kw)
+    c = torch.randn(5, 6, dtype=torch.float64)
+    good = r(c)
+    with torch.no_grad():
+        r.net[2].bias[2] = bad  # every row's logit 2
+        r.net[2].weight[2].zero_()
+    w = r(c)
+    assert torch.isnan(w).all()
+    # Rows are independent: only the rows that hold a bad logit are NaN.
+    c2 = torch.randn(4, 6, dtype=torch.float64)
+    r2 = _router(strategy, **kw)
+    logits = r2.logits(c2)
+    logits[1, 3] = bad
+    r2.logits = lambda cond: logits
+    w2 = r2(c2)
+    assert torch.isnan(w2[1]).all() and torch.isfinite(w2[[0, 2, 3]]).all()
+    assert torch.isfinite(good).all()
+
+
+def test_minus_inf_logit_masks_a_component():
+    r = _router("hard")
+    c = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        r.net[2].bias[0] = -float("inf")
+    w = r(c)
+    assert torch.isfinite(w).all() and torch.all(w[:, 0] == 0)

@@ -467,3 +467,22 @@ def test_ddim_eta_one_at_zero_snr():
     assert torch.isfinite(o).all()
     if torch.isfinite(r).all():
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("eta", [1.5, 1.0 + 1e-6, -0.1, float("nan"), float("inf"), True, "0.5"])
+def test_ddim_eta_outside_unit_interval_is_refused(eta):
+    # Past 1 the step's noise can exceed its variance: diffusers then takes sqrt of a negative (NaN).
+    d = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="eta"):
+        d.step_table(10, eta=eta)
+    d.set_timesteps(10)
+    with pytest.raises(ValueError, match="eta"):
+        d.step(torch.zeros(SHAPE), int(d.timesteps[0]), torch.zeros(SHAPE), eta=eta)
+
+
+def test_ddim_eta_bounds_are_accepted():
+    import numpy as np
+
+    d = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    for eta in (0, 0.0, 1, 1.0, np.float32(0.5)):
+        assert torch.isfinite(d.step_table(10, eta=eta).coef).all()

@@ -28,6 +28,7 @@ __all__ = [
     "check_int",
     "check_optional_int",
     "check_bool",
+    "check_float_dtype",
     "check_tensor",
     "check_finite",
     "inputs_already_checked",
@@ -91,6 +92,33 @@ def check_bool(name: str, value) -> bool:
     if not (isinstance(value, bool) or is_numpy_bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
     return bool(value)
+
+
+#: Names accepted for floating dtypes (besides torch.dtype objects), as users and configs spell them.
+FLOAT_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def check_float_dtype(name: str, value) -> torch.dtype | None:
+    """Check that ``value`` is None, a floating ``torch.dtype`` or one of :data:`FLOAT_DTYPE_NAMES`
+    (``"torch."`` prefix allowed); returns the ``torch.dtype`` (or None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key not in FLOAT_DTYPE_NAMES:
+            raise ValueError(f"`{name}` must be a floating torch.dtype or one of {list(FLOAT_DTYPE_NAMES)}, "
+                             f"got {value!r}")
+        return FLOAT_DTYPE_NAMES[key]
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"`{name}` must be a floating torch.dtype (e.g. torch.bfloat16) or its name, "
+                        f"got {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_tensor(

@@ -172,14 +172,24 @@ class FactorizedPolicy(nn.Module):
             check_tensor("weights", weights, shape=(B, self.num_components), dtype="floating", device=sample.device)
 
     def forward(self, sample, timestep, local_cond=None, global_cond=None, weights=None):
-        """Composed prediction ``sum_k w_k * eps_k`` (``weights`` skips the router)."""
+        """Composed prediction ``sum_k w_k * eps_k`` (``weights`` skips the router); an empty batch gives an
+        empty prediction."""
         self.check_inputs(sample, global_cond, weights)
+        if sample.shape[0] == 0:
+            return sample.new_empty(sample.shape)
         if weights is None:
             weights = self.weights(global_cond)
         return self.compose(sample, timestep, global_cond, weights, local_cond)
 
     def compose(self, sample, timestep, global_cond, weights, local_cond=None):
-        """``sum_k weights[:, k] * eps_k`` without input checks (the sampler's inner loop)."""
+        """``sum_k weights[:, k] * eps_k`` without input checks (the sampler's inner loop).
+
+        A component whose weight is exactly 0 for a row is left out of that
+        row, whatever it outputs (no value, no gradient): sparse routing
+        (``hard``, ``topk``) lets fused backends skip it, and all backends
+        must agree even when its output is NaN. A NaN weight is not 0, so it
+        gives a NaN row.
+        """
         return _weighted_sum(weights, self.component_outputs(sample, timestep, global_cond, local_cond))
 
     def component_outputs(self, sample, timestep, global_cond, local_cond=None):
@@ -230,8 +240,12 @@ class FactorizedPolicy(nn.Module):
         get none in that step). With ``topk=1`` or ``"hard"`` every weight is a
         constant 0 or 1, so none of these terms gives the router a gradient:
         train those soft or with ``topk >= 2``.
+
+        An empty batch has no mean and is refused (ValueError naming ``actions``).
         """
         self.check_inputs(actions, cond)
+        if actions.shape[0] == 0:
+            raise ValueError("`actions` must hold at least one sample: the loss is a mean over the batch")
         component_weight = _check_loss_weight("component_weight", component_weight)
         balance_weight = _check_loss_weight("balance_weight", balance_weight)
         noisy, t, target = self.noised(actions, generator)
@@ -256,9 +270,11 @@ class FactorizedPolicy(nn.Module):
 
 
 def _weighted_sum(weights, outputs):
+    """``sum_k w_k * eps_k`` with a zero weight leaving its component out of the row (see ``compose``)."""
     out = None
     for k, eps_k in enumerate(outputs):
-        term = weights[:, k, None, None].to(eps_k.dtype) * eps_k
+        w_k = weights[:, k, None, None].to(eps_k.dtype)
+        term = torch.where(w_k != 0, w_k * eps_k, 0)
         out = term if out is None else out + term
     return out
 

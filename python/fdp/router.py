@@ -9,6 +9,11 @@
   to 1), the same for every observation — for composing separately trained
   policies. ``net`` is kept so state dicts have one shape whatever the strategy.
 
+A row whose logits hold NaN or +Inf gets NaN weights under ``soft``, ``hard``
+and ``topk`` alike (softmax does so by itself; an argmax or top-k would
+otherwise turn a NaN into a confident choice), so a broken router shows as
+NaN actions on every backend rather than as finite ones.
+
 The router runs once per sampling call, never per denoising step.
 """
 
@@ -28,6 +33,12 @@ STRATEGIES = ("soft", "hard", "topk", "fixed")
 # there (gradients that small fall under Adam's epsilon): FactorizedPolicy.adapt
 # lifts it first.
 NEW_COMPONENT_LOGIT = -20.0
+
+
+def _nan_where_softmax_is(w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # NaN < inf is False too: rows with a NaN or +Inf logit, where softmax gives NaN.
+    bad = ~(logits < float("inf")).all(dim=-1, keepdim=True)
+    return w.masked_fill(bad, float("nan"))
 
 
 class Router(nn.Module):
@@ -88,10 +99,12 @@ class Router(nn.Module):
         if self.strategy == "soft":
             return torch.softmax(logits, dim=-1)
         if self.strategy == "hard":
-            return F.one_hot(logits.argmax(dim=-1), self.num_components).to(logits.dtype)
+            w = F.one_hot(logits.argmax(dim=-1), self.num_components).to(logits.dtype)
+            return _nan_where_softmax_is(w, logits)
         if self.strategy == "topk":
             top, idx = logits.topk(self.topk, dim=-1)
-            return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+            w = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+            return _nan_where_softmax_is(w, logits)
         return self.fixed_weights.to(logits.dtype).expand_as(logits).clone()
 
     @torch.no_grad()

@@ -5,18 +5,23 @@ Noise contract (DESIGN.md section 7): ``x_T`` is the initial noise
 order) adds, ``[T, B, Ta, Da]``, and a step that adds none ignores its slice.
 With a ``generator`` instead, noise is drawn as a diffusers loop with that
 generator draws it: ``x_T`` first, then one draw per step that adds noise, each
-on the generator's device in the sample's dtype. Drawing all of it up front
-gives the same numbers because the model itself consumes no randomness.
+on the generator's device in the sample's dtype. Backends that take the noise
+step by step (``torch``) get each step's draw when the step runs, so that only
+one step's noise is in memory; the fused backends read all of it at once and
+get it drawn up front, ``[T, B, Ta, Da]`` (the same numbers: the model itself
+consumes no randomness).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 
 import torch
 
-from ._validation import check_bool, check_finite, check_tensor, inputs_already_checked
+from ._validation import check_bool, check_finite, check_float_dtype, check_int, check_tensor, inputs_already_checked
+from ._watch import PolicyWatch
 from .backends import select
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
@@ -29,6 +34,24 @@ def _draw(shape, generator, device, dtype):
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+class _StepNoise:
+    """Step noise drawn when step ``i`` asks for ``[i]``, in step order: a diffusers loop's
+    draws, one step's worth in memory at a time (None for a step that adds none)."""
+
+    def __init__(self, adds, shape, generator, device, dtype):
+        self.adds, self.shape, self.generator, self.device, self.dtype = adds, shape, generator, device, dtype
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.adds)
+
+    def __getitem__(self, i: int):
+        if i != self._next:
+            raise IndexError(f"step noise is drawn in step order: step {i} asked for it, step {self._next} is next")
+        self._next += 1
+        return _draw(self.shape, self.generator, self.device, self.dtype) if self.adds[i] else None
+
+
 class Sampler:
     """Packs a policy once for a backend and samples action chunks from it.
 
@@ -39,7 +62,8 @@ class Sampler:
             current ``num_inference_steps``, else its training steps).
         eta: DDIM's eta (0: deterministic); must be 0 for DDPM.
         backend: ``"auto"`` or a name from :func:`fdp.available_backends`.
-        dtype: weight dtype for fused backends (None: the policy's dtype).
+        dtype: weight dtype for fused backends (None: the policy's dtype): a
+            floating ``torch.dtype`` or a name such as ``"float32"``, ``"bf16"``, ``"fp16"``.
         batch_size: the batch size ``auto`` times backends at (calls may use any).
         verify: check a backend named in ``backend`` against the torch reference
             once, here, and raise :class:`fdp.backends.VerificationError` if it
@@ -54,6 +78,24 @@ class Sampler:
     here, and logs why it skipped each other one. ``sampler.selection``
     (:class:`fdp.backends.Selection`) records what was tried: each backend's
     error against ``torch``, its time, and why the winner won.
+
+    The policy may change after the Sampler is built (an optimizer step,
+    ``load_state_dict``, an in-place edit, ``.to(dtype or device)``,
+    ``add_component``, a new routing strategy): the next call notices it from
+    host metadata alone (parameter versions and identities, no device read)
+    and packs the policy again first, following its new dtype and device
+    (``dtype`` stays if you gave one). If the backend cannot serve the changed
+    policy, that call raises ValueError saying why. Writes through ``.data``
+    bypass the version counters: call :meth:`repack` after those. Under
+    ``torch.compile`` the check is skipped (compiled code is traced once).
+
+    An empty batch (``global_cond`` ``[0, Dc]``) returns an empty
+    ``[0, horizon, action_dim]`` without running a backend. NaN or Inf in
+    ``global_cond``, ``x_T`` or the steps of ``step_noise`` that add noise is
+    refused (ValueError) while ``check_inputs`` is on; a NaN router weight or a
+    NaN output of a component with a nonzero weight gives NaN actions on every
+    backend, a component with weight exactly 0 is left out (see
+    :meth:`fdp.FactorizedPolicy.compose`).
     """
 
     def __init__(self, policy: FactorizedPolicy, scheduler, num_inference_steps: int | None = 10,
@@ -65,33 +107,65 @@ class Sampler:
             raise TypeError(f"`scheduler` must be an fdp.DDPMScheduler or fdp.DDIMScheduler, got "
                             f"{type(scheduler).__name__} (diffusers schedulers: use fdp.DDIMScheduler.from_config"
                             "(s.config))")
-        if policy.num_components != policy.router.num_components:
-            raise ValueError(f"policy has {policy.num_components} components but its router has "
-                             f"{policy.router.num_components} outputs: K must match")
+        _check_router_size(policy)
         if num_inference_steps is None:
             num_inference_steps = scheduler.num_inference_steps or scheduler.config["num_train_timesteps"]
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, min_value=1)
         self.policy = policy
         self.scheduler = scheduler
         self.check_inputs = check_bool("check_inputs", check_inputs)
         self.num_inference_steps = num_inference_steps
+        self.table = scheduler.step_table(num_inference_steps, eta=eta)  # refuses a bad eta, naming it
         self.eta = float(eta)
-        self.table = scheduler.step_table(num_inference_steps, eta=self.eta)
-        param = next(policy.parameters())
-        self.device = param.device
-        self.dtype = dtype or param.dtype
-        # Features and noise live in the policy's own dtype (the dtype of a
-        # diffusers loop's sample); fused backends cast weights to self.dtype.
-        self.sample_dtype = param.dtype
+        self._dtype_arg = check_float_dtype("dtype", dtype)
+        self._follow_policy()
         be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
                                               batch_size=batch_size, verify=verify)
         self.backend = be.name
         if backend == "auto":
             log.info("fdp.Sampler: backend 'auto' picked %r on %s (%s)%s", be.name, self.device, self.selection.why,
                      "".join(f"; skipped {n!r}: {r}" for n, r in self.selection.skipped().items()))
-        with nvtx_range("fdp.pack"):
-            self._prepared = prepared or be.prepare(policy, self.table, self.dtype)
+        self._pack(be, prepared)
+
+    def _follow_policy(self) -> None:
+        param = next(self.policy.parameters())
+        self.device = param.device
+        self.dtype = self._dtype_arg or param.dtype
+        # Features and noise live in the policy's own dtype (the dtype of a
+        # diffusers loop's sample); fused backends cast weights to self.dtype.
+        self.sample_dtype = param.dtype
+
+    def _pack(self, be, prepared=None) -> None:
+        """Pack for ``be`` (or keep ``prepared``, packed by the backend selection just now)."""
+        # Snapshot before packing (a change made meanwhile shows at the next call), kept only once
+        # packing succeeded (a failed repack is tried again at the next call).
+        watch = PolicyWatch(self.policy)
+        if prepared is None:
+            with nvtx_range("fdp.pack"):
+                prepared = be.prepare(self.policy, self.table, self.dtype)
+        self._prepared = prepared
+        self._watch, self._backend_impl = watch, be
+
+    def _ensure_fresh(self) -> None:
+        """Pack again if the policy changed since it was packed (host metadata only)."""
+        if not torch.compiler.is_compiling() and self._watch.changed():
+            self.repack()
+
+    def repack(self) -> None:
+        """Pack the policy again now, following its current dtype, device and components.
+
+        Calls do this by themselves when they see a change (see the class
+        docs); call it after writes they cannot see (through ``.data``).
+        """
+        policy, be = self.policy, self._backend_impl
+        _check_router_size(policy)
+        self._follow_policy()
+        reason = be.unavailable_reason(self.device) or be.unsupported_reason(policy, self.table, self.dtype)
+        if reason:
+            raise ValueError(f"the policy changed since this Sampler packed it, and backend {be.name!r} cannot "
+                             f"serve it now: {reason}. Build a new fdp.Sampler for it (backend='auto' picks one "
+                             "that can)")
+        self._pack(be)
 
     def invalidate(self) -> None:
         """Drop the CUDA graphs the backend captured; each batch size captures again on its next call.
@@ -112,22 +186,44 @@ class Sampler:
 
         ``dtype`` defaults to the policy's dtype, the one ``__call__`` draws in.
         """
+        self._ensure_fresh()
         dtype = dtype or self.sample_dtype
         shape = (batch_size, self.policy.horizon, self.policy.action_dim)
         x_T = _draw(shape, generator, self.device, dtype)
-        adds = self.table.adds_noise.tolist()
+        return x_T, self._drawn_step_noise(shape, generator, dtype, per_step=False)
+
+    def _drawn_step_noise(self, shape, generator, dtype, per_step: bool):
+        """Step noise from ``generator``: drawn as the steps run (``per_step``) or all now, ``[T, *shape]``."""
+        adds = self.table._adds
         if not any(adds):
-            return x_T, None
+            return None
+        source = _StepNoise(adds, shape, generator, self.device, dtype)
+        if per_step:
+            return source
         step_noise = torch.zeros((len(adds), *shape), device=self.device, dtype=dtype)
-        for i, a in enumerate(adds):
-            if a:
-                step_noise[i] = _draw(shape, generator, self.device, dtype)
-        return x_T, step_noise
+        for i in range(len(adds)):
+            z = source[i]
+            if z is not None:
+                step_noise[i] = z
+        return step_noise
+
+    def _check_step_noise(self, step_noise, shape) -> None:
+        check_tensor("step_noise", step_noise, shape=(self.num_steps, *shape), dtype="floating", device=self.device)
+        if not self.check_inputs:
+            return
+        # A step that adds no noise ignores its slice: only the others must be finite.
+        start = 0
+        for adds, run in itertools.groupby(self.table._adds):
+            n = len(tuple(run))
+            if adds:
+                check_finite("step_noise", step_noise[start:start + n])
+            start += n
 
     def __call__(self, global_cond: torch.Tensor, x_T: torch.Tensor | None = None,
                  step_noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample action chunks ``[B, horizon, action_dim]`` for features ``global_cond [B, Dc]``."""
         with nvtx_range("fdp.sample"):
+            self._ensure_fresh()
             policy = self.policy
             check_tensor("global_cond", global_cond, ndim=2, dtype="floating", device=self.device)
             B = global_cond.shape[0]
@@ -139,26 +235,32 @@ class Sampler:
             if generator is not None and (x_T is not None or step_noise is not None):
                 raise ValueError("pass either `generator` or explicit `x_T`/`step_noise`, not both")
             shape = (B, policy.horizon, policy.action_dim)
-            if x_T is None:
-                drawn_x, drawn_noise = self.noise(B, generator)
-                x_T = drawn_x
-                if step_noise is None:
-                    step_noise = drawn_noise
-            else:
+            if x_T is not None:
                 check_tensor("x_T", x_T, shape=shape, dtype="floating", device=self.device)
                 if self.check_inputs:
                     check_finite("x_T", x_T)
-            if step_noise is None and any(self.table._adds):
-                step_noise = self.noise(B, generator)[1]
             if step_noise is not None:
-                check_tensor("step_noise", step_noise, shape=(self.num_steps, *shape), dtype="floating",
-                             device=self.device)
+                self._check_step_noise(step_noise, shape)
             dt = self.sample_dtype
-            if step_noise is not None:
+            if B == 0:
+                # No backend runs, so all of them agree on an empty batch.
+                return torch.empty(shape, device=self.device, dtype=dt)
+            if x_T is None:
+                x_T = _draw(shape, generator, self.device, dt)
+            if step_noise is None:
+                step_noise = self._drawn_step_noise(shape, generator, dt,
+                                                    per_step=getattr(self._prepared, "noise_per_step", False))
+            else:
                 step_noise = step_noise.to(dt)
             # Without checks, neither may the modules the backend calls (router, components) read a flag back.
             with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
                 return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
+
+
+def _check_router_size(policy: FactorizedPolicy) -> None:
+    if policy.num_components != policy.router.num_components:
+        raise ValueError(f"policy has {policy.num_components} components but its router has "
+                         f"{policy.router.num_components} outputs: K must match")
 
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,

@@ -284,11 +284,9 @@ def _ddim_coefficients(ac, final_ac, ts, prevs, prediction_type, eta, use_clippe
     b_t, b_p = 1 - ab_t, 1 - ab_p
     var = (b_p / b_t) * (1 - ab_t / ab_p)
     std = eta * var ** 0.5
-    radicand = 1 - ab_p - std ** 2
-    if eta <= 1:
-        # Exactly >= 0 for eta <= 1; float32 rounding can push it below 0 where it is 0
-        # (eta = 1 at a zero-SNR timestep), which gives diffusers a NaN.
-        radicand = radicand.clamp(min=0)
+    # Exactly >= 0 for eta <= 1 (the only etas accepted); float32 rounding can push it below 0
+    # where it is 0 (eta = 1 at a zero-SNR timestep), which gives diffusers a NaN.
+    radicand = (1 - ab_p - std ** 2).clamp(min=0)
     d = (radicand ** 0.5).double()
     s_ap = (ab_p ** 0.5).double()
     s_a, s_b = (ab_t ** 0.5).double(), (b_t ** 0.5).double()
@@ -658,7 +656,8 @@ class DDIMScheduler(_TableScheduler):
     ``DDIMScheduler`` (same constructor arguments and defaults).
 
     As in diffusers, the previous timestep is ``t - num_train_timesteps // num_inference_steps``
-    whatever the spacing. ``thresholding=True`` is not supported (ValueError).
+    whatever the spacing. ``thresholding=True`` is not supported (ValueError), nor is ``eta``
+    outside [0, 1] (diffusers' steps can give NaN there).
     """
 
     _beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -681,8 +680,10 @@ class DDIMScheduler(_TableScheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def _check_step_options(self, eta, use_clipped):
-        if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not eta >= 0 or math.isinf(eta):
-            raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}")
+        # Past 1, std^2 can exceed 1 - ab_p: d = sqrt(1 - ab_p - std^2) of a negative number, and
+        # NaN actions (diffusers computes them silently; refused here, as outside DDIM's definition).
+        if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not 0 <= eta <= 1:
+            raise ValueError(f"`eta` must be a number in [0, 1], got {eta!r}")
         return float(eta), bool(use_clipped)
 
     def _default_run(self):

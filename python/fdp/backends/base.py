@@ -11,10 +11,14 @@ class Prepared(Protocol):
     """A policy packed for one backend, scheduler table and dtype.
 
     ``run(global_cond [B, Dc], x_T [B, Ta, Da], step_noise [T, B, Ta, Da] or None)``
-    returns ``x_0 [B, Ta, Da]``. Inputs arrive validated, on the right device.
-    A call must read nothing back to the host (no ``.item()``, ``bool(tensor)``):
-    the CUDA backends capture it into a graph (:mod:`fdp.backends.captured`) and
-    give their prepared objects ``invalidate()``, which drops those graphs.
+    returns ``x_0 [B, Ta, Da]``. Inputs arrive validated, on the right device,
+    with ``B >= 1``. A call must read nothing back to the host (no ``.item()``,
+    ``bool(tensor)``): the CUDA backends capture it into a graph
+    (:mod:`fdp.backends.captured`) and give their prepared objects
+    ``invalidate()``, which drops those graphs. A prepared object whose class
+    sets ``noise_per_step = True`` reads ``step_noise[i]`` only while step ``i``
+    runs, in step order, and may be given an indexable source that draws it
+    then (None for a step that adds none) instead of a tensor.
     """
 
     def run(self, global_cond: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor | None) -> torch.Tensor: ...

@@ -22,9 +22,13 @@ compilation) and then captures it (:class:`fdp.backends.captured.CapturedCall`,
 which every CUDA backend shares).
 
 What a graph freezes: the packed weights are copies taken at ``prepare`` (the
-components are untouched; re-create the ``Sampler`` after changing them), the
-router runs inside the graph on its own parameters, read at replay, with the
-strategy it had at capture.
+components are untouched), the router runs inside the graph on its own
+parameters, read at replay, with the strategy it had at capture. A
+:class:`fdp.Sampler` prepares again when the policy changes (weights,
+strategy, dtype, device, components), which drops the captured graphs.
+
+Step noise: the graph reads all T steps' noise from one static buffer, so the
+sampler draws it up front, ``[T, B, Ta, Da]``.
 
 Precision (``dtype``): float32 (default, the policy's dtype) or bfloat16 /
 float16 weights. With a half dtype the trunk's stacked weights and
@@ -70,7 +74,9 @@ def compose_step_torch(eps, weights, table, step, x, noise=None):
     w = weights.to(x.dtype)
     m = None
     for k in range(eps.shape[0]):
-        term = w[:, k].reshape((-1,) + (1,) * (x.ndim - 1)) * eps[k].to(x.dtype)
+        w_k = w[:, k].reshape((-1,) + (1,) * (x.ndim - 1))
+        # A weight of exactly 0 leaves the component out, as in FactorizedPolicy.compose.
+        term = torch.where(w_k != 0, w_k * eps[k].to(x.dtype), 0)
         m = term if m is None else m + term
     return apply_step(table, step, x, m, noise)
 

@@ -16,6 +16,10 @@ from .base import Backend
 
 
 class TorchPrepared:
+    # Step i reads step_noise[i] only when it runs: the sampler may hand over a source that
+    # draws each step's noise then, instead of a [T, B, Ta, Da] tensor.
+    noise_per_step = True
+
     def __init__(self, policy, table, dtype):
         self.policy = policy
         self.table = table

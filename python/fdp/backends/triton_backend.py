@@ -10,9 +10,11 @@ computes the router weights and per-sample terms (:func:`fdp.packing.call_terms`
 and launches :func:`fdp_kernels.mlp_step.mlp_step` T times, in place on one
 float32 buffer. Each launch evaluates all K components, their weighted sum and
 the scheduler update for its rows; accumulation is float32 whatever the weight
-dtype. :class:`TritonBackendBase` is shared with ``triton-persistent``
-(:mod:`fdp.backends.triton_persistent_backend`), which runs the whole loop in
-one launch instead.
+dtype. The packed weights are copies: :class:`fdp.Sampler` prepares again when
+the policy changes. The kernels read every step's noise from one ``[T, B, D]``
+tensor, so the sampler draws it up front. :class:`TritonBackendBase` is shared
+with ``triton-persistent`` (:mod:`fdp.backends.triton_persistent_backend`),
+which runs the whole loop in one launch instead.
 
 On the CPU the kernels run in the Triton interpreter when ``TRITON_INTERPRET=1``
 is set before they are first imported (slow: for tests). Interpreted, both
