@@ -51,26 +51,35 @@ class _Unrolled(nn.Module):
         return self._loop.run(global_cond, x_T, step_noise)
 
 
-def _require():
+def _require(dynamo: bool):
     try:
-        import onnx  # noqa: F401  (torch's exporter writes through it)
+        import onnx  # noqa: F401  (torch's exporters write through it)
         import onnxruntime
+
+        if dynamo:
+            import onnxscript  # noqa: F401  (torch.export's ONNX translation)
     except ImportError as exc:
-        raise ImportError(f"fdp.export.onnx needs onnx and onnxruntime ({exc}): pip install 'fdp[onnx]'") from exc
+        raise ImportError(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
+                          "pip install 'fdp[onnx]'") from exc
     return onnxruntime
 
 
-def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = None, seed: int = 0) -> OnnxExport:
+def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = None, dynamo: bool = False,
+         seed: int = 0) -> OnnxExport:
     """Write ``sampler``'s sampling loop for batches of ``batch_size`` to the ONNX file ``path``, then check it.
 
     Whatever backend ``sampler`` uses, the file holds the torch path (the same
-    function). Raises ValueError if onnxruntime's actions differ from the
-    sampler's by more than the dtype's tolerance on random inputs (seeded by ``seed``).
+    function). ``dynamo=False`` traces with torch's TorchScript exporter
+    (deprecated by PyTorch since 2.9, still present): for an unrolled loop it
+    builds the same graph about 3x faster than ``dynamo=True`` (torch.export,
+    needs onnxscript), measured on the CPU with a small U-Net and 8 steps.
+    Raises ValueError if onnxruntime's actions differ from the sampler's by
+    more than the dtype's tolerance on random inputs (seeded by ``seed``).
     """
     if not isinstance(sampler, Sampler):
         raise TypeError(f"`sampler` must be an fdp.Sampler, got {type(sampler).__name__}")
     batch_size = check_int("batch_size", batch_size, min_value=1)
-    ort = _require()
+    ort = _require(dynamo)
     path = Path(path)
     policy = sampler.policy
     dtype, device = sampler.sample_dtype, sampler.device
@@ -89,10 +98,9 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
             # The tracer warns where Python reads shapes and timesteps: constants of this fixed-size,
             # fixed-schedule graph by design.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # The TorchScript tracer, not torch.export: the same graph, several times faster to build
-            # for an unrolled loop, and no onnxscript dependency.
             torch.onnx.export(_Unrolled(sampler), on_device, str(path), input_names=list(inputs),
-                              output_names=["actions"], opset_version=opset, dynamo=False)
+                              output_names=["actions"], opset_version=opset, dynamo=dynamo,
+                              **({"external_data": False} if dynamo else {}))
     finally:
         policy.train(was_training)
 
