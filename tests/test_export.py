@@ -8,6 +8,7 @@ import torch
 import fdp
 import fdp.export
 from fdp import cli
+from fdp.integrations import lerobot
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -89,8 +90,8 @@ def test_cli_exports_a_lerobot_folder(tmp_path, capsys):
     assert cli.main(["export", "onnx", str(LEROBOT / "ddim_nofilm_2stage"), str(out), "--batch-size", "2",
                      "--num-inference-steps", "3"]) == 0
     assert "onnxruntime matches the sampler" in capsys.readouterr().out
-    sampler = fdp.integrations.lerobot.load_pretrained(LEROBOT / "ddim_nofilm_2stage", device="cpu",
-                                                       num_inference_steps=3)
+    sampler = lerobot.load_pretrained(LEROBOT / "ddim_nofilm_2stage", device="cpu",
+                                      num_inference_steps=3)
     cond, x_T = torch.randn(2, 10), torch.randn(2, 8, 2)
     torch.testing.assert_close(_run(out, {"global_cond": cond, "x_T": x_T}), sampler(cond, x_T=x_T),
                                rtol=1e-5, atol=1e-5)

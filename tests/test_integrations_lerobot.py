@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fdp
 from fdp.integrations import lerobot
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
