@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import schedulers as _schedulers
 from ..sampler import Sampler
@@ -109,8 +110,10 @@ def draw_step_noise(table, shape, generator, device, dtype) -> torch.Tensor | No
 
 
 def fingerprint(module: nn.Module) -> tuple:
-    """Changes when a parameter is replaced, moved, cast or updated in place (optimizer steps,
-    ``load_state_dict``). Writes through ``.data`` bypass the version counter and are not seen."""
+    """Changes when a parameter is replaced, moved, cast or updated in place by a tracked op
+    (``load_state_dict``, ``p.add_`` under no_grad, most optimizers). Fused optimizer kernels
+    and writes through ``.data`` bypass the version counter: :class:`Patch` watches optimizer
+    steps for the former."""
     return tuple((id(p), p.data_ptr(), p._version) for p in module.parameters())
 
 
@@ -119,10 +122,14 @@ class Patch:
 
     Usable as a context manager (restores on exit). ``build(*shape_args)``
     makes the :class:`fdp.Sampler` for a call's shape arguments (e.g. a
-    horizon); samplers are rebuilt when the source network's parameters or
-    ``settings()`` changed since they were built. :meth:`refresh` forces a
-    rebuild (after writes through ``.data``, which leave no trace).
+    horizon); samplers are rebuilt when ``settings()`` changed, when the
+    source network's parameters changed (:func:`fingerprint`, checked at every
+    call) or when a ``torch.optim`` optimizer holding any of them stepped
+    (a global post-step hook, removed by ``restore()``, catches fused
+    optimizers, which leave the version counters alone). :meth:`refresh`
+    forces a rebuild (after writes through ``.data``, which leave no trace).
     ``shape_args``: those of the first call, until a call is made (None: unknown).
+    A patched instance is not for ``copy.deepcopy`` or pickling: restore first.
     """
 
     def __init__(self, owner, method: str, replacement, network: Callable[[], nn.Module],
@@ -139,6 +146,9 @@ class Patch:
         self._key = None
         self._warned: set[str] = set()
         self._last_args = shape_args
+        self._param_ids: set[int] = {id(p) for p in network().parameters()}
+        self._optimizer_steps = 0
+        self._hook = register_optimizer_step_post_hook(self._after_optimizer_step)
         # The original, as the instance resolves it now (a class method, or an instance attribute).
         self.original = getattr(owner, method)
         self._had_attr = method in vars(owner)
@@ -156,12 +166,19 @@ class Patch:
     def active(self) -> bool:
         return vars(self.owner).get(self._method) is self._patched
 
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        ids = self._param_ids
+        if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
+            self._optimizer_steps += 1
+
     def sampler_for(self, *shape_args) -> Sampler:
         """The sampler for these per-call arguments (e.g. a horizon), rebuilt if anything changed."""
-        key = (fingerprint(self._network()), self._settings())
+        params = fingerprint(self._network())
+        key = (params, self._settings(), self._optimizer_steps)
         if key != self._key:
             self._samplers.clear()
             self._key = key
+            self._param_ids = {entry[0] for entry in params}
         sampler = self._samplers.get(shape_args)
         if sampler is None:
             sampler = self._samplers[shape_args] = self._build(*shape_args)
@@ -186,6 +203,7 @@ class Patch:
 
     def restore(self) -> None:
         """Put the original method back (idempotent)."""
+        self._hook.remove()
         if not self.active:
             return
         if self._had_attr:
