@@ -57,6 +57,15 @@ def test_load_pretrained_dtype_steps_and_no_router_work():
     assert lerobot.load_pretrained(DATA / "ddpm_film_2stage", device="cpu", num_inference_steps=4).num_steps == 4
 
 
+def test_load_pretrained_reads_a_compiled_policys_keys(tmp_path):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    _rewrite_weights(folder, lambda t: t.update({k.replace("diffusion.unet.", "diffusion.unet._orig_mod."): t.pop(k)
+                                                 for k in list(t)}))
+    io = _io("ddim_film_3stage")
+    got = lerobot.load_pretrained(folder, device="cpu")(io["global_cond"], x_T=io["x_T"])
+    torch.testing.assert_close(got, io["actions"], rtol=0, atol=1e-5)
+
+
 def test_parameter_names_map_both_ways():
     for lr, ours in [("down_modules.0.0.conv1.block.0.weight", "down_modules.0.0.blocks.0.block.0.weight"),
                      ("up_modules.1.1.conv2.block.1.bias", "up_modules.1.1.blocks.1.block.1.bias"),
@@ -224,6 +233,17 @@ def test_accelerate_follows_training_and_settings():
     handle.restore()
     handle.restore()  # idempotent
     assert lerobot.accelerate(policy, num_inference_steps=2).sampler.num_steps == 2
+
+
+def test_accelerate_sees_through_torch_compile():
+    policy = _standin("ddim_film_3stage")
+    cond, x_T = _io("ddim_film_3stage")["global_cond"], torch.randn(3, 16, 2)
+    expected = policy.diffusion.conditional_sample(3, global_cond=cond, noise=x_T)
+    policy.diffusion.unet = torch.compile(policy.diffusion.unet)  # wrapped; fdp never calls the compiled module
+    with lerobot.accelerate(policy) as handle:
+        got = policy.diffusion.conditional_sample(3, global_cond=cond, noise=x_T)
+        assert handle.sampler.policy.components[0].final_conv[1].weight is policy.diffusion.unet._orig_mod.final_conv[1].weight
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_accelerate_rejects_other_objects():
