@@ -80,6 +80,10 @@ def test_onnx_argument_errors(tmp_path, monkeypatch):
         fdp.export.onnx(object(), tmp_path / "x.onnx", 1)
     with pytest.raises(ValueError, match="batch_size"):
         fdp.export.onnx(_unet_sampler("ddim"), tmp_path / "x.onnx", 0)
+    sampler = _unet_sampler("ddim")
+    with pytest.raises(ValueError, match="export a sampler built without `dtype`"):
+        fdp.export.onnx(fdp.Sampler(sampler.policy, sampler.scheduler, 3, dtype=torch.bfloat16, backend="torch"),
+                        tmp_path / "x.onnx", 1)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"fdp\[onnx\]"):
         fdp.export.onnx(_unet_sampler("ddim"), tmp_path / "x.onnx", 1)

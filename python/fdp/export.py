@@ -79,6 +79,9 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
     if not isinstance(sampler, Sampler):
         raise TypeError(f"`sampler` must be an fdp.Sampler, got {type(sampler).__name__}")
     batch_size = check_int("batch_size", batch_size, min_value=1)
+    if sampler.dtype != sampler.sample_dtype:
+        raise ValueError(f"`sampler` runs {sampler.dtype} weights, but the exported graph computes in the policy's "
+                         f"{sampler.sample_dtype}: export a sampler built without `dtype`")
     ort = _require(dynamo)
     path = Path(path)
     policy = sampler.policy
