@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdp.backends.graph_backend import GraphPrepared
 from fdp.integrations import lerobot
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -43,6 +44,10 @@ def test_load_pretrained_returns_lerobots_actions(name):
     assert ("step_noise" in io) == (cfg["noise_scheduler_type"] == "DDPM")
     got = sampler(io["global_cond"], x_T=io["x_T"], step_noise=io.get("step_noise"))
     assert got.shape == io["actions"].shape == (3, cfg["horizon"], 2)
+    torch.testing.assert_close(got, io["actions"], rtol=0, atol=1e-5)
+    # the graph backend's loop (on the CPU: no capture, torch composition) gives the same actions
+    graph = GraphPrepared(sampler.policy, sampler.table, capture=False, compose="torch")
+    got = graph.run(io["global_cond"], io["x_T"], io.get("step_noise"))
     torch.testing.assert_close(got, io["actions"], rtol=0, atol=1e-5)
 
 
