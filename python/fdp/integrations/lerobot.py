@@ -81,8 +81,9 @@ def load_pretrained(path, *, backend: str = "auto", num_inference_steps: int | N
     cfg = json.loads((folder / "config.json").read_text())
     kind = cfg.get("type")
     if kind != "diffusion":
-        raise ValueError(f"{folder / 'config.json'} describes a {kind!r} policy; load_pretrained reads LeRobot "
-                         "diffusion policies (\"type\": \"diffusion\")")
+        what = "has no \"type\" field" if kind is None else f"describes a {kind!r} policy"
+        raise ValueError(f"{folder / 'config.json'} {what}; load_pretrained reads LeRobot diffusion policies "
+                         "(\"type\": \"diffusion\", as save_pretrained writes)")
     missing = [k for k in ("horizon", "n_groups", "noise_scheduler_type", *_SCHEDULER_FIELDS) if k not in cfg]
     if missing:
         raise ValueError(f"{folder / 'config.json'} lacks the diffusion policy field {missing[0]!r}")
