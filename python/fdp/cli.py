@@ -85,6 +85,23 @@ def _tune(args) -> int:
     return 0
 
 
+def _export_onnx(args) -> int:
+    from . import export
+    from .integrations import lerobot
+
+    try:
+        sampler = lerobot.load_pretrained(args.source, backend="torch", num_inference_steps=args.num_inference_steps,
+                                          device="cpu")
+        result = export.onnx(sampler, args.out, args.batch_size)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"fdp export onnx: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path}: inputs {', '.join(result.input_names)} (batch {result.batch_size}, "
+          f"{result.num_steps} steps unrolled), output actions; onnxruntime matches the sampler to "
+          f"{result.max_abs_error:.2g} (tolerance {result.tolerance:.2g})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fdp", description="Fast sampling for factorized diffusion policies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +163,17 @@ def main(argv=None) -> int:
     p.add_argument("--refresh", action="store_true", help="ignore the cached decision: check and time again")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("export", help="write a policy's sampling loop to a file for other runtimes")
+    formats = p.add_subparsers(dest="format", required=True)
+    p = formats.add_parser("onnx", help="a LeRobot diffusion policy folder as one ONNX graph: the whole loop "
+                                        "unrolled, noise as inputs, checked in onnxruntime")
+    p.add_argument("source", help="LeRobot policy folder (config.json + model.safetensors)")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--batch-size", type=int, default=1, help="the graph's fixed batch size (default 1)")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="denoising steps to unroll (default: the policy config's)")
+    p.set_defaults(func=_export_onnx)
 
     args = parser.parse_args(argv)
     return args.func(args)

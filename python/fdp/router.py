@@ -87,25 +87,31 @@ class Router(nn.Module):
             raise ValueError("strategy 'fixed' needs `fixed_weights` ([K], non-negative, summing to 1)")
         self.strategy = strategy
 
-    def logits(self, cond: torch.Tensor) -> torch.Tensor:
+    def _check_cond(self, cond: torch.Tensor) -> None:
         check_tensor("cond", cond, shape=(None, self.cond_dim), dtype="floating",
                      device=self.net[0].weight.device)
         check_finite("cond", cond)
+
+    def logits(self, cond: torch.Tensor) -> torch.Tensor:
+        self._check_cond(cond)
         return self.net(cond.to(self.net[0].weight.dtype))
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         """Routing weights ``[B, K]``; each row is non-negative and sums to 1."""
+        if self.strategy == "fixed":
+            # The weights do not depend on the observation, so the net is not evaluated
+            # (a single-denoiser sampler does no router work per call).
+            self._check_cond(cond)
+            return self.fixed_weights.to(self.net[0].weight.dtype).expand(cond.shape[0], -1).clone()
         logits = self.logits(cond)
         if self.strategy == "soft":
             return torch.softmax(logits, dim=-1)
         if self.strategy == "hard":
             w = F.one_hot(logits.argmax(dim=-1), self.num_components).to(logits.dtype)
             return _nan_where_softmax_is(w, logits)
-        if self.strategy == "topk":
-            top, idx = logits.topk(self.topk, dim=-1)
-            w = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
-            return _nan_where_softmax_is(w, logits)
-        return self.fixed_weights.to(logits.dtype).expand_as(logits).clone()
+        top, idx = logits.topk(self.topk, dim=-1)  # "topk"
+        w = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+        return _nan_where_softmax_is(w, logits)
 
     @torch.no_grad()
     def add_output(self, initial_logit: float = NEW_COMPONENT_LOGIT) -> None:

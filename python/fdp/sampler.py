@@ -262,6 +262,18 @@ def _check_router_size(policy: FactorizedPolicy) -> None:
         raise ValueError(f"policy has {policy.num_components} components but its router has "
                          f"{policy.router.num_components} outputs: K must match")
 
+    @classmethod
+    def for_unet(cls, unet, scheduler, horizon: int, action_dim: int, **options) -> "Sampler":
+        """A sampler for one denoiser (e.g. a :class:`fdp.ConditionalUnet1D`) with no router work.
+
+        The denoiser must read ``global_cond`` (``unet.global_cond_dim``); ``options`` are
+        :class:`Sampler`'s (``num_inference_steps``, ``eta``, ``backend``, ``dtype``). The
+        denoiser's parameters are used, not copied, and building consumes no global randomness.
+        """
+        from .single import single_denoiser_policy
+
+        return cls(single_denoiser_policy(unet, horizon, action_dim, scheduler), scheduler, **options)
+
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,
            eta: float = 0.0, x_T: torch.Tensor | None = None, step_noise: torch.Tensor | None = None,

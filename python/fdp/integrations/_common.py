@@ -1,0 +1,223 @@
+"""What the LeRobot and diffusion_policy adapters share.
+
+* :func:`unet_from_tensors`: an :class:`fdp.ConditionalUnet1D` whose
+  parameters *are* the given tensors (no copy), its configuration read from
+  their shapes.
+* :class:`Patch`: an instance's sampling method replaced by fdp's, with the
+  :class:`fdp.Sampler` rebuilt whenever the source network's parameters
+  change, and ``restore()`` / context-manager use.
+* :func:`draw_step_noise`: the step noise a diffusers loop draws.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .. import schedulers as _schedulers
+from ..sampler import Sampler
+from ..unet import ConditionalUnet1D
+
+log = logging.getLogger("fdp")
+
+# ``n_groups`` is not visible in a state dict: callers read it from a config or a module.
+
+
+def unet_from_tensors(tensors: Mapping[str, torch.Tensor], n_groups: int, *,
+                      source_name: Callable[[str], str] = str, what: str = "the state dict") -> ConditionalUnet1D:
+    """A :class:`fdp.ConditionalUnet1D` holding ``tensors`` (keyed by fdp's parameter names) as its parameters.
+
+    Tensors that are already ``nn.Parameter`` s are shared, so the result sees
+    their later updates; plain tensors are wrapped without copying.
+    ``source_name`` maps an fdp name back to the source's (for messages).
+    Raises ValueError naming the first key that is missing, unexpected or of
+    the wrong shape.
+    """
+    def shape(key):
+        t = tensors.get(key)
+        if t is None:
+            raise ValueError(f"{what} has no {source_name(key)!r}: not a diffusion-policy U-Net layout fdp can map")
+        return tuple(t.shape)
+
+    down_dims = []
+    while f"down_modules.{len(down_dims)}.0.blocks.0.block.0.weight" in tensors:
+        down_dims.append(shape(f"down_modules.{len(down_dims)}.0.blocks.0.block.0.weight")[0])
+    first_conv = shape("down_modules.0.0.blocks.0.block.0.weight")
+    film = shape("down_modules.0.0.cond_encoder.1.weight")
+    dsed = shape("diffusion_step_encoder.1.weight")[1]
+    local = tensors.get("local_cond_encoder.0.blocks.0.block.0.weight")
+    with torch.device("meta"):  # no memory, no random initialisation
+        unet = ConditionalUnet1D(
+            input_dim=shape("final_conv.1.weight")[0],
+            local_cond_dim=None if local is None else local.shape[1],
+            global_cond_dim=(film[1] - dsed) or None,
+            diffusion_step_embed_dim=dsed,
+            down_dims=down_dims,
+            kernel_size=first_conv[2],
+            n_groups=n_groups,
+            cond_predict_scale=film[0] == 2 * down_dims[0],
+        )
+    expected = dict(unet.named_parameters())
+    for key, t in tensors.items():
+        if key not in expected:
+            raise ValueError(f"{what} has the unexpected key {source_name(key)!r}: not a diffusion-policy U-Net "
+                             "layout fdp can map")
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{what}: {source_name(key)!r} has shape {list(t.shape)}, but a U-Net with these "
+                             f"dimensions needs {list(expected[key].shape)}")
+    for key in expected:
+        if key not in tensors:
+            raise ValueError(f"{what} has no {source_name(key)!r}: not a diffusion-policy U-Net layout fdp can map")
+    for key, t in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        param = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+        setattr(unet.get_submodule(owner), attr, param)
+    return unet
+
+
+def group_norm_groups(module: nn.Module) -> int:
+    """``n_groups`` of a diffusion-policy U-Net module: its residual blocks' GroupNorm (the head's is always 8)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.GroupNorm) and not name.startswith("final_conv"):
+            return m.num_groups
+    raise ValueError(f"{type(module).__name__} has no GroupNorm: not a diffusion-policy U-Net")
+
+
+def fdp_scheduler(scheduler):
+    """The fdp scheduler equal to a diffusers (or fdp) DDPM/DDIM scheduler, from its config."""
+    for cls in (_schedulers.DDPMScheduler, _schedulers.DDIMScheduler):
+        if type(scheduler).__name__ == cls.__name__:
+            return cls.from_config(scheduler.config)
+    raise ValueError(f"the policy's noise scheduler is a {type(scheduler).__name__}; fdp serves DDPMScheduler and "
+                     "DDIMScheduler")
+
+
+def draw_step_noise(table, shape, generator, device, dtype) -> torch.Tensor | None:
+    """The noise a diffusers loop draws in its ``step`` calls (one draw per step that adds noise,
+    in order, diffusers' ``randn_tensor`` semantics), as ``step_noise [T, *shape]``; None if none."""
+    adds = table.adds_noise.tolist()
+    if not any(adds):
+        return None
+    out = torch.zeros((len(adds), *shape), device=device, dtype=dtype)
+    for i, a in enumerate(adds):
+        if a:
+            out[i] = _schedulers._draw_noise(shape, generator, torch.device(device), dtype)
+    return out
+
+
+def fingerprint(module: nn.Module) -> tuple:
+    """Changes when a parameter is replaced, moved, cast or updated in place by a tracked op
+    (``load_state_dict``, ``p.add_`` under no_grad, most optimizers). Fused optimizer kernels
+    and writes through ``.data`` bypass the version counter: :class:`Patch` watches optimizer
+    steps for the former."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in module.parameters())
+
+
+class Patch:
+    """An instance's method replaced by fdp's sampling; ``restore()`` puts the original back.
+
+    Usable as a context manager (restores on exit). ``build(*shape_args)``
+    makes the :class:`fdp.Sampler` for a call's shape arguments (e.g. a
+    horizon); samplers are rebuilt when ``settings()`` changed, when the
+    source network's parameters changed (:func:`fingerprint`, checked at every
+    call) or when a ``torch.optim`` optimizer holding any of them stepped
+    (a global post-step hook, removed by ``restore()``, catches fused
+    optimizers, which leave the version counters alone). :meth:`refresh`
+    forces a rebuild (after writes through ``.data``, which leave no trace).
+    ``shape_args``: those of the first call, until a call is made (None: unknown).
+    A patched instance is not for ``copy.deepcopy`` or pickling: restore first.
+    """
+
+    def __init__(self, owner, method: str, replacement, network: Callable[[], nn.Module],
+                 build: Callable[..., Sampler], settings: Callable[[], tuple] = tuple,
+                 shape_args: tuple | None = ()):
+        if not callable(getattr(owner, method, None)):
+            raise TypeError(f"{type(owner).__name__} has no method {method!r}")
+        if getattr(getattr(owner, method), "_fdp_patch", None) is not None:
+            raise ValueError(f"{type(owner).__name__}.{method} is already accelerated by fdp; restore() that handle "
+                             "first")
+        self.owner, self._method = owner, method
+        self._network, self._build, self._settings = network, build, settings
+        self._samplers: dict = {}
+        self._key = None
+        self._warned: set[str] = set()
+        self._last_args = shape_args
+        self._param_ids: set[int] = {id(p) for p in network().parameters()}
+        self._optimizer_steps = 0
+        self._hook = register_optimizer_step_post_hook(self._after_optimizer_step)
+        # The original, as the instance resolves it now (a class method, or an instance attribute).
+        self.original = getattr(owner, method)
+        self._had_attr = method in vars(owner)
+        self._saved_attr = vars(owner).get(method)
+
+        def patched(*args, **kwargs):
+            return replacement(self, *args, **kwargs)
+
+        patched._fdp_patch = self
+        patched.__wrapped__ = self.original
+        self._patched = patched
+        setattr(owner, method, patched)
+
+    @property
+    def active(self) -> bool:
+        return vars(self.owner).get(self._method) is self._patched
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        ids = self._param_ids
+        if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
+            self._optimizer_steps += 1
+
+    def sampler_for(self, *shape_args) -> Sampler:
+        """The sampler for these per-call arguments (e.g. a horizon), rebuilt if anything changed."""
+        params = fingerprint(self._network())
+        key = (params, self._settings(), self._optimizer_steps)
+        if key != self._key:
+            self._samplers.clear()
+            self._key = key
+            self._param_ids = {entry[0] for entry in params}
+        sampler = self._samplers.get(shape_args)
+        if sampler is None:
+            sampler = self._samplers[shape_args] = self._build(*shape_args)
+        self._last_args = shape_args
+        return sampler
+
+    @property
+    def sampler(self) -> Sampler | None:
+        """The sampler for the latest call's shape arguments, current with the weights (None before a call
+        when they are not known in advance)."""
+        return None if self._last_args is None else self.sampler_for(*self._last_args)
+
+    def refresh(self) -> None:
+        self._key = None
+
+    def fallback(self, reason: str, *args, **kwargs):
+        """Run the original method, logging ``reason`` the first time it is the cause."""
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("fdp: %s.%s runs the original sampler: %s", type(self.owner).__name__, self._method, reason)
+        return self.original(*args, **kwargs)
+
+    def restore(self) -> None:
+        """Put the original method back (idempotent)."""
+        self._hook.remove()
+        if not self.active:
+            return
+        if self._had_attr:
+            setattr(self.owner, self._method, self._saved_attr)
+        else:
+            delattr(self.owner, self._method)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+    def __repr__(self):
+        state = "active" if self.active else "restored"
+        return f"<fdp accelerated {type(self.owner).__name__}.{self._method} ({state})>"

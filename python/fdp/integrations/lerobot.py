@@ -1,0 +1,175 @@
+"""LeRobot's diffusion policy on fdp: load a saved policy folder, or accelerate a live policy.
+
+LeRobot's ``DiffusionConditionalUnet1d`` is :class:`fdp.ConditionalUnet1D`
+under other parameter names: without the ``diffusion.unet.`` prefix (and
+``torch.compile``'s ``_orig_mod.``), a residual block's ``conv1``/``conv2``
+are fdp's ``blocks.0``/``blocks.1``, and the bare down/up-sampling conv
+``(down|up)_modules.i.2`` is fdp's ``(down|up)_modules.i.2.conv``. LeRobot
+has no local conditioning; ``global_cond`` is the output of its
+``_prepare_global_conditioning`` (``global_cond_dim`` is read from the weights).
+
+* :func:`load_pretrained` reads a folder written by ``save_pretrained``
+  (``config.json`` + ``model.safetensors``) with ``json`` and ``safetensors``
+  only (``pip install 'fdp[lerobot]'``; LeRobot itself is not imported).
+* :func:`accelerate` swaps fdp's sampler into a ``DiffusionPolicy`` instance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..sampler import Sampler
+from ..schedulers import DDIMScheduler, DDPMScheduler
+from ._common import Patch, draw_step_noise, fdp_scheduler, group_norm_groups, unet_from_tensors
+
+__all__ = ["load_pretrained", "accelerate", "to_fdp_name", "from_fdp_name"]
+
+PREFIX = "diffusion.unet."
+_SCHEDULERS = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}
+# The config fields LeRobot passes to its scheduler (DiffusionModel.__init__).
+_SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "clip_sample",
+                     "clip_sample_range", "prediction_type")
+_SAMPLER_CONV = re.compile(r"^(down|up)_modules\.(\d+)\.2\.(weight|bias)$")
+_FDP_SAMPLER_CONV = re.compile(r"^(down|up)_modules\.(\d+)\.2\.conv\.(weight|bias)$")
+
+
+def to_fdp_name(name: str) -> str:
+    """A LeRobot U-Net parameter name (relative to the U-Net) as fdp's."""
+    name = name.replace("_orig_mod.", "")
+    name = _SAMPLER_CONV.sub(r"\1_modules.\2.2.conv.\3", name)
+    return name.replace(".conv1.", ".blocks.0.").replace(".conv2.", ".blocks.1.")
+
+
+def from_fdp_name(name: str) -> str:
+    """The inverse of :func:`to_fdp_name` (for messages)."""
+    name = _FDP_SAMPLER_CONV.sub(r"\1_modules.\2.2.\3", name)
+    return name.replace(".blocks.0.", ".conv1.").replace(".blocks.1.", ".conv2.")
+
+
+def load_pretrained(path, *, backend: str = "auto", num_inference_steps: int | None = None,
+                    device=None, dtype: torch.dtype | None = None) -> Sampler:
+    """A :class:`fdp.Sampler` for a LeRobot diffusion policy folder (``config.json`` + ``model.safetensors``).
+
+    ``sampler(global_cond, x_T=noise, step_noise=...)`` returns what LeRobot's
+    ``DiffusionModel.conditional_sample(B, global_cond, noise=noise)`` returns:
+    the full horizon ``[B, horizon, action_dim]`` (``generate_actions`` then
+    keeps ``[:, n_obs_steps - 1 : n_obs_steps - 1 + n_action_steps]``).
+    ``step_noise[i]`` is the draw of the i-th step that adds noise (DDPM: every
+    step but the last). The scheduler is the config's; ``num_inference_steps``
+    overrides the config's (whose null means the training steps).
+
+    Args:
+        path: the folder (download a Hub repo first, e.g. with
+            ``huggingface_hub.snapshot_download``).
+        backend: as :class:`fdp.Sampler` (``auto``: ``graph`` on CUDA, else ``torch``).
+        device: where the U-Net goes (default: CUDA if available, else the CPU).
+        dtype: the U-Net's dtype (default: as saved).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"`path` must be a LeRobot policy folder (config.json + model.safetensors), got "
+                                f"{str(path)!r}, which is not a folder; fetch a Hub repo first, e.g. with "
+                                "huggingface_hub.snapshot_download")
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has no {name}: a LeRobot policy folder (save_pretrained) holds "
+                                    "config.json and model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    kind = cfg.get("type")
+    if kind != "diffusion":
+        what = "has no \"type\" field" if kind is None else f"describes a {kind!r} policy"
+        raise ValueError(f"{folder / 'config.json'} {what}; load_pretrained reads LeRobot diffusion policies "
+                         "(\"type\": \"diffusion\", as save_pretrained writes)")
+    missing = [k for k in ("horizon", "n_groups", "noise_scheduler_type", *_SCHEDULER_FIELDS) if k not in cfg]
+    if missing:
+        raise ValueError(f"{folder / 'config.json'} lacks the diffusion policy field {missing[0]!r}")
+    sched_cls = _SCHEDULERS.get(cfg["noise_scheduler_type"])
+    if sched_cls is None:
+        raise ValueError(f"{folder / 'config.json'}: noise_scheduler_type must be one of {list(_SCHEDULERS)}, got "
+                         f"{cfg['noise_scheduler_type']!r}")
+    scheduler = sched_cls(**{k: cfg[k] for k in _SCHEDULER_FIELDS})
+
+    tensors = _read_unet_tensors(folder / "model.safetensors")
+    unet = unet_from_tensors(tensors, cfg["n_groups"], source_name=lambda k: PREFIX + from_fdp_name(k),
+                             what=str(folder / "model.safetensors"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = unet.to(device=device, dtype=dtype)
+    steps = next(n for n in (num_inference_steps, cfg.get("num_inference_steps"), cfg["num_train_timesteps"])
+                 if n is not None)
+    return Sampler.for_unet(unet, scheduler, cfg["horizon"], unet.input_dim, num_inference_steps=steps,
+                            backend=backend)
+
+
+def _read_unet_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:
+        raise ImportError("fdp.integrations.lerobot.load_pretrained reads model.safetensors with the `safetensors` "
+                          "package: pip install 'fdp[lerobot]'") from exc
+    tensors = {}
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            plain = key.replace("_orig_mod.", "")
+            if plain.startswith(PREFIX):
+                tensors[to_fdp_name(plain[len(PREFIX):])] = f.get_tensor(key)
+    if not tensors:
+        raise ValueError(f"{file} holds no {PREFIX}* tensors: not a LeRobot diffusion policy")
+    return tensors
+
+
+def accelerate(policy, *, backend: str = "auto", num_inference_steps: int | None = None) -> Patch:
+    """Make ``policy`` (a LeRobot ``DiffusionPolicy``) sample with fdp; returns the handle.
+
+    Replaces this instance's ``policy.diffusion.conditional_sample``; the
+    handle's ``restore()`` (or leaving it as a context manager) puts LeRobot's
+    back. Noise is drawn as LeRobot draws it: ``noise`` if given, else from
+    ``generator``, else from the global RNG, then one draw per noise-adding
+    step, so with the same seed the actions are LeRobot's to float rounding.
+    The U-Net's parameters are shared, not copied; the sampler is rebuilt
+    when they are replaced or updated in place (training goes on) and when
+    ``policy.diffusion.num_inference_steps`` changes (``num_inference_steps``
+    here overrides it). ``handle.sampler`` is the :class:`fdp.Sampler` in use.
+    """
+    model = getattr(policy, "diffusion", None)
+    for attr in ("conditional_sample", "unet", "noise_scheduler", "config"):
+        if not hasattr(model, attr):
+            raise TypeError(f"`policy` must be a LeRobot DiffusionPolicy (policy.diffusion.{attr} is missing), got "
+                            f"{type(policy).__name__}")
+
+    def network():
+        return getattr(model.unet, "_orig_mod", model.unet)
+
+    def steps():
+        return model.num_inference_steps if num_inference_steps is None else num_inference_steps
+
+    def build():
+        src = network()
+        tensors = {to_fdp_name(k): p for k, p in src.named_parameters()}
+        unet = unet_from_tensors(tensors, group_norm_groups(src), source_name=from_fdp_name,
+                                 what=f"{type(src).__name__}")
+        return Sampler.for_unet(unet, fdp_scheduler(model.noise_scheduler), model.config.horizon, unet.input_dim,
+                                num_inference_steps=steps(), backend=backend)
+
+    build()  # a layout fdp cannot map fails here, not at the first action
+    return Patch(model, "conditional_sample", _conditional_sample, network, build,
+                 settings=lambda: (steps(), id(model.noise_scheduler)))
+
+
+def _conditional_sample(handle: Patch, batch_size, global_cond=None, generator=None, noise=None):
+    # LeRobot's signature: DiffusionModel.conditional_sample(batch_size, global_cond, generator, noise).
+    if global_cond is None:
+        return handle.fallback("no global_cond was given", batch_size, global_cond=global_cond,
+                               generator=generator, noise=noise)
+    sampler = handle.sampler_for()
+    param = next(sampler.policy.components[0].parameters())
+    shape = (batch_size, sampler.policy.horizon, sampler.policy.action_dim)
+    # The draws of LeRobot's loop, in its order: the prior, then diffusers' step noise.
+    x_T = noise if noise is not None else torch.randn(shape, dtype=param.dtype, device=param.device,
+                                                      generator=generator)
+    step_noise = draw_step_noise(sampler.table, shape, generator, param.device, param.dtype)
+    return sampler(global_cond, x_T=x_T, step_noise=step_noise)

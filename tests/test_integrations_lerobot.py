@@ -1,0 +1,289 @@
+"""``fdp.integrations.lerobot`` against outputs of the real LeRobot (tests/data/lerobot, see make_fixtures.py).
+
+The ``lerobot``-marked test runs ``accelerate`` on a real LeRobot policy and
+skips where LeRobot is not importable. Beside a CPU torch build (no
+torchvision), run it with the stub the fixtures were made with::
+
+    python -c "import sys; sys.path.insert(0, 'tests/data/lerobot'); import torchvision_stub; \\
+        torchvision_stub.install(); import pytest; sys.exit(pytest.main(['-m', 'lerobot', \\
+        'tests/test_integrations_lerobot.py']))"
+"""
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdp.backends.graph_backend import GraphPrepared
+from fdp.integrations import lerobot
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+DATA = Path(__file__).parent / "data" / "lerobot"
+CASES = ["ddpm_film_2stage", "ddpm_nofilm_3stage", "ddim_nofilm_2stage", "ddim_film_3stage"]
+
+
+def _io(name):
+    return safetensors_torch.load_file(str(DATA / name / "io.safetensors"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_load_pretrained_returns_lerobots_actions(name):
+    io = _io(name)
+    cfg = json.loads((DATA / name / "config.json").read_text())
+    sampler = lerobot.load_pretrained(DATA / name, device="cpu")
+    assert sampler.backend == "torch"
+    unet = sampler.policy.components[0]
+    assert unet.cond_predict_scale == cfg["use_film_scale_modulation"]
+    assert list(unet.down_dims) == cfg["down_dims"]
+    assert type(sampler.scheduler).__name__ == cfg["noise_scheduler_type"] + "Scheduler"
+    assert sampler.num_steps == (cfg["num_inference_steps"] or cfg["num_train_timesteps"])
+    assert ("step_noise" in io) == (cfg["noise_scheduler_type"] == "DDPM")
+    got = sampler(io["global_cond"], x_T=io["x_T"], step_noise=io.get("step_noise"))
+    assert got.shape == io["actions"].shape == (3, cfg["horizon"], 2)
+    torch.testing.assert_close(got, io["actions"], rtol=0, atol=1e-5)
+    # the graph backend's loop (on the CPU: no capture, torch composition) gives the same actions
+    graph = GraphPrepared(sampler.policy, sampler.table, capture=False, compose="torch")
+    got = graph.run(io["global_cond"], io["x_T"], io.get("step_noise"))
+    torch.testing.assert_close(got, io["actions"], rtol=0, atol=1e-5)
+
+
+def test_load_pretrained_dtype_steps_and_no_router_work():
+    io = _io("ddpm_nofilm_3stage")
+    sampler = lerobot.load_pretrained(DATA / "ddpm_nofilm_3stage", device="cpu", dtype=torch.float64)
+    calls = []
+    sampler.policy.router.net.register_forward_hook(lambda *a: calls.append(1))
+    got = sampler(io["global_cond"].double(), x_T=io["x_T"].double(), step_noise=io["step_noise"].double())
+    assert got.dtype == torch.float64 and calls == []
+    torch.testing.assert_close(got.float(), io["actions"], rtol=0, atol=1e-5)
+    assert lerobot.load_pretrained(DATA / "ddpm_film_2stage", device="cpu", num_inference_steps=4).num_steps == 4
+
+
+def test_load_pretrained_reads_a_compiled_policys_keys(tmp_path):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    _rewrite_weights(folder, lambda t: t.update({k.replace("diffusion.unet.", "diffusion.unet._orig_mod."): t.pop(k)
+                                                 for k in list(t)}))
+    io = _io("ddim_film_3stage")
+    got = lerobot.load_pretrained(folder, device="cpu")(io["global_cond"], x_T=io["x_T"])
+    torch.testing.assert_close(got, io["actions"], rtol=0, atol=1e-5)
+
+
+def test_parameter_names_map_both_ways():
+    for lr, ours in [("down_modules.0.0.conv1.block.0.weight", "down_modules.0.0.blocks.0.block.0.weight"),
+                     ("up_modules.1.1.conv2.block.1.bias", "up_modules.1.1.blocks.1.block.1.bias"),
+                     ("down_modules.0.2.weight", "down_modules.0.2.conv.weight"),
+                     ("up_modules.0.2.bias", "up_modules.0.2.conv.bias"),
+                     ("mid_modules.0.cond_encoder.1.weight", "mid_modules.0.cond_encoder.1.weight"),
+                     ("final_conv.1.weight", "final_conv.1.weight")]:
+        assert lerobot.to_fdp_name(lr) == ours and lerobot.from_fdp_name(ours) == lr
+    assert lerobot.to_fdp_name("_orig_mod.down_modules.1.2.weight") == "down_modules.1.2.conv.weight"
+
+
+def _copy(tmp_path, name="ddpm_film_2stage"):
+    dst = tmp_path / name
+    shutil.copytree(DATA / name, dst)
+    return dst
+
+
+def _rewrite_weights(folder, edit):
+    tensors = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    safetensors_torch.save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_load_pretrained_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        lerobot.load_pretrained(tmp_path / "absent")
+    folder = _copy(tmp_path)
+    (folder / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        lerobot.load_pretrained(folder)
+
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "type": "act"}))
+    with pytest.raises(ValueError, match="'act' policy"):
+        lerobot.load_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "beta_schedule"}))
+    with pytest.raises(ValueError, match="beta_schedule"):
+        lerobot.load_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "noise_scheduler_type": "DPMSolver"}))
+    with pytest.raises(ValueError, match="DPMSolver"):
+        lerobot.load_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    def add_key(t):
+        t["diffusion.unet.mid_modules.0.attention.weight"] = torch.ones(2)
+
+    _rewrite_weights(folder, add_key)
+    with pytest.raises(ValueError, match=r"unexpected key 'diffusion\.unet\.mid_modules\.0\.attention\.weight'"):
+        lerobot.load_pretrained(folder)
+
+    folder = _copy(tmp_path / "b", "ddim_film_3stage")
+    _rewrite_weights(folder, lambda t: t.pop("diffusion.unet.up_modules.0.1.conv2.block.0.bias"))
+    with pytest.raises(ValueError, match=r"no 'diffusion\.unet\.up_modules\.0\.1\.conv2\.block\.0\.bias'"):
+        lerobot.load_pretrained(folder)
+
+    folder = _copy(tmp_path / "c", "ddim_film_3stage")
+    _rewrite_weights(folder, lambda t: t.update({"diffusion.unet.final_conv.0.block.0.bias": torch.zeros(5)}))
+    with pytest.raises(ValueError, match=r"final_conv\.0\.block\.0\.bias' has shape \[5\]"):
+        lerobot.load_pretrained(folder)
+
+    folder = _copy(tmp_path / "d", "ddim_film_3stage")
+    _rewrite_weights(folder, lambda t: [t.pop(k) for k in list(t) if k.startswith("diffusion.unet.")])
+    with pytest.raises(ValueError, match="no diffusion.unet"):
+        lerobot.load_pretrained(folder)
+
+    monkeypatch.setitem(__import__("sys").modules, "safetensors", None)
+    with pytest.raises(ImportError, match=r"fdp\[lerobot\]"):
+        lerobot.load_pretrained(DATA / "ddpm_film_2stage")
+
+
+# -- accelerate, on a stand-in of LeRobot's DiffusionModel ---------------------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+
+
+class _StandInDiffusionModel(torch.nn.Module):
+    """LeRobot's DiffusionModel as far as sampling goes: its conditional_sample loop, diffusers' scheduler."""
+
+    def __init__(self, name):
+        super().__init__()
+        cfg = json.loads((DATA / name / "config.json").read_text())
+        self.config = types.SimpleNamespace(horizon=cfg["horizon"], action_dim=2)
+        self.unet = lerobot.load_pretrained(DATA / name, device="cpu").policy.components[0].requires_grad_(True)
+        cls = {"DDPM": diffusers.DDPMScheduler, "DDIM": diffusers.DDIMScheduler}[cfg["noise_scheduler_type"]]
+        self.noise_scheduler = cls(**{k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                          "beta_schedule", "clip_sample", "clip_sample_range",
+                                                          "prediction_type")})
+        self.num_inference_steps = cfg["num_inference_steps"] or cfg["num_train_timesteps"]
+
+    @torch.no_grad()
+    def conditional_sample(self, batch_size, global_cond=None, generator=None, noise=None):
+        p = next(self.parameters())
+        sample = noise if noise is not None else torch.randn(
+            (batch_size, self.config.horizon, self.config.action_dim), dtype=p.dtype, device=p.device,
+            generator=generator)
+        self.noise_scheduler.set_timesteps(self.num_inference_steps)
+        for t in self.noise_scheduler.timesteps:
+            out = self.unet(sample, torch.full(sample.shape[:1], t, dtype=torch.long), global_cond=global_cond)
+            sample = self.noise_scheduler.step(out, t, sample, generator=generator).prev_sample
+        return sample
+
+
+def _standin(name="ddpm_film_2stage"):
+    return types.SimpleNamespace(diffusion=_StandInDiffusionModel(name))
+
+
+def _seeded(fn, seed=11):
+    torch.manual_seed(seed)
+    return fn()
+
+
+@pytest.mark.parametrize("name", ["ddpm_film_2stage", "ddim_film_3stage"])
+def test_accelerate_draws_noise_as_lerobot(name):
+    policy = _standin(name)
+    model = policy.diffusion
+    cond = _io(name)["global_cond"]
+    original = model.conditional_sample
+    ref_global = _seeded(lambda: original(3, global_cond=cond))
+    ref_gen = original(3, global_cond=cond, generator=torch.Generator().manual_seed(5))
+    x_T = torch.randn(3, model.config.horizon, 2)
+    ref_noise = _seeded(lambda: original(3, global_cond=cond, noise=x_T))
+    with lerobot.accelerate(policy) as handle:
+        assert model.conditional_sample is not original and handle.active
+        after = _seeded(lambda: (model.conditional_sample(3, global_cond=cond), torch.randn(2)))
+        torch.testing.assert_close(after[0], ref_global, rtol=0, atol=1e-5)
+        # the global RNG advanced exactly as LeRobot's loop advances it
+        torch.testing.assert_close(after[1], _seeded(lambda: (original(3, global_cond=cond), torch.randn(2))[1]))
+        got = model.conditional_sample(3, global_cond=cond, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got, ref_gen, rtol=0, atol=1e-5)
+        got = _seeded(lambda: model.conditional_sample(3, global_cond=cond, noise=x_T))
+        torch.testing.assert_close(got, ref_noise, rtol=0, atol=1e-5)
+        assert handle.sampler.backend == "torch" and handle.sampler.policy.components[0].global_cond_dim == 10
+    assert not handle.active and "conditional_sample" not in vars(model)
+    assert model.conditional_sample == original
+
+
+def test_accelerate_follows_training_and_settings():
+    policy = _standin("ddim_film_3stage")
+    model = policy.diffusion
+    cond = _io("ddim_film_3stage")["global_cond"]
+    x_T = torch.randn(3, model.config.horizon, 2)
+    handle = lerobot.accelerate(policy)
+    first = model.conditional_sample(3, global_cond=cond, noise=x_T)
+    sampler = handle.sampler
+    assert model.conditional_sample(3, global_cond=cond, noise=x_T).equal(first) and handle.sampler is sampler
+    # a training step changes the weights in place (fused kernels leave the version counters alone)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-2, fused=True)
+    model.unet(x_T, torch.full((3,), 10), global_cond=cond).square().mean().backward()
+    opt.step()
+    trained = model.conditional_sample(3, global_cond=cond, noise=x_T)
+    assert handle.sampler is not sampler
+    handle.restore()
+    expected = model.conditional_sample(3, global_cond=cond, noise=x_T)
+    assert not torch.allclose(expected, first, atol=1e-3)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-5)
+    # the step count is read at every call
+    handle = lerobot.accelerate(policy)
+    model.num_inference_steps = 3
+    assert handle.sampler.num_steps == 3
+    torch.testing.assert_close(model.conditional_sample(3, global_cond=cond, noise=x_T),
+                               handle.original(3, global_cond=cond, noise=x_T), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="already accelerated"):
+        lerobot.accelerate(policy)
+    handle.restore()
+    handle.restore()  # idempotent
+    assert lerobot.accelerate(policy, num_inference_steps=2).sampler.num_steps == 2
+
+
+def test_accelerate_sees_through_torch_compile():
+    policy = _standin("ddim_film_3stage")
+    cond, x_T = _io("ddim_film_3stage")["global_cond"], torch.randn(3, 16, 2)
+    expected = policy.diffusion.conditional_sample(3, global_cond=cond, noise=x_T)
+    policy.diffusion.unet = torch.compile(policy.diffusion.unet)  # wrapped; fdp never calls the compiled module
+    with lerobot.accelerate(policy) as handle:
+        got = policy.diffusion.conditional_sample(3, global_cond=cond, noise=x_T)
+        assert handle.sampler.policy.components[0].final_conv[1].weight is policy.diffusion.unet._orig_mod.final_conv[1].weight
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_accelerate_rejects_other_objects():
+    with pytest.raises(TypeError, match="DiffusionPolicy"):
+        lerobot.accelerate(types.SimpleNamespace(diffusion=object()))
+
+
+# -- the real LeRobot (optional) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.lerobot
+@pytest.mark.parametrize("name", ["ddpm_film_2stage", "ddim_film_3stage"])
+def test_accelerate_real_lerobot(name):
+    modeling = pytest.importorskip("lerobot.policies.diffusion.modeling_diffusion")
+    policy = modeling.DiffusionPolicy.from_pretrained(str(DATA / name)).eval()
+    model = policy.diffusion
+    n_obs = policy.config.n_obs_steps
+    batch = {"observation.state": torch.randn(3, n_obs, 3), "observation.environment_state": torch.randn(3, n_obs, 2)}
+    with torch.no_grad():
+        expected = _seeded(lambda: model.generate_actions(batch))
+    with lerobot.accelerate(policy) as handle:
+        with torch.no_grad():
+            got = _seeded(lambda: model.generate_actions(batch))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert handle.sampler.num_steps == model.num_inference_steps
+        # training goes on: an optimizer step on LeRobot's U-Net
+        opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-2)
+        cond = model._prepare_global_conditioning(batch)
+        model.unet(torch.randn(3, policy.config.horizon, 2), torch.full((3,), 5), global_cond=cond).square().mean() \
+            .backward()
+        opt.step()
+        with torch.no_grad():
+            trained = _seeded(lambda: model.generate_actions(batch))
+    assert "conditional_sample" not in vars(model)
+    with torch.no_grad():
+        reference = _seeded(lambda: model.generate_actions(batch))
+    assert not torch.allclose(reference, expected, atol=1e-3)
+    torch.testing.assert_close(trained, reference, rtol=0, atol=1e-5)
