@@ -256,12 +256,6 @@ class Sampler:
             with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
                 return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
 
-
-def _check_router_size(policy: FactorizedPolicy) -> None:
-    if policy.num_components != policy.router.num_components:
-        raise ValueError(f"policy has {policy.num_components} components but its router has "
-                         f"{policy.router.num_components} outputs: K must match")
-
     @classmethod
     def for_unet(cls, unet, scheduler, horizon: int, action_dim: int, **options) -> "Sampler":
         """A sampler for one denoiser (e.g. a :class:`fdp.ConditionalUnet1D`) with no router work.
@@ -273,6 +267,12 @@ def _check_router_size(policy: FactorizedPolicy) -> None:
         from .single import single_denoiser_policy
 
         return cls(single_denoiser_policy(unet, horizon, action_dim, scheduler), scheduler, **options)
+
+
+def _check_router_size(policy: FactorizedPolicy) -> None:
+    if policy.num_components != policy.router.num_components:
+        raise ValueError(f"policy has {policy.num_components} components but its router has "
+                         f"{policy.router.num_components} outputs: K must match")
 
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import schedulers as _schedulers
 from ..sampler import Sampler
@@ -109,25 +108,16 @@ def draw_step_noise(table, shape, generator, device, dtype) -> torch.Tensor | No
     return out
 
 
-def fingerprint(module: nn.Module) -> tuple:
-    """Changes when a parameter is replaced, moved, cast or updated in place by a tracked op
-    (``load_state_dict``, ``p.add_`` under no_grad, most optimizers). Fused optimizer kernels
-    and writes through ``.data`` bypass the version counter: :class:`Patch` watches optimizer
-    steps for the former."""
-    return tuple((id(p), p.data_ptr(), p._version) for p in module.parameters())
-
-
 class Patch:
     """An instance's method replaced by fdp's sampling; ``restore()`` puts the original back.
 
     Usable as a context manager (restores on exit). ``build(*shape_args)``
     makes the :class:`fdp.Sampler` for a call's shape arguments (e.g. a
-    horizon); samplers are rebuilt when ``settings()`` changed, when the
-    source network's parameters changed (:func:`fingerprint`, checked at every
-    call) or when a ``torch.optim`` optimizer holding any of them stepped
-    (a global post-step hook, removed by ``restore()``, catches fused
-    optimizers, which leave the version counters alone). :meth:`refresh`
-    forces a rebuild (after writes through ``.data``, which leave no trace).
+    horizon); samplers are rebuilt when ``settings()`` changed or ``network()``
+    is another module than before. Weights that change in place (training goes
+    on, ``load_state_dict``, ``.to()``) need no rebuild: each Sampler repacks
+    by itself when its policy changed. :meth:`refresh` repacks now (after writes
+    through ``.data``, which leave no trace).
     ``shape_args``: those of the first call, until a call is made (None: unknown).
     A patched instance is not for ``copy.deepcopy`` or pickling: restore first.
     """
@@ -146,9 +136,6 @@ class Patch:
         self._key = None
         self._warned: set[str] = set()
         self._last_args = shape_args
-        self._param_ids: set[int] = {id(p) for p in network().parameters()}
-        self._optimizer_steps = 0
-        self._hook = register_optimizer_step_post_hook(self._after_optimizer_step)
         # The original, as the instance resolves it now (a class method, or an instance attribute).
         self.original = getattr(owner, method)
         self._had_attr = method in vars(owner)
@@ -166,19 +153,12 @@ class Patch:
     def active(self) -> bool:
         return vars(self.owner).get(self._method) is self._patched
 
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        ids = self._param_ids
-        if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
-            self._optimizer_steps += 1
-
     def sampler_for(self, *shape_args) -> Sampler:
         """The sampler for these per-call arguments (e.g. a horizon), rebuilt if anything changed."""
-        params = fingerprint(self._network())
-        key = (params, self._settings(), self._optimizer_steps)
+        key = (id(self._network()), self._settings())
         if key != self._key:
             self._samplers.clear()
             self._key = key
-            self._param_ids = {entry[0] for entry in params}
         sampler = self._samplers.get(shape_args)
         if sampler is None:
             sampler = self._samplers[shape_args] = self._build(*shape_args)
@@ -192,7 +172,9 @@ class Patch:
         return None if self._last_args is None else self.sampler_for(*self._last_args)
 
     def refresh(self) -> None:
-        self._key = None
+        """Repack every sampler now (after writes through ``.data``, which no version counter sees)."""
+        for sampler in self._samplers.values():
+            sampler.repack()
 
     def fallback(self, reason: str, *args, **kwargs):
         """Run the original method, logging ``reason`` the first time it is the cause."""
@@ -203,7 +185,6 @@ class Patch:
 
     def restore(self) -> None:
         """Put the original method back (idempotent)."""
-        self._hook.remove()
         if not self.active:
             return
         if self._had_attr:
