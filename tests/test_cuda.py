@@ -130,6 +130,7 @@ BAD_INPUTS = [
     ("x-list", lambda a: a.update(x=a["x"].tolist()), TypeError, "`x` must be a torch.Tensor"),
     ("x-3d", lambda a: a.update(x=a["x"].reshape(5, 4, 3)), ValueError, r"`x` must be \[B, D\]"),
     ("x-D", lambda a: a.update(x=torch.randn(5, 11)), ValueError, "`x` must have shape"),
+    ("batch-0", lambda a: a.update(x=torch.empty(0, 12)), ValueError, "batch size must be >= 1"),
     ("x-noncontig", lambda a: a.update(x=torch.randn(12, 5).t()), ValueError, "`x` must be contiguous"),
     ("w_a-dtype", lambda a: a.update(packed=replaced(a["packed"], w_a=a["packed"].w_a.half())), TypeError,
      "`packed.w_a` must have dtype"),

@@ -104,7 +104,7 @@ def check_call(call, x, noise, out, dims: dict, *, require_cuda: bool = True) ->
     B = x.shape[0]
     D, H, L, K, T = (dims[k] for k in ("D", "H", "L", "K", "T"))
     if B < 1:
-        raise ValueError("`x` must hold at least one row")
+        raise ValueError("batch size must be >= 1, got a sample with 0 rows")
     f32 = torch.float32
     _check("x", x, (B, D), f32, device)
     _check("call.weights", _tensor_attr(call, "call", "weights"), (B, K), f32, device)
