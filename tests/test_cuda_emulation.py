@@ -106,7 +106,7 @@ PLANNED = [
 ]
 
 
-def _variants():
+def _variants() -> list[str]:
     """run_tile instantiations the configurations need (each is compile time)."""
     need = [(name, kind, bt, mma) for name, kind, bt, mma, *_ in CONFIGS]
     need += [(name, kind, plan["bt"], plan["mma"]) for name, kind, _, plan in PLANNED]
@@ -115,7 +115,7 @@ def _variants():
         v = f"X({CXX_TYPE[PROBLEMS[name]['dtype']]}, {bt}, {mma}, {kind})"
         if v not in out:
             out.append(v)
-    return " ".join(out)
+    return out
 
 
 def _cuda_include():
@@ -145,23 +145,40 @@ def driver(tmp_path_factory):
     inc = _cuda_include()
     if inc is None:
         pytest.skip("CUDA headers not found (CUDA toolkit or the triton wheel)")
-    exe = tmp_path_factory.mktemp("cuda_emulation") / "driver"
-    base = [cxx, "-std=c++20", "-pthread", f"-I{EMU}", f"-I{CSRC}", f"-I{inc}", '-DFDP_HOST_EMULATION="emu.h"',
-            f"-DFDP_EMU_VARIANTS={_variants()}", str(EMU / "driver.cpp"), "-o", str(exe)]
-    # -O1 is ASan's recommended level. Sanitizers are most of the compile time (about 20 s of
-    # ~25 s for the four variants on a 2-core machine) but catch out-of-bounds global and
-    # shared-memory accesses, which the GPU would silently tolerate.
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    # -O1 is ASan's recommended level. Sanitizers are most of the compile time but catch
+    # out-of-bounds global and shared-memory accesses, which the GPU would silently tolerate.
     sanitize = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                 "-fno-sanitize-recover=undefined"]
     t0 = time.perf_counter()
-    r = subprocess.run(base + sanitize, capture_output=True, text=True)
-    if r.returncode != 0 and "cannot find" in r.stderr and "san" in r.stderr:
+    exe, err = _build(cxx, inc, out, sanitize)
+    if exe is None and "cannot find" in err and "san" in err:
         # A toolchain without the sanitizer runtimes: the arithmetic check still stands.
         warnings.warn("sanitizer runtimes missing: emulation driver built without ASan/UBSan")
-        r = subprocess.run(base + ["-O1"], capture_output=True, text=True)
-    assert r.returncode == 0, f"compiling the emulation driver failed:\n{' '.join(base)}\n{r.stderr[-6000:]}"
+        exe, err = _build(cxx, inc, out, ["-O1"])
+    assert exe is not None, f"compiling the emulation driver failed:\n{err[-6000:]}"
     print(f"\ncuda emulation driver built in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return exe
+
+
+def _build(cxx, inc, out: Path, flags):
+    """Compile driver.cpp and the kernel variants (spread over one variants.cpp object per CPU, built
+    in parallel: each variant is seconds of compile time) and link them; returns (exe or None, log)."""
+    variants = _variants()
+    jobs = max(1, min(len(variants), os.cpu_count() or 1))
+    units = [("driver", "driver.cpp", variants)]
+    units += [(f"variants{i}", "variants.cpp", variants[i::jobs]) for i in range(jobs)]
+    common = [cxx, "-std=c++20", "-pthread", f"-I{EMU}", f"-I{CSRC}", f"-I{inc}", '-DFDP_HOST_EMULATION="emu.h"']
+    procs = [subprocess.Popen(common + flags + [f"-DFDP_EMU_VARIANTS={' '.join(vs)}", "-c", str(EMU / src), "-o",
+                                                str(out / f"{name}.o")], stderr=subprocess.PIPE, text=True)
+             for name, src, vs in units]
+    logs = [p.communicate()[1] for p in procs]
+    if any(p.returncode for p in procs):
+        return None, "\n".join(logs)
+    exe = out / "driver"
+    r = subprocess.run([cxx, "-pthread", *flags, *(str(out / f"{name}.o") for name, _, _ in units), "-o", str(exe)],
+                       capture_output=True, text=True)
+    return (exe if r.returncode == 0 else None), r.stderr
 
 
 def _write(d: Path, name: str, t: torch.Tensor):

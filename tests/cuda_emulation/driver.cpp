@@ -7,10 +7,11 @@
 // Build (the test does this; see README.md):
 //   g++ -std=c++20 -pthread -I<cuda include> -Icsrc -Itests/cuda_emulation \
 //       -DFDP_HOST_EMULATION='"emu.h"' \
-//       -DFDP_EMU_VARIANTS='X(float, 1, 0, 1) X(__nv_bfloat16, 16, 1, 0)' driver.cpp
+//       -DFDP_EMU_VARIANTS='X(float, 1, 0, 1) X(__nv_bfloat16, 16, 1, 0)' driver.cpp variants.cpp
 // FDP_EMU_VARIANTS lists the run_tile<W, BT, MMA, PERSISTENT> instantiations to
 // build: each one costs seconds of compile time (far more under sanitizers), so
-// the test builds only those its configurations use.
+// the test builds only those its configurations use, spread over several
+// variants.cpp objects (each with a subset) compiled in parallel.
 //
 // Usage:
 //   driver DIR kind wtype B D H L K T clip clip_range bt mma ranks groups gpc smem_limit skip_unused
@@ -47,17 +48,17 @@ using namespace fdp::mlp;
 
 using TileFn = void (*)(const Args&, const Plan&, int, int);
 
+// run_tile<W, BT, MMA, PERS> as a plain function; the FDP_EMU_VARIANTS instantiations
+// are compiled in variants.cpp, in translation units of their own that build in parallel.
+template <typename W, int BT, bool MMA, bool PERS>
+void tile_fn(const Args& a, const Plan& p, int s0, int s1);
+
 namespace {
 
 std::vector<char> slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return {};
   return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-template <typename W, int BT, bool MMA, bool PERS>
-void tile_fn(const Args& a, const Plan& p, int s0, int s1) {
-  run_tile<W, BT, MMA, PERS>(a, p, s0, s1);
 }
 
 template <typename W>
