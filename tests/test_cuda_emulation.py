@@ -434,9 +434,9 @@ def test_plan_refuses_activations_beyond_shared_memory(driver, gpus):
 
 
 def test_launch_configuration(driver, gpus):
-    """launch_plan's grid, block, shared memory and cluster shape, as the emulated runtime receives and
-    accepts them (it refuses what the CUDA runtime would: a cluster on a GPU without clusters,
-    more than 8 blocks without the non-portable opt-in, more shared memory than the opt-in)."""
+    """launch_plan's grid, block, shared memory and cluster shape, as the emulated runtime receives them;
+    it accepts them only if the CUDA runtime would (no cluster on a GPU without clusters, none over 8
+    blocks without the non-portable opt-in, no more shared memory than the function's opt-in)."""
     cases = [  # (gpu, kind, dtype, B, T, step_begin, step_end)
         ("h100", STEP, torch.float32, 1, 10, 3, 4),
         ("h100", PERSISTENT, torch.float32, 1, 10, 0, 10),
