@@ -608,7 +608,7 @@ __device__ __forceinline__ float sched_update(float x, float e, float z, const f
 
 // ---------------------------------------------------------------------------------------------
 // The tile: steps [step_begin, step_end) for one block. PERSISTENT=false adds the
-// global-combine path (single step per launch).
+// global-combine path and serves exactly one step per launch (launch_plan checks it on the host).
 
 template <typename W, int BT, bool MMA, bool PERSISTENT>
 __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_begin, int step_end) {
@@ -619,6 +619,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int s_last;
 #endif
+  // Only step_begin's vectors and coefficients are staged before the loop; the next step's are
+  // prefetched by the persistent kernel alone, so a second step here would read stale ones.
+  if (!PERSISTENT && step_end != step_begin + 1) __trap();
   const Layout lay = make_layout(a.D, a.H, a.L, a.K, p);
   const int tid = threadIdx.x;
   const int D = a.D, H = a.H, L = a.L, K = a.K;
@@ -1259,8 +1262,11 @@ inline Args make_args(const MlpPointers& q, const MlpDims& d, bool clip, float c
   return a;
 }
 
-inline void launch_plan(const void* fn, const Plan& p, const Args& a, int step_begin, int step_end,
+inline void launch_plan(int kind, const void* fn, const Plan& p, const Args& a, int step_begin, int step_end,
                         cudaStream_t stream) {
+  if (kind == kStep && step_end != step_begin + 1)
+    throw std::invalid_argument("the per-step kernel runs exactly one step per launch, got steps [" +
+                                std::to_string(step_begin) + ", " + std::to_string(step_end) + ")");
   cudaLaunchConfig_t cfg = {};
   const int S = p.ranks * p.gpc;
   cfg.gridDim = dim3(static_cast<unsigned>(S * p.tiles), static_cast<unsigned>(p.groups / p.gpc), 1);
@@ -1281,6 +1287,20 @@ inline void launch_plan(const void* fn, const Plan& p, const Args& a, int step_b
   void* params[] = {&args, &plan, &step_begin, &step_end};
   check_cuda(cudaLaunchKernelExC(&cfg, fn, params), "kernel launch");
   check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+// Steps [step_begin, step_end) of kernel `kind`: the persistent kernel in one launch, the
+// per-step kernel once per step (the first launch reads x_in, later ones update x_out in place).
+inline void launch_steps(int kind, const void* fn, const Plan& p, Args a, int step_begin, int step_end,
+                         cudaStream_t stream) {
+  if (kind == kPersistent) {
+    launch_plan(kind, fn, p, a, step_begin, step_end, stream);
+    return;
+  }
+  for (int s = step_begin; s < step_end; ++s) {
+    launch_plan(kind, fn, p, a, s, s + 1, stream);
+    a.x_in = a.x_out;
+  }
 }
 
 }  // namespace mlp

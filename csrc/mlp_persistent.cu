@@ -76,8 +76,8 @@ void mlp_persistent_launch(int wtype, const MlpPointers& ptrs, const MlpDims& di
   const mlp::Plan p = mlp::cached_plan(mlp::kPersistent, wtype, dims, opts, &mlp::persistent_kernel, reason);
   if (p.bt == 0) throw std::invalid_argument("backend 'cuda-persistent' cannot serve this model: " + reason);
   const mlp::Args a = mlp::make_args(ptrs, dims, clip, clip_range, opts.skip_unused);
-  mlp::launch_plan(mlp::persistent_kernel(wtype, p.mma, p.bt), p, a, 0, static_cast<int>(dims.T),
-                   reinterpret_cast<cudaStream_t>(stream));
+  mlp::launch_steps(mlp::kPersistent, mlp::persistent_kernel(wtype, p.mma, p.bt), p, a, 0, static_cast<int>(dims.T),
+                    reinterpret_cast<cudaStream_t>(stream));
 }
 
 }  // namespace fdp

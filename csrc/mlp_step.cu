@@ -80,13 +80,9 @@ void mlp_step_launch(int wtype, const MlpPointers& ptrs, const MlpDims& dims, bo
   if (p.groups != p.gpc && (ptrs.scratch == 0 || ptrs.counters == 0))
     throw std::invalid_argument("this launch combines component groups in global memory: `scratch` [groups, B, D] "
                                 "and zeroed `counters` [tiles] are required");
-  mlp::Args a = mlp::make_args(ptrs, dims, clip, clip_range, opts.skip_unused);
-  const void* fn = mlp::step_kernel(wtype, p.mma, p.bt);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  for (int s = step_begin; s < step_end; ++s) {
-    mlp::launch_plan(fn, p, a, s, s + 1, st);
-    a.x_in = a.x_out;  // later steps update the output in place
-  }
+  const mlp::Args a = mlp::make_args(ptrs, dims, clip, clip_range, opts.skip_unused);
+  mlp::launch_steps(mlp::kStep, mlp::step_kernel(wtype, p.mma, p.bt), p, a, step_begin, step_end,
+                    reinterpret_cast<cudaStream_t>(stream));
 }
 
 }  // namespace fdp

@@ -5,7 +5,7 @@ The math is docs/mlp_denoiser.md, on the packed tensors of
 biases and every precomputed term float32). For one tile of ``BLOCK_B`` batch
 rows and denoising step ``i``:
 
-    for k in 0..K-1 (skipped when the router gives it weight 0 on every row of the tile):
+    for k in 0..K-1 (skipped when the router gives it weight exactly 0 on every row of the tile):
         h   = x @ w_in[k] + t_in[i, k] + c_in[:, k]
         for l in 0..L-1:
             y = (h @ w_a[k, l]) * scale[:, k, l] + shift[:, k, l] + t_shift[i, k, l]
@@ -220,6 +220,13 @@ def _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
 
 
 @triton.jit
+def _scratch_offset(pid, BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr):
+    """First float of program ``pid``'s two scratch buffers; 64-bit: in 32 bits it wraps past
+    2**31 floats (65536 programs of 32 rows at H = 512, about 2M rows)."""
+    return pid.to(tl.int64) * (2 * BLOCK_B * H_STRIDE)
+
+
+@triton.jit
 def _tile(x_ptr, scratch_ptr, B, D, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_STRIDE: tl.constexpr):
     """This program's rows: x [BLOCK_B, D_PAD] (masked), its offsets and masks, and its two scratch buffers."""
     pid = tl.program_id(0)
@@ -231,7 +238,7 @@ def _tile(x_ptr, scratch_ptr, B, D, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, 
     xp = rows64[:, None] * D + dcols[None, :]
     xm = rmask[:, None] & dmask[None, :]
     x = tl.load(x_ptr + xp, mask=xm, other=0.0)
-    h_buf = scratch_ptr + pid * (2 * BLOCK_B * H_STRIDE)
+    h_buf = scratch_ptr + _scratch_offset(pid, BLOCK_B, H_STRIDE)
     y_buf = h_buf + BLOCK_B * H_STRIDE
     return x, xp, xm, rows64, rmask, dcols, dmask, h_buf, y_buf
 
@@ -247,11 +254,12 @@ def _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
     eps = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
     for k in range(K):
         wk = tl.load(wts_ptr + rows64 * K + k, mask=rmask, other=0.0)
-        # Hard / top-k routing: a component no row of the tile uses costs nothing.
+        # Hard / top-k routing: a component no row of the tile uses costs nothing. A NaN weight counts
+        # as used (NaN != 0), so it reaches the output as NaN; a max over |w| would drop it.
         if SKIP_UNUSED:
-            used = tl.max(tl.abs(wk), axis=0) > 0.0
+            used = tl.max((wk != 0.0).to(tl.int32), axis=0) > 0
         else:
-            used = tl.max(tl.abs(wk), axis=0) >= 0.0  # always
+            used = tl.max((wk != 0.0).to(tl.int32), axis=0) >= 0  # always
         if used:
             if H_IN_REGS:
                 ek = _component_regs(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
@@ -317,7 +325,7 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     dev = x.device
     B, D = x.shape
     if B < 1:
-        raise ValueError("`x` must hold at least one row")
+        raise ValueError("batch size must be >= 1, got a sample with 0 rows")
     for obj, name, kind, attrs in ((packed, "packed", "PackedMLP", ("w_in", "w_a", "w_b", "b_b", "w_out", "b_out")),
                                    (steps, "steps", "StepTerms", ("t_in", "t_shift")),
                                    (call, "call", "CallTerms", ("weights", "c_in", "scale", "shift"))):

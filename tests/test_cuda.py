@@ -12,6 +12,7 @@ non-default stream.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 
@@ -129,6 +130,7 @@ BAD_INPUTS = [
     ("x-list", lambda a: a.update(x=a["x"].tolist()), TypeError, "`x` must be a torch.Tensor"),
     ("x-3d", lambda a: a.update(x=a["x"].reshape(5, 4, 3)), ValueError, r"`x` must be \[B, D\]"),
     ("x-D", lambda a: a.update(x=torch.randn(5, 11)), ValueError, "`x` must have shape"),
+    ("batch-0", lambda a: a.update(x=torch.empty(0, 12)), ValueError, "batch size must be >= 1"),
     ("x-noncontig", lambda a: a.update(x=torch.randn(12, 5).t()), ValueError, "`x` must be contiguous"),
     ("w_a-dtype", lambda a: a.update(packed=replaced(a["packed"], w_a=a["packed"].w_a.half())), TypeError,
      "`packed.w_a` must have dtype"),
@@ -191,6 +193,56 @@ def test_kernel_options_are_checked():
         cb._options_tuple({"warps": 4})
     with pytest.raises(TypeError, match="block_rows"):
         cb._options_tuple({"block_rows": 1.5})
+
+
+class _FakeStream:
+    def __init__(self, handle):
+        self.cuda_stream = handle
+
+
+def test_combine_buffers_are_allocated_on_the_kernels_stream(monkeypatch):
+    """With an explicit `stream`, the global-combine scratch and counters are allocated and zeroed
+    while that stream is current: the caching allocator ties memory to the stream it was allocated
+    on, so memory freed after the launch is reused only by work ordered after the kernel."""
+    current = {"stream": _FakeStream(111)}  # what torch would call the current stream
+    allocated, launched = [], []
+
+    @contextlib.contextmanager
+    def stream_ctx(s):
+        prev, current["stream"] = current["stream"], s
+        try:
+            yield
+        finally:
+            current["stream"] = prev
+
+    def recording(fn):
+        def alloc(*args, **kw):
+            allocated.append(current["stream"].cuda_stream)
+            return fn(*args, **kw)
+        return alloc
+
+    class FakeExt:
+        def mlp_step_launch(self, *args):
+            launched.append(args[-1])
+
+        mlp_persistent_launch = mlp_step_launch
+
+    monkeypatch.setattr(cb, "extension", FakeExt)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device=None: _FakeStream(handle))
+    monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch, "empty", recording(torch.empty))
+    monkeypatch.setattr(torch, "zeros", recording(torch.zeros))
+    a = _cpu_launch_args()
+    dims = cb.check_launch(**a, require_cuda=False)
+    info = {"global_combine": True, "groups": dims["K"], "tiles": 1}
+    for stream, expect in ((222, 222), (None, 111)):
+        allocated.clear()
+        launched.clear()
+        cb._raw_launch(cb.KIND_STEP, a["packed"], a["steps"], a["call"], a["coef"], a["x"], a["noise"], a["out"],
+                       a["clip_range"], dims, cb._options_tuple(None), 0, dims["T"], stream, info)
+        assert launched == [expect]
+        assert allocated == [expect, expect], "scratch/counters allocated on another stream than the kernel's"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -517,3 +569,29 @@ def test_non_default_stream(name):
         out = sampler(cond, x_T=x2, step_noise=noise)
     stream.synchronize()
     assert torch.equal(out, expect)
+
+
+@pytest.mark.gpu
+@gpu
+def test_explicit_stream_keeps_combine_buffers_until_the_kernel_ran():
+    """A launch on a busy non-current stream with a global-combine plan: allocations on the current
+    stream right after it must not receive (and overwrite) the kernel's scratch or counters."""
+    c = Case(3, 24, 1, 4, 3, 1, "ddpm_clip", "soft", 3, torch.float32)
+    info = cb.plan(cb.KIND_STEP, torch.float32, 1, c.D, 24, 1, 3, 3, {"groups": 3})
+    assert info["ok"] and info["global_combine"], info
+    expect = c.run(cb.KIND_STEP, groups=3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    out = torch.full((c.B, c.D), NAN, device="cuda")
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the kernel starts well after the allocations below
+    cb.launch(cb.KIND_STEP, c.packed, c.steps, c.call, c.coef, c.x, c.knoise, out, c.clip,
+              options={"groups": 3}, stream=side.cuda_stream)
+    # Same sizes as the scratch [groups, B, D] float32 and the counters [tiles] int32: the allocator
+    # would hand out the launch's blocks here if they belonged to the current stream.
+    junk = [torch.full((3, c.B, c.D), NAN, device="cuda"), torch.full((info["tiles"],), 7, dtype=torch.int32,
+                                                                       device="cuda")]
+    side.synchronize()
+    torch.cuda.synchronize()
+    del junk
+    torch.testing.assert_close(out.reshape(c.shape).cpu(), expect, rtol=0, atol=0)

@@ -9,10 +9,15 @@ float64 torch reference. Shared memory starts as 0xCD garbage and every output
 (and the global-combine scratch) is poisoned with NaN first, so anything the
 kernel forgets to compute or reads before writing shows up as an error.
 
-The plan (tile rows, tensor cores, cluster ranks, component groups) is chosen
-per configuration rather than by the device-dependent planner, to reach the
-paths a GPU run would only take on particular hardware: clusters of up to 16
-blocks, both combine modes, partly resident weights.
+Most configurations give the plan (tile rows, tensor cores, cluster ranks, component
+groups) explicitly, to reach the paths a GPU run would only take on particular
+hardware: clusters of up to 16 blocks, both combine modes, partly resident weights.
+Others let the planner (``make_plan``) choose for an emulated H100, A100 or Jetson
+Orin (tests/cuda_emulation/emu_runtime.h answers its device queries), and every
+run launches through the production launcher (``launch_steps``/``launch_plan``),
+whose launch configuration the emulated runtime checks and runs. The planner and
+the launch configuration are also unit-tested on their own for those GPUs and an
+RTX 4090 (``driver --query``: plans and recorded launches, nothing run).
 """
 import copy
 import os
@@ -40,6 +45,7 @@ CSRC = HERE.parent / "csrc"
 
 STEP, PERSISTENT = 0, 1
 WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NO_MMA = -1  # make_plan's "automatic" for the tensor-core option
 CXX_TYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
 SMEM_H100 = 232448  # opt-in shared memory per block on sm_90
 
@@ -51,9 +57,15 @@ TOL = KERNEL_TOL
 
 # A problem: policy, scheduler and batch. Several launch plans run on each.
 PROBLEMS = {
-    # The target shape: K=4, H=256, D=32 (horizon 16 x 2), one row.
-    "target": dict(K=4, H=256, L=2, horizon=16, action_dim=2, B=1, sched="ddpm_clip", strategy="soft", T=2,
+    # The target shape: K=4, H=256, D=32 (horizon 16 x 2), one row, ten steps.
+    "target": dict(K=4, H=256, L=2, horizon=16, action_dim=2, B=1, sched="ddpm_clip", strategy="soft", T=10,
                    dtype=torch.float32),
+    # bfloat16 at batch 1: the FMA path with 16-bit weight loads, H = 256 (the planner splits columns on H100).
+    "bf16_b1": dict(K=2, H=256, L=1, horizon=8, action_dim=2, B=1, sched="ddim_eta", strategy="soft", T=2,
+                    dtype=torch.bfloat16),
+    # float16 weights on the FMA path, two rows.
+    "fp16_fma": dict(K=3, H=40, L=1, horizon=5, action_dim=3, B=2, sched="ddpm_clip", strategy="soft", T=3,
+                     dtype=torch.float16),
     # Odd H and D, top-k routing, batch over two FMA tiles.
     "odd": dict(K=6, H=17, L=1, horizon=5, action_dim=3, B=11, sched="ddim_eta", strategy="topk", T=3,
                 dtype=torch.float32),
@@ -72,7 +84,6 @@ PROBLEMS = {
 # (problem, kind, bt, mma, ranks, groups, groups per cluster, shared-memory limit).
 # Cluster size S = ranks * gpc; groups > gpc means global combine (step kernel only).
 CONFIGS = [
-    ("target", PERSISTENT, 1, 0, 4, 4, 4, SMEM_H100),   # S=16: DSMEM pushes + local combine
     ("target", PERSISTENT, 1, 0, 2, 1, 1, 60000),       # S=2, most weights read from global
     ("odd", STEP, 8, 0, 1, 3, 1, SMEM_H100),            # global combine, 2 tiles (the last one partial)
     ("odd", STEP, 8, 0, 1, 2, 2, 52000),                # local combine in the step kernel, weights partly resident
@@ -84,14 +95,27 @@ CONFIGS = [
 ]
 
 
-def _variants():
+# (problem, kind, emulated GPU, the plan make_plan must choose there). Each runs with that plan.
+PLANNED = [
+    # The planner's H100 choice for the target: one cluster of K x 4 ranks (the explicit S=16 plan).
+    ("target", PERSISTENT, "h100", dict(bt=1, mma=0, ranks=4, groups=4, gpc=4)),
+    # Batch 1, bf16, per-step kernel on H100: FMA, one 4-rank cluster per component, global combine.
+    ("bf16_b1", STEP, "h100", dict(bt=1, mma=0, ranks=4, groups=2, gpc=1)),
+    # fp16 FMA on Orin: the persistent kernel without clusters, one block per tile.
+    ("fp16_fma", PERSISTENT, "orin", dict(bt=2, mma=0, ranks=1, groups=1, gpc=1)),
+]
+
+
+def _variants() -> list[str]:
     """run_tile instantiations the configurations need (each is compile time)."""
+    need = [(name, kind, bt, mma) for name, kind, bt, mma, *_ in CONFIGS]
+    need += [(name, kind, plan["bt"], plan["mma"]) for name, kind, _, plan in PLANNED]
     out = []
-    for name, kind, bt, mma, *_ in CONFIGS:
+    for name, kind, bt, mma in need:
         v = f"X({CXX_TYPE[PROBLEMS[name]['dtype']]}, {bt}, {mma}, {kind})"
         if v not in out:
             out.append(v)
-    return " ".join(out)
+    return out
 
 
 def _cuda_include():
@@ -121,23 +145,40 @@ def driver(tmp_path_factory):
     inc = _cuda_include()
     if inc is None:
         pytest.skip("CUDA headers not found (CUDA toolkit or the triton wheel)")
-    exe = tmp_path_factory.mktemp("cuda_emulation") / "driver"
-    base = [cxx, "-std=c++20", "-pthread", f"-I{EMU}", f"-I{CSRC}", f"-I{inc}", '-DFDP_HOST_EMULATION="emu.h"',
-            f"-DFDP_EMU_VARIANTS={_variants()}", str(EMU / "driver.cpp"), "-o", str(exe)]
-    # -O1 is ASan's recommended level. Sanitizers are most of the compile time (about 20 s of
-    # ~25 s for the four variants on a 2-core machine) but catch out-of-bounds global and
-    # shared-memory accesses, which the GPU would silently tolerate.
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    # -O1 is ASan's recommended level. Sanitizers are most of the compile time but catch
+    # out-of-bounds global and shared-memory accesses, which the GPU would silently tolerate.
     sanitize = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                 "-fno-sanitize-recover=undefined"]
     t0 = time.perf_counter()
-    r = subprocess.run(base + sanitize, capture_output=True, text=True)
-    if r.returncode != 0 and "cannot find" in r.stderr and "san" in r.stderr:
+    exe, err = _build(cxx, inc, out, sanitize)
+    if exe is None and "cannot find" in err and "san" in err:
         # A toolchain without the sanitizer runtimes: the arithmetic check still stands.
         warnings.warn("sanitizer runtimes missing: emulation driver built without ASan/UBSan")
-        r = subprocess.run(base + ["-O1"], capture_output=True, text=True)
-    assert r.returncode == 0, f"compiling the emulation driver failed:\n{' '.join(base)}\n{r.stderr[-6000:]}"
+        exe, err = _build(cxx, inc, out, ["-O1"])
+    assert exe is not None, f"compiling the emulation driver failed:\n{err[-6000:]}"
     print(f"\ncuda emulation driver built in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return exe
+
+
+def _build(cxx, inc, out: Path, flags):
+    """Compile driver.cpp and the kernel variants (spread over one variants.cpp object per CPU, built
+    in parallel: each variant is seconds of compile time) and link them; returns (exe or None, log)."""
+    variants = _variants()
+    jobs = max(1, min(len(variants), os.cpu_count() or 1))
+    units = [("driver", "driver.cpp", variants)]
+    units += [(f"variants{i}", "variants.cpp", variants[i::jobs]) for i in range(jobs)]
+    common = [cxx, "-std=c++20", "-pthread", f"-I{EMU}", f"-I{CSRC}", f"-I{inc}", '-DFDP_HOST_EMULATION="emu.h"']
+    procs = [subprocess.Popen(common + flags + [f"-DFDP_EMU_VARIANTS={' '.join(vs)}", "-c", str(EMU / src), "-o",
+                                                str(out / f"{name}.o")], stderr=subprocess.PIPE, text=True)
+             for name, src, vs in units]
+    logs = [p.communicate()[1] for p in procs]
+    if any(p.returncode for p in procs):
+        return None, "\n".join(logs)
+    exe = out / "driver"
+    r = subprocess.run([cxx, "-pthread", *flags, *(str(out / f"{name}.o") for name, _, _ in units), "-o", str(exe)],
+                       capture_output=True, text=True)
+    return (exe if r.returncode == 0 else None), r.stderr
 
 
 def _write(d: Path, name: str, t: torch.Tensor):
@@ -211,21 +252,217 @@ def problems(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "{}-{}-bt{}-mma{}-R{}-G{}-gpc{}-smem{}".format(
-    c[0], "pers" if c[1] == PERSISTENT else "step", *c[2:]))
-def test_emulated_kernel_matches_reference(driver, problems, cfg):
-    name, kind, bt, mma, ranks, groups, gpc, smem = cfg
-    d, ref, dims_args = problems(name)
-    dtype = PROBLEMS[name]["dtype"]
+def _launch(driver, d: Path, kind, dtype, dims_args, plan_args):
+    """Run the driver on the inputs in `d`; returns (its output [B, D], its stderr)."""
     out_file = d / "out.bin"
     out_file.unlink(missing_ok=True)
-    cmd = [str(driver), str(d), str(kind), str(WTYPE[dtype]), *map(str, dims_args),
-           str(bt), str(mma), str(ranks), str(groups), str(gpc), str(smem), "1"]
+    cmd = [str(driver), str(d), str(kind), str(WTYPE[dtype]), *map(str, dims_args), *map(str, plan_args), "1"]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # a barrier mismatch hangs
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-6000:]}"
-    out = torch.from_numpy(np.fromfile(out_file, dtype=np.float32)).reshape(ref.shape)
-    assert torch.isfinite(out).all(), f"non-finite output (unwritten elements stay NaN)\n{r.stderr}"
+    B, D = dims_args[0], dims_args[1]
+    return torch.from_numpy(np.fromfile(out_file, dtype=np.float32)).reshape(B, D), r.stderr
+
+
+def _run_driver(driver, problems, name, kind, plan_args):
+    """Run problem `name` with kernel `kind` and the driver's plan arguments; returns the driver's stderr."""
+    d, ref, dims_args = problems(name)
+    dtype = PROBLEMS[name]["dtype"]
+    out, stderr = _launch(driver, d, kind, dtype, dims_args, plan_args)
+    assert torch.isfinite(out).all(), f"non-finite output (unwritten elements stay NaN)\n{stderr}"
     err = float((out.double() - ref).abs().max() / ref.abs().max())
-    print(f"\n{r.stderr.strip()}  rel err {err:.2e}", file=sys.stderr)
-    assert err < TOL[dtype], f"relative error {err:.3e} >= {TOL[dtype]:.0e}\n{r.stderr}"
+    print(f"\n{stderr.strip()}  rel err {err:.2e}", file=sys.stderr)
+    assert err < TOL[dtype], f"relative error {err:.3e} >= {TOL[dtype]:.0e}\n{stderr}"
+    return stderr
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "{}-{}-bt{}-mma{}-R{}-G{}-gpc{}-smem{}".format(
+    c[0], "pers" if c[1] == PERSISTENT else "step", *c[2:]))
+def test_emulated_kernel_matches_reference(driver, problems, cfg):
+    name, kind, *plan = cfg
+    _run_driver(driver, problems, name, kind, plan)
+
+
+@pytest.mark.parametrize("cfg", [("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),
+                                 ("fixed", STEP, 8, 0, 1, 3, 1, SMEM_H100)], ids=["pers-bt1-local", "step-bt8-global"])
+def test_nan_router_weight_gives_nan_in_its_row_only(driver, problems, tmp_path, cfg):
+    """A NaN router weight makes its row NaN, as in torch, also for a component every other row gives
+    weight 0 ("fixed" routes nothing to component 1: the NaN alone makes it used); the other rows
+    are unaffected."""
+    name, kind, *plan = cfg
+    src, ref, dims_args = problems(name)
+    for f in src.glob("*.bin"):
+        shutil.copy(f, tmp_path / f.name)
+    weights = torch.from_numpy(np.fromfile(src / "weights.bin", dtype=np.float32)).reshape(ref.shape[0], -1)
+    assert (weights[:, 1] == 0).all()
+    bad = 1
+    weights[bad, 1] = float("nan")
+    _write(tmp_path, "weights", weights)
+    out, _ = _launch(driver, tmp_path, kind, torch.float32, dims_args, plan)
+    assert torch.isnan(out[bad]).all(), out[bad]
+    others = [i for i in range(ref.shape[0]) if i != bad]
+    err = float((out[others].double() - ref[others]).abs().max() / ref[others].abs().max())
+    assert err < TOL[torch.float32], err
+
+
+@pytest.mark.parametrize("cfg", PLANNED, ids=lambda c: "{}-{}-{}".format(
+    c[0], "pers" if c[1] == PERSISTENT else "step", c[2]))
+def test_planned_launch_matches_reference(driver, problems, cfg):
+    """make_plan chooses for the emulated GPU; the launch goes through launch_steps / launch_plan."""
+    name, kind, device, expect = cfg
+    stderr = _run_driver(driver, problems, name, kind, ["plan", device])
+    chosen = _fields(stderr.split(f"plan ({device}): ", 1)[1].splitlines()[0])
+    assert {k: chosen[k] for k in expect} == expect, chosen
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The planner and the launch configuration for real GPUs (emulated device queries; nothing runs)
+
+GPUS = ("h100", "a100", "rtx4090", "orin")  # emulated in emu_runtime.h
+
+
+def _fields(text):
+    return {k: int(v) for k, v in (f.split("=") for f in text.split() if "=" in f and "," not in f)}
+
+
+def _query(driver, lines):
+    """Run `driver --query`; returns one (status, rest) per input line."""
+    r = subprocess.run([str(driver), "--query"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = [tuple(line.split(" ", 1)) for line in r.stdout.splitlines()]
+    assert len(out) == len(lines), r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpus(driver):
+    """The emulated GPUs' limits: SMs, shared memory per SM and per block (opt-in), clusters, static smem."""
+    return {g: _fields(rest) for g, (_, rest) in zip(GPUS, _query(driver, [f"device {g}" for g in GPUS]))}
+
+
+def _plan_cmd(gpu, kind, dtype, B, D, H, L, K, T=10, bt=0, ranks=0, groups=0, mma=NO_MMA):
+    return f"plan {gpu} {kind} {WTYPE[dtype]} {B} {D} {H} {L} {K} {T} {bt} {ranks} {groups} {mma}"
+
+
+# (kind, weight dtype, B, D, H, L, K): the target at batch 1 and 256, bf16 on tensor cores, wide and small models.
+PLAN_SHAPES = [
+    (kind, dtype, B, D, H, L, K)
+    for kind in (STEP, PERSISTENT)
+    for dtype, B, D, H, L, K in [
+        (torch.float32, 1, 32, 256, 2, 4), (torch.float32, 256, 32, 256, 2, 4),
+        (torch.bfloat16, 1, 32, 256, 2, 4), (torch.bfloat16, 64, 32, 256, 2, 4),
+        (torch.float16, 1000, 112, 128, 3, 8), (torch.float32, 3, 15, 1024, 1, 2),
+        (torch.bfloat16, 17, 7, 24, 1, 3),
+    ]
+]
+
+
+def test_plans_fit_each_gpus_limits(driver, gpus):
+    """Every plan stays within the GPU's per-block shared memory, covers the batch with its tiles,
+    keeps its resident weights within the total, and uses clusters only on H100 (sm_90)."""
+    lines, keys = [], []
+    for gpu in GPUS:
+        for kind, dtype, B, D, H, L, K in PLAN_SHAPES:
+            lines.append(_plan_cmd(gpu, kind, dtype, B, D, H, L, K))
+            keys.append((gpu, kind, dtype, B, D, H, L, K))
+    for (gpu, kind, dtype, B, D, H, L, K), (status, rest) in zip(keys, _query(driver, lines)):
+        assert status == "ok", (gpu, kind, dtype, B, D, H, L, K, rest)
+        p = _fields(rest)
+        assert p["smem"] + p["static"] <= gpus[gpu]["optin"] and p["fixed"] <= p["smem"], (gpu, p)
+        assert p["resident"] <= p["weights"] and p["smem"] == p["fixed"] + p["resident"], (gpu, p)
+        assert p["tiles"] == -(-B // p["bt"]), (gpu, p)
+        assert p["mma"] == int(dtype != torch.float32 and B >= 16), (gpu, dtype, B, p)
+        assert p["groups"] % p["gpc"] == 0 and 1 <= p["groups"] <= K, p
+        cluster = p["ranks"] * p["gpc"]
+        assert cluster <= (16 if gpus[gpu]["cluster"] else 1), (gpu, p)
+        if kind == PERSISTENT:
+            assert p["gpc"] == p["groups"], p  # the persistent kernel combines inside the cluster
+        print(gpu, "pers" if kind else "step", str(dtype).split(".")[-1], B, D, H, L, K, "->", rest)
+
+
+def test_target_plans_per_gpu(driver):
+    """Batch 1 of the target (K=4, H=256, D=32): H100 splits every component over a cluster of column
+    ranks (4 groups of 16 ranks in fp32, 8 in bf16 for the per-step kernel; one 16-block cluster
+    holding all four components for the persistent one); the others run one block per component."""
+    cmds = {(gpu, kind, dt): _plan_cmd(gpu, kind, dt, 1, 32, 256, 2, 4)
+            for gpu in GPUS for kind in (STEP, PERSISTENT) for dt in (torch.float32, torch.bfloat16)}
+    got = {key: _fields(rest) for key, (status, rest) in zip(cmds, _query(driver, list(cmds.values())))}
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert {k: got["h100", STEP, f32][k] for k in ("bt", "ranks", "groups", "gpc")} == dict(bt=1, ranks=16, groups=4,
+                                                                                            gpc=1)
+    assert {k: got["h100", STEP, bf16][k] for k in ("bt", "ranks", "groups", "gpc")} == dict(bt=1, ranks=8, groups=4,
+                                                                                             gpc=1)
+    for dt in (f32, bf16):
+        assert {k: got["h100", PERSISTENT, dt][k] for k in ("ranks", "groups", "gpc")} == dict(ranks=4, groups=4,
+                                                                                               gpc=4)
+        for gpu in ("a100", "rtx4090", "orin"):
+            assert {k: got[gpu, STEP, dt][k] for k in ("bt", "ranks", "groups")} == dict(bt=1, ranks=1, groups=4)
+            assert {k: got[gpu, PERSISTENT, dt][k] for k in ("bt", "ranks", "groups")} == dict(bt=1, ranks=1, groups=1)
+    # The fp32 target weights (1.1 MB per component) never fit one block: what is resident depends on the GPU.
+    assert got["h100", PERSISTENT, f32]["resident"] < got["h100", PERSISTENT, f32]["weights"]
+
+
+def test_step_plan_splits_components_only_while_tiles_fit_the_sms(driver, gpus):
+    """The per-step kernel gives every component its own blocks while the row tiles alone leave SMs
+    idle: 50 tiles of 8 rows split on A100 (108 SMs) and RTX 4090 (128), not on Orin (16)."""
+    lines = [_plan_cmd(gpu, STEP, torch.float32, 400, 12, 64, 1, 4) for gpu in GPUS]
+    got = {gpu: _fields(rest) for gpu, (_, rest) in zip(GPUS, _query(driver, lines))}
+    assert all(p["tiles"] == 50 and p["bt"] == 8 for p in got.values()), got
+    assert gpus["orin"]["sms"] < 50 < min(gpus["a100"]["sms"], gpus["rtx4090"]["sms"])
+    assert got["a100"]["groups"] == got["rtx4090"]["groups"] == 4 and got["orin"]["groups"] == 1, got
+
+
+def test_plan_refuses_activations_beyond_shared_memory(driver, gpus):
+    """A model whose activations alone need more shared memory than the GPU's per-block opt-in is
+    refused with the limit in the reason. One block of D = 1024, H = 2048 (one component, one row)
+    needs about 108 KB before any weight: over the RTX 4090's 99 KB, within A100's / Orin's 163 KB;
+    at D = 4096, H = 3072 only H100 serves it, by splitting the columns over a cluster."""
+    shapes = [(1024, 2048), (4096, 3072)]
+    lines = [_plan_cmd(gpu, PERSISTENT, torch.float32, 1, D, H, 1, 1, bt=1) for D, H in shapes for gpu in GPUS]
+    got = dict(zip([(D, gpu) for D, _ in shapes for gpu in GPUS], _query(driver, lines)))
+    for (D, gpu), (status, rest) in got.items():
+        fits = gpu == "h100" or (D == 1024 and gpu != "rtx4090")
+        if fits:
+            assert status == "ok", (D, gpu, rest)
+            if gpu != "h100":
+                assert _fields(rest)["fixed"] > gpus["rtx4090"]["optin"], (D, gpu, rest)
+        else:
+            assert status == "refused" and f"more than the {gpus[gpu]['optin']} this device allows" in rest, (
+                D, gpu, rest)
+    assert _fields(got[4096, "h100"][1])["ranks"] > 1
+
+
+def test_launch_configuration(driver, gpus):
+    """launch_plan's grid, block, shared memory and cluster shape, as the emulated runtime receives them;
+    it accepts them only if the CUDA runtime would (no cluster on a GPU without clusters, none over 8
+    blocks without the non-portable opt-in, no more shared memory than the function's opt-in)."""
+    cases = [  # (gpu, kind, dtype, B, T, step_begin, step_end)
+        ("h100", STEP, torch.float32, 1, 10, 3, 4),
+        ("h100", PERSISTENT, torch.float32, 1, 10, 0, 10),
+        ("h100", STEP, torch.bfloat16, 200, 10, 9, 10),
+        ("a100", STEP, torch.float32, 1, 10, 0, 1),
+        ("orin", PERSISTENT, torch.bfloat16, 300, 10, 0, 10),
+    ]
+    lines = [f"launch {g} {k} {WTYPE[dt]} {B} 32 256 2 4 {T} {s0} {s1}" for g, k, dt, B, T, s0, s1 in cases]
+    for (gpu, kind, dtype, B, T, s0, s1), (status, rest) in zip(cases, _query(driver, lines)):
+        assert status == "ok", (gpu, kind, rest)
+        p = _fields(rest)
+        grid = tuple(int(v) for v in rest.split("grid=")[1].split()[0].split(","))
+        steps = tuple(int(v) for v in rest.split("steps=")[1].split()[0].split(","))
+        S = p["ranks"] * p["gpc"]
+        assert grid == (S * p["tiles"], p["groups"] // p["gpc"]), (gpu, grid, p)
+        assert p["cluster"] == S and p["block"] == 256 and steps == (s0, s1), (gpu, p)
+        assert p["smem"] + p["static"] <= gpus[gpu]["optin"]
+        print(gpu, "pers" if kind else "step", B, "->", rest)
+
+
+def test_step_kernel_refuses_more_than_one_step_per_launch(driver):
+    """Only the first step's coefficients are staged in the per-step kernel: launch_plan refuses a
+    launch of it over several steps (the persistent kernel takes any range)."""
+    lines = [f"launch h100 {STEP} 0 1 32 256 2 4 10 0 2", f"launch a100 {STEP} 0 5 12 24 1 3 10 4 4",
+             f"launch h100 {PERSISTENT} 0 1 32 256 2 4 10 0 10"]
+    (s1, r1), (s2, r2), (s3, r3) = _query(driver, lines)
+    assert s1 == "error" and "exactly one step per launch" in r1 and "[0, 2)" in r1, r1
+    assert s2 == "error" and "[4, 4)" in r2, r2
+    assert s3 == "ok", r3

@@ -16,7 +16,8 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 import fdp  # noqa: E402
 from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy,  # noqa: E402
@@ -186,6 +187,66 @@ def test_skips_components_no_row_uses():
     out = mlp_sample(packed, c.steps, c.call, c.coef, c.adds_noise, c.x_T.reshape(c.B, c.D).float(), None,
                      clip_range=c.clip, skip_unused=False)
     assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("sched,strategy", [("ddpm_clip", "soft"), ("ddim", "fixed")])
+def test_nan_router_weight_gives_nan_in_its_row_only(sched, strategy):
+    """As in torch, a NaN weight makes its row NaN, also when the tile's other rows give the component
+    weight 0 (fixed [0.6, 0, 0.4]: component 1 is used by the NaN alone) and through clipping.
+    The other rows are computed exactly as without the NaN."""
+    c = Case(3, 24, 1, 4, 3, 5, sched, strategy, 2)
+    if strategy == "fixed":
+        c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+        c.call = packing.call_terms(c.policy, c.cond)
+    packed = c.packed(torch.float32)
+    clean_step, clean_pers = c.run_steps(packed), c.run_persistent(packed)
+    bad = 3
+    weights = c.call.weights.clone()
+    weights[bad, 1] = NAN
+    c.call = replaced(c.call, weights=weights)
+    x_T, noise = c.x_T.reshape(c.B, c.D).float(), c.kernel_noise()
+    x = x_T
+    for i in range(len(c.table)):
+        x = mlp_step(packed, c.steps, c.call, c.coef, c.adds_noise, i, x, noise, clip_range=c.clip)
+    pers = mlp_sample(packed, c.steps, c.call, c.coef, c.adds_noise, x_T, noise, clip_range=c.clip)
+    others = [r for r in range(c.B) if r != bad]
+    for out, clean in ((x.reshape(c.shape), clean_step), (pers.reshape(c.shape), clean_pers)):
+        assert torch.isnan(out[bad]).all()
+        torch.testing.assert_close(out[others], clean[others], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["triton", "triton-persistent"])
+@pytest.mark.parametrize("sched", ["ddpm_clip", "ddim_eta"])
+def test_backends_nan_router_logit_gives_nan_actions(name, sched):
+    """A NaN router logit (here a NaN bias of the router's last layer: every row's weights are NaN)
+    gives NaN actions, as on backend="torch"."""
+    pol = kernel_policy(2, 16, 1, 4, 3).float()
+    with torch.no_grad():
+        pol.router.net[-1].bias[0] = NAN
+    factory, eta = SCHEDULERS[sched]
+    cond = torch.randn(3, COND_DIM)
+    gen = torch.Generator().manual_seed(0)
+    ref = fdp.Sampler(pol, factory(), num_inference_steps=2, eta=eta, backend="torch")(cond, generator=gen)
+    assert torch.isnan(ref).all()
+    gen = torch.Generator().manual_seed(0)
+    out = fdp.Sampler(pol, factory(), num_inference_steps=2, eta=eta, backend=name)(cond, generator=gen)
+    assert torch.isnan(out).all()
+
+
+def test_scratch_offsets_are_64_bit():
+    """Program pid's scratch starts at pid * 2 * BLOCK_B * H_STRIDE floats: past 2**31 (65536 programs
+    of 32 rows at H = 512, about 2M rows) that offset must not wrap."""
+
+    @triton.jit
+    def probe(out_ptr, pid, BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr):
+        tl.store(out_ptr, mlp_common._scratch_offset(pid, BLOCK_B, H_STRIDE))
+
+    cfg = mlp_common.block_config(2_100_000, 32, 512)
+    out = torch.zeros(1, dtype=torch.int64)
+    pid = 2_100_000 // cfg["BLOCK_B"]
+    probe[(1,)](out, pid, BLOCK_B=cfg["BLOCK_B"], H_STRIDE=cfg["H_STRIDE"])
+    expect = pid * 2 * cfg["BLOCK_B"] * cfg["H_STRIDE"]
+    assert expect >= 2**31 and int(out) == expect
 
 
 def test_in_place_output():
@@ -431,6 +492,18 @@ def test_launchers_reject_bad_inputs(launch_args, launcher, name, mutate, exc, m
             mlp_step(*args, 0, x, noise, **a)
         else:
             mlp_sample(*args, x, noise, **a)
+
+
+@pytest.mark.parametrize("launcher", ["mlp_step", "mlp_sample"])
+def test_launchers_refuse_batch_zero(launch_args, launcher):
+    a = launch_args
+    x = torch.empty(0, a["x"].shape[1])
+    args = [a[k] for k in ("packed", "steps", "call", "coef", "adds_noise")]
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        if launcher == "mlp_step":
+            mlp_step(*args, 0, x, None)
+        else:
+            mlp_sample(*args, x, None)
 
 
 @pytest.mark.parametrize("step", [-1, 3, 1.0, True])

@@ -1,32 +1,42 @@
 // Runs the fused MLP sampler's device code (`run_tile` in csrc/mlp_common.cuh)
-// on host threads, through the CUDA emulation in emu.h. Test-only: driven by
-// tests/test_cuda_emulation.py, which writes the inputs and compares the output
-// with the float64 reference.
+// on host threads, through the CUDA emulation in emu.h, and its host-side planner
+// and launcher (make_plan, launch_steps, launch_plan) against the emulated
+// runtime in emu_runtime.h. Test-only: driven by tests/test_cuda_emulation.py,
+// which writes the inputs and compares the output with the float64 reference.
 //
 // Build (the test does this; see README.md):
 //   g++ -std=c++20 -pthread -I<cuda include> -Icsrc -Itests/cuda_emulation \
 //       -DFDP_HOST_EMULATION='"emu.h"' \
-//       -DFDP_EMU_VARIANTS='X(float, 1, 0, 1) X(__nv_bfloat16, 16, 1, 0)' driver.cpp
+//       -DFDP_EMU_VARIANTS='X(float, 1, 0, 1) X(__nv_bfloat16, 16, 1, 0)' driver.cpp variants.cpp
 // FDP_EMU_VARIANTS lists the run_tile<W, BT, MMA, PERSISTENT> instantiations to
 // build: each one costs seconds of compile time (far more under sanitizers), so
-// the test builds only those its configurations use.
+// the test builds only those its configurations use, spread over several
+// variants.cpp objects (each with a subset) compiled in parallel.
 //
-// Usage: driver DIR kind wtype B D H L K T clip clip_range bt mma ranks groups gpc smem_limit skip_unused
-//   kind 0: per-step kernel (one emulated launch per step), 1: persistent kernel.
-//   wtype 0/1/2: float32 / bfloat16 / float16 weights.
-//   DIR holds <name>.bin raw little-endian arrays in the layout of
-//   fdp.packing (names below; noise.bin only when some step adds noise);
-//   the result x [B, D] float32 is written to DIR/out.bin.
-// The plan (bt, mma, ranks, groups, groups per cluster) is given explicitly
-// rather than chosen by make_plan, which needs a device; size_plan then fills
-// in the column split and shared-memory layout exactly as on the GPU.
+// Usage:
+//   driver DIR kind wtype B D H L K T clip clip_range bt mma ranks groups gpc smem_limit skip_unused
+//   driver DIR kind wtype B D H L K T clip clip_range plan DEVICE skip_unused
+//   driver --query    (commands on stdin, one per line; see run_query)
+// kind 0: per-step kernel, 1: persistent kernel. wtype 0/1/2: float32 / bfloat16 /
+// float16 weights. DIR holds <name>.bin raw little-endian arrays in the layout of
+// fdp.packing (names below; noise.bin only when some step adds noise); the result
+// x [B, D] float32 is written to DIR/out.bin. The first form gives the plan (tile
+// rows, tensor cores, cluster ranks, component groups, groups per cluster, shared
+// memory for the plan) explicitly, to reach paths a GPU only takes on particular
+// hardware; the second lets make_plan choose it for DEVICE (emu::kDevices). Both
+// launch through launch_steps, so the emulated runtime sees (and checks) the launch
+// configuration launch_plan builds, and the kernel runs on exactly that grid.
 #include "mlp_common.cuh"
+
+#include "emu_runtime.h"
 
 #include <pthread.h>
 
 #include <fstream>
+#include <iostream>
 #include <iterator>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #ifndef FDP_EMU_VARIANTS
@@ -38,17 +48,17 @@ using namespace fdp::mlp;
 
 using TileFn = void (*)(const Args&, const Plan&, int, int);
 
+// run_tile<W, BT, MMA, PERS> as a plain function; the FDP_EMU_VARIANTS instantiations
+// are compiled in variants.cpp, in translation units of their own that build in parallel.
+template <typename W, int BT, bool MMA, bool PERS>
+void tile_fn(const Args& a, const Plan& p, int s0, int s1);
+
 namespace {
 
 std::vector<char> slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return {};
   return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-template <typename W, int BT, bool MMA, bool PERS>
-void tile_fn(const Args& a, const Plan& p, int s0, int s1) {
-  run_tile<W, BT, MMA, PERS>(a, p, s0, s1);
 }
 
 template <typename W>
@@ -61,6 +71,30 @@ TileFn pick(int wtype, int bt, int mma, int kind) {
   if (wtype == wtype_of<W>() && bt == (BT) && mma == (MMA) && kind == (PERS)) return tile_fn<W, BT, (MMA) != 0, (PERS) != 0>;
   FDP_EMU_VARIANTS
 #undef X
+  return nullptr;
+}
+
+// The planner's KernelGetter for each kind: a built variant, or else a distinct token
+// (plans and recorded launches need only an identity; running a token fails cleanly).
+unsigned char g_tokens[2][3][2][65];
+
+template <int KIND>
+const void* kernel_getter(int wtype, int mma, int bt) {
+  if (wtype < 0 || wtype > 2 || mma < 0 || mma > 1 || bt < 1 || bt > 64) return nullptr;
+  if (const TileFn fn = pick(wtype, bt, mma, KIND)) return reinterpret_cast<const void*>(fn);
+  return &g_tokens[KIND][wtype][mma][bt];
+}
+
+KernelGetter getter(int kind) { return kind == kPersistent ? &kernel_getter<kPersistent> : &kernel_getter<kStep>; }
+
+TileFn built_variant(const void* fn) {
+  for (int kind = 0; kind < 2; ++kind)
+    for (int w = 0; w < 3; ++w)
+      for (int mma = 0; mma < 2; ++mma)
+        for (int bt = 1; bt <= 64; bt *= 2) {
+          const TileFn f = pick(w, bt, mma, kind);
+          if (f && reinterpret_cast<const void*>(f) == fn) return f;
+        }
   return nullptr;
 }
 
@@ -85,16 +119,22 @@ void* thread_main(void* v) {
   return nullptr;
 }
 
-// One kernel launch: grid (S * tiles, groups / gpc) of clusters of S blocks.
-// Clusters run one after another (they only share global memory, and the
-// global-combine counter protocol does not depend on co-scheduling: the last
-// arriving block does the update); the S * 256 threads of one cluster run
-// concurrently, as they must for cluster barriers.
-void launch(TileFn fn, const Args& a, const Plan& p, int s0, int s1) {
-  const int S = p.ranks * p.gpc;
-  const int gy = p.groups / p.gpc;
-  for (int y = 0; y < gy; ++y) {
-    for (int cx = 0; cx < p.tiles; ++cx) {
+// One kernel launch as cudaLaunchKernelExC received it: a grid of gridDim.x / S
+// by gridDim.y clusters of S blocks, dynamicSmemBytes of shared memory per block,
+// parameters {Args, Plan, step_begin, step_end}. Clusters run one after another
+// (they only share global memory, and the global-combine counter protocol does not
+// depend on co-scheduling: the last arriving block does the update); the S * 256
+// threads of one cluster run concurrently, as they must for cluster barriers.
+void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
+  const TileFn fn = built_variant(fnp);
+  if (!fn) emu::die("launch of a kernel variant that was not built (add it to FDP_EMU_VARIANTS)");
+  const Args& a = *static_cast<const Args*>(params[0]);
+  const Plan& p = *static_cast<const Plan*>(params[1]);
+  const int s0 = *static_cast<const int*>(params[2]), s1 = *static_cast<const int*>(params[3]);
+  const int S = emu::cluster_dim(&cfg);
+  const int nclusters = static_cast<int>(cfg.gridDim.x) / S;
+  for (unsigned y = 0; y < cfg.gridDim.y; ++y) {
+    for (int cx = 0; cx < nclusters; ++cx) {
       emu::Cluster cl;
       std::barrier<> cbar(S * kThreads);
       cl.bar = &cbar;
@@ -105,7 +145,7 @@ void launch(TileFn fn, const Args& a, const Plan& p, int s0, int s1) {
         emu::Block& blk = *blocks.back();
         // Shared memory starts as garbage on a GPU; a fixed non-zero pattern
         // makes reads of never-written bytes show up in the result.
-        blk.smem.assign(static_cast<size_t>(p.smem_bytes), 0xCD);
+        blk.smem.assign(cfg.dynamicSmemBytes, 0xCD);
         bars.emplace_back(new std::barrier<>(kThreads));
         blk.bar = bars.back().get();
         for (int w = 0; w < kWarps; ++w) {
@@ -123,7 +163,7 @@ void launch(TileFn fn, const Args& a, const Plan& p, int s0, int s1) {
         for (int t = 0; t < kThreads; ++t) {
           ThreadArg& ta = args[static_cast<size_t>(b) * kThreads + t];
           ta = ThreadArg{blocks[b].get(), &cl, static_cast<unsigned>(t),
-                         emu::Dim{static_cast<unsigned>(cx * S + b), static_cast<unsigned>(y), 0}, fn, &a, &p, s0, s1};
+                         emu::Dim{static_cast<unsigned>(cx * S + b), y, 0}, fn, &a, &p, s0, s1};
           if (pthread_create(&th[static_cast<size_t>(b) * kThreads + t], &attr, thread_main, &ta)) {
             std::perror("pthread_create");
             std::abort();
@@ -134,6 +174,75 @@ void launch(TileFn fn, const Args& a, const Plan& p, int s0, int s1) {
       for (pthread_t& t : th) pthread_join(t, nullptr);
     }
   }
+}
+
+std::string plan_line(const Plan& p) {
+  std::ostringstream o;
+  o << "bt=" << p.bt << " mma=" << p.mma << " ranks=" << p.ranks << " groups=" << p.groups << " gpc=" << p.gpc
+    << " tiles=" << p.tiles << " ns=" << p.ns << " ds=" << p.ds << " slots=" << p.slots << " stage=" << p.stage
+    << " smem=" << p.smem_bytes << " fixed=" << p.fixed_bytes << " weights=" << p.weight_bytes
+    << " resident=" << p.resident_bytes << " static=" << emu::kStaticSmem;
+  return o.str();
+}
+
+// Commands on stdin, one answer line each on stdout:
+//   device DEVICE  -> "ok sms=N smem_per_sm=N optin=N cluster=0|1 static=N"  (the emulated GPU)
+//   plan DEVICE kind wtype B D H L K T bt ranks groups mma
+//       -> "ok <plan>" | "refused <reason>" | "error <exception>"      (make_plan with these options)
+//   launch DEVICE kind wtype B D H L K T step_begin step_end
+//       -> "ok grid=X,Y block=N smem=N cluster=S steps=B,E <plan>" | "refused ..." | "error ..."
+//          (make_plan with default options, then launch_plan; the launch is recorded, not run)
+int run_query() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::string cmd, dev;
+    if (line.rfind("device ", 0) == 0) {
+      const int i = emu::device_index(line.substr(7));
+      if (i < 0) {
+        std::cout << "error unknown device: " << line << std::endl;
+        continue;
+      }
+      const emu::Device& g = emu::kDevices[i];
+      std::cout << "ok sms=" << g.sms << " smem_per_sm=" << g.smem_per_sm << " optin=" << g.smem_optin
+                << " cluster=" << g.cluster << " static=" << emu::kStaticSmem << std::endl;
+      continue;
+    }
+    int kind = 0, wtype = 0;
+    MlpDims d{};
+    in >> cmd >> dev >> kind >> wtype >> d.B >> d.D >> d.H >> d.L >> d.K >> d.T;
+    MlpOptions o;
+    int s0 = 0, s1 = 0;
+    if (cmd == "plan") in >> o.bt >> o.ranks >> o.groups >> o.mma;
+    else in >> s0 >> s1;
+    emu::g_device = emu::device_index(dev);
+    if (!in || (cmd != "plan" && cmd != "launch") || emu::g_device < 0) {
+      std::cout << "error bad command: " << line << std::endl;
+      emu::g_device = 0;
+      continue;
+    }
+    try {
+      std::string reason;
+      const Plan p = make_plan(kind, wtype, d, o, getter(kind), reason);
+      if (p.bt == 0) {
+        std::cout << "refused " << reason << std::endl;
+        continue;
+      }
+      if (cmd == "plan") {
+        std::cout << "ok " << plan_line(p) << std::endl;
+        continue;
+      }
+      emu::g_launches.clear();
+      launch_plan(kind, getter(kind)(wtype, p.mma, p.bt), p, Args{}, s0, s1, nullptr);
+      const emu::LaunchRecord& r = emu::g_launches.at(0);
+      std::cout << "ok grid=" << r.grid_x << "," << r.grid_y << " block=" << r.block_x << " smem=" << r.smem
+                << " cluster=" << r.cluster << " steps=" << r.step_begin << "," << r.step_end << " "
+                << plan_line(p) << std::endl;
+    } catch (const std::exception& e) {
+      std::cout << "error " << e.what() << std::endl;
+    }
+  }
+  return 0;
 }
 
 // Heap buffer of exactly `bytes` (no slack, so AddressSanitizer flags any overrun).
@@ -152,10 +261,13 @@ void fill_nan(float* p, size_t n) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 19) {
+  if (argc == 2 && std::string(argv[1]) == "--query") return run_query();
+  const bool planned = argc == 15 && std::string(argv[12]) == "plan";
+  if (argc != 19 && !planned) {
     std::fprintf(stderr,
-                 "usage: %s DIR kind wtype B D H L K T clip clip_range bt mma ranks groups gpc smem_limit skip_unused\n",
-                 argv[0]);
+                 "usage: %s DIR kind wtype B D H L K T clip clip_range (bt mma ranks groups gpc smem_limit | "
+                 "plan DEVICE) skip_unused\n       %s --query\n",
+                 argv[0], argv[0]);
     return 2;
   }
   const std::string dir = argv[1];
@@ -164,31 +276,49 @@ int main(int argc, char** argv) {
                   std::atol(argv[7]), std::atol(argv[8]), std::atol(argv[9])};
   const int clip = std::atoi(argv[10]);
   const float clip_range = static_cast<float>(std::atof(argv[11]));
+  const int skip_unused = std::atoi(argv[argc - 1]);
   Plan p{};
-  p.bt = std::atoi(argv[12]);
-  p.mma = std::atoi(argv[13]);
-  p.ranks = std::atoi(argv[14]);
-  p.groups = std::atoi(argv[15]);
-  p.gpc = std::atoi(argv[16]);
-  const int smem_limit = std::atoi(argv[17]);
-  const int skip_unused = std::atoi(argv[18]);
-  p.wsize = wtype == kF32 ? 4 : 2;
-  if (p.ranks * p.gpc > kMaxCluster || p.groups % p.gpc != 0 || (kind == kPersistent && p.groups != p.gpc)) {
-    std::fprintf(stderr, "invalid plan\n");
-    return 3;
+  if (planned) {
+    emu::g_device = emu::device_index(argv[13]);
+    if (emu::g_device < 0) {
+      std::fprintf(stderr, "unknown device %s\n", argv[13]);
+      return 3;
+    }
+    MlpOptions o;
+    o.skip_unused = skip_unused;
+    std::string reason;
+    p = make_plan(kind, wtype, d, o, getter(kind), reason);
+    if (p.bt == 0) {
+      std::fprintf(stderr, "make_plan refused: %s\n", reason.c_str());
+      return 3;
+    }
+  } else {
+    // Explicit plans launch on the emulated H100 (clusters of up to 16 blocks);
+    // smem_limit only sizes the plan.
+    emu::g_device = emu::device_index("h100");
+    p.bt = std::atoi(argv[12]);
+    p.mma = std::atoi(argv[13]);
+    p.ranks = std::atoi(argv[14]);
+    p.groups = std::atoi(argv[15]);
+    p.gpc = std::atoi(argv[16]);
+    const int smem_limit = std::atoi(argv[17]);
+    p.wsize = wtype == kF32 ? 4 : 2;
+    if (p.ranks * p.gpc > kMaxCluster || p.groups % p.gpc != 0 || (kind == kPersistent && p.groups != p.gpc)) {
+      std::fprintf(stderr, "invalid plan\n");
+      return 3;
+    }
+    if (!size_plan(d, p, smem_limit)) {
+      std::fprintf(stderr, "fixed part of shared memory does not fit\n");
+      return 3;
+    }
   }
-  if (!size_plan(d, p, smem_limit)) {
-    std::fprintf(stderr, "fixed part of shared memory does not fit\n");
-    return 3;
-  }
-  std::fprintf(stderr, "plan: bt %d mma %d R %d G %d gpc %d tiles %d ns %d ds %d slots %d stage %d smem %d fixed %d "
-               "weights %d resident %d\n", p.bt, p.mma, p.ranks, p.groups, p.gpc, p.tiles, p.ns, p.ds, p.slots, p.stage,
-               p.smem_bytes, p.fixed_bytes, p.weight_bytes, p.resident_bytes);
-  const TileFn fn = pick(wtype, p.bt, p.mma, kind);
-  if (!fn) {
+  std::fprintf(stderr, "plan (%s): %s\n", emu::kDevices[emu::g_device].name, plan_line(p).c_str());
+  if (!pick(wtype, p.bt, p.mma, kind)) {
     std::fprintf(stderr, "variant not built (add it to FDP_EMU_VARIANTS)\n");
     return 4;
   }
+  const void* fn = getter(kind)(wtype, p.mma, p.bt);
+  prepare_fn(fn, current_device());  // the shared-memory opt-in make_plan also sets
 
   // Inputs, in MlpPointers order up to x_in.
   const char* names[] = {"w_in", "w_a", "w_b", "b_b", "w_out", "b_out", "t_in", "t_shift",
@@ -220,22 +350,26 @@ int main(int argc, char** argv) {
   const MlpPointers q{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11],
                       ptr[12], ptr[13], ptr[14], reinterpret_cast<std::uintptr_t>(out),
                       reinterpret_cast<std::uintptr_t>(scratch), reinterpret_cast<std::uintptr_t>(counters)};
-  Args a = make_args(q, d, clip != 0, clip_range, skip_unused);
+  const Args a = make_args(q, d, clip != 0, clip_range, skip_unused);
 
-  if (kind == kPersistent) {
-    launch(fn, a, p, 0, static_cast<int>(d.T));
-  } else {
-    // As mlp_step_launch: step 0 reads x_in, later steps update x_out in place.
-    for (int s = 0; s < d.T; ++s) {
-      launch(fn, a, p, s, s + 1);
-      a.x_in = a.x_out;
-    }
-    // The kernels promise to leave the counters zeroed for the next launch.
-    for (int t = 0; counters && t < p.tiles; ++t) {
-      if (counters[t] != 0) {
-        std::fprintf(stderr, "arrival counter of tile %d not reset\n", t);
-        return 5;
-      }
+  // As mlp_step_launch / mlp_persistent_launch: one launch per step, or one for all.
+  emu::g_runner = run_launch;
+  try {
+    launch_steps(kind, fn, p, a, 0, static_cast<int>(d.T), nullptr);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "launch failed: %s\n", e.what());
+    return 5;
+  }
+  const size_t launches = kind == kPersistent ? 1 : static_cast<size_t>(d.T);
+  if (emu::g_launches.size() != launches) {
+    std::fprintf(stderr, "%zu launches, expected %zu\n", emu::g_launches.size(), launches);
+    return 5;
+  }
+  // The kernels promise to leave the counters zeroed for the next launch.
+  for (int t = 0; counters && t < p.tiles; ++t) {
+    if (counters[t] != 0) {
+      std::fprintf(stderr, "arrival counter of tile %d not reset\n", t);
+      return 5;
     }
   }
   std::ofstream f(dir + "/out.bin", std::ios::binary);

@@ -108,7 +108,7 @@ def check_call(call, x, noise, out, dims: dict, *, require_cuda: bool = True) ->
     B = x.shape[0]
     D, H, L, K, T = (dims[k] for k in ("D", "H", "L", "K", "T"))
     if B < 1:
-        raise ValueError("`x` must hold at least one row")
+        raise ValueError("batch size must be >= 1, got a sample with 0 rows")
     f32 = torch.float32
     _check("x", x, (B, D), f32, device)
     _check("call.weights", _tensor_attr(call, "call", "weights"), (B, K), f32, device)
@@ -205,18 +205,22 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
     """Pointers + sizes + stream into the extension; inputs already validated."""
     ext = extension()
     B, D, H, L, K, T = (dims[k] for k in ("B", "D", "H", "L", "K", "T"))
+    kernel_stream = (torch.cuda.current_stream(x.device) if stream is None
+                     else torch.cuda.ExternalStream(int(stream), device=x.device))
     scratch = counters = None
     if plan_info["global_combine"]:
         # Partials of the component groups and per-tile arrival counters (the kernel re-zeroes them).
-        scratch = torch.empty((plan_info["groups"], B, D), dtype=torch.float32, device=x.device)
-        counters = torch.zeros((plan_info["tiles"],), dtype=torch.int32, device=x.device)
+        # Allocated and zeroed on the kernel's stream: the caching allocator hands this memory out
+        # again only to work ordered after the kernel, and the zeroing runs before it.
+        with torch.cuda.stream(kernel_stream):
+            scratch = torch.empty((plan_info["groups"], B, D), dtype=torch.float32, device=x.device)
+            counters = torch.zeros((plan_info["tiles"],), dtype=torch.int32, device=x.device)
     ptrs = (packed.w_in.data_ptr(), packed.w_a.data_ptr(), packed.w_b.data_ptr(), packed.b_b.data_ptr(),
             packed.w_out.data_ptr(), packed.b_out.data_ptr(), steps.t_in.data_ptr(), steps.t_shift.data_ptr(),
             call.weights.data_ptr(), call.c_in.data_ptr(), call.scale.data_ptr(), call.shift.data_ptr(),
             coef.data_ptr(), 0 if noise is None else noise.data_ptr(), x.data_ptr(), out.data_ptr(),
             0 if scratch is None else scratch.data_ptr(), 0 if counters is None else counters.data_ptr())
-    if stream is None:
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = kernel_stream.cuda_stream
     wtype = _WTYPE[packed.w_in.dtype]
     clip = clip_range is not None
     cr = float(clip_range) if clip else 0.0
@@ -234,7 +238,8 @@ def launch(kind: int, packed, steps, call, coef, x, noise, out, clip_range, *, o
     """Run the fused kernel ``kind`` (KIND_STEP: one launch per step in [step_begin, step_end);
     KIND_PERSISTENT: all steps in one launch) on validated tensors; returns ``out``.
 
-    ``stream`` is a raw ``cudaStream_t`` integer (default: the current torch stream of ``x``'s device).
+    ``stream`` is a raw ``cudaStream_t`` integer (default: the current torch stream of ``x``'s device);
+    the inputs must be ready on it (the caller orders it after the work that produced them).
     ``options`` may set ``block_rows``, ``ranks``, ``groups``, ``mma`` and ``skip_unused`` (tuning, tests).
     """
     if kind not in (KIND_STEP, KIND_PERSISTENT):
