@@ -841,7 +841,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       if (on) {
         const float* bo = bv + L * nsp;
         auto epi = [&](int b, int c, float v) {
-          if (b < nrows) acc[b * dsp + c] += wts[b * K + k] * (v + bo[c]);
+          // A zero weight leaves the component out of its row even when its output is NaN
+          // (rows of one tile may be routed differently); a NaN weight is not zero.
+          if (b < nrows && wts[b * K + k] != 0.f) acc[b * dsp + c] += wts[b * K + k] * (v + bo[c]);
         };
         int ld;
         bool res;

@@ -70,7 +70,7 @@ def compose_step_kernel(eps_ptr, w_ptr, x_ptr, noise_ptr, out_ptr, coef_ptr, add
     for _ in tl.static_range(K):
         w = tl.load(wp, mask=mask, other=0.0).to(tl.float32)
         e = tl.load(ep, mask=mask, other=0.0).to(tl.float32)
-        m += w * e
+        m += tl.where(w != 0.0, w * e, 0.0)  # a zero weight leaves a component out, NaN output or not
         ep += s_ek
         wp += s_wk
 

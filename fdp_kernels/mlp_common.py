@@ -270,7 +270,9 @@ def _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
                                         w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
                                         t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
                                         BLOCK_B, H_STRIDE, D_PAD, BLOCK_N, BLOCK_K, BLOCK_HD, PRECISION)
-            eps += wk[:, None] * ek
+            # Per row, a zero weight leaves the component out even when its output is NaN
+            # (fdp.FactorizedPolicy.compose): rows of one tile may be routed differently.
+            eps += tl.where(wk[:, None] != 0.0, wk[:, None] * ek, 0.0)
     return eps
 
 

@@ -305,6 +305,33 @@ def test_nan_router_weight_gives_nan_in_its_row_only(driver, problems, tmp_path,
     assert err < TOL[torch.float32], err
 
 
+@pytest.mark.parametrize("cfg", [("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),
+                                 ("fixed", STEP, 8, 0, 1, 3, 1, SMEM_H100)], ids=["pers-bt1-local", "step-bt8-global"])
+def test_nan_component_output_reaches_only_rows_that_use_it(driver, problems, tmp_path, cfg):
+    """Component 1 outputs NaN and one row of the tile gives it a weight: that row is NaN, and every
+    other row, whose weight for it is 0, leaves it out (as fdp.FactorizedPolicy.compose does) and
+    stays equal to the reference, though the tile as a whole runs the component."""
+    name, kind, *plan = cfg
+    src, ref, dims_args = problems(name)
+    for f in src.glob("*.bin"):
+        shutil.copy(f, tmp_path / f.name)
+    K = dims_args[4]
+    b_out = torch.from_numpy(np.fromfile(src / "b_out.bin", dtype=np.float32)).reshape(K, -1)
+    b_out[1] = float("nan")
+    _write(tmp_path, "b_out", b_out)
+    weights = torch.from_numpy(np.fromfile(src / "weights.bin", dtype=np.float32)).reshape(ref.shape[0], -1)
+    assert (weights[:, 1] == 0).all()
+    bad = 1
+    weights[bad, 1] = 0.25
+    _write(tmp_path, "weights", weights)
+    out, _ = _launch(driver, tmp_path, kind, torch.float32, dims_args, plan)
+    assert torch.isnan(out[bad]).all(), out[bad]
+    others = [i for i in range(ref.shape[0]) if i != bad]
+    assert torch.isfinite(out[others]).all()
+    err = float((out[others].double() - ref[others]).abs().max() / ref[others].abs().max())
+    assert err < TOL[torch.float32], err
+
+
 @pytest.mark.parametrize("cfg", PLANNED, ids=lambda c: "{}-{}-{}".format(
     c[0], "pers" if c[1] == PERSISTENT else "step", c[2]))
 def test_planned_launch_matches_reference(driver, problems, cfg):

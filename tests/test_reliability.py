@@ -22,7 +22,6 @@ from fdp.backends import get_backend
 NAN = float("nan")
 BACKENDS = ["torch", "triton", "triton-persistent", "graph"]
 TRITON = ("triton", "triton-persistent")
-KERNEL_NAN_FIX = pytest.mark.xfail(strict=True, reason="kernel fix on i11k")
 UNET_KW = dict(input_dim=3, global_cond_dim=5, diffusion_step_embed_dim=8, down_dims=(8, 16), kernel_size=3,
                n_groups=4, cond_predict_scale=True)
 
@@ -227,12 +226,8 @@ def test_policy_watch_with_inference_tensors():
 # 2. NaN
 
 
-def _nan_marks(backend):
-    return [KERNEL_NAN_FIX] if backend in TRITON else []
-
-
 @pytest.mark.parametrize("strategy", ["soft", "hard", "topk"])
-@pytest.mark.parametrize("name", [pytest.param(b, marks=_nan_marks(b)) for b in BACKENDS])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_nan_router_weights_give_nan_actions(name, strategy, monkeypatch):
     if name == "graph":
         monkeypatch.setattr(type(get_backend("graph")), "unavailable_reason", lambda self, device: None)
@@ -277,7 +272,7 @@ def _rows_split_by_hard_routing(name):
     return policy, c, policy.weights(c)[:, 1] != 0
 
 
-@pytest.mark.parametrize("name", [pytest.param(b, marks=_nan_marks(b)) for b in BACKENDS])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_rows_that_do_not_use_a_nan_component_stay_finite(name, monkeypatch):
     # Rows of one kernel tile routed to different components: a zero weight must leave a component out
     # per row, not only when no row of the tile uses it.
@@ -288,7 +283,7 @@ def test_rows_that_do_not_use_a_nan_component_stay_finite(name, monkeypatch):
     assert torch.isnan(out[uses_nan]).all() and torch.isfinite(out[~uses_nan]).all()
 
 
-@pytest.mark.parametrize("compose", ["torch", pytest.param("triton", marks=KERNEL_NAN_FIX)])
+@pytest.mark.parametrize("compose", ["torch", "triton"])
 def test_graph_composition_leaves_zero_weight_components_out(compose):
     # The compose kernel is what backend="graph" runs on CUDA; here in the Triton interpreter.
     policy = make_policy("graph", strategy="fixed", fixed_weights=[0.6, 0.0, 0.4])
