@@ -197,6 +197,26 @@ def test_freshness_check_reads_nothing_and_repacks_only_on_change():
     assert sampler._prepared is not prepared
 
 
+def test_torch_backend_reads_live_weights_and_repacks_only_for_dtype_device_or_structure():
+    # The torch backend packs no copy: a weight update or a new component needs no repack (its watch
+    # reads one parameter, whatever the model's size), a new dtype does (the call's sample dtype follows).
+    policy = make_policy("torch")
+    sampler = make_sampler(policy, "torch")
+    prepared = sampler._prepared
+    assert len(sampler._watch._names) == 1
+    _train_step(policy, fused=True)
+    _scale(policy)
+    out = sampler(cond(), generator=seed())
+    assert sampler._prepared is prepared
+    torch.testing.assert_close(out, make_sampler(policy, "torch")(cond(), generator=seed()), rtol=0, atol=0)
+    policy.double()
+    assert sampler(cond(dtype=torch.float64)).dtype == torch.float64 and sampler._prepared is not prepared
+    policy.add_component(new_component("torch").double(), initial_logit=0.0)
+    torch.testing.assert_close(sampler(cond(dtype=torch.float64), generator=seed()),
+                               make_sampler(policy, "torch")(cond(dtype=torch.float64), generator=seed()),
+                               rtol=0, atol=0)
+
+
 def test_policy_watch_sees_what_bypasses_the_hooks():
     from fdp._watch import PolicyWatch
 

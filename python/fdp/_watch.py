@@ -69,18 +69,30 @@ def _version_or_none(t):
 
 
 class PolicyWatch:
-    """A snapshot of a module's tensors; :meth:`changed` compares the module with it."""
+    """A snapshot of a module's tensors; :meth:`changed` compares the module with it.
 
-    def __init__(self, module: nn.Module):
+    ``weights=False`` is for a backend that reads the live parameters at every
+    call (``torch``): then only what changes the call itself counts (the
+    registration count, and the storage, dtype and device of the first
+    parameter, which ``.to()`` replaces), and optimizer steps are no change.
+    That costs the same for any model size; the full watch reads every tensor.
+    """
+
+    def __init__(self, module: nn.Module, weights: bool = True):
         self.module = module
+        self.weights = weights
         self.reset()
 
     def reset(self) -> None:
         """Take a new snapshot (after the module was packed again)."""
         self._registrations = _Counts.registrations
         self._fused_steps = _Counts.fused_steps
-        slots = [(d, name) for m in self.module.modules() for d in (m._parameters, m._buffers)
-                 for name, t in d.items() if t is not None]
+        if self.weights:
+            slots = [(d, name) for m in self.module.modules() for d in (m._parameters, m._buffers)
+                     for name, t in d.items() if t is not None]
+        else:  # the first parameter: the one the Sampler takes its dtype and device from
+            slots = [(m._parameters, name) for m in self.module.modules()
+                     for name, t in m._parameters.items() if t is not None][:1]
         self._dicts, self._names = [d for d, _ in slots], [name for _, name in slots]
         self._unversioned = None in map(_version_or_none, (d[name] for d, name in slots))
         self._state = self._read()
@@ -89,6 +101,8 @@ class PolicyWatch:
         # Read through the modules' dicts: a replaced tensor shows by its own storage and version.
         try:
             tensors = list(map(dict.__getitem__, self._dicts, self._names))
+            if not self.weights:
+                return [(t.data_ptr(), t.dtype, t.device) for t in tensors]
             versions = list(map(_version_or_none if self._unversioned else _version, tensors))
         except (KeyError, AttributeError, RuntimeError):  # a tensor deleted, set to None, or now unversioned
             return None
@@ -98,11 +112,11 @@ class PolicyWatch:
 
     def changed(self) -> bool:
         """True if the module may differ from the snapshot; the snapshot stays until :meth:`reset`."""
-        if self._fused_steps != _Counts.fused_steps:
+        if self.weights and self._fused_steps != _Counts.fused_steps:
             return True
         if self._registrations != _Counts.registrations:
             # Something registered a module or tensor somewhere: collect the tensors again.
-            now = PolicyWatch(self.module)
+            now = PolicyWatch(self.module, self.weights)
             same_slots = list(map(id, now._dicts)) == list(map(id, self._dicts)) and now._names == self._names
             if not same_slots or now._state != self._state:
                 return True

@@ -139,7 +139,7 @@ class Sampler:
         """Pack for ``be`` (or keep ``prepared``, packed by the backend selection just now)."""
         # Snapshot before packing (a change made meanwhile shows at the next call), kept only once
         # packing succeeded (a failed repack is tried again at the next call).
-        watch = PolicyWatch(self.policy)
+        watch = PolicyWatch(self.policy, weights=not be.reads_live_weights)
         if prepared is None:
             with nvtx_range("fdp.pack"):
                 prepared = be.prepare(self.policy, self.table, self.dtype)

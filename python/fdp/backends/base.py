@@ -28,6 +28,9 @@ class Backend:
     """Base class: subclasses set ``name`` and ``priority`` and implement the three methods."""
 
     name: str = ""
+    #: True for a backend that reads the policy's parameters at every call instead of a packed copy: a
+    #: Sampler then repacks only for changes of structure, dtype or device, not after every weight update.
+    reads_live_weights: bool = False
     priority: int = 0  # auto tries the highest first (on CUDA it times them all)
     priority_note: str | None = None  # why the priority is what it is, when that depends on the environment
 

@@ -46,6 +46,7 @@ class TorchPrepared:
 
 class TorchBackend(Backend):
     name = "torch"
+    reads_live_weights = True
     priority = 0
 
     def unavailable_reason(self, device):
