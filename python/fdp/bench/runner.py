@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import fdp
+from fdp._optional import require
 from fdp.profiling import enable_nvtx, nvtx_range
 
 from . import paths as P
@@ -155,6 +156,10 @@ class _PolicyCache:
 
 def run(opts: Options):
     """Run the benchmark; returns ``(result dict, json path, png paths)``."""
+    # Missing extras fail here, before minutes of timing, not at the report.
+    require("rich", "bench", "fdp bench")
+    if opts.plots:
+        require("matplotlib", "bench", "fdp bench's plots (or pass --no-plots)")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = opts.threads
     if threads is None and opts.quick and device.type == "cpu":
