@@ -10,6 +10,7 @@ grows one output), freezes the old ones and trains the new one and the router.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -77,6 +78,7 @@ class FactorizedPolicy(nn.Module):
             noise_scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
                                             clip_sample=True, prediction_type="epsilon")
         self.noise_scheduler = noise_scheduler
+        self._warned_clip = False  # loss() warns once about actions outside the clip range
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -184,13 +186,43 @@ class FactorizedPolicy(nn.Module):
             out = term if out is None else out + term
         return out
 
+    def _check_training_inputs(self, actions, cond) -> None:
+        """:meth:`loss`'s own checks, naming its arguments (the components would name theirs)."""
+        check_tensor("actions", actions, shape=(None, self.horizon, self.action_dim), dtype="floating")
+        param = next(self.components[0].parameters(), None)
+        if param is not None and actions.dtype != param.dtype:
+            raise TypeError(f"`actions` must have the policy's parameter dtype {param.dtype}, got {actions.dtype} "
+                            f"(convert the actions, or the policy with .to({actions.dtype}))")
+        check_tensor("cond", cond, shape=(actions.shape[0], self.cond_dim), dtype="floating", device=actions.device)
+        if any(self._takes_cond) and cond.dtype != actions.dtype:
+            raise TypeError(f"`cond` must have the dtype of `actions` ({actions.dtype}): the components read it; "
+                            f"got {cond.dtype}")
+        sched = self.noise_scheduler.config
+        if not getattr(self, "_warned_clip", False) and sched.get("clip_sample") and actions.numel():
+            limit = sched["clip_sample_range"]
+            peak = float(actions.detach().abs().max())
+            if peak > limit:
+                self._warned_clip = True
+                warnings.warn(f"`actions` reach {peak:.3g}, outside the scheduler's clip range "
+                              f"[-{limit:g}, {limit:g}]: sampling clips its estimate of x_0 to that range, so "
+                              "the policy cannot reproduce such actions; normalise actions to the range "
+                              "(warned once per policy)", UserWarning, stacklevel=3)
+
     def loss(self, actions: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
              local_cond=None) -> torch.Tensor:
         """Denoising loss: MSE of the composed prediction against its target.
 
         Draws one timestep per sample uniformly and noise from ``generator``;
         the target follows the scheduler's ``prediction_type``.
+
+        ``actions [B, horizon, action_dim]`` must have the components'
+        parameter dtype, and ``cond [B, Dc]`` the same dtype where a component
+        reads it. Actions are expected in the scheduler's clip range (``[-1, 1]``
+        by default: normalise them): sampling clips its estimate of ``x_0`` to
+        that range, so the policy could never produce actions outside it. The
+        first batch that leaves it gets a warning (once per policy).
         """
+        self._check_training_inputs(actions, cond)
         self.check_inputs(actions, cond)
         sched = self.noise_scheduler
         gen_device = generator.device if generator is not None else actions.device
