@@ -292,9 +292,9 @@ def _run_config(cfg, names, explicit, device, peaks, repeats, budget, opts, cach
 
 def run_and_report(opts: Options) -> int:
     """Run, print the table and where the files went; the exit status (1 if any path FAILED)."""
+    result, out, pngs = run(opts)  # first: it checks that rich is installed
     from rich.console import Console
 
-    result, out, pngs = run(opts)
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 200))
