@@ -13,8 +13,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 _fdp_t0=$SECONDS
 say() { printf '[setup %3ds] %s\n' "$((SECONDS - _fdp_t0))" "$*"; }
 # pip's own exit status survives the filter (pipefail); the filter only drops
-# this machine's noise about missing local package mirrors.
-pipq() { python -m pip "$@" --disable-pip-version-check 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+# this machine's noise about missing local package mirrors. --no-compile:
+# byte-compiling all of torch at install cost 3x the CPU time of installing
+# it (measured); Python compiles the modules it imports on first use.
+pipq() { python -m pip "$@" --no-compile --disable-pip-version-check 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with ${PYTHON:-python3}"

@@ -43,10 +43,12 @@ def mode_paths() -> torch.Tensor:
     return paths
 
 
-def make_batch(batch: int, generator: torch.Generator):
-    """Random (actions ``[B, H, 2]``, one-hot task ``[B, T]``, task ids, mode ids)."""
+def make_batch(batch: int, generator: torch.Generator, tasks=None):
+    """Random (actions ``[B, H, 2]``, one-hot task ``[B, T]``, task ids, mode ids), drawn
+    from the task indices ``tasks`` (default: all)."""
     paths = mode_paths()
-    task = torch.randint(0, len(TASKS), (batch,), generator=generator)
+    pool = torch.arange(len(TASKS)) if tasks is None else torch.as_tensor(tasks)
+    task = pool[torch.randint(0, len(pool), (batch,), generator=generator)]
     mode = torch.randint(0, 2, (batch,), generator=generator)
     actions = paths[task, mode] + NOISE * torch.randn(batch, HORIZON, ACTION_DIM, generator=generator)
     cond = torch.nn.functional.one_hot(task, len(TASKS)).float()
