@@ -68,6 +68,11 @@ def test_info_lists_every_backend_with_its_reason(capsys):
         assert line.split(None, 1)[1] == want
 
 
+def test_info_refuses_a_bad_device(capsys):
+    assert cli.main(["info", "--device", "banana"]) == 2
+    assert "`device` must be a torch.device or a device string" in capsys.readouterr().err
+
+
 def test_bench_without_its_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
     assert cli.main(["bench", "--quick", "--out", str(tmp_path / "r.json")]) == 2

@@ -53,8 +53,13 @@ def _info(args) -> int:
         print(f"CUDA device: none ({why})")
 
     device = args.device or ("cuda" if n else "cpu")
+    try:
+        backends = fdp.available_backends(device)
+    except ValueError as exc:
+        print(f"fdp info: error: --device: {exc}", file=sys.stderr)
+        return 2
     print(f"backends on {device}:")
-    for name, info in fdp.available_backends(device).items():
+    for name, info in backends.items():
         print(f"  {name:<18} {'available' if info.available else 'not available: ' + info.reason}")
     return 0
 
