@@ -46,7 +46,9 @@ def _info(args) -> int:
     else:
         why = ("this torch build has no CUDA" if torch.version.cuda is None
                else "torch.cuda.is_available() is False")
-        if ext["available"] and ext.get("error"):
+        if ext["available"] and ext["device_count"] > 0:
+            why += f"; fdp._C sees {ext['device_count']} device(s), so torch is the one that cannot use them"
+        elif ext["available"] and ext.get("error"):
             driver = ext["driver_version"]
             why += (f"; the CUDA runtime says: {ext['error']} "
                     f"({'no NVIDIA driver' if driver == 0 else f'driver {driver // 1000}.{driver % 1000 // 10}'})")
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=None,
                    help="training steps (AdamW, batch 256); more cover the modes better "
                         f"(default: {demo.TRAIN_STEPS}, or {demo.QUICK_TRAIN_STEPS} with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the training data and the sampling noise (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the training data and the sampling noise (default: 0)")
     p.add_argument("--backend", default="auto",
                    help="sampling backend: auto (the fastest that runs here) or a name from `fdp info` "
                         "(default: auto)")
