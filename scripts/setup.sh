@@ -64,5 +64,7 @@ if [ "$_fdp_ext" = ON ]; then
 fi
 say "installing fdp from this checkout with the extras [${FDP_EXTRAS}]"
 FDP_BUILD_EXTENSION=$_fdp_ext pipq install -q ".[${FDP_EXTRAS}]"
-python -c "import fdp" # fail here, clearly, if the install did not work
-say "ready: $(python -c 'import fdp; s = fdp.extension_status(); print("fdp", fdp.__version__, "with the CUDA extension" if s["available"] else "without the CUDA extension")')"
+# Fails here, clearly, if the install did not work.
+_fdp_state=$(python -c 'import fdp; print("fdp", fdp.__version__, "with the CUDA extension"
+                        if fdp.extension_status()["available"] else "without the CUDA extension")')
+say "ready: $_fdp_state"
