@@ -81,6 +81,14 @@ def test_bench_without_its_extra_says_how_to_install_it(monkeypatch, capsys, tmp
     assert not (tmp_path / "r.json").exists()
 
 
+def test_demo_without_its_extra_says_how_to_install_it_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "pip install 'fdp[demo]'" in captured.err and "'matplotlib'" in captured.err
+    assert "training" not in captured.out
+
+
 def test_bench_writes_to_the_current_directory_by_default():
     from fdp.bench.report import default_out, now
 
