@@ -5,8 +5,8 @@
 #
 # The CUDA extension fdp._C: with FDP_EXTENSION=build (test.sh) it is built
 # wherever nvcc is on PATH; with FDP_EXTENSION=keep (demo.sh, which samples on
-# the CPU) it is built only when an earlier build exists in build/, so that
-# the demo never starts a compile. FDP_BUILD_EXTENSION=ON or OFF overrides
+# the CPU) it is built only when an earlier build exists in build/ (then only
+# changed sources recompile), so that the demo never starts a first compile. FDP_BUILD_EXTENSION=ON or OFF overrides
 # both. Compiles are incremental: build/ keeps the objects between installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,8 +31,9 @@ else
   . .venv/bin/activate
 fi
 
-if python -c "import torch" 2>/dev/null; then
-  say "torch $(python -c 'import torch; print(torch.__version__)') is already in .venv: keeping it"
+_fdp_torch=$(python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [ -n "$_fdp_torch" ]; then
+  say "torch $_fdp_torch is already in .venv: keeping it"
 else
   say "installing ${FDP_TORCH:-torch==2.13.0} (set FDP_TORCH to pick another build)"
   pipq install -q "${FDP_TORCH:-torch==2.13.0}"
