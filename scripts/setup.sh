@@ -2,22 +2,70 @@
 # .venv with torch and fdp installed from this checkout (with the extras in
 # $FDP_EXTRAS). Keeps an existing torch: users bring the build that matches
 # their CUDA; FDP_TORCH says which to install when there is none.
+#
+# The CUDA extension fdp._C: with FDP_EXTENSION=build (test.sh) it is built
+# wherever nvcc is on PATH; with FDP_EXTENSION=keep (demo.sh, which samples on
+# the CPU) it is built only when an earlier build exists in build/ (then only
+# changed sources recompile), so that the demo never starts a first compile. FDP_BUILD_EXTENSION=ON or OFF overrides
+# both. Compiles are incremental: build/ keeps the objects between installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
+_fdp_t0=$SECONDS
+say() { printf '[setup %3ds] %s\n' "$((SECONDS - _fdp_t0))" "$*"; }
 # pip's own exit status survives the filter (pipefail); the filter only drops
-# this machine's noise about missing local package mirrors.
-pipq() { python -m pip "$@" --disable-pip-version-check 2>&1 | { grep -v '^WARNING: Location' || true; }; }
-pipq install -q --upgrade pip
-if ! python -c "import torch" 2>/dev/null; then
+# this machine's noise about missing local package mirrors. --no-compile:
+# byte-compiling all of torch at install cost 3x the CPU time of installing
+# it (measured); Python compiles the modules it imports on first use.
+pipq() { python -m pip "$@" --no-compile --disable-pip-version-check 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with ${PYTHON:-python3}"
+  "${PYTHON:-python3}" -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+  # An old pip would build fdp in a temporary copy of the checkout and so
+  # could never reuse build/.
+  pipq install -q --upgrade pip
+else
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+
+_fdp_torch=$(python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [ -n "$_fdp_torch" ]; then
+  say "torch $_fdp_torch is already in .venv: keeping it"
+else
+  say "installing ${FDP_TORCH:-torch==2.13.0} (set FDP_TORCH to pick another build)"
   pipq install -q "${FDP_TORCH:-torch==2.13.0}"
 fi
+
 # One GPU architecture is enough to prove the CUDA sources compile; users
 # installing for real get the full list from pyproject.toml.
 export FDP_CUDA_ARCHS="${FDP_CUDA_ARCHS:-90}"
-pipq install -q ".[${FDP_EXTRAS}]"
-python -c "import fdp" # fail here, clearly, if the install did not work
+_fdp_prior_build=$(ls build/*/fdp_ext/_C*.so 2>/dev/null | head -n 1 || true)
+_fdp_ext="${FDP_BUILD_EXTENSION:-}"
+if [ -z "$_fdp_ext" ]; then
+  if [ "${FDP_EXTENSION:-build}" = keep ] && [ -z "$_fdp_prior_build" ]; then
+    _fdp_ext=OFF
+    say "not compiling the CUDA extension: the demo samples on the CPU and does not use it" \
+        "(bash scripts/test.sh builds it where nvcc exists; FDP_BUILD_EXTENSION=ON forces it)"
+  else
+    _fdp_ext=ON
+  fi
+fi
+if [ "$_fdp_ext" = ON ]; then
+  if ! command -v nvcc >/dev/null; then
+    say "no nvcc on PATH: installing without the CUDA extension (\`fdp info\` says why)"
+  elif [ -n "$_fdp_prior_build" ]; then
+    say "CUDA extension: reusing the build in $(dirname "$_fdp_prior_build") (only changed csrc/ files recompile)"
+  else
+    say "compiling the CUDA extension for GPU architecture(s) $FDP_CUDA_ARCHS: a first build takes about" \
+        "4 minutes on 2 cores (later runs reuse build/; FDP_BUILD_EXTENSION=OFF skips it)"
+  fi
+fi
+say "installing fdp from this checkout with the extras [${FDP_EXTRAS}]"
+FDP_BUILD_EXTENSION=$_fdp_ext pipq install -q ".[${FDP_EXTRAS}]"
+# Fails here, clearly, if the install did not work.
+_fdp_state=$(python -c 'import fdp; print("fdp", fdp.__version__, "with the CUDA extension"
+                        if fdp.extension_status()["available"] else "without the CUDA extension")')
+say "ready: $_fdp_state"

@@ -4,5 +4,7 @@
 # Triton interpreter. Extra arguments go to pytest.
 set -euo pipefail
 FDP_EXTRAS=test
+FDP_EXTENSION=build
 . "$(dirname "$0")/setup.sh"
+say "running the tests (python -m pytest -q $*)"
 python -m pytest -q -p no:cacheprovider "$@"

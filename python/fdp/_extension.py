@@ -14,9 +14,9 @@ from pathlib import Path
 
 _BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")
 _HOW_TO_FIX = (
-    "Reinstall fdp on a machine with the CUDA toolkit (nvcc) on PATH, e.g. "
-    "`pip install --force-reinstall --no-deps .` from a checkout; set "
-    "FDP_CUDA_ARCHS (e.g. '90') to pick GPU architectures."
+    "Reinstall fdp from a checkout on a machine with the CUDA toolkit (nvcc) on PATH, "
+    "e.g. `bash scripts/test.sh` or `pip install --no-deps .` (FDP_BUILD_EXTENSION unset or ON); "
+    "FDP_CUDA_ARCHS (e.g. '90') picks the GPU architectures."
 )
 
 
@@ -42,10 +42,13 @@ def extension():
 
 
 def extension_status() -> dict:
-    """What the CUDA extension can do here: ``{"available": bool, "reason": str, ...}``.
+    """Whether ``fdp._C`` was built and imports: ``{"available": bool, "reason": str, ...}``.
 
-    When available, the CUDA runtime and driver versions and the device count
-    reported by the extension itself are included.
+    ``available`` says the extension is installed and imports; it says nothing
+    about a GPU. When available, the extension's own view of the machine is
+    included: ``runtime_version``, ``driver_version`` (0 without an NVIDIA
+    driver), ``device_count`` and ``error`` (the CUDA runtime's message when
+    it finds no usable device, else empty). ``fdp info`` prints all of it.
     """
     mod, reason = _load()
     if mod is None:

@@ -200,6 +200,15 @@ def check_tensor(
     return bound
 
 
+def check_device(name: str, device) -> torch.device:
+    """``device`` (a ``torch.device`` or a string such as ``"cuda:0"``) as a ``torch.device``, or ValueError."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"`{name}` must be a torch.device or a device string such as 'cpu', 'cuda' or 'cuda:0', "
+                         f"got {device!r}") from exc
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise ``ValueError`` if the floating tensor ``t`` contains NaN or Inf.
 

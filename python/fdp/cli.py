@@ -6,12 +6,14 @@ import argparse
 import functools
 import sys
 
+from ._optional import MissingExtra
+
 
 def _demo(args) -> int:
     from . import demo
 
     result = demo.run(out_dir=args.out, train_steps=args.train_steps, seed=args.seed, backend=args.backend,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, quick=args.quick)
     demo.print_report(result)
     return 0
 
@@ -21,20 +23,46 @@ def _info(args) -> int:
 
     import fdp
 
-    print(f"fdp {fdp.__version__}, torch {torch.__version__}")
     try:
         import triton
 
-        print(f"triton {triton.__version__}")
+        triton_version = triton.__version__
     except ImportError:
-        print("triton: not installed")
+        triton_version = "not installed"
+    print(f"fdp {fdp.__version__}, torch {torch.__version__} "
+          f"({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only'} build), triton {triton_version}")
+
     ext = fdp.extension_status()
-    print("CUDA extension:", "available " + str({k: v for k, v in ext.items() if k not in ('available', 'reason')})
-          if ext["available"] else f"unavailable: {ext['reason']}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ext["available"]:
+        v = ext["runtime_version"]
+        print(f"CUDA extension fdp._C: built (CUDA runtime {v // 1000}.{v % 1000 // 10})")
+    else:
+        print(f"CUDA extension fdp._C: not built: {ext['reason']}")
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n:
+        names = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(n))
+        print(f"CUDA device: present ({names})")
+    else:
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else "torch.cuda.is_available() is False")
+        if ext["available"] and ext["device_count"] > 0:
+            why += f"; fdp._C sees {ext['device_count']} device(s), so torch is the one that cannot use them"
+        elif ext["available"] and ext.get("error"):
+            driver = ext["driver_version"]
+            why += (f"; the CUDA runtime says: {ext['error']} "
+                    f"({'no NVIDIA driver' if driver == 0 else f'driver {driver // 1000}.{driver % 1000 // 10}'})")
+        print(f"CUDA device: none ({why})")
+
+    device = args.device or ("cuda" if n else "cpu")
+    try:
+        backends = fdp.available_backends(device)
+    except ValueError as exc:
+        print(f"fdp info: error: --device: {exc}", file=sys.stderr)
+        return 2
     print(f"backends on {device}:")
-    for name, info in fdp.available_backends(device).items():
-        print(f"  {name:<18} {'yes' if info.available else 'no: ' + info.reason}")
+    for name, info in backends.items():
+        print(f"  {name:<18} {'available' if info.available else 'not available: ' + info.reason}")
     return 0
 
 
@@ -103,19 +131,32 @@ def _export_onnx(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import demo
+
     parser = argparse.ArgumentParser(prog="fdp", description="Fast sampling for factorized diffusion policies.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train a small factorized policy on a 2-D multitask set, sample, plot")
-    p.add_argument("--out", default="fdp-demo", help="output folder for the plot and report (default: fdp-demo)")
-    p.add_argument("--train-steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto")
+    p = sub.add_parser("demo", help="train a small factorized policy on a 2-D multitask set, sample, plot",
+                       description="Train K = 4 MLP components and a soft router on four 2-D tasks with two "
+                                   "modes each (on the CPU), sample with DDIM through fdp.Sampler, print how the "
+                                   "samples cover each task's modes and the router's weights, and plot them.")
+    p.add_argument("--out", default="fdp-demo", help="folder for samples.png and report.json (default: fdp-demo)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training steps (AdamW, batch 256); more cover the modes better "
+                        f"(default: {demo.TRAIN_STEPS}, or {demo.QUICK_TRAIN_STEPS} with --quick)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the training data and the sampling noise (default: 0)")
+    p.add_argument("--backend", default="auto",
+                   help="sampling backend: auto (the fastest that runs here) or a name from `fdp info` "
+                        "(default: auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in seconds (few steps, few samples): checks the setup, not the result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("info", help="versions, the CUDA extension and which backends run here")
-    p.add_argument("--device", default=None)
+    p = sub.add_parser("info", help="versions, whether the CUDA extension was built, CUDA devices, "
+                                    "and which backends run here (and why not the others)")
+    p.add_argument("--device", default=None, help="device the backends are checked for (default: cuda if present)")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("bench", help="time every sampler path side by side (eager, batched, compile, CUDA graph, "
@@ -138,7 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--input-sets", type=int, default=4, help="pre-generated input sets timed calls rotate among")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--out", default=None,
-                   help="results JSON (default: benchmarks/results/<device>-<date>.json); plots go beside it")
+                   help="results JSON (default: fdp-bench/<device>-<date>.json in the current directory); "
+                        "plots go beside it")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (as FDP_NVTX=1) for an Nsight trace")
@@ -176,7 +218,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_export_onnx)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingExtra as exc:
+        print(f"fdp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

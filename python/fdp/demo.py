@@ -27,6 +27,7 @@ DETOUR = 0.35        # lateral size of the detour around the obstacle
 GOAL_DISTANCE = 0.8  # keeps every point inside the scheduler's clip range [-1, 1]
 NOISE = 0.02
 ON_MODE_RMS = 0.1    # a sample within this RMS distance of a mode's path is "on" it
+SAME_WEIGHTS = 0.05  # tasks whose router weights all lie this close share one routing
 
 
 def mode_paths() -> torch.Tensor:
@@ -42,10 +43,12 @@ def mode_paths() -> torch.Tensor:
     return paths
 
 
-def make_batch(batch: int, generator: torch.Generator):
-    """Random (actions ``[B, H, 2]``, one-hot task ``[B, T]``, task ids, mode ids)."""
+def make_batch(batch: int, generator: torch.Generator, tasks=None):
+    """Random (actions ``[B, H, 2]``, one-hot task ``[B, T]``, task ids, mode ids), drawn
+    from the task indices ``tasks`` (default: all)."""
     paths = mode_paths()
-    task = torch.randint(0, len(TASKS), (batch,), generator=generator)
+    pool = torch.arange(len(TASKS)) if tasks is None else torch.as_tensor(tasks)
+    task = pool[torch.randint(0, len(pool), (batch,), generator=generator)]
     mode = torch.randint(0, 2, (batch,), generator=generator)
     actions = paths[task, mode] + NOISE * torch.randn(batch, HORIZON, ACTION_DIM, generator=generator)
     cond = torch.nn.functional.one_hot(task, len(TASKS)).float()
@@ -102,15 +105,44 @@ def plot(samples: torch.Tensor, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 256, seed: int = 0,
-        samples_per_task: int = 200, backend: str = "auto", progress: bool = True, component_weight: float = 0.0,
-        balance_weight: float = 0.0) -> dict:
+TRAIN_STEPS = 2000
+QUICK_TRAIN_STEPS = 40
+QUICK_SAMPLES_PER_TASK = 40
+
+
+def run(out_dir: str = "fdp-demo", train_steps: int | None = None, batch_size: int = 256, seed: int = 0,
+        samples_per_task: int | None = None, backend: str = "auto", progress: bool = True,
+        quick: bool = False, component_weight: float = 0.0, balance_weight: float = 0.0) -> dict:
     """Train, sample, evaluate and plot; returns the report as a dict (also saved as JSON).
 
-    ``component_weight`` and ``balance_weight`` go to :meth:`fdp.FactorizedPolicy.loss`
-    (0, 0: the paper's loss); ``"routing"`` in the result is :func:`fdp.diagnostics.routing`
+    ``train_steps`` defaults to :data:`TRAIN_STEPS`, ``samples_per_task`` to
+    200; ``quick`` lowers both to a smoke run that checks the pipeline, not
+    the result. Prints what it is doing at each stage. ``component_weight``
+    and ``balance_weight`` go to :meth:`fdp.FactorizedPolicy.loss` (0, 0: the
+    paper's loss); ``"routing"`` in the result is :func:`fdp.diagnostics.routing`
     on a fresh batch of demonstrations per task.
     """
+    from ._optional import require
+
+    require("matplotlib", "demo", "fdp demo's plot")  # fail now, not after training
+    if train_steps is None:
+        train_steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
+    if samples_per_task is None:
+        samples_per_task = QUICK_SAMPLES_PER_TASK if quick else 200
+    # The demo's tensors are small: more intra-op threads only wait on each
+    # other (measured: 1 thread ~25 CPU-ms per training step, 2 threads on a
+    # busy 2-core machine ~600), so it runs on one and restores the setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(out_dir, train_steps, batch_size, seed, samples_per_task, backend, progress, quick,
+                    component_weight, balance_weight)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out_dir, train_steps, batch_size, seed, samples_per_task, backend, progress, quick, component_weight,
+         balance_weight) -> dict:
     import fdp
 
     try:
@@ -128,8 +160,12 @@ def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 25
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3, weight_decay=1e-4)
     sched_lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, train_steps)
 
+    print(f"[fdp demo] {'quick run: ' if quick else ''}training K={K} MLP components and a soft router on "
+          f"{len(TASKS)} tasks x 2 modes, {train_steps} steps of batch {batch_size} on the CPU", flush=True)
     t0 = time.perf_counter()
-    bar = tqdm(range(train_steps), desc="training", unit="step", disable=not progress) if tqdm else range(train_steps)
+    use_bar = tqdm is not None and progress
+    bar = tqdm(range(train_steps), desc="training", unit="step") if use_bar else range(train_steps)
+    every = max(1, train_steps // 10)
     ema = None
     for step in bar:
         actions, cond, _, _ = make_batch(batch_size, gen)
@@ -140,14 +176,19 @@ def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 25
         opt.step()
         sched_lr.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if tqdm and step % 50 == 0:
+        if use_bar and step % 50 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
+        elif progress and not use_bar and (step + 1) % every == 0:
+            print(f"[fdp demo]   step {step + 1}/{train_steps}, loss {ema:.4f}, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
     train_s = time.perf_counter() - t0
 
     policy.eval()
     scheduler = fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
                                   clip_sample=True, prediction_type="epsilon")
     sampler = fdp.Sampler(policy, scheduler, num_inference_steps=10, backend=backend)
+    print(f"[fdp demo] sampling {samples_per_task} action chunks per task (DDIM, 10 steps, backend "
+          f"'{sampler.backend}')", flush=True)
     cond = torch.eye(Dc).repeat_interleave(samples_per_task, dim=0)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -163,9 +204,10 @@ def run(out_dir: str = "fdp-demo", train_steps: int = 2000, batch_size: int = 25
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "samples.png"
+    print(f"[fdp demo] writing {png}", flush=True)
     plot(samples, png)
     result = {
-        "train_steps": train_steps, "train_seconds": round(train_s, 2), "final_loss": ema,
+        "train_steps": train_steps, "train_seconds": round(train_s, 2), "final_loss": ema, "quick": quick,
         "sampler_backend": sampler.backend, "sample_seconds": round(sample_s, 3),
         "tasks": [r.__dict__ for r in reports], "routing": routing, "plot": str(png),
     }
@@ -183,7 +225,15 @@ def print_report(result: dict) -> None:
         split = f"{r['mode_split'][0]:.0%} / {r['mode_split'][1]:.0%}"
         w = " ".join(f"{x:.2f}" for x in r["weights"])
         print(f"{r['task']:<7}{r['on_mode']:>10.0%}{split:>22}   {w:<29}   k={r['dominant']}")
-    covered = all(r["on_mode"] >= 0.8 and min(r["mode_split"]) >= 0.2 for r in result["tasks"])
-    print("\nevery task's two modes are covered" if covered else
-          "\nsome task's modes are not covered well (train longer: --train-steps)")
+    weights = torch.tensor([r["weights"] for r in result["tasks"]])
+    if float((weights - weights.mean(0)).abs().max()) < SAME_WEIGHTS:
+        print(f"\nthe router gives every task about the same weights (within {SAME_WEIGHTS}): the components "
+              "are not specialised by task in this run")
+    if result.get("quick"):
+        print("\nquick run: too short to cover the modes; without --quick the demo trains "
+              f"{TRAIN_STEPS} steps")
+    else:
+        covered = all(r["on_mode"] >= 0.8 and min(r["mode_split"]) >= 0.2 for r in result["tasks"])
+        print("\nevery task's two modes are covered" if covered else
+              "\nsome task's modes are not covered well (train longer: --train-steps)")
     print(f"plot: {result['plot']}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -81,6 +82,7 @@ class FactorizedPolicy(nn.Module):
             noise_scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
                                             clip_sample=True, prediction_type="epsilon")
         self.noise_scheduler = noise_scheduler
+        self._warned_clip = False  # loss() warns once about actions outside the clip range
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -198,6 +200,28 @@ class FactorizedPolicy(nn.Module):
             cond_k = global_cond if self._takes_cond[k] else None
             yield comp(sample, timestep, local_cond=local_cond, global_cond=cond_k)
 
+    def _check_training_inputs(self, actions, cond) -> None:
+        """:meth:`loss`'s own checks, naming its arguments (the components would name theirs)."""
+        check_tensor("actions", actions, shape=(None, self.horizon, self.action_dim), dtype="floating")
+        param = next(self.components[0].parameters(), None)
+        if param is not None and actions.dtype != param.dtype:
+            raise TypeError(f"`actions` must have the policy's parameter dtype {param.dtype}, got {actions.dtype} "
+                            f"(convert the actions, or the policy with .to({actions.dtype}))")
+        check_tensor("cond", cond, shape=(actions.shape[0], self.cond_dim), dtype="floating", device=actions.device)
+        if any(self._takes_cond) and cond.dtype != actions.dtype:
+            raise TypeError(f"`cond` must have the dtype of `actions` ({actions.dtype}): the components read it; "
+                            f"got {cond.dtype}")
+        sched = self.noise_scheduler.config
+        if not getattr(self, "_warned_clip", False) and sched.get("clip_sample") and actions.numel():
+            limit = sched["clip_sample_range"]
+            peak = float(actions.detach().abs().max())
+            if peak > limit:
+                self._warned_clip = True
+                warnings.warn(f"`actions` reach {peak:.3g}, outside the scheduler's clip range "
+                              f"[-{limit:g}, {limit:g}]: sampling clips its estimate of x_0 to that range, so "
+                              "the policy cannot reproduce such actions; normalise actions to the range "
+                              "(warned once per policy)", UserWarning, stacklevel=3)
+
     def noised(self, actions: torch.Tensor, generator: torch.Generator | None = None):
         """One draw of the forward process for training: ``(noisy actions, timesteps, target)``.
 
@@ -241,8 +265,15 @@ class FactorizedPolicy(nn.Module):
         constant 0 or 1, so none of these terms gives the router a gradient:
         train those soft or with ``topk >= 2``.
 
-        An empty batch has no mean and is refused (ValueError naming ``actions``).
+        ``actions [B, horizon, action_dim]`` must have the components'
+        parameter dtype, and ``cond [B, Dc]`` the same dtype where a component
+        reads it. Actions are expected in the scheduler's clip range (``[-1, 1]``
+        by default: normalise them): sampling clips its estimate of ``x_0`` to
+        that range, so the policy could never produce actions outside it. The
+        first batch that leaves it gets a warning (once per policy). An empty
+        batch has no mean and is refused (ValueError naming ``actions``).
         """
+        self._check_training_inputs(actions, cond)
         self.check_inputs(actions, cond)
         if actions.shape[0] == 0:
             raise ValueError("`actions` must hold at least one sample: the loss is a mean over the batch")

@@ -42,10 +42,42 @@ def _nan_where_softmax_is(w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 
 
 class Router(nn.Module):
-    """Weights ``[B, K]`` over K components from observation features ``[B, Dc]``."""
+    """Weights ``[B, K]`` over K components from observation features ``[B, Dc]``.
+
+    A two-layer MLP gives one logit per component,
+    ``logits = Linear(H, K)(ReLU(Linear(Dc, H)(c)))``, and the strategy turns
+    the logits into weights (every row non-negative, summing to 1):
+
+    - ``"soft"`` (default, the paper's): ``softmax(logits)``; every component
+      contributes, and the weights train with the components.
+    - ``"hard"``: all weight on the largest logit (ties: the lowest index),
+      one component per observation.
+    - ``"topk"``: softmax over the ``topk`` largest logits, 0 elsewhere.
+    - ``"fixed"``: the same ``fixed_weights`` for every observation, e.g. to
+      compose separately trained policies.
+
+    A common recipe is to train ``soft`` and deploy ``hard`` or ``topk``
+    (:meth:`set_strategy`) where the router has learned to specialise. The
+    router runs once per sampling call, not per denoising step.
+
+    Example::
+
+        router = fdp.Router(cond_dim=64, num_components=4)   # soft, hidden width 64
+        w = router(obs_features)                             # [B, 4]
+    """
 
     def __init__(self, cond_dim: int, num_components: int, hidden_dim: int | None = None,
                  strategy: str = "soft", topk: int = 2, fixed_weights=None):
+        """
+        Args:
+            cond_dim: size ``Dc`` of the observation features (the policy's ``global_cond``).
+            num_components: K, one output per component.
+            hidden_dim: width H of the hidden layer; ``None`` uses ``cond_dim``.
+            strategy: ``"soft"``, ``"hard"``, ``"topk"`` or ``"fixed"`` (see the class docstring).
+            topk: how many components ``"topk"`` keeps per observation (1 <= topk <= K);
+                ignored by the other strategies, kept for a later :meth:`set_strategy`.
+            fixed_weights: ``[K]`` non-negative weights summing to 1; required for ``"fixed"``.
+        """
         super().__init__()
         if not isinstance(cond_dim, int) or cond_dim < 1:
             raise ValueError(f"`cond_dim` must be a positive int, got {cond_dim!r}")

@@ -1,6 +1,6 @@
 """Sampling actions from a factorized policy: ``fdp.Sampler`` and ``fdp.sample``.
 
-Noise contract (DESIGN.md section 7): ``x_T`` is the initial noise
+Noise contract (docs/design.md): ``x_T`` is the initial noise
 ``[B, Ta, Da]``; ``step_noise[i]`` is the noise the i-th step (in sampling
 order) adds, ``[T, B, Ta, Da]``, and a step that adds none ignores its slice.
 With a ``generator`` instead, noise is drawn as a diffusers loop with that

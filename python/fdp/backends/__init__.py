@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .._validation import check_device
 from .base import Backend, Prepared
 
 __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backend", "backend_names",
@@ -65,7 +66,7 @@ def available_backends(device=None) -> dict[str, BackendInfo]:
     """What can run on ``device`` (default: CUDA if present, else CPU), and why not the rest."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device("device", device)
     out = {}
     for name in _MODULES:
         try:

@@ -1,4 +1,4 @@
-"""The backend contract (see DESIGN.md section 4)."""
+"""The backend contract: what a backend must provide and guarantee (docs/design.md, "The backend contract")."""
 
 from __future__ import annotations
 

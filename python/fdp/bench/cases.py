@@ -22,7 +22,7 @@ ACTION_DIM = 2
 
 #: Component configurations by name. ``family`` is what the JSON calls ``component``.
 COMPONENTS: dict[str, dict] = {
-    # The family the fused kernels serve; DESIGN.md section 5's targets are for width 256.
+    # The family the fused kernels serve; the performance targets in docs/design.md are for width 256.
     "mlp": dict(family="mlp", horizon=HORIZON, action_dim=ACTION_DIM, cond_dim=64, hidden_dim=256, num_blocks=2,
                 time_embed_dim=64),
     # A U-Net small enough for a CPU; same architecture as the paper's.

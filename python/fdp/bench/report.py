@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .._optional import require
+
 #: Keys every case entry has (tests and readers rely on them).
 CASE_KEYS = ("component", "K", "batch", "steps", "scheduler", "dtype", "config", "backend", "step_gpu_us",
              "call_wall_us", "raw_step_gpu_us", "raw_call_wall_us", "floor_us", "fraction_of_floor", "host_us",
@@ -117,7 +119,8 @@ def now() -> _dt.datetime:
 
 
 def default_out(device_label: str, when: _dt.datetime) -> Path:
-    return Path("benchmarks") / "results" / f"{slugify(device_label)}-{when.strftime('%Y-%m-%d-%H%M%S')}.json"
+    """Where a run's JSON goes without ``--out``: ``fdp-bench/`` in the current directory."""
+    return Path("fdp-bench") / f"{slugify(device_label)}-{when.strftime('%Y-%m-%d-%H%M%S')}.json"
 
 
 # -- JSON -----------------------------------------------------------------------------------------------------
@@ -177,6 +180,7 @@ def _fmt_speed(x) -> str:
 
 
 def print_table(result: dict, console=None) -> None:
+    require("rich", "bench", "fdp bench's table")
     from rich.console import Console
     from rich.table import Table
 
@@ -259,8 +263,20 @@ def _primary(c) -> float | None:
     return c["step_gpu_us"] if c["step_gpu_us"] is not None else c.get("step_wall_us")
 
 
+def _label_log_axis(axis, suffix: str = "") -> None:
+    """Ticks at 1, 2, 3, 5 times each power of ten, labelled: a log axis within one decade
+    (a 3-7x speedup) otherwise shows a single label."""
+    import matplotlib.ticker
+
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    axis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=tuple(range(1, 10))))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def write_plots(result: dict, json_path: Path) -> list[Path]:
     """Latency vs batch per backend, and speedup bars, one pair of PNGs per (component, schedule, dtype)."""
+    require("matplotlib", "bench", "fdp bench's plots (or pass --no-plots)")
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -292,7 +308,7 @@ def write_plots(result: dict, json_path: Path) -> list[Path]:
             ax.set_xticks(batches)
             ax.set_xticklabels([str(b) for b in batches])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            _label_log_axis(ax.yaxis)
             ax.set_title(f"K = {K}")
             ax.set_xlabel("batch")
             ax.grid(True, which="both", alpha=0.3)
@@ -322,8 +338,7 @@ def write_plots(result: dict, json_path: Path) -> list[Path]:
         ax.set_xticks(range(len(points)))
         ax.set_xticklabels([f"K{k}\nB{b}" for k, b in points], fontsize=7)
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        _label_log_axis(ax.yaxis, "×")
         ax.set_ylabel("speedup vs eager (×)")
         ax.set_title(f"{name}, {sched} {steps} steps, {dtype} — {result['device']}", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import fdp
+from fdp._optional import require
 from fdp.profiling import enable_nvtx, nvtx_range
 
 from . import paths as P
@@ -158,6 +159,10 @@ class _PolicyCache:
 
 def run(opts: Options):
     """Run the benchmark; returns ``(result dict, json path, png paths)``."""
+    # Missing extras fail here, before minutes of timing, not at the report.
+    require("rich", "bench", "fdp bench")
+    if opts.plots:
+        require("matplotlib", "bench", "fdp bench's plots (or pass --no-plots)")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = opts.threads
     if threads is None and opts.quick and device.type == "cpu":
@@ -292,9 +297,9 @@ def _run_config(cfg, names, explicit, device, peaks, repeats, budget, opts, cach
 
 def run_and_report(opts: Options) -> int:
     """Run, print the table and where the files went; the exit status (1 if any path FAILED)."""
+    result, out, pngs = run(opts)  # first: it checks that rich is installed
     from rich.console import Console
 
-    result, out, pngs = run(opts)
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 200))
