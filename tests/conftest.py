@@ -5,18 +5,23 @@ import tempfile
 import pytest
 import torch
 
-# In-process Triton tests run the kernels in the Triton interpreter, on CPU
-# tensors, on every machine; native GPU runs happen in subprocesses started
-# without this variable (see test_triton.py, test_unet_fused.py). The switch
-# is read when Triton and the kernels are first imported, so it is set here,
-# before any test module (or diffusers, which may import Triton) loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 # backend="auto" caches its decisions on disk: never in the user's cache from tests (removed at exit).
 _CACHE_DIR = tempfile.TemporaryDirectory(prefix="fdp-test-cache-")
 os.environ.setdefault("FDP_CACHE_DIR", _CACHE_DIR.name)
 
 import fdp  # noqa: E402
 from fdp.tolerances import REL_TOL  # noqa: E402
+
+
+
+def pytest_configure(config):
+    # In-process Triton tests run the kernels in the Triton interpreter, on CPU tensors, on every
+    # machine; native GPU runs happen in subprocesses without this variable (see test_triton.py,
+    # test_call_path.py, test_unet_fused.py). The switch is read when Triton and the kernels are first
+    # imported, so it is set before any test module (or diffusers, which may import Triton) loads; here,
+    # not at import, because those subprocesses import this file as a module for its helpers.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 # The suite's tensors are tiny: torch's intra-op threads only spin-wait for
 # each other there (badly so on a loaded 2-core CI machine).

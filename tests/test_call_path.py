@@ -429,7 +429,6 @@ import os, torch, fdp
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 from conftest import KERNEL_SCHEDULERS, make_mlp_policy
-os.environ.pop("TRITON_INTERPRET", None)  # conftest sets it; no kernel module is imported yet
 from fdp.bench.timing import count_launches
 from fdp_kernels import compose_step, mlp_step
 assert type(mlp_step.mlp_step_kernel).__name__ == "JITFunction", "kernels must be compiled, not interpreted"

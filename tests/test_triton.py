@@ -600,6 +600,8 @@ from fdp.backends import get_backend
 from fdp.backends.triton_backend import TritonBackend
 from fdp.backends.triton_persistent_backend import TritonPersistentBackend
 from conftest import make_mlp_policy
+import fdp_kernels.mlp_step
+assert type(fdp_kernels.mlp_step.mlp_step_kernel).__name__ != "InterpretedFunction", "kernels interpreted"
 
 dev = torch.device("cuda")
 failures = []
