@@ -11,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu-check.sh")
-STAGES = ["env", "build", "tests", "sanitizer", "tune", "bench-mlp", "bench-unet", "ncu"]
+STAGES = ["env", "build", "tests", "bench-mlp", "sanitizer", "tune", "bench-unet", "ncu"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
