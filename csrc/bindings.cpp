@@ -7,7 +7,11 @@
 
 #include <array>
 #include <cstdint>
+#include <iterator>
+#include <string>
+#include <vector>
 
+#include "abi.h"
 #include "fdp.h"
 
 namespace py = pybind11;
@@ -42,6 +46,28 @@ fdp::MlpOptions to_options(const Options& o) {
   return m;
 }
 
+// fdp_kernels.abi.cuda_abi() says what this must return; tests/test_abi.py compares them.
+py::dict abi_dict() {
+  namespace a = fdp::abi;
+  py::dict d;
+  d["columns"] = std::vector<std::string>(std::begin(a::kColumns), std::end(a::kColumns));
+  d["col_a_x"] = a::kColAX;
+  d["col_a_m"] = a::kColAM;
+  d["col_c_x0"] = a::kColCX0;
+  d["col_c_x"] = a::kColCX;
+  d["col_c_m"] = a::kColCM;
+  d["col_sigma"] = a::kColSigma;
+  d["num_cols"] = a::kNumCols;
+  d["col_adds_noise"] = a::kColAddsNoise;
+  d["coef_width"] = a::kCoefWidth;
+  d["weight_types"] = std::vector<std::string>(std::begin(a::kWeightTypes), std::end(a::kWeightTypes));
+  d["max_k"] = a::kMaxK;
+  d["max_l"] = a::kMaxL;
+  d["max_h"] = a::kMaxH;
+  d["max_d"] = a::kMaxD;
+  return d;
+}
+
 py::dict plan_dict(const fdp::MlpPlanInfo& p) {
   py::dict d;
   d["ok"] = p.ok;
@@ -65,6 +91,7 @@ py::dict plan_dict(const fdp::MlpPlanInfo& p) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fdp CUDA kernels (raw pointers + stream; validated in Python)";
+  m.def("abi", &abi_dict, "The coefficient-table layout, weight types and limits the kernels were built with.");
   m.def("runtime_info", [] {
     fdp::RuntimeInfo info = fdp::runtime_info();
     py::dict d;

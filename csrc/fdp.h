@@ -23,7 +23,7 @@ struct MlpPointers {
   std::uintptr_t w_in, w_a, w_b, b_b, w_out, b_out;  // packed weights (fdp.packing.PackedMLP)
   std::uintptr_t t_in, t_shift;                      // StepTerms
   std::uintptr_t weights, c_in, scale, shift;        // CallTerms
-  std::uintptr_t coef;                               // [T, 8] float32: COL_* columns, adds_noise, pad
+  std::uintptr_t coef;                               // [T, abi::kCoefWidth] float32 (abi.h)
   std::uintptr_t noise;                              // [T, B, D] float32, or 0 when no step adds noise
   std::uintptr_t x_in, x_out;                        // [B, D] float32 (may alias)
   std::uintptr_t scratch, counters;                  // global combine only: [groups, B, D] f32, [tiles] i32 zeroed

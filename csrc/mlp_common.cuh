@@ -62,6 +62,7 @@
 #include <tuple>
 #include <vector>
 
+#include "abi.h"
 #include "fdp.h"
 
 #define FDP_HD __host__ __device__ __forceinline__
@@ -79,14 +80,17 @@ namespace mlp {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 128;  // output columns per FMA reduction pass
-constexpr int kMaxK = 8;
-constexpr int kMaxL = 16;
-constexpr int kMaxH = 4096;
-constexpr int kMaxD = 4096;
-constexpr int kCoef = 8;     // floats per coefficient row
+using abi::kMaxK;
+using abi::kMaxL;
+using abi::kMaxH;
+using abi::kMaxD;
+using abi::kCoefWidth;  // floats per coefficient row
 constexpr int kMaxCluster = 16;
 
-enum WeightType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+using abi::WeightType;
+using abi::kF32;
+using abi::kBF16;
+using abi::kF16;
 enum Kind { kStep = 0, kPersistent = 1 };
 
 struct Args {
@@ -161,7 +165,7 @@ FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
   y.acc = take(off, 2 * y.acc_sz);
   y.red = take(off, p.mma ? 0 : kWarps * p.bt * kChunk * 4);
   y.wts = take(off, p.bt * K * 4);
-  y.coef_sz = kCoef * 4;
+  y.coef_sz = kCoefWidth * 4;
   y.coef = take(off, 2 * y.coef_sz);
   y.noise_sz = p.stage ? rup(p.bt * y.dp * 4, 16) : 0;
   y.noise = take(off, 2 * y.noise_sz);
@@ -601,9 +605,10 @@ __device__ __forceinline__ float silu(float y) { return y / (1.0f + __expf(-y));
 
 // fdp.schedulers.apply_step for one element; c = coefficient row, z = 0 when the step adds no noise.
 __device__ __forceinline__ float sched_update(float x, float e, float z, const float* c, int clip, float cr) {
-  float x0 = c[0] * x + c[1] * e;
+  using namespace abi;
+  float x0 = c[kColAX] * x + c[kColAM] * e;
   if (clip) x0 = (x0 < -cr) ? -cr : ((x0 > cr) ? cr : x0);  // NaN stays NaN, as torch.clamp
-  return c[2] * x0 + c[3] * x + c[4] * e + c[5] * z;
+  return c[kColCX0] * x0 + c[kColCX] * x + c[kColCM] * e + c[kColSigma] * z;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -679,7 +684,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       stage_f32(t, nsp, a.t_in + (static_cast<size_t>(step) * K + k) * H + n0, 0, 1, ncols);
       stage_f32(t + nsp, nsp, a.t_shift + (static_cast<size_t>(step) * K + k) * L * H + n0, H, L, ncols);
     }
-    stage_f32(coef_buf(par), kCoef, a.coef + static_cast<size_t>(step) * kCoef, 0, 1, kCoef);
+    stage_f32(coef_buf(par), kCoefWidth, a.coef + static_cast<size_t>(step) * kCoefWidth, 0, 1, kCoefWidth);
     if (p.stage && a.noise != nullptr)
       stage_f32(noise_buf(par), lay.dp, a.noise + (static_cast<size_t>(step) * a.B + row0) * D, D, nrows, D);
   };
@@ -858,7 +863,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
     if (!global_combine) {
       // Every block of the cluster computes the tile's new x from the groups' partials.
       const bool last = step + 1 == step_end;
-      const bool noisy = a.noise != nullptr && coef[6] != 0.f;
+      const bool noisy = a.noise != nullptr && coef[abi::kColAddsNoise] != 0.f;
       const float* nz = noise_buf(par);
       for (int o = tid; o < nrows * D; o += kThreads) {
         const int b = o / D, d = o - b * D;
@@ -885,7 +890,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       __syncthreads();
       if (s_last) {
         __threadfence();
-        const bool noisy = a.noise != nullptr && coef[6] != 0.f;
+        const bool noisy = a.noise != nullptr && coef[abi::kColAddsNoise] != 0.f;
         for (int o = tid; o < nrows * D; o += kThreads) {
           const int b = o / D, d = o - b * D;
           const size_t row = static_cast<size_t>(row0 + b);

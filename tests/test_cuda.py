@@ -25,6 +25,7 @@ from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_pol
 from fdp import packing
 from fdp.backends import available_backends, get_backend, resolve_backend
 from fdp.backends import cuda_backend as cb
+from fdp_kernels import abi
 
 NAN = float("nan")
 COND_DIM = KERNEL_COND_DIM
@@ -103,10 +104,10 @@ def test_cuda_failures_are_python_exceptions():
 def test_kernel_coef_layout():
     table = SCHEDULERS["ddpm_clip"][0]().step_table(6)
     coef = cb.kernel_coef(table)
-    assert coef.shape == (6, cb.COEF_WIDTH) and coef.dtype == torch.float32 and coef.is_contiguous()
-    torch.testing.assert_close(coef[:, :6], table.coef.float(), rtol=0, atol=0)
-    assert coef[:, 6].tolist() == table.adds_noise.float().tolist()
-    assert not coef[:, 7].any()
+    assert coef.shape == (6, abi.CUDA_COEF_WIDTH) and coef.dtype == torch.float32 and coef.is_contiguous()
+    torch.testing.assert_close(coef[:, :abi.NUM_COLS], table.coef.float(), rtol=0, atol=0)
+    assert coef[:, abi.CUDA_COL_ADDS_NOISE].tolist() == table.adds_noise.float().tolist()
+    assert not coef[:, abi.CUDA_COL_ADDS_NOISE + 1:].any()
 
 
 # ------------------------------------------------------------------------------------------------------------

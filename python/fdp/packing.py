@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .mlp import MLPDenoiser
+from fdp_kernels.abi import WEIGHT_DTYPES
 
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .mlp import MLPDenoiser
 
 
 @dataclass
