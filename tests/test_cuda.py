@@ -68,7 +68,7 @@ def _cpu_launch_args(K=3, H=24, L=2, horizon=4, action_dim=3, B=5, T=3, dtype=to
     cond = torch.randn(B, COND_DIM)
     D = horizon * action_dim
     return dict(packed=packing.pack_policy(pol, dtype), steps=packing.step_terms(pol, table.timesteps),
-                call=packing.call_terms(pol, cond), coef=cb.kernel_coef(table), x=torch.randn(B, D),
+                call=packing.call_terms(pol, cond, pol.weights(cond)), coef=cb.kernel_coef(table), x=torch.randn(B, D),
                 noise=torch.randn(T, B, D), out=torch.empty(B, D), clip_range=1.0)
 
 
@@ -315,7 +315,8 @@ class Case:
         tab = self.table.to(dev)
         self.packed = packing.pack_policy(pol32, dtype)
         self.steps = packing.step_terms(pol32, tab.timesteps)
-        self.call = packing.call_terms(pol32, self.cond.float().to(dev))
+        cond = self.cond.float().to(dev)
+        self.call = packing.call_terms(pol32, cond, pol32.weights(cond))
         self.coef = cb.kernel_coef(tab)
         self.clip = float(self.table.clip_range) if self.table.clip_sample else None
         self.x = self.x_T.reshape(B, self.D).float().to(dev)
@@ -435,7 +436,8 @@ def test_skips_components_no_row_uses():
     """A component with weight 0 on every row: NaN weights in it leave the result bit-equal, skipped or not."""
     c = Case(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2, torch.float32)
     c.pol32.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
-    c.call = packing.call_terms(c.pol32, c.cond.float().cuda())
+    cond = c.cond.float().cuda()
+    c.call = packing.call_terms(c.pol32, cond, c.pol32.weights(cond))
     expect = c.run(cb.KIND_PERSISTENT)
     for attr in ("w_in", "w_a", "w_b", "w_out"):
         getattr(c.packed, attr)[1] = NAN

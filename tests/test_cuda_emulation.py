@@ -214,7 +214,7 @@ def _problem(name, d: Path):
     p32 = copy.deepcopy(policy).float()
     packed = packing.pack_policy(p32, dtype)
     steps = packing.step_terms(p32, table.timesteps)
-    call = packing.call_terms(p32, cond.float())
+    call = packing.call_terms(p32, cond.float(), p32.weights(cond.float()))
     coef = cuda_backend.kernel_coef(table)
     x = x_T.reshape(B, D).float().contiguous()
     noise32 = noise.reshape(T, B, D).float().contiguous() if adds else None

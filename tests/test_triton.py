@@ -77,7 +77,7 @@ class Case:
         self.ref = get_backend("torch").prepare(self.policy, self.table).run(
             self.cond, self.x_T, self.noise if self.adds else None)
         self.steps = packing.step_terms(self.policy, self.table.timesteps)
-        self.call = packing.call_terms(self.policy, self.cond)
+        self.call = packing.call_terms(self.policy, self.cond, self.policy.weights(self.cond))
         tbl = self.table.to("cpu", torch.float32)
         self.coef, self.adds_noise = tbl.coef, tbl.adds_noise
         self.clip = tbl.clip_range if tbl.clip_sample else None
@@ -174,7 +174,7 @@ def test_skips_components_no_row_uses():
     """Weight 0 for every row of a tile: NaN weights in that component leave the result bit-equal, skipped or not."""
     c = Case(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2)
     c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
-    c.call = packing.call_terms(c.policy, c.cond)
+    c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
     packed = c.packed(torch.float32)
     expect = c.run_persistent(packed)
     for attr in ("w_in", "w_a", "w_b", "w_out"):
@@ -195,7 +195,7 @@ def test_nan_router_weight_gives_nan_in_its_row_only(sched, strategy):
     c = Case(3, 24, 1, 4, 3, 5, sched, strategy, 2)
     if strategy == "fixed":
         c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
-        c.call = packing.call_terms(c.policy, c.cond)
+        c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
     packed = c.packed(torch.float32)
     clean_step, clean_pers = c.run_steps(packed), c.run_persistent(packed)
     bad = 3

@@ -292,7 +292,7 @@ class CudaPrepared(CapturesCalls):
         """The whole call: per-call terms and the kernel launch(es). Capturable (on CUDA, replayed per batch size)."""
         B = x_T.shape[0]
         D, T = self.dims["D"], self.dims["T"]
-        call = call_terms(self.policy, global_cond)
+        call = call_terms(self.policy, global_cond, self.policy.weights(global_cond))
         x = x_T.reshape(B, D)
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()

@@ -85,7 +85,8 @@ class TritonPrepared(CapturesCalls):
         return self._scratch
 
     def _inputs(self, global_cond, x_T, step_noise, seed):
-        call = packing.call_terms(self.policy, global_cond.to(self.param_dtype))
+        cond = global_cond.to(self.param_dtype)
+        call = packing.call_terms(self.policy, cond, self.policy.weights(cond))
         B = x_T.shape[0]
         x = x_T.reshape(B, self.D).to(torch.float32, copy=True).contiguous()
         noise = None
