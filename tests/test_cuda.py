@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import types
 
 import pytest
 import torch
@@ -91,14 +92,35 @@ def test_cuda_failures_are_python_exceptions():
     ext = _ext_or_skip()
     if ext.runtime_info()["device_count"] > 0:
         pytest.skip("a CUDA device is visible")
-    opts = (0, 0, 0, -1, 1)
+    opts = ext.MlpOptions()
+    dims = cb._named(ext.MlpDims, B=1, D=32, H=64, L=2, K=4, T=10)
+    ptrs = cb._named(ext.MlpPointers, **{name: 1 for name in POINTER_NAMES})
     with pytest.raises(RuntimeError, match="fdp CUDA error"):
-        ext.mlp_plan(0, 0, (1, 32, 64, 2, 4, 10), opts)
+        ext.mlp_plan(0, 0, dims, opts)
     with pytest.raises(RuntimeError, match="fdp CUDA error"):
-        ext.mlp_persistent_launch(0, (1,) * 18, (1, 32, 64, 2, 4, 10), True, 1.0, opts, 0)
+        ext.mlp_persistent_launch(0, ptrs, dims, True, 1.0, opts, 0)
     # Argument errors are found before CUDA is touched: ValueError.
     with pytest.raises(ValueError, match="steps"):
-        ext.mlp_step_launch(0, (1,) * 18, (1, 32, 64, 2, 4, 10), True, 1.0, 5, 3, opts, 0)
+        ext.mlp_step_launch(0, ptrs, dims, True, 1.0, 5, 3, opts, 0)
+
+
+POINTER_NAMES = ("w_in", "w_a", "w_b", "b_b", "w_out", "b_out", "t_in", "t_shift", "weights", "c_in", "scale",
+                 "shift", "coef", "noise", "x_in", "x_out", "scratch", "counters")
+
+
+def test_launch_structs_are_set_by_name():
+    """The extension's launch structs take their fields by name: defaults as fdp.h, unknown names refused."""
+    ext = _ext_or_skip()
+    ptrs = ext.MlpPointers()
+    assert [getattr(ptrs, name) for name in POINTER_NAMES] == [0] * len(POINTER_NAMES)
+    with pytest.raises(AttributeError):
+        ptrs.x = 1
+    opts = cb._ext_options(ext, cb._options_tuple({"ranks": 2, "mma": True}))
+    assert [getattr(opts, k) for k in cb._OPTION_KEYS] == [0, 2, 0, 1, 1]
+    defaults = ext.MlpOptions()
+    assert tuple(getattr(defaults, k) for k in cb._OPTION_KEYS) == cb._options_tuple(None)
+    dims = cb._named(ext.MlpDims, B=3, D=5, H=7, L=2, K=4, T=9)
+    assert (dims.B, dims.D, dims.H, dims.L, dims.K, dims.T) == (3, 5, 7, 2, 4, 9)
 
 
 def test_kernel_coef_layout():
@@ -223,6 +245,8 @@ def test_combine_buffers_are_allocated_on_the_kernels_stream(monkeypatch):
         return alloc
 
     class FakeExt:
+        MlpPointers = MlpDims = MlpOptions = types.SimpleNamespace
+
         def mlp_step_launch(self, *args):
             launched.append(args[-1])
 

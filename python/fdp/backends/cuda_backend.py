@@ -168,13 +168,26 @@ def _options_tuple(options) -> tuple:
     return tuple(vals)
 
 
+def _named(cls, **fields):
+    """An extension struct (``MlpPointers``, ``MlpDims``, ``MlpOptions``) with ``fields`` set by name."""
+    obj = cls()
+    for name, value in fields.items():
+        setattr(obj, name, value)
+    return obj
+
+
+def _ext_options(ext, options: tuple):
+    return _named(ext.MlpOptions, **dict(zip(_OPTION_KEYS, options)))
+
+
 def plan(kind: int, dtype: torch.dtype, B: int, D: int, H: int, L: int, K: int, T: int = 1, options=None,
          device=None) -> dict:
     """The extension's launch plan (tile rows, tensor cores, ranks, groups, shared memory) for a shape."""
     ext = extension()
     dev = torch.device(device) if device is not None else None
     with _on_device(dev):
-        return dict(ext.mlp_plan(int(kind), _WTYPE[dtype], (B, D, H, L, K, T), _options_tuple(options)))
+        return dict(ext.mlp_plan(int(kind), _WTYPE[dtype], _named(ext.MlpDims, B=B, D=D, H=H, L=L, K=K, T=T),
+                                 _ext_options(ext, _options_tuple(options))))
 
 
 class _on_device:
@@ -199,7 +212,7 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
                 stream, plan_info):
     """Pointers + sizes + stream into the extension; inputs already validated."""
     ext = extension()
-    B, D, H, L, K, T = (dims[k] for k in ("B", "D", "H", "L", "K", "T"))
+    B, D = dims["B"], dims["D"]
     kernel_stream = (torch.cuda.current_stream(x.device) if stream is None
                      else torch.cuda.ExternalStream(int(stream), device=x.device))
     scratch = counters = None
@@ -210,21 +223,22 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
         with torch.cuda.stream(kernel_stream):
             scratch = torch.empty((plan_info["groups"], B, D), dtype=torch.float32, device=x.device)
             counters = torch.zeros((plan_info["tiles"],), dtype=torch.int32, device=x.device)
-    ptrs = (packed.w_in.data_ptr(), packed.w_a.data_ptr(), packed.w_b.data_ptr(), packed.b_b.data_ptr(),
-            packed.w_out.data_ptr(), packed.b_out.data_ptr(), steps.t_in.data_ptr(), steps.t_shift.data_ptr(),
-            call.weights.data_ptr(), call.c_in.data_ptr(), call.scale.data_ptr(), call.shift.data_ptr(),
-            coef.data_ptr(), 0 if noise is None else noise.data_ptr(), x.data_ptr(), out.data_ptr(),
-            0 if scratch is None else scratch.data_ptr(), 0 if counters is None else counters.data_ptr())
+    tensors = dict(w_in=packed.w_in, w_a=packed.w_a, w_b=packed.w_b, b_b=packed.b_b, w_out=packed.w_out,
+                   b_out=packed.b_out, t_in=steps.t_in, t_shift=steps.t_shift, weights=call.weights, c_in=call.c_in,
+                   scale=call.scale, shift=call.shift, coef=coef, noise=noise, x_in=x, x_out=out, scratch=scratch,
+                   counters=counters)
+    ptrs = _named(ext.MlpPointers, **{name: 0 if t is None else t.data_ptr() for name, t in tensors.items()})
+    sizes = _named(ext.MlpDims, **dims)
+    opts = _ext_options(ext, options)
     stream = kernel_stream.cuda_stream
     wtype = _WTYPE[packed.w_in.dtype]
     clip = clip_range is not None
     cr = float(clip_range) if clip else 0.0
-    sizes = (B, D, H, L, K, T)
     with _on_device(x.device):
         if kind == KIND_STEP:
-            ext.mlp_step_launch(wtype, ptrs, sizes, clip, cr, step_begin, step_end, options, int(stream))
+            ext.mlp_step_launch(wtype, ptrs, sizes, clip, cr, step_begin, step_end, opts, int(stream))
         else:
-            ext.mlp_persistent_launch(wtype, ptrs, sizes, clip, cr, options, int(stream))
+            ext.mlp_persistent_launch(wtype, ptrs, sizes, clip, cr, opts, int(stream))
     return out
 
 
