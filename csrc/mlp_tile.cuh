@@ -306,6 +306,41 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   if (!global_combine && S > 1) cluster_sync_or_block(S);
 }
 
+// The entry point for a weight type, tile rows and tensor cores, or nullptr where none is built (tensor
+// cores: 16-bit weights, 16/32/64 rows; FMA: 1/2/4/8 rows). `Kernels::get<W, BT, MMA>()` names one
+// variant of a kernel (mlp_step.cu, mlp_persistent.cu): both kernels share this table.
+template <class Kernels, typename W>
+const void* kernel_for_type(int mma, int bt) {
+  if constexpr (sizeof(W) == 2) {
+    if (mma) {
+      switch (bt) {
+        case 16: return Kernels::template get<W, 16, true>();
+        case 32: return Kernels::template get<W, 32, true>();
+        case 64: return Kernels::template get<W, 64, true>();
+        default: return nullptr;
+      }
+    }
+  }
+  if (mma) return nullptr;
+  switch (bt) {
+    case 1: return Kernels::template get<W, 1, false>();
+    case 2: return Kernels::template get<W, 2, false>();
+    case 4: return Kernels::template get<W, 4, false>();
+    case 8: return Kernels::template get<W, 8, false>();
+    default: return nullptr;
+  }
+}
+
+template <class Kernels>
+const void* kernel_for(int wtype, int mma, int bt) {
+  switch (wtype) {
+    case kF32: return kernel_for_type<Kernels, float>(mma, bt);
+    case kBF16: return kernel_for_type<Kernels, __nv_bfloat16>(mma, bt);
+    case kF16: return kernel_for_type<Kernels, __half>(mma, bt);
+    default: return nullptr;
+  }
+}
+
 }  // namespace mlp
 }  // namespace fdp
 
