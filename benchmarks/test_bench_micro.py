@@ -64,7 +64,7 @@ def test_router(benchmark, ctx):
 def test_call_terms(benchmark, ctx):
     """Router + every per-call feature term of the K components (what fused backends precompute)."""
     cond = ctx.inputs[0].cond
-    benchmark(_timed(lambda: call_terms(ctx.policy, cond)))
+    benchmark(_timed(lambda: call_terms(ctx.policy, cond, ctx.policy.weights(cond))))
 
 
 @torch.no_grad()

@@ -19,18 +19,28 @@ RuntimeInfo runtime_info();
 // Tensors are validated in Python (fdp.backends.cuda_backend.check_launch); only
 // raw device pointers, sizes and the caller's stream cross this boundary.
 
+// The launch's fields, each list written once: the structs below and their pybind11 bindings
+// (fdp._C.MlpPointers / MlpDims, set by name from Python) expand it.
+#define FDP_MLP_POINTERS(X)                                                                        \
+  X(w_in) X(w_a) X(w_b) X(b_b) X(w_out) X(b_out) /* packed weights (fdp.packing.PackedMLP) */     \
+  X(t_in) X(t_shift)                             /* StepTerms */                                   \
+  X(weights) X(c_in) X(scale) X(shift)           /* CallTerms */                                   \
+  X(coef)                    /* [T, abi::kCoefWidth] float32 (abi.h) */                             \
+  X(noise)                   /* [T, B, D] float32, or 0 when no step adds noise */                  \
+  X(x_in) X(x_out)           /* [B, D] float32 (may alias) */                                       \
+  X(scratch) X(counters)     /* global combine only: [groups, B, D] f32, [tiles] i32 zeroed */
+#define FDP_MLP_DIMS(X) X(B) X(D) X(H) X(L) X(K) X(T)
+
 struct MlpPointers {
-  std::uintptr_t w_in, w_a, w_b, b_b, w_out, b_out;  // packed weights (fdp.packing.PackedMLP)
-  std::uintptr_t t_in, t_shift;                      // StepTerms
-  std::uintptr_t weights, c_in, scale, shift;        // CallTerms
-  std::uintptr_t coef;                               // [T, 8] float32: COL_* columns, adds_noise, pad
-  std::uintptr_t noise;                              // [T, B, D] float32, or 0 when no step adds noise
-  std::uintptr_t x_in, x_out;                        // [B, D] float32 (may alias)
-  std::uintptr_t scratch, counters;                  // global combine only: [groups, B, D] f32, [tiles] i32 zeroed
+#define FDP_POINTER_FIELD(name) std::uintptr_t name = 0;
+  FDP_MLP_POINTERS(FDP_POINTER_FIELD)
+#undef FDP_POINTER_FIELD
 };
 
 struct MlpDims {
-  std::int64_t B, D, H, L, K, T;
+#define FDP_DIM_FIELD(name) std::int64_t name = 0;
+  FDP_MLP_DIMS(FDP_DIM_FIELD)
+#undef FDP_DIM_FIELD
 };
 
 // 0 = automatic for every field (mma: -1 = automatic).

@@ -31,36 +31,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename W>
-const void* persistent_kernel_for(int mma, int bt) {
-  if constexpr (sizeof(W) == 2) {
-    if (mma) {
-      switch (bt) {
-        case 16: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 16, true>);
-        case 32: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 32, true>);
-        case 64: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 64, true>);
-        default: return nullptr;
-      }
-    }
-  }
-  if (mma) return nullptr;
-  switch (bt) {
-    case 1: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 1, false>);
-    case 2: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 2, false>);
-    case 4: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 4, false>);
-    case 8: return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, 8, false>);
-    default: return nullptr;
-  }
-}
+struct PersistentKernels {
+  template <typename W, int BT, bool MMA>
+  static const void* get() { return reinterpret_cast<const void*>(&mlp_persistent_kernel<W, BT, MMA>); }
+};
 
-const void* persistent_kernel(int wtype, int mma, int bt) {
-  switch (wtype) {
-    case kF32: return persistent_kernel_for<float>(mma, bt);
-    case kBF16: return persistent_kernel_for<__nv_bfloat16>(mma, bt);
-    case kF16: return persistent_kernel_for<__half>(mma, bt);
-    default: return nullptr;
-  }
-}
+const void* persistent_kernel(int wtype, int mma, int bt) { return kernel_for<PersistentKernels>(wtype, mma, bt); }
 
 }  // namespace mlp
 

@@ -7,8 +7,8 @@ For step ``i`` of the schedule, every batch row ``b`` and every element ``n`` of
     x_out = c_x0 x0 + c_x x + c_m m + sigma z              z = noise only where adds_noise[i]
 
 with ``(a_x, a_m, c_x0, c_x, c_m, sigma)`` read from row ``i`` of the device-side
-coefficient table, columns in the order of ``fdp.schedulers.COL_*`` (the launcher
-passes those indices in, so the layout is defined once). This is
+coefficient table, columns as :mod:`fdp_kernels.abi` defines them (read by
+:mod:`fdp_kernels.schedule`, which every kernel's step ends with). This is
 :func:`fdp.schedulers.apply_step` applied to the router-weighted sum.
 
 Layout:
@@ -41,6 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .abi import NUM_COLS
+from .schedule import _scheduler_update
+
 __all__ = ["compose_step", "compose_step_kernel"]
 
 
@@ -48,9 +51,7 @@ __all__ = ["compose_step", "compose_step_kernel"]
 def compose_step_kernel(eps_ptr, w_ptr, x_ptr, noise_ptr, out_ptr, coef_ptr, adds_ptr,
                         step, noise_offset, clip_range, total, R, C,
                         s_ek, s_eb, s_er, s_ec, s_wb, s_wk,
-                        COL_A_X: tl.constexpr, COL_A_M: tl.constexpr, COL_C_X0: tl.constexpr,
-                        COL_C_X: tl.constexpr, COL_C_M: tl.constexpr, COL_SIGMA: tl.constexpr,
-                        NUM_COLS: tl.constexpr, K: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr,
+                        K: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr,
                         BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     # int64 offsets: B * prod(S) * K can pass 2**31 at large batches.
@@ -75,22 +76,11 @@ def compose_step_kernel(eps_ptr, w_ptr, x_ptr, noise_ptr, out_ptr, coef_ptr, add
         wp += s_wk
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    row = coef_ptr + step * NUM_COLS
-    a_x = tl.load(row + COL_A_X)
-    a_m = tl.load(row + COL_A_M)
-    c_x0 = tl.load(row + COL_C_X0)
-    c_x = tl.load(row + COL_C_X)
-    c_m = tl.load(row + COL_C_M)
-    x0 = a_x * x + a_m * m
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
-    prev = c_x0 * x0 + c_x * x + c_m * m
     if HAS_NOISE:
-        sigma = tl.load(row + COL_SIGMA)
-        adds = tl.load(adds_ptr + step)
         z = tl.load(noise_ptr + noise_offset + offs, mask=mask, other=0.0).to(tl.float32)
-        # A step that adds no noise ignores its slice entirely, whatever it holds (NaN included).
-        prev += tl.where(adds != 0, sigma * z, 0.0)
+    else:
+        z = 0.0
+    prev = _scheduler_update(x, m, z, coef_ptr, adds_ptr, step, clip_range, CLIP, HAS_NOISE)
     tl.store(out_ptr + offs, prev, mask=mask)
 
 
@@ -119,8 +109,6 @@ def _shape(name, t, want, known=""):
 
 
 def _validate(eps, weights, coef, adds_noise, step, x, noise, clip_range, out):
-    from fdp.schedulers import NUM_COLS
-
     for name, t in (("eps", eps), ("weights", weights), ("coef", coef), ("adds_noise", adds_noise), ("x", x)):
         _tensor(name, t)
     _dtype("x", x, (torch.float32,))

@@ -15,7 +15,7 @@ rows and denoising step ``i``:
     x'   = c_x0 x0 + c_x x + c_m eps + [adds_noise[i]] sigma z
 
 with the scheduler row ``coef[i] = (a_x, a_m, c_x0, c_x, c_m, sigma)`` (the
-column order of ``fdp.schedulers.COL_*``, :data:`COEF_COLUMNS` here).
+columns of :mod:`fdp_kernels.abi`, which also holds the limits below).
 
 Everything accumulates in float32: weights (float32, bfloat16 or float16) are
 read in the pack's dtype and every ``tl.dot`` accumulates in float32.
@@ -61,18 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fdp._validation import check_flat_sample, check_kernel_arg as _check
-from fdp.packing import WEIGHT_DTYPES
-
-#: The scheduler-table column order the kernels read (``fdp.schedulers.COL_*``).
-COEF_COLUMNS = ("a_x", "a_m", "c_x0", "c_x", "c_m", "sigma")
-NUM_COEF = len(COEF_COLUMNS)
-
-#: Limits of the fused kernels (the backends refuse larger models with these numbers).
-MAX_K = 8
-MIN_H = 16
-MAX_H = 512
-MAX_D = 512
+from .abi import NUM_COLS, TRITON_MAX_D, TRITON_MAX_H, TRITON_MAX_K, TRITON_MIN_H, WEIGHT_DTYPES
+from .checks import check_flat_sample, check_kernel_arg as _check
 #: Padded widths up to this keep the hidden state in registers (64 already spills registers on sm_90).
 MAX_H_IN_REGS = 32
 #: Hidden columns per matmul tile in the scratch path (64 spills registers on sm_90).
@@ -293,27 +283,6 @@ def _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D,
     return z
 
 
-@triton.jit
-def _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range,
-                      CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
-    """One scheduler step from row ``step`` of the coefficient table (fdp.schedulers.apply_step)."""
-    row = coef_ptr + step * 6
-    a_x = tl.load(row + 0)
-    a_m = tl.load(row + 1)
-    c_x0 = tl.load(row + 2)
-    c_x = tl.load(row + 3)
-    c_m = tl.load(row + 4)
-    x0 = a_x * x + a_m * eps
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
-    prev = c_x0 * x0 + c_x * x + c_m * eps
-    if NOISE_MODE != 0:
-        sigma = tl.load(row + 5)
-        adds = tl.load(adds_ptr + step)
-        prev += tl.where(adds != 0, sigma * z, 0.0)
-    return prev
-
-
 # ------------------------------------------------------------------------------------------------------------
 # host side: validation and block sizes shared by the two launchers
 
@@ -344,12 +313,12 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     if packed.w_a.ndim != 4:
         raise ValueError(f"`packed.w_a` must be [K, L, H, H], got {list(packed.w_a.shape)}")
     L = packed.w_a.shape[1]
-    if not 1 <= K <= MAX_K:
-        raise ValueError(f"fused MLP kernels serve 1..{MAX_K} components, got K = {K}")
-    if not MIN_H <= H <= MAX_H:
-        raise ValueError(f"fused MLP kernels serve hidden widths {MIN_H}..{MAX_H}, got H = {H}")
-    if D > MAX_D:
-        raise ValueError(f"fused MLP kernels serve D = horizon * action_dim <= {MAX_D}, got D = {D}")
+    if not 1 <= K <= TRITON_MAX_K:
+        raise ValueError(f"fused MLP kernels serve 1..{TRITON_MAX_K} components, got K = {K}")
+    if not TRITON_MIN_H <= H <= TRITON_MAX_H:
+        raise ValueError(f"fused MLP kernels serve hidden widths {TRITON_MIN_H}..{TRITON_MAX_H}, got H = {H}")
+    if D > TRITON_MAX_D:
+        raise ValueError(f"fused MLP kernels serve D = horizon * action_dim <= {TRITON_MAX_D}, got D = {D}")
     wdt = w_in.dtype
     if wdt not in WEIGHT_DTYPES:
         raise TypeError(f"`packed.w_in` must have one of the dtypes {list(WEIGHT_DTYPES)}, got {wdt}")
@@ -369,7 +338,7 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     _check("call.c_in", call.c_in, (B, K, H), f32, dev)
     _check("call.scale", call.scale, (B, K, L, H), f32, dev)
     _check("call.shift", call.shift, (B, K, L, H), f32, dev)
-    _check("coef", coef, (T, NUM_COEF), f32, dev)
+    _check("coef", coef, (T, NUM_COLS), f32, dev)
     _check("adds_noise", adds_noise, (T,), (torch.bool, torch.int8, torch.uint8, torch.int32), dev)
     if noise is not None:
         if seed is not None:

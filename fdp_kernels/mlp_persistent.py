@@ -33,7 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mlp_common import _compose, _scheduler_update, _step_noise, _tile, check_launch, launch_setup
+from .mlp_common import _compose, _step_noise, _tile, check_launch, launch_setup
+from .schedule import _scheduler_update
 
 __all__ = ["mlp_sample", "mlp_persistent_kernel"]
 
@@ -56,7 +57,7 @@ def mlp_persistent_kernel(x_ptr, out_ptr,
                        BLOCK_B, D_PAD, H_PAD, H_STRIDE, BLOCK_N, BLOCK_K, BLOCK_HD, H_IN_REGS, SKIP_UNUSED,
                        PRECISION)
         z = _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, NOISE_MODE)
-        x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE)
+        x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE != 0)
         # Keep the padding rows of a partial tile at 0 (they never reach memory, but stay tame over T steps).
         x = tl.where(xm, x, 0.0)
     tl.store(out_ptr + xp, x, mask=xm)

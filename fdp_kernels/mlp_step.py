@@ -12,7 +12,7 @@ Inputs (the layout of ``python/fdp/packing.py``; all contiguous, on one device):
             b_b [K, L, H] and b_out [K, D] float32
     steps   StepTerms: t_in [T, K, H], t_shift [T, K, L, H] float32
     call    CallTerms: weights [B, K], c_in [B, K, H], scale/shift [B, K, L, H] float32
-    coef    [T, 6] float32, columns (a_x, a_m, c_x0, c_x, c_m, sigma) = fdp.schedulers.COL_* order
+    coef    [T, 6] float32, columns (a_x, a_m, c_x0, c_x, c_m, sigma) (fdp_kernels.abi.COEF_COLUMNS)
     adds_noise [T] bool/int8
     x       [B, D] float32;  out [B, D] float32 (may be ``x`` itself: each program reads its rows first)
     noise   [T, B, D] (the step-noise tensor; row ``i`` is read) or None; or ``seed`` for in-kernel noise
@@ -36,7 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mlp_common import _compose, _scheduler_update, _step_noise, _tile, check_launch, launch_setup
+from .mlp_common import _compose, _step_noise, _tile, check_launch, launch_setup
+from .schedule import _scheduler_update
 
 __all__ = ["mlp_step", "mlp_step_kernel"]
 
@@ -57,7 +58,7 @@ def mlp_step_kernel(x_ptr, out_ptr,
                    t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
                    BLOCK_B, D_PAD, H_PAD, H_STRIDE, BLOCK_N, BLOCK_K, BLOCK_HD, H_IN_REGS, SKIP_UNUSED, PRECISION)
     z = _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, NOISE_MODE)
-    x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE)
+    x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE != 0)
     tl.store(out_ptr + xp, x, mask=xm)
 
 

@@ -76,8 +76,6 @@ def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, no
                    out: torch.Tensor, coef: torch.Tensor, adds_noise: torch.Tensor, step: int, clip_range: float,
                    clip: bool, block: int, num_warps: int) -> None:
     """One launch of the compose-and-step kernel on validated tensors (``adds_noise`` int8)."""
-    from fdp.schedulers import COL_A_M, COL_A_X, COL_C_M, COL_C_X, COL_C_X0, COL_SIGMA, NUM_COLS
-
     K = eps.shape[0]
     # Views of eps as [K, B, R, C]: a [K, B, N] tensor is R = 1.
     if x.ndim == 2:
@@ -94,8 +92,7 @@ def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, no
         eps, weights, x, noise if has_noise else x, out, coef, adds_noise,
         step, noise_offset, clip_range, x.numel(), R, C,
         s_ek, s_eb, s_er, s_ec, weights.stride(0), weights.stride(1),
-        COL_A_X=COL_A_X, COL_A_M=COL_A_M, COL_C_X0=COL_C_X0, COL_C_X=COL_C_X, COL_C_M=COL_C_M, COL_SIGMA=COL_SIGMA,
-        NUM_COLS=NUM_COLS, K=K, CLIP=clip, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
+        K=K, CLIP=clip, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
 
 
 # Both ops only write buffers they are given, so their fake (meta) kernels have nothing to do. triton_op's

@@ -514,7 +514,7 @@ def test_gpu_fused_backends_compile_fullgraph():
     c, x, n = inputs(mlp, 3)
     args = (1, x.reshape(3, -1).contiguous(), p.packed.w_in, p.packed.w_a, p.packed.w_b, p.packed.b_b,
             p.packed.w_out, p.packed.b_out, p.steps.t_in, p.steps.t_shift,
-            *(lambda ct: (ct.weights, ct.c_in, ct.scale, ct.shift))(call_terms(mlp.policy, c)), p.coef,
+            *vars(call_terms(mlp.policy, c, mlp.policy.weights(c))).values(), p.coef,
             n.reshape(n.shape[0], 3, -1).contiguous(), p.clip_range, [0, 0, 0, -1, 1])
     torch.library.opcheck(torch.ops.fdp.mlp_cuda.default, args)
     # The Triton ops, with the arguments a sampling call gives them (all four opcheck tests on a GPU).

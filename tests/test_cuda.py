@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import types
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_pol
 from fdp import packing
 from fdp.backends import available_backends, get_backend, resolve_backend
 from fdp.backends import cuda_backend as cb
+from fdp_kernels import abi
 
 NAN = float("nan")
 COND_DIM = KERNEL_COND_DIM
@@ -67,7 +69,7 @@ def _cpu_launch_args(K=3, H=24, L=2, horizon=4, action_dim=3, B=5, T=3, dtype=to
     cond = torch.randn(B, COND_DIM)
     D = horizon * action_dim
     return dict(packed=packing.pack_policy(pol, dtype), steps=packing.step_terms(pol, table.timesteps),
-                call=packing.call_terms(pol, cond), coef=cb.kernel_coef(table), x=torch.randn(B, D),
+                call=packing.call_terms(pol, cond, pol.weights(cond)), coef=cb.kernel_coef(table), x=torch.randn(B, D),
                 noise=torch.randn(T, B, D), out=torch.empty(B, D), clip_range=1.0)
 
 
@@ -90,23 +92,44 @@ def test_cuda_failures_are_python_exceptions():
     ext = _ext_or_skip()
     if ext.runtime_info()["device_count"] > 0:
         pytest.skip("a CUDA device is visible")
-    opts = (0, 0, 0, -1, 1)
+    opts = ext.MlpOptions()
+    dims = cb._named(ext.MlpDims, B=1, D=32, H=64, L=2, K=4, T=10)
+    ptrs = cb._named(ext.MlpPointers, **{name: 1 for name in POINTER_NAMES})
     with pytest.raises(RuntimeError, match="fdp CUDA error"):
-        ext.mlp_plan(0, 0, (1, 32, 64, 2, 4, 10), opts)
+        ext.mlp_plan(0, 0, dims, opts)
     with pytest.raises(RuntimeError, match="fdp CUDA error"):
-        ext.mlp_persistent_launch(0, (1,) * 18, (1, 32, 64, 2, 4, 10), True, 1.0, opts, 0)
+        ext.mlp_persistent_launch(0, ptrs, dims, True, 1.0, opts, 0)
     # Argument errors are found before CUDA is touched: ValueError.
     with pytest.raises(ValueError, match="steps"):
-        ext.mlp_step_launch(0, (1,) * 18, (1, 32, 64, 2, 4, 10), True, 1.0, 5, 3, opts, 0)
+        ext.mlp_step_launch(0, ptrs, dims, True, 1.0, 5, 3, opts, 0)
+
+
+POINTER_NAMES = ("w_in", "w_a", "w_b", "b_b", "w_out", "b_out", "t_in", "t_shift", "weights", "c_in", "scale",
+                 "shift", "coef", "noise", "x_in", "x_out", "scratch", "counters")
+
+
+def test_launch_structs_are_set_by_name():
+    """The extension's launch structs take their fields by name: defaults as fdp.h, unknown names refused."""
+    ext = _ext_or_skip()
+    ptrs = ext.MlpPointers()
+    assert [getattr(ptrs, name) for name in POINTER_NAMES] == [0] * len(POINTER_NAMES)
+    with pytest.raises(AttributeError):
+        ptrs.x = 1
+    opts = cb._ext_options(ext, cb._options_tuple({"ranks": 2, "mma": True}))
+    assert [getattr(opts, k) for k in cb._OPTION_KEYS] == [0, 2, 0, 1, 1]
+    defaults = ext.MlpOptions()
+    assert tuple(getattr(defaults, k) for k in cb._OPTION_KEYS) == cb._options_tuple(None)
+    dims = cb._named(ext.MlpDims, B=3, D=5, H=7, L=2, K=4, T=9)
+    assert (dims.B, dims.D, dims.H, dims.L, dims.K, dims.T) == (3, 5, 7, 2, 4, 9)
 
 
 def test_kernel_coef_layout():
     table = SCHEDULERS["ddpm_clip"][0]().step_table(6)
     coef = cb.kernel_coef(table)
-    assert coef.shape == (6, cb.COEF_WIDTH) and coef.dtype == torch.float32 and coef.is_contiguous()
-    torch.testing.assert_close(coef[:, :6], table.coef.float(), rtol=0, atol=0)
-    assert coef[:, 6].tolist() == table.adds_noise.float().tolist()
-    assert not coef[:, 7].any()
+    assert coef.shape == (6, abi.CUDA_COEF_WIDTH) and coef.dtype == torch.float32 and coef.is_contiguous()
+    torch.testing.assert_close(coef[:, :abi.NUM_COLS], table.coef.float(), rtol=0, atol=0)
+    assert coef[:, abi.CUDA_COL_ADDS_NOISE].tolist() == table.adds_noise.float().tolist()
+    assert not coef[:, abi.CUDA_COL_ADDS_NOISE + 1:].any()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -222,6 +245,8 @@ def test_combine_buffers_are_allocated_on_the_kernels_stream(monkeypatch):
         return alloc
 
     class FakeExt:
+        MlpPointers = MlpDims = MlpOptions = types.SimpleNamespace
+
         def mlp_step_launch(self, *args):
             launched.append(args[-1])
 
@@ -314,7 +339,8 @@ class Case:
         tab = self.table.to(dev)
         self.packed = packing.pack_policy(pol32, dtype)
         self.steps = packing.step_terms(pol32, tab.timesteps)
-        self.call = packing.call_terms(pol32, self.cond.float().to(dev))
+        cond = self.cond.float().to(dev)
+        self.call = packing.call_terms(pol32, cond, pol32.weights(cond))
         self.coef = cb.kernel_coef(tab)
         self.clip = float(self.table.clip_range) if self.table.clip_sample else None
         self.x = self.x_T.reshape(B, self.D).float().to(dev)
@@ -431,20 +457,18 @@ def test_deterministic_and_fp32_paths_agree_exactly():
 @pytest.mark.gpu
 @gpu
 def test_skips_components_no_row_uses():
-    """A component with weight 0 on every row: skipping it changes nothing, and without skipping the zero
-    weight still keeps its NaN output out of every row (as fdp.FactorizedPolicy.compose does)."""
+    """A component with weight 0 on every row: NaN weights in it leave the result bit-equal, skipped or not."""
     c = Case(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2, torch.float32)
     c.pol32.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
-    c.call = packing.call_terms(c.pol32, c.cond.float().cuda())
+    cond = c.cond.float().cuda()
+    c.call = packing.call_terms(c.pol32, cond, c.pol32.weights(cond))
     expect = c.run(cb.KIND_PERSISTENT)
     for attr in ("w_in", "w_a", "w_b", "w_out"):
         getattr(c.packed, attr)[1] = NAN
     for kind in (cb.KIND_STEP, cb.KIND_PERSISTENT):
         torch.testing.assert_close(c.run(kind), expect, rtol=0, atol=0)
-    out = torch.empty(c.B, c.D, device="cuda")
-    cb.launch(cb.KIND_PERSISTENT, c.packed, c.steps, c.call, c.coef, c.x, c.knoise, out, c.clip,
-              options={"skip_unused": 0})
-    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    # Evaluated without the skip, its NaN output stays out of every row too (a zero weight leaves it out per row).
+    torch.testing.assert_close(c.run(cb.KIND_PERSISTENT, skip_unused=0), expect, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

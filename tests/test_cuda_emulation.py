@@ -1,7 +1,7 @@
 """The CUDA fused-MLP kernels' device code, run on the CPU through a host emulation.
 
 CI has no GPU, so this is where the arithmetic and indexing of ``run_tile``
-(csrc/mlp_common.cuh) is checked on every run: tests/cuda_emulation/driver.cpp
+(csrc/mlp_tile.cuh) is checked on every run: tests/cuda_emulation/driver.cpp
 compiles it for host threads (emu.h supplies barriers, warp shuffles, mma
 fragments, DSMEM and cp.async; see tests/cuda_emulation/README.md) under
 AddressSanitizer and UBSan, and each configuration's result is compared with the
@@ -214,7 +214,7 @@ def _problem(name, d: Path):
     p32 = copy.deepcopy(policy).float()
     packed = packing.pack_policy(p32, dtype)
     steps = packing.step_terms(p32, table.timesteps)
-    call = packing.call_terms(p32, cond.float())
+    call = packing.call_terms(p32, cond.float(), p32.weights(cond.float()))
     coef = cuda_backend.kernel_coef(table)
     x = x_T.reshape(B, D).float().contiguous()
     noise32 = noise.reshape(T, B, D).float().contiguous() if adds else None

@@ -13,10 +13,10 @@ def test_reference_eps_is_the_policy(B, strategy):
     packed = packing.pack_policy(policy)
     steps = packing.step_terms(policy, ts)
     c = torch.randn(B, 5, dtype=torch.float64)
-    call = packing.call_terms(policy, c)
+    call = packing.call_terms(policy, c, policy.weights(c))
     x = torch.randn(B, 4, 3, dtype=torch.float64)
     for i, t in enumerate(ts.tolist()):
-        eps = packing.reference_eps(packed, steps, call, i, x.reshape(B, -1).float())
+        eps = packing.reference_eps(packed, steps.t_in[i], steps.t_shift[i], call, x.reshape(B, -1).float())
         torch.testing.assert_close(eps.double().reshape(x.shape), policy(x, t, global_cond=c), rtol=1e-5, atol=1e-6)
 
 
@@ -36,10 +36,11 @@ def test_unconditional_components_pack():
     comps = [fdp.MLPDenoiser(2, 4, hidden_dim=16) for _ in range(2)]
     policy = fdp.FactorizedPolicy(comps, fdp.Router(3, 2), 4, 2).double()
     c = torch.randn(2, 3, dtype=torch.float64)
-    call = packing.call_terms(policy, c)
+    call = packing.call_terms(policy, c, policy.weights(c))
     steps = packing.step_terms(policy, torch.tensor([7]))
     x = torch.randn(2, 4, 2, dtype=torch.float64)
-    eps = packing.reference_eps(packing.pack_policy(policy), steps, call, 0, x.reshape(2, -1).float())
+    eps = packing.reference_eps(packing.pack_policy(policy), steps.t_in[0], steps.t_shift[0], call,
+                                x.reshape(2, -1).float())
     torch.testing.assert_close(eps.double().reshape(x.shape), policy(x, 7, global_cond=c), rtol=1e-5, atol=1e-6)
 
 

@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: E402
 import fdp  # noqa: E402
 from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy,  # noqa: E402
                       make_mlp_policy, replaced)
-from fdp import packing, schedulers  # noqa: E402
+from fdp import packing  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
 from fdp_kernels import mlp_common  # noqa: E402
 from fdp_kernels.mlp_persistent import mlp_persistent_kernel, mlp_sample  # noqa: E402
@@ -39,8 +39,6 @@ TOL = KERNEL_TOL
 def test_kernels_run_in_the_interpreter():
     assert type(mlp_step_kernel).__name__ == "InterpretedFunction"
     assert type(mlp_persistent_kernel).__name__ == "InterpretedFunction"
-    cols = [getattr(schedulers, f"COL_{c.upper()}") for c in mlp_common.COEF_COLUMNS]
-    assert cols == list(range(mlp_common.NUM_COEF)) == list(range(schedulers.NUM_COLS))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -79,7 +77,7 @@ class Case:
         self.ref = get_backend("torch").prepare(self.policy, self.table).run(
             self.cond, self.x_T, self.noise if self.adds else None)
         self.steps = packing.step_terms(self.policy, self.table.timesteps)
-        self.call = packing.call_terms(self.policy, self.cond)
+        self.call = packing.call_terms(self.policy, self.cond, self.policy.weights(self.cond))
         tbl = self.table.to("cpu", torch.float32)
         self.coef, self.adds_noise = tbl.coef, tbl.adds_noise
         self.clip = tbl.clip_range if tbl.clip_sample else None
@@ -177,7 +175,7 @@ def test_skips_components_no_row_uses():
     out either way: a zero weight leaves it out per row, as fdp.FactorizedPolicy.compose does)."""
     c = Case(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2)
     c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
-    c.call = packing.call_terms(c.policy, c.cond)
+    c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
     packed = c.packed(torch.float32)
     expect = c.run_persistent(packed)
     for attr in ("w_in", "w_a", "w_b", "w_out"):
@@ -198,7 +196,7 @@ def test_nan_router_weight_gives_nan_in_its_row_only(sched, strategy):
     c = Case(3, 24, 1, 4, 3, 5, sched, strategy, 2)
     if strategy == "fixed":
         c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
-        c.call = packing.call_terms(c.policy, c.cond)
+        c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
     packed = c.packed(torch.float32)
     clean_step, clean_pers = c.run_steps(packed), c.run_persistent(packed)
     bad = 3

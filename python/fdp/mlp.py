@@ -35,7 +35,8 @@ from .unet import SinusoidalPosEmb
 
 @dataclass
 class StepTerms:
-    """Timestep-only terms, one row per timestep: ``t_in [T, H]``, ``t_shift [T, L, H]``."""
+    """Timestep-only terms, one row per timestep: ``t_in [T, H]``, ``t_shift [T, L, H]`` for one component;
+    :func:`fdp.packing.step_terms` stacks them over the K components as ``[T, K, H]``, ``[T, K, L, H]``."""
 
     t_in: torch.Tensor
     t_shift: torch.Tensor

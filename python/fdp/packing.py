@@ -16,18 +16,20 @@ Matrices are in the pack's weight dtype (float32, bfloat16 or float16); biases
 and every precomputed term are float32, and kernels accumulate in float32.
 Everything that does not depend on ``x_t`` is computed on the host side, once:
 
-    per step (once per pack, for the sampler's timesteps), :class:`StepTerms`:
+    per step (once per pack, for the sampler's timesteps), :class:`fdp.mlp.StepTerms` stacked over K:
         t_in    [T, K, H]      U_in e(t_i)
         t_shift [T, K, L, H]   T_l e(t_i)
-    per call (once per sampling call, from the features c), :class:`CallTerms`:
-        weights [B, K]         router weights
+    per call (once per sampling call, from the features c and the router's weights), :class:`CallTerms`:
+        weights [B, K]         router weights (the caller runs the router)
         c_in    [B, K, H]      V_in c + b_in
         scale   [B, K, L, H]   1 + gamma_l(c)
         shift   [B, K, L, H]   (1 + gamma_l(c)) * b_a,l + beta_l(c)
 
 so that step i of component k, for a row x of the batch, is exactly
-:meth:`fdp.MLPDenoiser.forward_terms` (``reference_eps`` below spells it out
-on the packed tensors). All tensors are contiguous.
+:meth:`fdp.MLPDenoiser.forward_terms`. :func:`reference_eps` is that step on
+the packed tensors, all K components at once: the runnable definition the
+kernels are tested against and the bench's batched path runs. All tensors
+are contiguous.
 """
 
 from __future__ import annotations
@@ -36,15 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .mlp import MLPDenoiser
+from fdp_kernels.abi import WEIGHT_DTYPES
 
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class StepTerms:
-    t_in: torch.Tensor     # [T, K, H] float32
-    t_shift: torch.Tensor  # [T, K, L, H] float32
+from .mlp import MLPDenoiser, StepTerms
 
 
 @dataclass
@@ -143,29 +139,37 @@ def step_terms(policy, timesteps: torch.Tensor) -> StepTerms:
 
 
 @torch.no_grad()
-def call_terms(policy, global_cond: torch.Tensor) -> CallTerms:
-    """Router weights and sample-only terms for one sampling call (features ``[B, Dc]``)."""
+def call_terms(policy, global_cond: torch.Tensor, weights: torch.Tensor) -> CallTerms:
+    """Sample-only terms of every component for one sampling call (features ``[B, Dc]``), with the
+    router's ``weights [B, K]`` (``policy.weights(global_cond)``, run by the caller)."""
     B = global_cond.shape[0]
     terms = [c.sample_terms(global_cond, B) for c in policy.components]
     return CallTerms(
-        weights=policy.weights(global_cond).float().contiguous(),
+        weights=weights.float().contiguous(),
         c_in=torch.stack([s.c_in for s in terms], dim=1).float().contiguous(),
         scale=torch.stack([s.scale for s in terms], dim=1).float().contiguous(),
         shift=torch.stack([s.shift for s in terms], dim=1).float().contiguous(),
     )
 
 
-def reference_eps(packed: PackedMLP, steps: StepTerms, call: CallTerms, i: int, x: torch.Tensor) -> torch.Tensor:
-    """Composed noise prediction of step ``i`` from packed tensors (``x`` is ``[B, D]``, float32).
+def reference_eps(packed: PackedMLP, t_in: torch.Tensor, t_shift: torch.Tensor, call: CallTerms, x: torch.Tensor,
+                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Composed noise prediction of one step from packed tensors: ``x [B, D]`` float32 -> ``[B, D]`` float32.
 
-    The packed layout's executable definition: kernels compute exactly this
-    (in float32, from weights in the pack's dtype).
+    ``t_in [K, H]`` and ``t_shift [K, L, H]`` are the step's row of :class:`StepTerms`. The K
+    components run together as batched matmuls over the stacked weights; the matmuls take their
+    inputs in ``compute_dtype`` (float32: the weights are upcast, what the kernels compute; the pack's
+    dtype: half matmuls), and everything else is float32. A component with weight 0 on a row is left
+    out of that row, NaN output or not (:meth:`fdp.FactorizedPolicy.compose`).
     """
-    eps = torch.zeros_like(x)
-    for k in range(packed.K):
-        h = x @ packed.w_in[k].float() + steps.t_in[i, k] + call.c_in[:, k]
-        for l in range(packed.L):
-            y = (h @ packed.w_a[k, l].float()) * call.scale[:, k, l] + call.shift[:, k, l] + steps.t_shift[i, k, l]
-            h = h + torch.nn.functional.silu(y) @ packed.w_b[k, l].float() + packed.b_b[k, l]
-        eps = eps + call.weights[:, k, None] * (h @ packed.w_out[k].float() + packed.b_out[k])
-    return eps
+    def mm(a, w):
+        return torch.matmul(a.to(compute_dtype), w.to(compute_dtype)).float()
+
+    h = mm(x, packed.w_in) + t_in[:, None] + call.c_in.transpose(0, 1)  # [K, B, H]
+    for l in range(packed.L):
+        y = (mm(h, packed.w_a[:, l]) * call.scale[:, :, l].transpose(0, 1) + call.shift[:, :, l].transpose(0, 1)
+             + t_shift[:, None, l])
+        h = h + mm(torch.nn.functional.silu(y), packed.w_b[:, l]) + packed.b_b[:, None, l]
+    e = mm(h, packed.w_out) + packed.b_out[:, None]  # [K, B, D]
+    w = call.weights.t()[:, :, None]
+    return torch.where(w != 0, w * e, 0).sum(0)

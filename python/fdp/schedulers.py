@@ -61,13 +61,8 @@ __all__ = [
     "COL_A_X", "COL_A_M", "COL_C_X0", "COL_C_X", "COL_C_M", "COL_SIGMA", "NUM_COLS",
 ]
 
-COL_A_X = 0
-COL_A_M = 1
-COL_C_X0 = 2
-COL_C_X = 3
-COL_C_M = 4
-COL_SIGMA = 5
-NUM_COLS = 6
+# The table's column layout is the kernels' ABI: defined there, once.
+from fdp_kernels.abi import COL_A_M, COL_A_X, COL_C_M, COL_C_X, COL_C_X0, COL_SIGMA, NUM_COLS  # noqa: E402
 
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _SPACINGS = ("leading", "trailing", "linspace")

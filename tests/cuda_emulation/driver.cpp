@@ -1,4 +1,4 @@
-// Runs the fused MLP sampler's device code (`run_tile` in csrc/mlp_common.cuh)
+// Runs the fused MLP sampler's device code (`run_tile` in csrc/mlp_tile.cuh)
 // on host threads, through the CUDA emulation in emu.h, and its host-side planner
 // and launcher (make_plan, launch_steps, launch_plan) against the emulated
 // runtime in emu_runtime.h. Test-only: driven by tests/test_cuda_emulation.py,

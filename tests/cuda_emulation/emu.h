@@ -1,6 +1,6 @@
-// Host emulation of the CUDA primitives used by csrc/mlp_common.cuh.
+// Host emulation of the CUDA primitives used by the fused MLP kernels (csrc/mlp_*.cuh).
 //
-// Test-only. csrc/mlp_common.cuh includes this header when compiled with
+// Test-only. csrc/mlp_types.cuh includes this header when compiled with
 // -DFDP_HOST_EMULATION='"emu.h"' (see tests/test_cuda_emulation.py and
 // README.md next to this file); the device code of `run_tile` then runs on
 // host threads, one std::thread-like pthread per CUDA thread, so CI without a

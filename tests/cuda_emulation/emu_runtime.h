@@ -1,5 +1,5 @@
 // Host emulation of the CUDA runtime calls made by the planner and launcher of
-// csrc/mlp_common.cuh (make_plan, prepare_fn, cluster_fits, launch_plan).
+// csrc/mlp_host.cuh (make_plan, prepare_fn, cluster_fits, launch_plan).
 //
 // Test-only, included by driver.cpp after mlp_common.cuh. It answers the device
 // queries from a table of real GPUs (one emulated device id per entry, so plans

@@ -21,27 +21,22 @@ import math
 
 import torch
 
+from fdp_kernels import abi
+
 from .._extension import extension, extension_status
 from .._validation import check_flat_sample, check_kernel_arg as _check
-from ..packing import WEIGHT_DTYPES, call_terms, mlp_unsupported_reason, pack_policy, step_terms
+from ..packing import call_terms, mlp_unsupported_reason, pack_policy, step_terms
 from ..ops import mlp_cuda_call
-from ..schedulers import NUM_COLS
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls
 
 __all__ = ["CudaBackend", "CudaPrepared", "check_launch", "kernel_coef", "launch", "plan",
-           "KIND_STEP", "KIND_PERSISTENT", "MAX_K", "MAX_L", "MAX_H", "MAX_D", "COEF_WIDTH"]
+           "KIND_STEP", "KIND_PERSISTENT"]
 
 KIND_STEP = 0
 KIND_PERSISTENT = 1
-#: Limits of the fused CUDA kernels (csrc/mlp_common.cuh); shared memory may refuse earlier.
-MAX_K = 8
-MAX_L = 16
-MAX_H = 4096
-MAX_D = 4096
-#: Columns of the kernel's coefficient table: the scheduler's COL_* columns, adds_noise (0/1), padding.
-COEF_WIDTH = 8
-_WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The limits, the coefficient table and the weight-type codes are fdp_kernels.abi's (= csrc/abi.h).
+_WTYPE = {dt: code for code, dt in enumerate(abi.WEIGHT_DTYPES)}
 _OPTION_KEYS = ("block_rows", "ranks", "groups", "mma", "skip_unused")
 
 
@@ -70,8 +65,8 @@ def check_static(packed, steps, coef, device, *, require_cuda: bool = True) -> d
         raise ValueError(f"`packed.w_a` must be [K, L, H, H], got {list(w_a.shape)}")
     L = w_a.shape[1]
     wdt = w_in.dtype
-    if wdt not in WEIGHT_DTYPES:
-        raise TypeError(f"`packed.w_in` must have one of the dtypes {list(WEIGHT_DTYPES)}, got {wdt}")
+    if wdt not in abi.WEIGHT_DTYPES:
+        raise TypeError(f"`packed.w_in` must have one of the dtypes {list(abi.WEIGHT_DTYPES)}, got {wdt}")
     f32 = torch.float32
     _check("packed.w_in", w_in, (K, D, H), wdt, device)
     _check("packed.w_a", w_a, (K, L, H, H), wdt, device)
@@ -85,15 +80,15 @@ def check_static(packed, steps, coef, device, *, require_cuda: bool = True) -> d
     T = t_in.shape[0]
     _check("steps.t_in", t_in, (T, K, H), f32, device)
     _check("steps.t_shift", _tensor_attr(steps, "steps", "t_shift"), (T, K, L, H), f32, device)
-    _check("coef", coef, (T, COEF_WIDTH), f32, device)
-    if not 1 <= K <= MAX_K:
-        raise ValueError(f"the fused CUDA kernels serve 1..{MAX_K} components, got K = {K}")
-    if not 1 <= L <= MAX_L:
-        raise ValueError(f"the fused CUDA kernels serve 1..{MAX_L} residual blocks, got L = {L}")
-    if not 1 <= H <= MAX_H:
-        raise ValueError(f"the fused CUDA kernels serve hidden widths 1..{MAX_H}, got H = {H}")
-    if not 1 <= D <= MAX_D:
-        raise ValueError(f"the fused CUDA kernels serve D = horizon * action_dim in 1..{MAX_D}, got D = {D}")
+    _check("coef", coef, (T, abi.CUDA_COEF_WIDTH), f32, device)
+    if not 1 <= K <= abi.CUDA_MAX_K:
+        raise ValueError(f"the fused CUDA kernels serve 1..{abi.CUDA_MAX_K} components, got K = {K}")
+    if not 1 <= L <= abi.CUDA_MAX_L:
+        raise ValueError(f"the fused CUDA kernels serve 1..{abi.CUDA_MAX_L} residual blocks, got L = {L}")
+    if not 1 <= H <= abi.CUDA_MAX_H:
+        raise ValueError(f"the fused CUDA kernels serve hidden widths 1..{abi.CUDA_MAX_H}, got H = {H}")
+    if not 1 <= D <= abi.CUDA_MAX_D:
+        raise ValueError(f"the fused CUDA kernels serve D = horizon * action_dim in 1..{abi.CUDA_MAX_D}, got D = {D}")
     if T < 1:
         raise ValueError("`steps` must hold at least one step")
     return dict(D=D, H=H, L=L, K=K, T=T)
@@ -146,13 +141,13 @@ def check_launch(packed, steps, call, coef, x, noise, out, clip_range, *, requir
 
 
 def kernel_coef(table) -> torch.Tensor:
-    """The kernels' ``[T, 8]`` float32 coefficient table on the table's device: the scheduler's
-    ``COL_*`` columns, then ``adds_noise`` as 0/1, then padding (32-byte rows)."""
-    coef = table.coef.to(torch.float32)
-    T = coef.shape[0]
-    adds = table.adds_noise.to(device=coef.device, dtype=torch.float32).reshape(T, 1)
-    pad = torch.zeros((T, COEF_WIDTH - NUM_COLS - 1), dtype=torch.float32, device=coef.device)
-    return torch.cat([coef, adds, pad], dim=1).contiguous()
+    """The CUDA kernels' ``[T, CUDA_COEF_WIDTH]`` float32 coefficient table on the table's device
+    (:mod:`fdp_kernels.abi`): the scheduler's columns, ``adds_noise`` as 0/1, zero padding."""
+    T = table.coef.shape[0]
+    coef = torch.zeros((T, abi.CUDA_COEF_WIDTH), dtype=torch.float32, device=table.coef.device)
+    coef[:, :abi.NUM_COLS] = table.coef
+    coef[:, abi.CUDA_COL_ADDS_NOISE] = table.adds_noise.to(coef.device)
+    return coef
 
 
 def _options_tuple(options) -> tuple:
@@ -173,13 +168,26 @@ def _options_tuple(options) -> tuple:
     return tuple(vals)
 
 
+def _named(cls, **fields):
+    """An extension struct (``MlpPointers``, ``MlpDims``, ``MlpOptions``) with ``fields`` set by name."""
+    obj = cls()
+    for name, value in fields.items():
+        setattr(obj, name, value)
+    return obj
+
+
+def _ext_options(ext, options: tuple):
+    return _named(ext.MlpOptions, **dict(zip(_OPTION_KEYS, options)))
+
+
 def plan(kind: int, dtype: torch.dtype, B: int, D: int, H: int, L: int, K: int, T: int = 1, options=None,
          device=None) -> dict:
     """The extension's launch plan (tile rows, tensor cores, ranks, groups, shared memory) for a shape."""
     ext = extension()
     dev = torch.device(device) if device is not None else None
     with _on_device(dev):
-        return dict(ext.mlp_plan(int(kind), _WTYPE[dtype], (B, D, H, L, K, T), _options_tuple(options)))
+        return dict(ext.mlp_plan(int(kind), _WTYPE[dtype], _named(ext.MlpDims, B=B, D=D, H=H, L=L, K=K, T=T),
+                                 _ext_options(ext, _options_tuple(options))))
 
 
 class _on_device:
@@ -204,7 +212,7 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
                 stream, plan_info):
     """Pointers + sizes + stream into the extension; inputs already validated."""
     ext = extension()
-    B, D, H, L, K, T = (dims[k] for k in ("B", "D", "H", "L", "K", "T"))
+    B, D = dims["B"], dims["D"]
     kernel_stream = (torch.cuda.current_stream(x.device) if stream is None
                      else torch.cuda.ExternalStream(int(stream), device=x.device))
     scratch = counters = None
@@ -215,21 +223,22 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
         with torch.cuda.stream(kernel_stream):
             scratch = torch.empty((plan_info["groups"], B, D), dtype=torch.float32, device=x.device)
             counters = torch.zeros((plan_info["tiles"],), dtype=torch.int32, device=x.device)
-    ptrs = (packed.w_in.data_ptr(), packed.w_a.data_ptr(), packed.w_b.data_ptr(), packed.b_b.data_ptr(),
-            packed.w_out.data_ptr(), packed.b_out.data_ptr(), steps.t_in.data_ptr(), steps.t_shift.data_ptr(),
-            call.weights.data_ptr(), call.c_in.data_ptr(), call.scale.data_ptr(), call.shift.data_ptr(),
-            coef.data_ptr(), 0 if noise is None else noise.data_ptr(), x.data_ptr(), out.data_ptr(),
-            0 if scratch is None else scratch.data_ptr(), 0 if counters is None else counters.data_ptr())
+    tensors = dict(w_in=packed.w_in, w_a=packed.w_a, w_b=packed.w_b, b_b=packed.b_b, w_out=packed.w_out,
+                   b_out=packed.b_out, t_in=steps.t_in, t_shift=steps.t_shift, weights=call.weights, c_in=call.c_in,
+                   scale=call.scale, shift=call.shift, coef=coef, noise=noise, x_in=x, x_out=out, scratch=scratch,
+                   counters=counters)
+    ptrs = _named(ext.MlpPointers, **{name: 0 if t is None else t.data_ptr() for name, t in tensors.items()})
+    sizes = _named(ext.MlpDims, **dims)
+    opts = _ext_options(ext, options)
     stream = kernel_stream.cuda_stream
     wtype = _WTYPE[packed.w_in.dtype]
     clip = clip_range is not None
     cr = float(clip_range) if clip else 0.0
-    sizes = (B, D, H, L, K, T)
     with _on_device(x.device):
         if kind == KIND_STEP:
-            ext.mlp_step_launch(wtype, ptrs, sizes, clip, cr, step_begin, step_end, options, int(stream))
+            ext.mlp_step_launch(wtype, ptrs, sizes, clip, cr, step_begin, step_end, opts, int(stream))
         else:
-            ext.mlp_persistent_launch(wtype, ptrs, sizes, clip, cr, options, int(stream))
+            ext.mlp_persistent_launch(wtype, ptrs, sizes, clip, cr, opts, int(stream))
     return out
 
 
@@ -297,7 +306,7 @@ class CudaPrepared(CapturesCalls):
         """The whole call: per-call terms and the kernel launch(es). Capturable (on CUDA, replayed per batch size)."""
         B = x_T.shape[0]
         D, T = self.dims["D"], self.dims["T"]
-        call = call_terms(self.policy, global_cond)
+        call = call_terms(self.policy, global_cond, self.policy.weights(global_cond))
         x = x_T.reshape(B, D)
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
@@ -340,18 +349,18 @@ class CudaBackend(Backend):
         comp = policy.components[0]
         if dtype is None:
             dtype = comp.out.weight.dtype
-        if dtype not in WEIGHT_DTYPES:
+        if dtype not in abi.WEIGHT_DTYPES:
             return f"the CUDA kernels take float32, bfloat16 or float16 weights, got {dtype}"
         K, L, H = len(policy.components), comp.num_blocks, comp.hidden_dim
         D = comp.horizon * comp.input_dim
-        if K > MAX_K:
-            return f"the CUDA kernels serve at most {MAX_K} components, this policy has {K}"
-        if L > MAX_L:
-            return f"the CUDA kernels serve at most {MAX_L} residual blocks, got {L}"
-        if H > MAX_H:
-            return f"the CUDA kernels serve hidden widths up to {MAX_H}, got {H}"
-        if D > MAX_D:
-            return f"the CUDA kernels serve D = horizon * action_dim up to {MAX_D}, got {D}"
+        if K > abi.CUDA_MAX_K:
+            return f"the CUDA kernels serve at most {abi.CUDA_MAX_K} components, this policy has {K}"
+        if L > abi.CUDA_MAX_L:
+            return f"the CUDA kernels serve at most {abi.CUDA_MAX_L} residual blocks, got {L}"
+        if H > abi.CUDA_MAX_H:
+            return f"the CUDA kernels serve hidden widths up to {abi.CUDA_MAX_H}, got {H}"
+        if D > abi.CUDA_MAX_D:
+            return f"the CUDA kernels serve D = horizon * action_dim up to {abi.CUDA_MAX_D}, got {D}"
         if table.clip_sample and not math.isfinite(float(table.clip_range)):
             return f"clip_range must be finite, got {table.clip_range}"
         try:

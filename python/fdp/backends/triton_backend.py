@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from fdp_kernels import abi
+
 from .. import packing
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls, capturing
@@ -44,20 +46,10 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _limits():
-    from fdp_kernels import mlp_common
-
-    return mlp_common
-
-
 class TritonPrepared(CapturesCalls):
     """A policy packed for the Triton kernels: ``run(global_cond, x_T, step_noise, seed=None)``."""
 
     def __init__(self, policy, table, dtype, **tuning):
-        from fdp_kernels.mlp_common import COEF_COLUMNS
-
-        from .. import schedulers
-
         param = next(policy.parameters())
         self.policy = policy
         self.device = param.device
@@ -68,9 +60,8 @@ class TritonPrepared(CapturesCalls):
         self.packed = packing.pack_policy(policy, self.dtype)
         self.steps = packing.step_terms(policy, table.timesteps.to(self.device))
         tbl = table.to(self.device, torch.float32)
-        # The kernels read the columns in COEF_COLUMNS order; gather them by the scheduler's own COL_* names.
-        cols = [getattr(schedulers, f"COL_{name.upper()}") for name in COEF_COLUMNS]
-        self.coef = tbl.coef[:, cols].contiguous()
+        # The scheduler's table is the kernels' layout (both take fdp_kernels.abi's columns).
+        self.coef = tbl.coef.contiguous()
         self.adds_noise = tbl.adds_noise.to(torch.int8).contiguous()
         self.adds_any = bool(table.adds_noise.any())
         self.clip_range = float(tbl.clip_range) if tbl.clip_sample else None
@@ -94,7 +85,8 @@ class TritonPrepared(CapturesCalls):
         return self._scratch
 
     def _inputs(self, global_cond, x_T, step_noise, seed):
-        call = packing.call_terms(self.policy, global_cond.to(self.param_dtype))
+        cond = global_cond.to(self.param_dtype)
+        call = packing.call_terms(self.policy, cond, self.policy.weights(cond))
         B = x_T.shape[0]
         x = x_T.reshape(B, self.D).to(torch.float32, copy=True).contiguous()
         noise = None
@@ -179,21 +171,20 @@ class TritonBackendBase(Backend):
         reason = packing.mlp_unsupported_reason(policy)
         if reason:
             return reason
-        lim = _limits()
         comp = policy.components[0]
         K, H, L = len(policy.components), comp.hidden_dim, comp.num_blocks
         D = comp.horizon * comp.input_dim
         dtype = dtype or next(policy.parameters()).dtype
-        if dtype not in packing.WEIGHT_DTYPES:
-            return f"weight dtype must be one of {list(packing.WEIGHT_DTYPES)}, got {dtype}"
+        if dtype not in abi.WEIGHT_DTYPES:
+            return f"weight dtype must be one of {list(abi.WEIGHT_DTYPES)}, got {dtype}"
         if getattr(policy.router, "num_components", K) != K:
             return f"the router has {policy.router.num_components} outputs but there are {K} components"
-        if K > lim.MAX_K:
-            return f"at most {lim.MAX_K} components, got K = {K}"
-        if not lim.MIN_H <= H <= lim.MAX_H:
-            return f"hidden width must be in {lim.MIN_H}..{lim.MAX_H}, got H = {H}"
-        if D > lim.MAX_D:
-            return f"D = horizon * action_dim must be <= {lim.MAX_D}, got {D}"
+        if K > abi.TRITON_MAX_K:
+            return f"at most {abi.TRITON_MAX_K} components, got K = {K}"
+        if not abi.TRITON_MIN_H <= H <= abi.TRITON_MAX_H:
+            return f"hidden width must be in {abi.TRITON_MIN_H}..{abi.TRITON_MAX_H}, got H = {H}"
+        if D > abi.TRITON_MAX_D:
+            return f"D = horizon * action_dim must be <= {abi.TRITON_MAX_D}, got {D}"
         T = len(table.timesteps)
         if K * L * H * H >= 2**31 or T * K * L * H >= 2**31:
             return "the model is too large for the kernels' 32-bit weight offsets"

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import fdp
 from fdp._validation import inputs_already_checked
-from fdp.packing import call_terms, pack_policy, step_terms
+from fdp.packing import CallTerms, call_terms, pack_policy, reference_eps, step_terms
 from fdp.schedulers import apply_coefficients
 
 from .cases import COMPONENTS, Config
@@ -176,25 +175,16 @@ def build_library(name: str, ctx: Context):
 
 
 class BatchedMLP:
-    """K MLPDenoisers as batched matmuls over the packed weights (see the module docstring)."""
+    """K MLPDenoisers as batched matmuls over the packed weights: :func:`fdp.packing.reference_eps` with the
+    matmuls in the case's dtype (see the module docstring)."""
 
     def __init__(self, policy, table, dtype: torch.dtype):
         device = next(policy.parameters()).device
-        packed = pack_policy(policy, dtype)
-        L = packed.L
         self.policy = policy
         self.cdtype = dtype
-        self.L = L
         self.shape = (policy.horizon, policy.action_dim)
-        self.w_in = packed.w_in                                               # [K, D, H]
-        self.w_a = [packed.w_a[:, l].contiguous() for l in range(L)]          # [K, H, H]
-        self.w_b = [packed.w_b[:, l].contiguous() for l in range(L)]
-        self.b_b = [packed.b_b[:, l, None, :].contiguous() for l in range(L)]  # [K, 1, H]
-        self.w_out = packed.w_out                                              # [K, H, D]
-        self.b_out = packed.b_out[:, None, :].contiguous()                     # [K, 1, D]
-        st = step_terms(policy, table.timesteps.to(device))
-        self.t_in = st.t_in[:, :, None, :].contiguous()                                 # [T, K, 1, H]
-        self.t_shift = st.t_shift.permute(0, 2, 1, 3)[:, :, :, None, :].contiguous()    # [T, L, K, 1, H]
+        self.packed = pack_policy(policy, dtype)
+        self.steps = step_terms(policy, table.timesteps.to(device))
         self.coef = table.coef.to(device=device, dtype=torch.float32)                   # [T, 6]
         self.noisy = bool(table.adds_noise.any())
         self.clip, self.clip_range = bool(table.clip_sample), float(table.clip_range)
@@ -203,27 +193,17 @@ class BatchedMLP:
         self.step_fn = self.step
 
     def static_tensors(self):
-        return [self.w_in, *self.w_a, *self.w_b, *self.b_b, self.w_out, self.b_out, self.t_in, self.t_shift,
-                self.coef]
+        p = self.packed
+        return [p.w_in, p.w_a, p.w_b, p.b_b, p.w_out, p.b_out, self.steps.t_in, self.steps.t_shift, self.coef]
 
     def prep(self, cond):
-        """Per call: router weights and the feature terms, laid out [K, B, ...] / [L, K, B, H]."""
-        ct = call_terms(self.policy, cond)
-        weights = ct.weights.t()[:, :, None].contiguous()           # [K, B, 1]
-        c_in = ct.c_in.transpose(0, 1).contiguous()                 # [K, B, H]
-        scale = ct.scale.permute(2, 1, 0, 3).contiguous()           # [L, K, B, H]
-        shift = ct.shift.permute(2, 1, 0, 3).contiguous()
-        return weights, c_in, scale, shift
+        """Per call: router weights and the feature terms (:class:`fdp.packing.CallTerms`' tensors)."""
+        ct = call_terms(self.policy, cond, self.policy.weights(cond))
+        return ct.weights, ct.c_in, ct.scale, ct.shift
 
-    def step(self, x, coef_i, t_in_i, t_shift_i, noise_i, weights, c_in, scale, shift):
+    def step(self, x, coef_i, t_in_i, t_shift_i, noise_i, *terms):
         """One denoising step for ``x [B, D]`` (float32)."""
-        cd = self.cdtype
-        h = torch.matmul(x.to(cd), self.w_in).float() + t_in_i + c_in          # [K, B, H]
-        for l in range(self.L):
-            y = torch.matmul(h.to(cd), self.w_a[l]).float() * scale[l] + shift[l] + t_shift_i[l]
-            h = h + torch.matmul(F.silu(y).to(cd), self.w_b[l]).float() + self.b_b[l]
-        e = torch.matmul(h.to(cd), self.w_out).float() + self.b_out             # [K, B, D]
-        eps = (weights * e).sum(0)
+        eps = reference_eps(self.packed, t_in_i, t_shift_i, CallTerms(*terms), x, self.cdtype)
         return apply_coefficients(coef_i, x, eps, noise_i, self.clip, self.clip_range)[0]
 
     def __call__(self, cond, x_T, step_noise):
@@ -232,7 +212,7 @@ class BatchedMLP:
         x = x_T.reshape(B, -1).float()
         for i in range(self.T):
             noise_i = step_noise[i].reshape(B, -1) if self.noisy else None
-            x = self.step_fn(x, self.coef[i], self.t_in[i], self.t_shift[i], noise_i, *terms)
+            x = self.step_fn(x, self.coef[i], self.steps.t_in[i], self.steps.t_shift[i], noise_i, *terms)
         return x.reshape(B, *self.shape)
 
 

@@ -1,0 +1,414 @@
+// Device helpers of the fused MLP kernels: weight loads per type, cp.async staging,
+// cluster (DSMEM) exchange, the FMA and tensor-core matmuls, the scheduler update.
+#pragma once
+
+#include "mlp_types.cuh"
+
+#if defined(__CUDACC__) || defined(FDP_HOST_EMULATION)
+
+namespace fdp {
+namespace mlp {
+
+template <typename W>
+struct WT;
+
+template <>
+struct WT<float> {
+  static constexpr int V = 4;  // elements per 16-byte load
+  __device__ static float f(float w) { return w; }
+  template <bool SMEM>
+  __device__ static float load1(const float* p) {
+    return SMEM ? *p : __ldg(p);
+  }
+  template <bool SMEM>
+  __device__ static void load_vec(const float* p, float (&o)[V]) {
+    const float4 v = SMEM ? *reinterpret_cast<const float4*>(p) : __ldg(reinterpret_cast<const float4*>(p));
+    o[0] = v.x;
+    o[1] = v.y;
+    o[2] = v.z;
+    o[3] = v.w;
+  }
+};
+
+__device__ __forceinline__ float bf16_lo(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+
+template <>
+struct WT<__nv_bfloat16> {
+  static constexpr int V = 8;
+  __device__ static float f(__nv_bfloat16 w) { return __bfloat162float(w); }
+  template <bool SMEM>
+  __device__ static float load1(const __nv_bfloat16* p) {
+    const unsigned short u = SMEM ? *reinterpret_cast<const unsigned short*>(p)
+                                  : __ldg(reinterpret_cast<const unsigned short*>(p));
+    return __uint_as_float(static_cast<unsigned>(u) << 16);
+  }
+  template <bool SMEM>
+  __device__ static void load_vec(const __nv_bfloat16* p, float (&o)[V]) {
+    const uint4 v = SMEM ? *reinterpret_cast<const uint4*>(p) : __ldg(reinterpret_cast<const uint4*>(p));
+    o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x);
+    o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
+    o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z);
+    o[6] = bf16_lo(v.w); o[7] = bf16_hi(v.w);
+  }
+};
+
+__device__ __forceinline__ float2 h2_to_f2(unsigned u) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+
+template <>
+struct WT<__half> {
+  static constexpr int V = 8;
+  __device__ static float f(__half w) { return __half2float(w); }
+  template <bool SMEM>
+  __device__ static float load1(const __half* p) {
+    const unsigned short u = SMEM ? *reinterpret_cast<const unsigned short*>(p)
+                                  : __ldg(reinterpret_cast<const unsigned short*>(p));
+    return __half2float(__ushort_as_half(u));
+  }
+  template <bool SMEM>
+  __device__ static void load_vec(const __half* p, float (&o)[V]) {
+    const uint4 v = SMEM ? *reinterpret_cast<const uint4*>(p) : __ldg(reinterpret_cast<const uint4*>(p));
+    float2 a = h2_to_f2(v.x), b = h2_to_f2(v.y), c = h2_to_f2(v.z), d = h2_to_f2(v.w);
+    o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+    o[4] = c.x; o[5] = c.y; o[6] = d.x; o[7] = d.y;
+  }
+};
+
+#if !defined(FDP_HOST_EMULATION)
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// cp.async (sm_80+). 16-byte copies bypass L1 (.cg): weights are read once per block.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// wait_group takes an immediate; waiting for fewer pending groups than needed is
+// only conservative, so counts above 7 wait for "at most 7 pending".
+__device__ __forceinline__ void cp_async_wait(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+}
+
+#endif  // !FDP_HOST_EMULATION
+
+// Per-thread bookkeeping of committed cp.async groups; every thread commits the
+// same sequence of groups (possibly empty), so group indices are block-uniform.
+// A wait only covers this thread's copies: a barrier must follow before others read.
+struct AsyncGroups {
+  int committed = 0;
+  int done = -1;
+  __device__ int commit() {
+    cp_async_commit();
+    return committed++;
+  }
+  __device__ void wait_for(int g) {
+    if (g <= done) return;
+    int n = committed - 1 - g;
+    if (n > 7) n = 7;
+    cp_async_wait(n);
+    done = committed - 1 - n;
+  }
+};
+
+// Copy a rows x cols float32 block (row strides in floats) with cp.async,
+// 16 bytes at a time when every address and stride allows it.
+__device__ __forceinline__ void stage_f32(float* dst, int dst_stride, const float* src, size_t src_stride,
+                                          int rows, int cols) {
+  if (rows <= 0 || cols <= 0) return;
+  const int tid = threadIdx.x;
+  const bool v4 = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                    static_cast<uintptr_t>(src_stride * 4) | static_cast<uintptr_t>(dst_stride * 4) |
+                    static_cast<uintptr_t>(cols * 4)) & 15) == 0;
+  if (v4) {
+    const int c4 = cols / 4;
+    for (int e = tid; e < rows * c4; e += kThreads) {
+      const int i = e / c4, c = (e - i * c4) * 4;
+      cp_async16(dst + i * dst_stride + c, src + i * src_stride + c);
+    }
+  } else {
+    for (int e = tid; e < rows * cols; e += kThreads) {
+      const int i = e / cols, c = e - i * cols;
+      cp_async4(dst + i * dst_stride + c, src + i * src_stride + c);
+    }
+  }
+}
+
+// Stage a weight slice: `in` rows x `ncols` columns of a row-major matrix with
+// leading dimension `ld` (src points at row 0, first column of the slice) into
+// a zero-padded `sl.rows` x `sl.stride` block.
+template <typename W>
+__device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int ncols) {
+  constexpr int E = sizeof(W);
+  const int tid = threadIdx.x;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(ld) * E;
+  const int cb = (a & 15) == 0 ? 16 : (a & 7) == 0 ? 8 : (a & 3) == 0 ? 4 : 0;
+  int done_cols = 0;
+  if (cb >= E && ncols > 0) {
+    const int ce = cb / E;
+    const int nch = ncols / ce;
+    if (nch > 0) {
+      for (int e = tid; e < sl.in * nch; e += kThreads) {
+        const int i = e / nch, c = (e - i * nch) * ce;
+        W* d = dst + i * sl.stride + c;
+        const W* s = src + static_cast<size_t>(i) * ld + c;
+        if (cb == 16) cp_async16(d, s);
+        else if (cb == 8) cp_async8(d, s);
+        else cp_async4(d, s);
+      }
+    }
+    done_cols = nch * ce;
+  }
+  // Unaligned remainder (odd widths of 16-bit matrices): plain copies.
+  const int rest = ncols - done_cols;
+  if (rest > 0) {
+    for (int e = tid; e < sl.in * rest; e += kThreads) {
+      const int i = e / rest, c = done_cols + (e - i * rest);
+      dst[i * sl.stride + c] = src[static_cast<size_t>(i) * ld + c];
+    }
+  }
+  // Zero padding: columns past ncols, rows past `in` (MMA k-steps read them).
+  const int pad = sl.stride - imax(ncols, 0);
+  if (pad > 0) {
+    for (int e = tid; e < sl.in * pad; e += kThreads) {
+      const int i = e / pad, c = imax(ncols, 0) + (e - i * pad);
+      dst[i * sl.stride + c] = W(0.0f);
+    }
+  }
+  for (int e = tid; e < (sl.rows - sl.in) * sl.stride; e += kThreads) dst[sl.in * sl.stride + e] = W(0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster plumbing. S is the cluster size (1: no cluster, plain block barriers).
+
+#if !defined(FDP_HOST_EMULATION)
+__device__ __forceinline__ void cluster_sync_or_block(int S) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (S > 1) {
+    cooperative_groups::this_cluster().sync();
+    return;
+  }
+#else
+  if (S > 1) __trap();  // a cluster launch of a binary built without cluster support
+#endif
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank, int S) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (S > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#endif
+  return p;
+}
+
+// Write v at the same shared-memory offset in the R blocks of a team (cluster
+// ranks team_base .. team_base+R-1); one thread owns each element.
+__device__ __forceinline__ void team_store(float* p, float v, int team_base, int R, int S) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (R > 1) {
+    auto cl = cooperative_groups::this_cluster();
+    for (int q = 0; q < R; ++q) *cl.map_shared_rank(p, team_base + q) = v;
+    return;
+  }
+#endif
+  (void)team_base;
+  (void)S;
+  *p = v;
+}
+#endif  // !FDP_HOST_EMULATION
+
+// ---------------------------------------------------------------------------------------------
+// Matmuls: out[b, c] = sum_i act[b*lda + i] * w[i*ldw + c], handed to epi(b, c, out)
+// for c < ncols; every (b, c) goes to exactly one thread.
+
+template <int BT, int V>
+__device__ __forceinline__ void fma_rows(float (&acc)[BT][V], const float* act, int lda, int i, const float (&wv)[V]) {
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    const float a = act[b * lda + i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[b][j] = fmaf(a, wv[j], acc[b][j]);
+  }
+}
+
+template <typename W, int BT, bool SMEM, class Epi>
+__device__ __forceinline__ void mm_fma(const float* __restrict__ act, int lda, int In, const W* __restrict__ w,
+                                       int ldw, int ncols, float* __restrict__ red, Epi& epi) {
+  constexpr int V = WT<W>::V;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Shared slices are zero padded to whole vectors; global ones need a tail path.
+  const int ncomp = SMEM ? rup(ncols, V) : ncols;
+  const bool aligned =
+      SMEM || ((reinterpret_cast<uintptr_t>(w) | static_cast<uintptr_t>(ldw) * sizeof(W)) & 15) == 0;
+  for (int c0 = 0; c0 < ncols; c0 += kChunk) {
+    const int cw = imin(kChunk, ncomp - c0);
+    const int nv = (cw + V - 1) / V;
+    int P = 1;  // threads per input row: power of two <= kChunk / V <= 32
+    while (P < nv) P <<= 1;
+    const int G = kThreads / P;
+    const int cv = tid & (P - 1), grp = tid / P;
+    float acc[BT][V];
+#pragma unroll
+    for (int b = 0; b < BT; ++b)
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[b][j] = 0.f;
+    const int col = c0 + cv * V;
+    if (cv < nv) {
+      const W* wp = w + col;
+      if (aligned && col + V <= ncomp) {
+#pragma unroll 4
+        for (int i = grp; i < In; i += G) {
+          float wv[V];
+          WT<W>::template load_vec<SMEM>(wp + static_cast<size_t>(i) * ldw, wv);
+          fma_rows<BT, V>(acc, act, lda, i, wv);
+        }
+      } else {
+        for (int i = grp; i < In; i += G) {
+          float wv[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            wv[j] = (col + j < ncols) ? WT<W>::template load1<SMEM>(wp + static_cast<size_t>(i) * ldw + j) : 0.f;
+          fma_rows<BT, V>(acc, act, lda, i, wv);
+        }
+      }
+    }
+    // Lanes l, l^P, l^2P, ... hold the same columns for different input rows.
+    for (int off = P; off < 32; off <<= 1)
+#pragma unroll
+      for (int b = 0; b < BT; ++b)
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[b][j] += __shfl_xor_sync(0xffffffffu, acc[b][j], off);
+    if (lane < P) {
+#pragma unroll
+      for (int b = 0; b < BT; ++b)
+#pragma unroll
+        for (int j = 0; j < V; ++j) red[(warp * BT + b) * kChunk + cv * V + j] = acc[b][j];
+    }
+    __syncthreads();
+    const int nout = imin(cw, ncols - c0);
+    for (int o = tid; o < BT * nout; o += kThreads) {
+      const int b = o / nout, c = o - b * nout;
+      float s = 0.f;
+#pragma unroll
+      for (int q = 0; q < kWarps; ++q) s += red[(q * BT + b) * kChunk + c];
+      epi(b, c0 + c, s);
+    }
+    if (c0 + kChunk < ncols) __syncthreads();  // `red` is reused by the next chunk
+  }
+}
+
+#if !defined(FDP_HOST_EMULATION)
+__device__ __forceinline__ unsigned to_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif  // !FDP_HOST_EMULATION
+
+// Fragment layout of m16n8k8 .tf32 (g = lane/4, t = lane%4): A a0 (g,t) a1 (g+8,t)
+// a2 (g,t+4) a3 (g+8,t+4); B b0 (k=t, n=g) b1 (k=t+4, n=g); C c0,c1 (g, 2t..2t+1),
+// c2,c3 (g+8, 2t..2t+1). The activation rows past `In` (up to a multiple of 8)
+// are zero in shared memory.
+template <typename W, int MT, bool SMEM, class Epi>
+__device__ __forceinline__ void mm_mma(const float* __restrict__ act, int lda, int In, const W* __restrict__ w,
+                                       int ldw, int ncols, Epi& epi) {
+  static_assert(sizeof(W) == 2, "the MMA path serves 16-bit weights (exact in TF32)");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int ntiles = (ncols + 7) >> 3;
+  const int In8 = (In + 7) & ~7;
+  for (int nt = warp; nt < ntiles; nt += kWarps) {
+    const int col = nt * 8 + gid;
+    const bool col_ok = SMEM || col < ncols;
+    float acc[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+#pragma unroll 2
+    for (int k0 = 0; k0 < In8; k0 += 8) {
+      const int ka = k0 + tig, kb = ka + 4;
+      float w0, w1;
+      if (SMEM) {
+        w0 = WT<W>::f(w[ka * ldw + col]);
+        w1 = WT<W>::f(w[kb * ldw + col]);
+      } else {
+        w0 = (col_ok && ka < In) ? WT<W>::template load1<false>(w + static_cast<size_t>(ka) * ldw + col) : 0.f;
+        w1 = (col_ok && kb < In) ? WT<W>::template load1<false>(w + static_cast<size_t>(kb) * ldw + col) : 0.f;
+      }
+      const unsigned b0 = __float_as_uint(w0), b1 = __float_as_uint(w1);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float* ar = act + (m * 16 + gid) * lda + ka;
+        mma_tf32(acc[m], to_tf32(ar[0]), to_tf32(ar[8 * lda]), to_tf32(ar[4]), to_tf32(ar[8 * lda + 4]), b0, b1);
+      }
+    }
+    const int c = nt * 8 + tig * 2;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int r0 = m * 16 + gid;
+      if (c < ncols) {
+        epi(r0, c, acc[m][0]);
+        epi(r0 + 8, c, acc[m][2]);
+      }
+      if (c + 1 < ncols) {
+        epi(r0, c + 1, acc[m][1]);
+        epi(r0 + 8, c + 1, acc[m][3]);
+      }
+    }
+  }
+}
+
+template <typename W, int BT, bool MMA, class Epi>
+__device__ __forceinline__ void matmul(const float* act, int lda, int In, const W* w, bool resident, int ldw,
+                                       int ncols, float* red, Epi& epi) {
+  if (ncols <= 0) return;
+  if constexpr (MMA) {
+    if (resident) mm_mma<W, BT / 16, true>(act, lda, In, w, ldw, ncols, epi);
+    else mm_mma<W, BT / 16, false>(act, lda, In, w, ldw, ncols, epi);
+  } else {
+    if (resident) mm_fma<W, BT, true>(act, lda, In, w, ldw, ncols, red, epi);
+    else mm_fma<W, BT, false>(act, lda, In, w, ldw, ncols, red, epi);
+  }
+}
+
+__device__ __forceinline__ float silu(float y) { return y / (1.0f + __expf(-y)); }
+
+// fdp.schedulers.apply_step for one element; c = coefficient row, z = 0 when the step adds no noise.
+__device__ __forceinline__ float sched_update(float x, float e, float z, const float* c, int clip, float cr) {
+  using namespace abi;
+  float x0 = c[kColAX] * x + c[kColAM] * e;
+  if (clip) x0 = (x0 < -cr) ? -cr : ((x0 > cr) ? cr : x0);  // NaN stays NaN, as torch.clamp
+  return c[kColCX0] * x0 + c[kColCX] * x + c[kColCM] * e + c[kColSigma] * z;
+}
+
+}  // namespace mlp
+}  // namespace fdp
+
+#endif  // __CUDACC__ || FDP_HOST_EMULATION

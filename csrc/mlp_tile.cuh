@@ -1,0 +1,347 @@
+// run_tile: one block's tile of rows through steps [step_begin, step_end), the device
+// body both kernels (mlp_step.cu, mlp_persistent.cu) instantiate.
+#pragma once
+
+#include "mlp_device.cuh"
+#include "mlp_types.cuh"
+
+#if defined(__CUDACC__) || defined(FDP_HOST_EMULATION)
+
+namespace fdp {
+namespace mlp {
+
+// ---------------------------------------------------------------------------------------------
+// The tile: steps [step_begin, step_end) for one block. PERSISTENT=false adds the
+// global-combine path and serves exactly one step per launch (launch_plan checks it on the host).
+
+template <typename W, int BT, bool MMA, bool PERSISTENT>
+__device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_begin, int step_end) {
+#if defined(FDP_HOST_EMULATION)
+  unsigned char* smem = emu::block_smem();
+  int& s_last = emu::block_s_last();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int s_last;
+#endif
+  // Only step_begin's vectors and coefficients are staged before the loop; the next step's are
+  // prefetched by the persistent kernel alone, so a second step here would read stale ones.
+  if (!PERSISTENT && step_end != step_begin + 1) __trap();
+  const Layout lay = make_layout(a.D, a.H, a.L, a.K, p);
+  const int tid = threadIdx.x;
+  const int D = a.D, H = a.H, L = a.L, K = a.K;
+  const int R = p.ranks;
+  const int S = R * p.gpc;  // cluster size
+  const int crank = static_cast<int>(blockIdx.x) % S;
+  const int tile = static_cast<int>(blockIdx.x) / S;
+  const int r = crank % R;
+  const int team_base = crank - r;
+  const int g = crank / R + static_cast<int>(blockIdx.y) * p.gpc;
+  const bool global_combine = !PERSISTENT && (p.groups != p.gpc);
+  const int row0 = tile * BT;
+  const int nrows = imin(BT, a.B - row0);
+  const int n0 = r * p.ns, ncols = imax(0, imin(H - n0, p.ns));
+  const int d0 = r * p.ds, dcols = imax(0, imin(D - d0, p.ds));
+  const int nsp = lay.nsp, dsp = lay.dsp;
+
+  float* xs = reinterpret_cast<float*>(smem + lay.xs);
+  float* hs = reinterpret_cast<float*>(smem + lay.hs);
+  float* us = reinterpret_cast<float*>(smem + lay.us);
+  float* red = reinterpret_cast<float*>(smem + lay.red);
+  float* wts = reinterpret_cast<float*>(smem + lay.wts);
+  float* bvec = reinterpret_cast<float*>(smem + lay.bvec);
+  float* cvec = reinterpret_cast<float*>(smem + lay.cvec);
+  int* woff = reinterpret_cast<int*>(smem + lay.woff);
+  unsigned char* wbase = smem + lay.wbase;
+  auto acc_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.acc + par * lay.acc_sz); };
+  auto coef_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.coef + par * lay.coef_sz); };
+  auto noise_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.noise + par * lay.noise_sz); };
+  auto tvec_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.tvec + par * lay.tvec_sz); };
+
+  const W* w_in = static_cast<const W*>(a.w_in);
+  const W* w_a = static_cast<const W*>(a.w_a);
+  const W* w_b = static_cast<const W*>(a.w_b);
+  const W* w_out = static_cast<const W*>(a.w_out);
+
+  // Zero the activations: padding rows/columns must read as 0 in the MMA path.
+  // xs rows < nrows, columns < D arrive by cp.async, so only its padding is zeroed here.
+  for (int e = tid; e < BT * lay.xst; e += kThreads) {
+    const int b = e / lay.xst, d = e - b * lay.xst;
+    if (b >= nrows || d >= D) xs[e] = 0.f;
+  }
+  for (int e = tid; e < BT * lay.hst; e += kThreads) {
+    hs[e] = 0.f;
+    us[e] = 0.f;
+  }
+
+  // Step-dependent vectors of `step` into parity buffer `par`.
+  auto stage_step = [&](int step, int par) {
+    float* tv = tvec_buf(par);
+    for (int j = 0; j < p.slots; ++j) {
+      const int k = g + j * p.groups;
+      if (k >= K) continue;
+      float* t = tv + j * (1 + L) * nsp;
+      stage_f32(t, nsp, a.t_in + (static_cast<size_t>(step) * K + k) * H + n0, 0, 1, ncols);
+      stage_f32(t + nsp, nsp, a.t_shift + (static_cast<size_t>(step) * K + k) * L * H + n0, H, L, ncols);
+    }
+    stage_f32(coef_buf(par), kCoefWidth, a.coef + static_cast<size_t>(step) * kCoefWidth, 0, 1, kCoefWidth);
+    if (p.stage && a.noise != nullptr)
+      stage_f32(noise_buf(par), lay.dp, a.noise + (static_cast<size_t>(step) * a.B + row0) * D, D, nrows, D);
+  };
+
+  AsyncGroups as;
+  // Group 0: router weights, biases, FiLM terms, x and the first step's vectors.
+  stage_f32(wts, K, a.wts + static_cast<size_t>(row0) * K, K, nrows, K);
+  for (int j = 0; j < p.slots; ++j) {
+    const int k = g + j * p.groups;
+    if (k >= K) continue;
+    float* bv = bvec + j * (L * nsp + dsp);
+    stage_f32(bv, nsp, a.b_b + static_cast<size_t>(k) * L * H + n0, H, L, ncols);
+    stage_f32(bv + L * nsp, dsp, a.b_out + static_cast<size_t>(k) * D + d0, 0, 1, dcols);
+    if (p.stage) {
+      float* cv = cvec + j * (1 + 2 * L) * BT * nsp;
+      stage_f32(cv, nsp, a.c_in + (static_cast<size_t>(row0) * K + k) * H + n0, static_cast<size_t>(K) * H, nrows,
+                ncols);
+      for (int l = 0; l < L; ++l) {
+        const size_t src = ((static_cast<size_t>(row0) * K + k) * L + l) * H + n0;
+        stage_f32(cv + (1 + l) * BT * nsp, nsp, a.scale + src, static_cast<size_t>(K) * L * H, nrows, ncols);
+        stage_f32(cv + (1 + L + l) * BT * nsp, nsp, a.shift + src, static_cast<size_t>(K) * L * H, nrows, ncols);
+      }
+    }
+  }
+  stage_f32(xs, lay.xst, a.x_in + static_cast<size_t>(row0) * D, D, nrows, D);
+  stage_step(step_begin, 0);
+  const int g_init = as.commit();
+
+  // Groups 1..nslices: weight slices in chain order, as many as fit in shared memory.
+  const int nq = 2 * L + 2;
+  const int budget = p.smem_bytes - lay.wbase;
+  {
+    int used = 0;
+    for (int s = 0; s < lay.nslices; ++s) {
+      const int j = s / nq, q = s - j * nq;
+      const int k = g + j * p.groups;
+      const Slice sl = slice_geom(q, D, H, L, p);
+      const int off = slice_offset_step(used, sl.bytes, budget);
+      if (tid == 0) woff[s] = off;
+      if (off >= 0 && k < K) {
+        W* dst = reinterpret_cast<W*>(wbase + off);
+        if (q == 0) {
+          stage_slice<W>(dst, sl, w_in + static_cast<size_t>(k) * D * H + n0, H, ncols);
+        } else if (q == nq - 1) {
+          stage_slice<W>(dst, sl, w_out + static_cast<size_t>(k) * H * D + d0, D, dcols);
+        } else {
+          const int l = (q - 1) >> 1;
+          const W* src = ((q & 1) ? w_a : w_b) + (static_cast<size_t>(k) * L + l) * H * H + n0;
+          stage_slice<W>(dst, sl, src, H, ncols);
+        }
+      }
+      as.commit();  // group index g_init + 1 + s
+    }
+  }
+
+  unsigned used_mask = 0;
+  int g_next = -1;
+  for (int step = step_begin; step < step_end; ++step) {
+    const int par = (step - step_begin) & 1;
+    float* acc = acc_buf(par);
+    for (int e = tid; e < BT * dsp; e += kThreads) acc[e] = 0.f;
+    if (step == step_begin) {
+      as.wait_for(g_init);
+      as.wait_for(g_init + 1);
+      // Cluster-wide: peers write into this block's shared memory from the first phase on.
+      cluster_sync_or_block(S);
+      for (int k = 0; k < K; ++k) {
+        bool u = !a.skip_unused;
+        for (int b = 0; b < nrows && !u; ++b) u = wts[b * K + k] != 0.f;
+        if (u) used_mask |= 1u << k;
+      }
+    } else {
+      as.wait_for(g_next);
+      __syncthreads();
+    }
+    if (PERSISTENT && step + 1 < step_end) {
+      stage_step(step + 1, par ^ 1);
+      g_next = as.commit();
+    }
+    const float* coef = coef_buf(par);
+    const float* tv = tvec_buf(par);
+
+    for (int j = 0; j < p.slots; ++j) {
+      const int k = g + j * p.groups;
+      const bool on = k < K && ((used_mask >> k) & 1u);
+      const int sbase = j * nq;
+      const float* tin = tv + j * (1 + L) * nsp;
+      const float* bv = bvec + j * (L * nsp + dsp);
+      const float* cv = cvec + j * (1 + 2 * L) * BT * nsp;
+      const size_t rk = static_cast<size_t>(row0) * K + k;  // (row0, k) row of the [B, K, ...] terms
+      auto wptr = [&](int q, const W* gsrc, int gld, int& ld, bool& res) -> const W* {
+        const int off = woff[sbase + q];
+        res = off >= 0;
+        if (res) {
+          ld = slice_geom(q, D, H, L, p).stride;
+          return reinterpret_cast<const W*>(wbase + off);
+        }
+        ld = gld;
+        return gsrc;
+      };
+      auto next_ready = [&](int q) {  // wait for the slice the next phase reads
+        const int s = sbase + q + 1;
+        if (s < lay.nslices) as.wait_for(g_init + 1 + s);
+      };
+
+      // Phase 0: h = x W_in + t_in + c_in
+      if (on) {
+        const float* cin = p.stage ? cv : a.c_in + rk * H + n0;
+        const int cst = p.stage ? nsp : K * H;
+        auto epi = [&](int b, int c, float v) {
+          const float y = (b < nrows) ? v + tin[c] + cin[b * cst + c] : 0.f;
+          team_store(hs + b * lay.hst + n0 + c, y, team_base, R, S);
+        };
+        int ld;
+        bool res;
+        const W* w = wptr(0, w_in + static_cast<size_t>(k) * D * H + n0, H, ld, res);
+        matmul<W, BT, MMA>(xs, lay.xst, D, w, res, ld, ncols, red, epi);
+      }
+      next_ready(0);
+      cluster_sync_or_block(S);
+
+      for (int l = 0; l < L; ++l) {
+        // u = SiLU(scale * (h W_a) + shift + t_shift)
+        if (on) {
+          const float* tsh = tin + (1 + l) * nsp;
+          const float* sc = p.stage ? cv + (1 + l) * BT * nsp : a.scale + (rk * L + l) * H + n0;
+          const float* sh = p.stage ? cv + (1 + L + l) * BT * nsp : a.shift + (rk * L + l) * H + n0;
+          const int sst = p.stage ? nsp : K * L * H;
+          auto epi = [&](int b, int c, float v) {
+            const float y = (b < nrows) ? silu(v * sc[b * sst + c] + sh[b * sst + c] + tsh[c]) : 0.f;
+            team_store(us + b * lay.hst + n0 + c, y, team_base, R, S);
+          };
+          int ld;
+          bool res;
+          const W* w = wptr(1 + 2 * l, w_a + (static_cast<size_t>(k) * L + l) * H * H + n0, H, ld, res);
+          matmul<W, BT, MMA>(hs, lay.hst, H, w, res, ld, ncols, red, epi);
+        }
+        next_ready(1 + 2 * l);
+        cluster_sync_or_block(S);
+        // h += u W_b + b_b (in place: each element is read and written by one thread,
+        // and peers only read their own columns of h in this phase)
+        if (on) {
+          const float* bb = bv + l * nsp;
+          auto epi = [&](int b, int c, float v) {
+            float* hp = hs + b * lay.hst + n0 + c;
+            const float y = (b < nrows) ? *hp + v + bb[c] : 0.f;
+            team_store(hp, y, team_base, R, S);
+          };
+          int ld;
+          bool res;
+          const W* w = wptr(2 + 2 * l, w_b + (static_cast<size_t>(k) * L + l) * H * H + n0, H, ld, res);
+          matmul<W, BT, MMA>(us, lay.hst, H, w, res, ld, ncols, red, epi);
+        }
+        next_ready(2 + 2 * l);
+        cluster_sync_or_block(S);
+      }
+
+      // acc += w_k (h W_out + b_out) over this rank's columns of D
+      if (on) {
+        const float* bo = bv + L * nsp;
+        auto epi = [&](int b, int c, float v) {
+          // A zero weight leaves the component out of its row even when its output is NaN
+          // (rows of one tile may be routed differently); a NaN weight is not zero.
+          if (b < nrows && wts[b * K + k] != 0.f) acc[b * dsp + c] += wts[b * K + k] * (v + bo[c]);
+        };
+        int ld;
+        bool res;
+        const W* w = wptr(nq - 1, w_out + static_cast<size_t>(k) * H * D + d0, D, ld, res);
+        matmul<W, BT, MMA>(hs, lay.hst, H, w, res, ld, dcols, red, epi);
+      }
+      next_ready(nq - 1);
+      // Peers still read h in this phase, and the next component (or the combine) follows.
+      cluster_sync_or_block(S);
+    }
+
+    if (!global_combine) {
+      // Every block of the cluster computes the tile's new x from the groups' partials.
+      const bool last = step + 1 == step_end;
+      const bool noisy = a.noise != nullptr && coef[abi::kColAddsNoise] != 0.f;
+      const float* nz = noise_buf(par);
+      for (int o = tid; o < nrows * D; o += kThreads) {
+        const int b = o / D, d = o - b * D;
+        const int rr = d / p.ds, dl = d - rr * p.ds;
+        float e = 0.f;
+        for (int gg = 0; gg < p.gpc; ++gg) e += cluster_peer(acc, gg * R + rr, S)[b * dsp + dl];
+        float z = 0.f;
+        if (noisy)
+          z = p.stage ? nz[b * lay.dp + d] : __ldg(a.noise + (static_cast<size_t>(step) * a.B + row0 + b) * D + d);
+        const float xn = sched_update(xs[b * lay.xst + d], e, z, coef, a.clip, a.clip_range);
+        xs[b * lay.xst + d] = xn;
+        if (last && crank == 0) a.x_out[static_cast<size_t>(row0 + b) * D + d] = xn;
+      }
+      __syncthreads();
+    } else if constexpr (!PERSISTENT) {
+      // Publish this block's partial, then the tile's last arriving block applies the update.
+      for (int o = tid; o < nrows * dcols; o += kThreads) {
+        const int b = o / dcols, c = o - b * dcols;
+        a.scratch[(static_cast<size_t>(g) * a.B + row0 + b) * D + d0 + c] = acc[b * dsp + c];
+      }
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) s_last = atomicAdd(a.counters + tile, 1) == R * p.groups - 1;
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        const bool noisy = a.noise != nullptr && coef[abi::kColAddsNoise] != 0.f;
+        for (int o = tid; o < nrows * D; o += kThreads) {
+          const int b = o / D, d = o - b * D;
+          const size_t row = static_cast<size_t>(row0 + b);
+          float e = 0.f;
+          for (int gg = 0; gg < p.groups; ++gg) e += __ldcg(a.scratch + (gg * static_cast<size_t>(a.B) + row) * D + d);
+          const float z = noisy ? __ldg(a.noise + (static_cast<size_t>(step) * a.B + row) * D + d) : 0.f;
+          a.x_out[row * D + d] = sched_update(xs[b * lay.xst + d], e, z, coef, a.clip, a.clip_range);
+        }
+        if (tid == 0) a.counters[tile] = 0;  // ready for the next launch
+      }
+    }
+  }
+  // Peers read this block's partials over DSMEM in the last combine: stay resident until they are done.
+  if (!global_combine && S > 1) cluster_sync_or_block(S);
+}
+
+// The entry point for a weight type, tile rows and tensor cores, or nullptr where none is built (tensor
+// cores: 16-bit weights, 16/32/64 rows; FMA: 1/2/4/8 rows). `Kernels::get<W, BT, MMA>()` names one
+// variant of a kernel (mlp_step.cu, mlp_persistent.cu): both kernels share this table.
+template <class Kernels, typename W>
+const void* kernel_for_type(int mma, int bt) {
+  if constexpr (sizeof(W) == 2) {
+    if (mma) {
+      switch (bt) {
+        case 16: return Kernels::template get<W, 16, true>();
+        case 32: return Kernels::template get<W, 32, true>();
+        case 64: return Kernels::template get<W, 64, true>();
+        default: return nullptr;
+      }
+    }
+  }
+  if (mma) return nullptr;
+  switch (bt) {
+    case 1: return Kernels::template get<W, 1, false>();
+    case 2: return Kernels::template get<W, 2, false>();
+    case 4: return Kernels::template get<W, 4, false>();
+    case 8: return Kernels::template get<W, 8, false>();
+    default: return nullptr;
+  }
+}
+
+template <class Kernels>
+const void* kernel_for(int wtype, int mma, int bt) {
+  switch (wtype) {
+    case kF32: return kernel_for_type<Kernels, float>(mma, bt);
+    case kBF16: return kernel_for_type<Kernels, __nv_bfloat16>(mma, bt);
+    case kF16: return kernel_for_type<Kernels, __half>(mma, bt);
+    default: return nullptr;
+  }
+}
+
+}  // namespace mlp
+}  // namespace fdp
+
+#endif  // __CUDACC__ || FDP_HOST_EMULATION

@@ -1,0 +1,163 @@
+// The fused MLP kernels' shared types and constants: launch arguments, the plan, the
+// shared-memory layout and weight-slice geometry (host and device). See mlp_common.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#if defined(__CUDACC__)
+#include <cooperative_groups.h>
+#endif
+
+#include <cstddef>
+#include <cstdint>
+
+#include <string>
+
+#include "abi.h"
+#include "fdp.h"
+
+#define FDP_HD __host__ __device__ __forceinline__
+
+// FDP_HOST_EMULATION names a header that supplies the CUDA primitives used below
+// (barriers, shuffles, cp.async, mma, cluster DSMEM) for host threads, so the
+// device code can be exercised on a machine without a GPU. Production builds never set it.
+#if defined(FDP_HOST_EMULATION)
+#include FDP_HOST_EMULATION
+#endif
+
+namespace fdp {
+namespace mlp {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 128;  // output columns per FMA reduction pass
+using abi::kMaxK;
+using abi::kMaxL;
+using abi::kMaxH;
+using abi::kMaxD;
+using abi::kCoefWidth;  // floats per coefficient row
+constexpr int kMaxCluster = 16;
+
+using abi::WeightType;
+using abi::kF32;
+using abi::kBF16;
+using abi::kF16;
+enum Kind { kStep = 0, kPersistent = 1 };
+
+struct Args {
+  const void* w_in;
+  const void* w_a;
+  const void* w_b;
+  const float* b_b;
+  const void* w_out;
+  const float* b_out;
+  const float* t_in;
+  const float* t_shift;
+  const float* wts;
+  const float* c_in;
+  const float* scale;
+  const float* shift;
+  const float* coef;
+  const float* noise;  // null: no step adds noise
+  const float* x_in;
+  float* x_out;        // may alias x_in
+  float* scratch;      // [groups, B, D], global combine only
+  int* counters;       // [tiles], zero before the first launch; kernels leave them zero
+  int B, D, H, L, K, T;
+  int clip;
+  float clip_range;
+  int skip_unused;
+};
+
+struct Plan {
+  int bt, mma, wsize;
+  int ranks;   // R: column slices per component (cluster ranks of a team)
+  int groups;  // G: component groups per tile
+  int gpc;     // groups per cluster (G: local combine, 1: global combine when G > 1)
+  int tiles;
+  int ns, ds;  // columns per rank of the H-wide matrices / of W_out
+  int slots;   // components per block, ceil(K / G)
+  int stage;   // per-row FiLM terms and noise staged in shared memory (small tiles)
+  int smem_bytes, fixed_bytes, weight_bytes, resident_bytes;
+};
+
+FDP_HD int rup(int a, int b) { return (a + b - 1) / b * b; }
+FDP_HD int cdiv(int a, int b) { return (a + b - 1) / b; }
+FDP_HD int imin(int a, int b) { return a < b ? a : b; }
+FDP_HD int imax(int a, int b) { return a > b ? a : b; }
+FDP_HD int take(int& off, int bytes) {
+  int o = off;
+  off += rup(bytes, 16);
+  return o;
+}
+
+// Shared-memory layout (byte offsets, 16-byte aligned), computed identically
+// by the host planner and the kernel.
+struct Layout {
+  int xst, hst, nsp, dsp, dp;  // row strides in floats
+  int xs, hs, us, acc, red, wts, coef, noise, tvec, bvec, cvec, woff, wbase;
+  int acc_sz, coef_sz, noise_sz, tvec_sz;  // bytes of one parity buffer
+  int nslices;
+};
+
+FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
+  Layout y;
+  // +4 floats per row: MMA A-fragment loads of 8 rows x 4 columns hit 32 distinct banks.
+  y.xst = rup(D, 8) + 4;
+  y.hst = rup(H, 8) + 4;
+  y.nsp = rup(p.ns, 4);
+  y.dsp = rup(p.ds, 4);
+  y.dp = rup(D, 4);
+  int off = 0;
+  y.xs = take(off, p.bt * y.xst * 4);
+  y.hs = take(off, p.bt * y.hst * 4);
+  y.us = take(off, p.bt * y.hst * 4);
+  y.acc_sz = rup(p.bt * y.dsp * 4, 16);
+  y.acc = take(off, 2 * y.acc_sz);
+  y.red = take(off, p.mma ? 0 : kWarps * p.bt * kChunk * 4);
+  y.wts = take(off, p.bt * K * 4);
+  y.coef_sz = kCoefWidth * 4;
+  y.coef = take(off, 2 * y.coef_sz);
+  y.noise_sz = p.stage ? rup(p.bt * y.dp * 4, 16) : 0;
+  y.noise = take(off, 2 * y.noise_sz);
+  y.tvec_sz = rup(p.slots * (1 + L) * y.nsp * 4, 16);
+  y.tvec = take(off, 2 * y.tvec_sz);
+  y.bvec = take(off, p.slots * (L * y.nsp + y.dsp) * 4);
+  y.cvec = take(off, p.stage ? p.slots * (1 + 2 * L) * p.bt * y.nsp * 4 : 0);
+  y.nslices = p.slots * (2 * L + 2);
+  y.woff = take(off, y.nslices * 4);
+  y.wbase = off;
+  return y;
+}
+
+// Weight slice q of a component (0: W_in, 1+2l: W_a[l], 2+2l: W_b[l], 2L+1: W_out)
+// as staged in shared memory: `rows` x `stride` elements, zero padded.
+struct Slice {
+  int in, cols, rows, stride, bytes;
+};
+
+FDP_HD Slice slice_geom(int q, int D, int H, int L, const Plan& p) {
+  Slice s;
+  const bool out = (q == 2 * L + 1);
+  s.in = (q == 0) ? D : H;
+  s.cols = out ? p.ds : p.ns;
+  s.rows = p.mma ? rup(s.in, 8) : s.in;  // MMA k-steps of 8 read zero rows past `in`
+  // MMA: +8 elements shift consecutive rows by 4 banks (conflict-free B fragments).
+  s.stride = rup(s.cols, 8) + (p.mma ? 8 : 0);
+  s.bytes = rup(s.rows * s.stride * p.wsize, 16);
+  return s;
+}
+
+// Greedy residency: slices in chain order, each kept if it still fits.
+FDP_HD int slice_offset_step(int& used, int bytes, int budget) {
+  if (used + bytes <= budget) {
+    int o = used;
+    used += bytes;
+    return o;
+  }
+  return -1;
+}
+
+}  // namespace mlp
+}  // namespace fdp
