@@ -16,7 +16,7 @@ from fdp.tolerances import REL_TOL  # noqa: E402
 
 def pytest_configure(config):
     # In-process Triton tests run the kernels in the Triton interpreter, on CPU tensors, on every
-    # machine; native GPU runs happen in subprocesses without this variable (see test_triton.py,
+    # machine; native GPU runs happen in subprocesses without this variable (see test_fused_mlp.py,
     # test_call_path.py, test_unet_fused.py). The switch is read when Triton and the kernels are first
     # imported, so it is set before any test module (or diffusers, which may import Triton) loads; here,
     # not at import, because those subprocesses import this file as a module for its helpers.
@@ -90,6 +90,12 @@ def rounded_reference(policy, dtype):
                 for w in [c.inp.weight, c.out.weight] + [b.weight for b in c.blocks_a] + [b.weight for b in c.blocks_b]:
                     w.copy_(w.to(dtype).double())
     return ref
+
+
+def rel_err(a, b):
+    """The fused-kernel tests' error measure, ``max|a - b| / max|b|`` in float64 on the CPU."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 def replaced(obj, **kw):
