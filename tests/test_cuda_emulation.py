@@ -37,7 +37,7 @@ from fdp import packing
 from fdp.backends import get_backend
 from fdp.backends import cuda_backend
 
-from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy, rel_err, rounded_reference
+from helpers import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy, rel_err, rounded_reference
 
 HERE = Path(__file__).resolve().parent
 EMU = HERE / "cuda_emulation"

@@ -33,7 +33,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import fdp  # noqa: E402
-from conftest import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy,  # noqa: E402
+from helpers import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy,  # noqa: E402
                       make_mlp_policy, rel_err, replaced, rounded_reference)
 from fdp import packing  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
@@ -796,7 +796,7 @@ import fdp
 from fdp.backends import get_backend
 from fdp.backends.triton_backend import TritonBackend
 from fdp.backends.triton_persistent_backend import TritonPersistentBackend
-from conftest import make_mlp_policy
+from helpers import make_mlp_policy
 import fdp_kernels.mlp_step
 assert type(fdp_kernels.mlp_step.mlp_step_kernel).__name__ != "InterpretedFunction", "kernels interpreted"
 
