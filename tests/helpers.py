@@ -18,6 +18,17 @@ KERNEL_COND_DIM = 5
 # library's table, which backend="auto" checks candidates with too.
 KERNEL_TOL = REL_TOL
 
+# Problems that both the CUDA kernels on a GPU (tests/test_fused_mlp.py) and their host emulation
+# (tests/test_cuda_emulation.py) run: policy shape, schedule, batch and weight dtype.
+KERNEL_PROBLEMS = {
+    # The target shape: K=4, H=256, D=32 (horizon 16 x 2), one row, ten steps.
+    "target": dict(K=4, H=256, L=2, horizon=16, action_dim=2, B=1, sched="ddpm_clip", strategy="soft", T=10,
+                   dtype=torch.float32),
+    # bf16 weights on the FMA path, D = 15 (unaligned rows).
+    "bf16": dict(K=3, H=48, L=2, horizon=5, action_dim=3, B=5, sched="ddpm_clip", strategy="soft", T=3,
+                 dtype=torch.bfloat16),
+}
+
 # Schedules every fused-kernel test draws from: name -> (scheduler factory, eta).
 KERNEL_SCHEDULERS = {
     # DDPM with clipping: every step but the last adds noise.

@@ -33,8 +33,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import fdp  # noqa: E402
-from helpers import (KERNEL_COND_DIM, KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy,  # noqa: E402
-                      make_mlp_policy, rel_err, replaced, rounded_reference)
+from helpers import (KERNEL_COND_DIM, KERNEL_PROBLEMS, KERNEL_SCHEDULERS, KERNEL_TOL,  # noqa: E402
+                     kernel_policy, make_mlp_policy, rel_err, replaced, rounded_reference)
 from fdp import packing  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
 from fdp.backends import cuda_backend as cb  # noqa: E402
@@ -211,10 +211,17 @@ def _cpu_launch_args(K=3, H=24, L=2, horizon=4, action_dim=3, B=5, T=3, dtype=to
 
 TRITON, CUDA, BOTH = {"triton": {}}, {"cuda": {}}, {"triton": {}, "cuda": {}}
 
+
+def _problem(name):
+    """A problem the CUDA emulation runs too (helpers.KERNEL_PROBLEMS), as a row's first ten fields."""
+    p = KERNEL_PROBLEMS[name]
+    return tuple(p[k] for k in ("K", "H", "L", "horizon", "action_dim", "B", "sched", "strategy", "T", "dtype"))
+
+
 # K, H, L, horizon, action_dim, B, scheduler, strategy, T, weight dtype, then per family the tuning the
 # problem runs with (Triton launcher keywords, CUDA kernel options); a family not named does not run it.
 KERNEL_CASES = [
-    (4, 256, 2, 16, 2, 1, "ddpm_clip", "soft", 10, F32, CUDA),      # the target: K 4, H 256, batch 1
+    (*_problem("target"), CUDA),                                    # the target: K 4, H 256, batch 1
     (1, 16, 1, 2, 1, 1, "ddim_eta", "soft", 4, F32, BOTH),          # D = 2, one row
     (3, 24, 2, 5, 3, 5, "ddim", "soft", 4, F32, BOTH),              # H not a power of two, D = 15
     (4, 48, 2, 7, 16, 17, "ddim_eta", "hard", 3, F32, BOTH),        # D = 112, several tiles
@@ -228,7 +235,7 @@ KERNEL_CASES = [
     (1, 300, 1, 2, 3, 1, "ddpm_clip", "hard", 2, F32, BOTH),        # H = 300 (Triton pads it to 320)
     (4, 256, 2, 16, 2, 1, "ddpm_clip", "soft", 6, BF16, CUDA),      # target shape, bf16
     # bf16, D = 15: Triton with H in registers forced, CUDA's FMA path on unaligned rows.
-    (3, 48, 2, 5, 3, 5, "ddpm_clip", "soft", 3, BF16, {"triton": {"h_in_registers": True}, "cuda": {}}),
+    (*_problem("bf16"), {"triton": {"h_in_registers": True}, "cuda": {}}),
     (5, 96, 2, 8, 4, 70, "ddim", "hard", 3, BF16, CUDA),            # tensor cores, several tiles
     (4, 64, 2, 4, 3, 16, "ddim_eta", "topk", 3, F16, CUDA),         # tensor cores, fp16
     (3, 40, 1, 5, 3, 33, "ddpm_clip", "soft", 3, F16, CUDA),        # tensor cores, odd D and H % 16 != 0
