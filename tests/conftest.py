@@ -1,4 +1,3 @@
-import copy
 import os
 import tempfile
 
@@ -9,95 +8,21 @@ import torch
 _CACHE_DIR = tempfile.TemporaryDirectory(prefix="fdp-test-cache-")
 os.environ.setdefault("FDP_CACHE_DIR", _CACHE_DIR.name)
 
-import fdp  # noqa: E402
-from fdp.tolerances import REL_TOL  # noqa: E402
-
+from helpers import make_mlp_policy  # noqa: E402
 
 
 def pytest_configure(config):
     # In-process Triton tests run the kernels in the Triton interpreter, on CPU tensors, on every
-    # machine; native GPU runs happen in subprocesses without this variable (see test_triton.py,
+    # machine; native GPU runs happen in subprocesses without this variable (see test_fused_mlp.py,
     # test_call_path.py, test_unet_fused.py). The switch is read when Triton and the kernels are first
     # imported, so it is set before any test module (or diffusers, which may import Triton) loads; here,
-    # not at import, because those subprocesses import this file as a module for its helpers.
+    # in pytest's own start-up, which those subprocesses never run (they import tests/helpers.py).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # The suite's tensors are tiny: torch's intra-op threads only spin-wait for
 # each other there (badly so on a loaded 2-core CI machine).
 torch.set_num_threads(1)
-
-
-# Feature size of the kernel tests' policies.
-KERNEL_COND_DIM = 5
-
-# Relative-error bounds for fused kernels against the float64 reference, by weight dtype: the
-# library's table, which backend="auto" checks candidates with too.
-KERNEL_TOL = REL_TOL
-
-# Schedules every fused-kernel test draws from: name -> (scheduler factory, eta).
-KERNEL_SCHEDULERS = {
-    # DDPM with clipping: every step but the last adds noise.
-    "ddpm_clip": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                            clip_sample=True), 0.0),
-    # Deterministic DDIM (eta 0): no noise input at all.
-    "ddim": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                       clip_sample=True), 0.0),
-    # Stochastic DDIM, no clipping.
-    "ddim_eta": (lambda: fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear",
-                                           clip_sample=False, timestep_spacing="trailing"), 0.7),
-    # v-prediction with the log variance.
-    "ddpm_v": (lambda: fdp.DDPMScheduler(num_train_timesteps=100, beta_schedule="linear",
-                                         variance_type="fixed_small_log", prediction_type="v_prediction",
-                                         clip_sample=False), 0.0),
-}
-
-
-def make_mlp_policy(K=3, horizon=4, action_dim=3, cond_dim=5, hidden=16, blocks=2, dtype=torch.float64,
-                    strategy="soft", seed=0, **router_kw):
-    """A small random MLP policy (float64 by default: the ground truth for kernels)."""
-    torch.manual_seed(seed)
-    comps = [fdp.MLPDenoiser(action_dim, horizon, global_cond_dim=cond_dim, hidden_dim=hidden, num_blocks=blocks)
-             for _ in range(K)]
-    router = fdp.Router(cond_dim, K, hidden_dim=8, strategy=strategy, **router_kw)
-    policy = fdp.FactorizedPolicy(comps, router, horizon, action_dim).to(dtype)
-    # Non-trivial FiLM and biases, so a kernel that drops a term fails.
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return policy
-
-
-def kernel_policy(K, H, L, horizon, action_dim, strategy="soft", seed=0, dtype=torch.float64):
-    """A random MLP policy for kernel tests, with routing parameters that suit ``strategy``."""
-    kw = {}
-    if strategy == "topk":
-        kw["topk"] = min(2, K)
-    if strategy == "fixed":
-        w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
-        kw["fixed_weights"] = (w / w.sum()).tolist()
-    return make_mlp_policy(K=K, horizon=horizon, action_dim=action_dim, cond_dim=KERNEL_COND_DIM, hidden=H,
-                           blocks=L, strategy=strategy, seed=seed, dtype=dtype, **kw)
-
-
-def rounded_reference(policy, dtype):
-    """The float64 ground truth for a pack in ``dtype``: weight matrices rounded to
-    ``dtype`` (the kernels compute with exactly those values), everything else float64."""
-    ref = copy.deepcopy(policy).double()
-    if dtype != torch.float32:
-        with torch.no_grad():
-            for c in ref.components:
-                for w in [c.inp.weight, c.out.weight] + [b.weight for b in c.blocks_a] + [b.weight for b in c.blocks_b]:
-                    w.copy_(w.to(dtype).double())
-    return ref
-
-
-def replaced(obj, **kw):
-    """A shallow copy of ``obj`` with attributes replaced (bad-input tests on packed objects)."""
-    new = copy.copy(obj)
-    for k, v in kw.items():
-        setattr(new, k, v)
-    return new
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdp
-from conftest import KERNEL_SCHEDULERS, make_mlp_policy
+from helpers import KERNEL_SCHEDULERS, make_mlp_policy
 from fdp.backends.captured import CapturedCall
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -428,7 +428,7 @@ _GPU_PRELUDE = """
 import os, torch, fdp
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-from conftest import KERNEL_SCHEDULERS, make_mlp_policy
+from helpers import KERNEL_SCHEDULERS, make_mlp_policy
 from fdp.bench.timing import count_launches
 from fdp_kernels import compose_step, mlp_step
 assert type(mlp_step.mlp_step_kernel).__name__ == "JITFunction", "kernels must be compiled, not interpreted"

@@ -37,7 +37,7 @@ from fdp import packing
 from fdp.backends import get_backend
 from fdp.backends import cuda_backend
 
-from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy, rounded_reference
+from helpers import KERNEL_PROBLEMS, KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy, rel_err, rounded_reference
 
 HERE = Path(__file__).resolve().parent
 EMU = HERE / "cuda_emulation"
@@ -57,9 +57,7 @@ TOL = KERNEL_TOL
 
 # A problem: policy, scheduler and batch. Several launch plans run on each.
 PROBLEMS = {
-    # The target shape: K=4, H=256, D=32 (horizon 16 x 2), one row, ten steps.
-    "target": dict(K=4, H=256, L=2, horizon=16, action_dim=2, B=1, sched="ddpm_clip", strategy="soft", T=10,
-                   dtype=torch.float32),
+    "target": KERNEL_PROBLEMS["target"],
     # bfloat16 at batch 1: the FMA path with 16-bit weight loads, H = 256 (the planner splits columns on H100).
     "bf16_b1": dict(K=2, H=256, L=1, horizon=8, action_dim=2, B=1, sched="ddim_eta", strategy="soft", T=2,
                     dtype=torch.bfloat16),
@@ -75,8 +73,7 @@ PROBLEMS = {
     # Fixed mixture with one zero weight (skipped on every tile), deterministic DDIM.
     "fixed": dict(K=3, H=24, L=1, horizon=4, action_dim=3, B=3, sched="ddim", strategy="fixed", T=2,
                   dtype=torch.float32, zero_comp=1),
-    "bf16": dict(K=3, H=48, L=2, horizon=5, action_dim=3, B=5, sched="ddpm_clip", strategy="soft", T=3,
-                 dtype=torch.bfloat16),
+    "bf16": KERNEL_PROBLEMS["bf16"],
     "fp16": dict(K=3, H=40, L=1, horizon=5, action_dim=3, B=33, sched="ddim_eta", strategy="hard", T=2,
                  dtype=torch.float16),
 }
@@ -270,7 +267,7 @@ def _run_driver(driver, problems, name, kind, plan_args):
     dtype = PROBLEMS[name]["dtype"]
     out, stderr = _launch(driver, d, kind, dtype, dims_args, plan_args)
     assert torch.isfinite(out).all(), f"non-finite output (unwritten elements stay NaN)\n{stderr}"
-    err = float((out.double() - ref).abs().max() / ref.abs().max())
+    err = rel_err(out, ref)
     print(f"\n{stderr.strip()}  rel err {err:.2e}", file=sys.stderr)
     assert err < TOL[dtype], f"relative error {err:.3e} >= {TOL[dtype]:.0e}\n{stderr}"
     return stderr
@@ -301,7 +298,7 @@ def test_nan_router_weight_gives_nan_in_its_row_only(driver, problems, tmp_path,
     out, _ = _launch(driver, tmp_path, kind, torch.float32, dims_args, plan)
     assert torch.isnan(out[bad]).all(), out[bad]
     others = [i for i in range(ref.shape[0]) if i != bad]
-    err = float((out[others].double() - ref[others]).abs().max() / ref[others].abs().max())
+    err = rel_err(out[others], ref[others])
     assert err < TOL[torch.float32], err
 
 
@@ -328,7 +325,7 @@ def test_nan_component_output_reaches_only_rows_that_use_it(driver, problems, tm
     assert torch.isnan(out[bad]).all(), out[bad]
     others = [i for i in range(ref.shape[0]) if i != bad]
     assert torch.isfinite(out[others]).all()
-    err = float((out[others].double() - ref[others]).abs().max() / ref[others].abs().max())
+    err = rel_err(out[others], ref[others])
     assert err < TOL[torch.float32], err
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fdp
-from conftest import make_mlp_policy
+from helpers import make_mlp_policy
 
 
 def _data(policy, sizes=(("a", 5), ("b", 3)), seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fdp
-from conftest import make_mlp_policy
+from helpers import make_mlp_policy
 
 
 def _unet_policy():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fdp
-from conftest import make_mlp_policy
+from helpers import make_mlp_policy
 
 
 def _manual_forward(m: fdp.MLPDenoiser, sample, t, cond):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fdp
-from conftest import make_mlp_policy
+from helpers import make_mlp_policy
 from fdp import packing
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fdp
-from conftest import KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy, make_mlp_policy, rounded_reference
+from helpers import KERNEL_SCHEDULERS, KERNEL_TOL, kernel_policy, make_mlp_policy, rounded_reference
 
 hypothesis = pytest.importorskip("hypothesis")
 diffusers = pytest.importorskip("diffusers")

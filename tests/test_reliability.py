@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdp
-from conftest import KERNEL_SCHEDULERS, make_mlp_policy
+from helpers import KERNEL_SCHEDULERS, make_mlp_policy
 from fdp.backends import get_backend
 
 NAN = float("nan")

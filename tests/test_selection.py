@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import KERNEL_TOL, make_mlp_policy
+from helpers import KERNEL_TOL, make_mlp_policy
 
 import fdp
 from fdp import backends, tolerances
@@ -279,7 +279,7 @@ def test_auto_on_gpu_times_the_verified_backends_and_caches(tmp_path):
     env.update(PYTHONPATH=os.pathsep.join([here, *sys.path]), FDP_CACHE_DIR=str(tmp_path))
     code = textwrap.dedent("""
         import time, torch, fdp
-        from conftest import make_mlp_policy
+        from helpers import make_mlp_policy
         pol = make_mlp_policy(K=4, hidden=256, horizon=16, action_dim=7, cond_dim=5, dtype=torch.float32).cuda()
         sched = fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
         t0 = time.perf_counter()

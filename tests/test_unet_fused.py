@@ -267,7 +267,7 @@ def test_registry_and_cpu_availability():
 
 
 def test_unsupported_policies_say_why():
-    from conftest import make_mlp_policy
+    from helpers import make_mlp_policy
 
     be = get_backend("graph")
     table = SCHEDULES["ddpm_clip"][0]().step_table(4)
