@@ -1,6 +1,8 @@
 """The CUDA extension: built wherever nvcc is, reported clearly where it is not."""
 
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +25,29 @@ def test_extension_builds_where_nvcc_exists():
     assert st["available"], st["reason"]
     assert st["runtime_version"] >= 11000
     assert st["device_count"] >= 0
+
+
+ARCHS_SCRIPT = Path(__file__).resolve().parents[1] / "cmake" / "cuda_archs.cmake"
+
+
+def _resolve_archs(tmp_path, archs, nvidia_smi_output=None):
+    """Run cmake/cuda_archs.cmake as the build does; return what it printed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    if nvidia_smi_output is not None:  # a stand-in nvidia-smi that lists these GPUs
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\nprintf '{nvidia_smi_output}'\n")
+        smi.chmod(0o755)
+    env = {"PATH": str(bin_dir)}  # no real nvidia-smi either way
+    r = subprocess.run([shutil.which("cmake"), f"-DFDP_CUDA_ARCHS={archs}", "-DFDP_PORTABLE_CUDA_ARCHS=80;86;90",
+                        "-P", str(ARCHS_SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_auto_archs_are_the_gpus_present_else_the_portable_list(tmp_path):
+    assert "the GPUs present are 86;90" in _resolve_archs(tmp_path / "a", "auto", "8.6\\n9.0\\n8.6\\n")
+    assert "no GPU visible (nvidia-smi), building the portable list 80;86;90" in _resolve_archs(tmp_path / "b", "auto")
+    assert "portable list" in _resolve_archs(tmp_path / "c", "auto", "")  # nvidia-smi without a GPU
+    assert "fdp:" not in _resolve_archs(tmp_path / "d", "87")  # an explicit list is used as given

@@ -1,0 +1,21 @@
+# FDP_CUDA_ARCHS=auto -> the compute capabilities of the GPUs nvidia-smi sees, else
+# FDP_PORTABLE_CUDA_ARCHS. Included by CMakeLists.txt; runs in script mode too (cmake -P), which is how
+# tests/test_extension.py checks it with a stand-in nvidia-smi.
+if(NOT FDP_CUDA_ARCHS STREQUAL "auto")
+  return()
+endif()
+# Only the architectures of the GPUs present: one architecture compiles in about a fifth of the
+# time of the portable list. nvidia-smi reports compute capabilities as "8.6".
+execute_process(COMMAND nvidia-smi --query-gpu=compute_cap --format=csv,noheader
+                RESULT_VARIABLE _smi_rc OUTPUT_VARIABLE _smi_out ERROR_QUIET)
+string(REGEX MATCHALL "[0-9]+\\.[0-9]+" _caps "${_smi_out}")
+if(_smi_rc EQUAL 0 AND _caps)
+  list(TRANSFORM _caps REPLACE "\\." "")
+  list(REMOVE_DUPLICATES _caps)
+  set(FDP_CUDA_ARCHS "${_caps}")
+  message(STATUS "fdp: FDP_CUDA_ARCHS=auto: the GPUs present are ${FDP_CUDA_ARCHS}")
+else()
+  set(FDP_CUDA_ARCHS "${FDP_PORTABLE_CUDA_ARCHS}")
+  message(STATUS "fdp: FDP_CUDA_ARCHS=auto: no GPU visible (nvidia-smi), building the portable list "
+                 "${FDP_CUDA_ARCHS}; set FDP_CUDA_ARCHS (e.g. 87 for Jetson Orin) to build fewer")
+endif()
