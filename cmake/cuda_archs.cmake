@@ -4,8 +4,8 @@
 if(NOT FDP_CUDA_ARCHS STREQUAL "auto")
   return()
 endif()
-# Only the architectures of the GPUs present: one architecture compiles in about a fifth of the
-# time of the portable list. nvidia-smi reports compute capabilities as "8.6".
+# Only the architectures of the GPUs present: one compiles in about a third of the CPU time of the
+# portable list (README). nvidia-smi reports compute capabilities as "8.6".
 execute_process(COMMAND nvidia-smi --query-gpu=compute_cap --format=csv,noheader
                 RESULT_VARIABLE _smi_rc OUTPUT_VARIABLE _smi_out ERROR_QUIET)
 string(REGEX MATCHALL "[0-9]+\\.[0-9]+" _caps "${_smi_out}")
