@@ -25,13 +25,13 @@ from ._watch import PolicyWatch
 from .backends import select
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
+from .schedulers import _draw_noise
 
 log = logging.getLogger("fdp")
 
 
 def _draw(shape, generator, device, dtype):
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    return _draw_noise(shape, generator, torch.device(device), dtype)  # diffusers' randn_tensor
 
 
 class _StepNoise:

@@ -4,9 +4,9 @@
   parameters *are* the given tensors (no copy), its configuration read from
   their shapes.
 * :class:`Patch`: an instance's sampling method replaced by fdp's, with the
-  :class:`fdp.Sampler` rebuilt whenever the source network's parameters
-  change, and ``restore()`` / context-manager use.
-* :func:`draw_step_noise`: the step noise a diffusers loop draws.
+  :class:`fdp.Sampler` rebuilt when the source network object or the
+  settings change (weights changing in place are the Sampler's own concern),
+  and ``restore()`` / context-manager use.
 """
 
 from __future__ import annotations
@@ -93,19 +93,6 @@ def fdp_scheduler(scheduler):
             return cls.from_config(scheduler.config)
     raise ValueError(f"the policy's noise scheduler is a {type(scheduler).__name__}; fdp serves DDPMScheduler and "
                      "DDIMScheduler")
-
-
-def draw_step_noise(table, shape, generator, device, dtype) -> torch.Tensor | None:
-    """The noise a diffusers loop draws in its ``step`` calls (one draw per step that adds noise,
-    in order, diffusers' ``randn_tensor`` semantics), as ``step_noise [T, *shape]``; None if none."""
-    adds = table.adds_noise.tolist()
-    if not any(adds):
-        return None
-    out = torch.zeros((len(adds), *shape), device=device, dtype=dtype)
-    for i, a in enumerate(adds):
-        if a:
-            out[i] = _schedulers._draw_noise(shape, generator, torch.device(device), dtype)
-    return out
 
 
 class Patch:

@@ -19,7 +19,7 @@ import torch
 
 from ..sampler import Sampler
 from ..unet import ConditionalUnet1D
-from ._common import Patch, draw_step_noise, fdp_scheduler, group_norm_groups, unet_from_tensors
+from ._common import Patch, fdp_scheduler, group_norm_groups, unet_from_tensors
 
 __all__ = ["accelerate"]
 
@@ -84,5 +84,5 @@ def _conditional_sample(handle: Patch, condition_data, condition_mask, local_con
     # The draws of the original loop, in its order: the trajectory, then diffusers' step noise.
     x_T = torch.randn(size=condition_data.shape, dtype=condition_data.dtype, device=condition_data.device,
                       generator=generator)
-    step_noise = draw_step_noise(sampler.table, (B, T, D), generator, param.device, param.dtype)
+    step_noise = sampler._drawn_step_noise((B, T, D), generator, param.dtype, per_step=False)
     return sampler(global_cond, x_T=x_T, step_noise=step_noise)

@@ -24,7 +24,7 @@ import torch
 
 from ..sampler import Sampler
 from ..schedulers import DDIMScheduler, DDPMScheduler
-from ._common import Patch, draw_step_noise, fdp_scheduler, group_norm_groups, unet_from_tensors
+from ._common import Patch, fdp_scheduler, group_norm_groups, unet_from_tensors
 
 __all__ = ["load_pretrained", "accelerate", "to_fdp_name", "from_fdp_name"]
 
@@ -171,5 +171,5 @@ def _conditional_sample(handle: Patch, batch_size, global_cond=None, generator=N
     # The draws of LeRobot's loop, in its order: the prior, then diffusers' step noise.
     x_T = noise if noise is not None else torch.randn(shape, dtype=param.dtype, device=param.device,
                                                       generator=generator)
-    step_noise = draw_step_noise(sampler.table, shape, generator, param.device, param.dtype)
+    step_noise = sampler._drawn_step_noise(shape, generator, param.dtype, per_step=False)
     return sampler(global_cond, x_T=x_T, step_noise=step_noise)
