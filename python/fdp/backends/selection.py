@@ -300,25 +300,13 @@ class _Verifier:
     @torch.no_grad()
     def time(self, prep, budget_s: float) -> float:
         """Median milliseconds per call of ``prep.run`` at the batch size asked for (CUDA events)."""
+        from ..bench.timing import measure  # the benchmark's timing loop: warm-up, events, budget
+
         args = self._draw(self.batch_size, seed=1)
         with torch.cuda.device(self.device):
-            return self._time(prep, args, budget_s)
-
-    def _time(self, prep, args, budget_s):
-        for _ in range(WARMUP_CALLS):
-            prep.run(*args)
-        torch.cuda.synchronize(self.device)
-        times = []
-        spent = 0.0
-        while len(times) < MAX_TIMED_CALLS and (len(times) < MIN_TIMED_CALLS or spent < budget_s):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            prep.run(*args)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            spent += times[-1] / 1e3
-        return statistics.median(times)
+            m = measure(lambda _: prep.run(*args), self.device, n_sets=1, repeats=MAX_TIMED_CALLS,
+                        warmup=WARMUP_CALLS, budget_s=budget_s, min_repeats=MIN_TIMED_CALLS)
+        return statistics.median(m.call_gpu_us) / 1e3
 
 
 @contextlib.contextmanager
