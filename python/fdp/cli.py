@@ -88,6 +88,7 @@ def _tune(args) -> int:
     import torch
 
     import fdp
+    from fdp._validation import FLOAT_DTYPE_NAMES
     from fdp.backends import VerificationError, select
     from fdp.bench.cases import SCHEDULES
     from fdp.bench.paths import make_policy, make_scheduler
@@ -99,7 +100,7 @@ def _tune(args) -> int:
             print(f"fdp tune: error: --policy {args.policy} holds a {type(policy).__name__}, expected a "
                   "torch.save'd fdp.FactorizedPolicy", file=sys.stderr)
             return 2
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = FLOAT_DTYPE_NAMES[args.dtype]
     table = make_scheduler(args.steps).step_table(SCHEDULES[args.steps])
     try:
         if not args.policy:
