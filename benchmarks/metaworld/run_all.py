@@ -62,7 +62,19 @@ SCALED_DOWN = [
 def versions() -> dict:
     import importlib.metadata as md
 
+    import subprocess
+
     out = {"python": platform.python_version(), "platform": platform.platform()}
+    # The run imports fdp from wherever it is on the path (an installed copy can be stale): record
+    # which file and which commit of this checkout it was.
+    import fdp
+
+    out["fdp_file"] = os.path.relpath(fdp.__file__, REPO) if fdp.__file__.startswith(REPO) else fdp.__file__
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                           text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["git_commit"] = None
     for pkg in ("fdp", "torch", "numpy", "metaworld", "mujoco", "gymnasium"):
         try:
             out[pkg] = md.version(pkg)
