@@ -57,6 +57,9 @@ tiles and a 64-wide register-resident h spill); their speed is unmeasured.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -210,17 +213,18 @@ def _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
 
 
 @triton.jit
-def _scratch_offset(pid, BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr):
-    """First float of program ``pid``'s two scratch buffers; 64-bit: in 32 bits it wraps past
+def _scratch_offset(slot, BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr):
+    """First float of program ``slot``'s two scratch buffers; 64-bit: in 32 bits it wraps past
     2**31 floats (65536 programs of 32 rows at H = 512, about 2M rows)."""
-    return pid.to(tl.int64) * (2 * BLOCK_B * H_STRIDE)
+    return slot.to(tl.int64) * (2 * BLOCK_B * H_STRIDE)
 
 
 @triton.jit
 def _tile(x_ptr, scratch_ptr, B, D, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_STRIDE: tl.constexpr):
-    """This program's rows: x [BLOCK_B, D_PAD] (masked), its offsets and masks, and its two scratch buffers."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    """This program's rows (tile ``program_id(0)``): x [BLOCK_B, D_PAD] (masked), its offsets and masks, and its
+    two scratch buffers (one pair per program of the grid, which the split kernel makes [tiles, K])."""
+    tile = tl.program_id(0)
+    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     dcols = tl.arange(0, D_PAD)
@@ -228,9 +232,43 @@ def _tile(x_ptr, scratch_ptr, B, D, BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, 
     xp = rows64[:, None] * D + dcols[None, :]
     xm = rmask[:, None] & dmask[None, :]
     x = tl.load(x_ptr + xp, mask=xm, other=0.0)
-    h_buf = scratch_ptr + _scratch_offset(pid, BLOCK_B, H_STRIDE)
+    h_buf = scratch_ptr + _scratch_offset(tile * tl.num_programs(1) + tl.program_id(1), BLOCK_B, H_STRIDE)
     y_buf = h_buf + BLOCK_B * H_STRIDE
     return x, xp, xm, rows64, rmask, dcols, dmask, h_buf, y_buf
+
+
+@triton.jit
+def _used(wk, SKIP_UNUSED: tl.constexpr):
+    """Whether to evaluate a component given its weights on the tile's rows. Hard / top-k routing: a component no
+    row of the tile uses costs nothing. A NaN weight counts as used (NaN != 0), so it reaches the output as NaN;
+    a max over |w| would drop it."""
+    if SKIP_UNUSED:
+        used = tl.max((wk != 0.0).to(tl.int32), axis=0) > 0
+    else:
+        used = tl.max((wk != 0.0).to(tl.int32), axis=0) >= 0  # always
+    return used
+
+
+@triton.jit
+def _weighted(x, k, wk, step, rows64, rmask, dcols, dmask, D, H, L, K,
+              w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+              t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+              BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, H_STRIDE: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
+              H_IN_REGS: tl.constexpr, PRECISION: tl.constexpr):
+    """``weights[:, k] * eps_k(x)`` for the tile, ``[BLOCK_B, D_PAD]`` float32."""
+    if H_IN_REGS:
+        ek = _component_regs(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                             w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                             t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, H_PAD, PRECISION)
+    else:
+        ek = _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                                w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                                t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+                                BLOCK_B, H_STRIDE, D_PAD, BLOCK_N, BLOCK_K, BLOCK_HD, PRECISION)
+    # Per row, a zero weight leaves the component out even when its output is NaN
+    # (fdp.FactorizedPolicy.compose): rows of one tile may be routed differently.
+    return tl.where(wk[:, None] != 0.0, wk[:, None] * ek, 0.0)
 
 
 @triton.jit
@@ -240,29 +278,41 @@ def _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
              BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, H_STRIDE: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
              H_IN_REGS: tl.constexpr, SKIP_UNUSED: tl.constexpr, PRECISION: tl.constexpr):
-    """``sum_k weights[:, k] * eps_k(x)`` for the tile, ``[BLOCK_B, D_PAD]`` float32."""
+    """``sum_k weights[:, k] * eps_k(x)`` for the tile, ``[BLOCK_B, D_PAD]`` float32, k in order."""
     eps = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
     for k in range(K):
         wk = tl.load(wts_ptr + rows64 * K + k, mask=rmask, other=0.0)
-        # Hard / top-k routing: a component no row of the tile uses costs nothing. A NaN weight counts
-        # as used (NaN != 0), so it reaches the output as NaN; a max over |w| would drop it.
-        if SKIP_UNUSED:
-            used = tl.max((wk != 0.0).to(tl.int32), axis=0) > 0
-        else:
-            used = tl.max((wk != 0.0).to(tl.int32), axis=0) >= 0  # always
-        if used:
-            if H_IN_REGS:
-                ek = _component_regs(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
-                                     w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
-                                     t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, H_PAD, PRECISION)
-            else:
-                ek = _component_scratch(x, k, step, rows64, rmask, dcols, dmask, D, H, L, K,
-                                        w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
-                                        t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
-                                        BLOCK_B, H_STRIDE, D_PAD, BLOCK_N, BLOCK_K, BLOCK_HD, PRECISION)
-            # Per row, a zero weight leaves the component out even when its output is NaN
-            # (fdp.FactorizedPolicy.compose): rows of one tile may be routed differently.
-            eps += tl.where(wk[:, None] != 0.0, wk[:, None] * ek, 0.0)
+        if _used(wk, SKIP_UNUSED):
+            eps += _weighted(x, k, wk, step, rows64, rmask, dcols, dmask, D, H, L, K,
+                             w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
+                             t_in_ptr, t_shift_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
+                             BLOCK_B, D_PAD, H_PAD, H_STRIDE, BLOCK_N, BLOCK_K, BLOCK_HD, H_IN_REGS, PRECISION)
+    return eps
+
+
+@triton.jit
+def _partials(scratch_ptr, H_IN_REGS: tl.constexpr, BLOCK_B: tl.constexpr, H_STRIDE: tl.constexpr):
+    """Where the split kernel's ``[K, B, D]`` weighted outputs start: after the per-program scratch buffers
+    (whose size keeps this 16-byte aligned), at the start of ``scratch`` when the hidden state stays in
+    registers."""
+    if H_IN_REGS:
+        base = scratch_ptr
+    else:
+        base = scratch_ptr + _scratch_offset(tl.num_programs(0) * tl.num_programs(1), BLOCK_B, H_STRIDE)
+    return base
+
+
+@triton.jit
+def _sum_partials(part_ptr, wts_ptr, xp, xm, rows64, rmask, B, D, K,
+                  BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, SKIP_UNUSED: tl.constexpr):
+    """The split kernel's composition: the K weighted outputs of the tile summed in k order, skipping the
+    components :func:`_used` skipped, so the sum is bit-equal to :func:`_compose`'s whatever order the
+    programs ran in. ``.cg`` loads: the partials were written by other SMs in this launch; read them from L2."""
+    eps = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    for k in range(K):
+        wk = tl.load(wts_ptr + rows64 * K + k, mask=rmask, other=0.0)
+        if _used(wk, SKIP_UNUSED):
+            eps += tl.load(part_ptr + tl.cast(k, tl.int64) * B * D + xp, mask=xm, other=0.0, cache_modifier=".cg")
     return eps
 
 
@@ -360,11 +410,26 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     return dict(B=B, D=D, H=H, L=L, K=K, T=T)
 
 
-def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, weight_dtype=None, num_warps=None):
-    """Block sizes, code path and warps for a launch.
+#: Multiprocessors the split rule assumes off CUDA (the interpreter runs programs one at a time): an H100's, so
+#: that CPU tests take the path a GPU would.
+HOST_MULTIPROCESSORS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device) -> int:
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return HOST_MULTIPROCESSORS
+
+
+def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, weight_dtype=None, num_warps=None,
+                 *, K=1, split=None, device=None):
+    """Block sizes, code path, warps and whether the per-step kernel splits the components (``SPLIT``).
 
     The defaults are the configurations that ptxas (sm_90a, Triton 3.9) compiles
     without register spills for K = 4, H = 256, D = 32; their speed is unmeasured.
+    ``split`` (None: the rule below) is for the per-step kernel only; ``device``
+    is where it runs (its multiprocessor count decides the split).
     """
     if block_b is None:
         block_b = 16 if B <= 1024 else 32
@@ -387,40 +452,71 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
         num_warps = 8 if precision in ("ieee", "tf32x3") or d_pad >= 256 else 4
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"`num_warps` must be a power of two in 1..16, got {num_warps!r}")
+    if split is None:
+        # The one place that decides. Unsplit, one program per tile evaluates all K components one after the
+        # other, so with fewer tiles than multiprocessors most SMs idle while each busy one streams every
+        # component's weights (at batch <= 16 one SM streams all of them). Split, K programs per tile share that
+        # stream, for the price of a [K, B, D] round trip through L2 and one combine by the last program of
+        # the tile; once the tiles alone fill the GPU that price buys nothing.
+        split = K > 1 and triton.cdiv(B, block_b) < _multiprocessors(device)
+    elif not isinstance(split, bool):
+        raise ValueError(f"`split` must be None (automatic), True or False, got {split!r}")
     block_n = block_k = min(BLOCK_H, h_pad)
     # [D_PAD, BLOCK_HD] weight tiles of at most 4096 elements.
     block_hd = max(16, min(block_n, 4096 // d_pad))
     h_stride = triton.cdiv(H, BLOCK_H) * BLOCK_H  # every chunk the kernels write lies inside the row
     return dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
-                BLOCK_HD=block_hd, H_IN_REGS=bool(h_in_registers), PRECISION=precision, num_warps=num_warps)
+                BLOCK_HD=block_hd, H_IN_REGS=bool(h_in_registers), SPLIT=bool(split), PRECISION=precision,
+                num_warps=num_warps)
 
 
-def scratch_numel(B, cfg):
-    """Floats of scratch a launch needs (0 when the hidden state stays in registers)."""
-    if cfg["H_IN_REGS"]:
-        return 0
-    return triton.cdiv(B, cfg["BLOCK_B"]) * 2 * cfg["BLOCK_B"] * cfg["H_STRIDE"]
+def grid(B, K, block_b, split):
+    """The launch grid: one program per tile of ``block_b`` rows, times K when the components are split."""
+    tiles = triton.cdiv(B, block_b)
+    return (tiles, K) if split else (tiles,)
 
 
-def launch_setup(packed, x, noise, seed, out, scratch, validate, block_b, h_in_registers, precision, num_warps):
+def scratch_numel(B, D, K, cfg):
+    """Floats of scratch a launch needs: two ``[BLOCK_B, H_STRIDE]`` buffers per program unless the hidden state
+    stays in registers, then the split kernel's ``[K, B, D]`` weighted outputs."""
+    programs = math.prod(grid(B, K, cfg["BLOCK_B"], cfg["SPLIT"]))
+    hidden = 0 if cfg["H_IN_REGS"] else programs * 2 * cfg["BLOCK_B"] * cfg["H_STRIDE"]
+    return hidden + (K * B * D if cfg["SPLIT"] else 0)
+
+
+def counters_numel(B, cfg):
+    """int32 arrival counters a launch needs (one per tile when split, else none); zero before the first
+    launch, and every launch leaves them zero."""
+    return triton.cdiv(B, cfg["BLOCK_B"]) if cfg["SPLIT"] else 0
+
+
+def _workspace(name, buf, need, dtype, device, validate, zero):
+    """``buf`` checked (with ``validate``), or a new one when None; None when nothing is needed."""
+    if need == 0:
+        return None
+    if buf is None:
+        return (torch.zeros if zero else torch.empty)(need, device=device, dtype=dtype)
+    if validate and (not isinstance(buf, torch.Tensor) or buf.dtype != dtype or buf.device != device
+                     or not buf.is_contiguous() or buf.numel() < need):
+        raise ValueError(f"`{name}` must be a contiguous {dtype} tensor on {device} with at least {need} elements")
+    return buf
+
+
+def launch_setup(packed, x, noise, seed, out, scratch, counters, validate, block_b, h_in_registers, precision,
+                 num_warps, split):
     """What both launchers derive before launching: block sizes, buffers, noise mode.
 
-    Returns ``(cfg, grid, out, scratch, noise_mode)``; ``scratch`` is allocated
-    when not given and checked when given (with ``validate``).
+    Returns ``(cfg, out, scratch, counters, noise_mode)``; ``scratch`` and
+    ``counters`` (None when the launch needs none) are allocated when not given
+    and checked when given (with ``validate``).
     """
     B, D = x.shape
-    H = packed.w_in.shape[2]
-    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps)
-    need = scratch_numel(B, cfg)
-    if scratch is None:
-        # x stands in for an unused pointer argument when no scratch is needed.
-        scratch = torch.empty(need, device=x.device, dtype=torch.float32) if need else x
-    elif validate and need and (not isinstance(scratch, torch.Tensor) or scratch.dtype != torch.float32
-                                or scratch.device != x.device or not scratch.is_contiguous()
-                                or scratch.numel() < need):
-        raise ValueError(f"`scratch` must be a contiguous float32 tensor on {x.device} with at least {need} "
-                         "elements")
+    K, _, H = packed.w_in.shape
+    cfg = block_config(B, D, H, block_b, h_in_registers, precision, packed.w_in.dtype, num_warps, K=K, split=split,
+                       device=x.device)
+    scratch = _workspace("scratch", scratch, scratch_numel(B, D, K, cfg), torch.float32, x.device, validate, False)
+    counters = _workspace("counters", counters, counters_numel(B, cfg), torch.int32, x.device, validate, True)
     if out is None:
         out = torch.empty_like(x)
     mode = NOISE_TENSOR if noise is not None else (NOISE_SEED if seed is not None else NOISE_NONE)
-    return cfg, (triton.cdiv(B, cfg["BLOCK_B"]),), out, scratch, mode
+    return cfg, out, scratch, counters, mode

@@ -19,6 +19,15 @@ K = 4, H = 256, L = 2 in float32) they stay resident in L2 across steps, and
 small ones stay in L1. Wide models stage the hidden state in a per-program
 scratch buffer as in the per-step kernel.
 
+No component split here (unlike the per-step kernel at small batch): every
+step needs the combined ``x`` of the previous one, so programs that each
+evaluated one component would have to wait for each other inside the launch,
+T times. Triton has no grid-wide barrier, co-residency of the programs is not
+guaranteed (a spin-wait could wait forever for a program that never gets an
+SM), and the interpreter runs programs one after the other, so a spinning
+program would deadlock there. At small batch the per-step kernel (split, one
+launch per step) is the one that spreads the weights over several SMs.
+
 Noise: ``noise`` is the step-noise tensor ``[T, B, D]`` (row t read at step t
 where ``adds_noise[t]``); or, with ``seed=``, z is generated in the kernel
 with ``tl.randn`` (Philox), counter ``(t * B + row) * D + column`` under
@@ -73,10 +82,10 @@ def mlp_sample(packed, steps, call, coef, adds_noise, x_T, noise=None, *, seed=N
     may be ``x_T`` itself.
     """
     check_launch(packed, steps, call, coef, adds_noise, x_T, noise, out, clip_range, seed)
-    cfg, _, out, scratch, mode = launch_setup(packed, x_T, noise, seed, out, scratch, True, block_b,
-                                                 h_in_registers, precision, num_warps)
+    cfg, out, scratch, _, mode = launch_setup(packed, x_T, noise, seed, out, scratch, None, True, block_b,
+                                              h_in_registers, precision, num_warps, False)
     from .ops import launch_mlp  # here: fdp_kernels.ops imports this module's kernel
 
-    launch_mlp(True, x_T, out, packed, steps, call, coef, adds_noise, noise, scratch, 0, seed, clip_range, mode,
+    launch_mlp(True, x_T, out, packed, steps, call, coef, adds_noise, noise, scratch, None, 0, seed, clip_range, mode,
                skip_unused, cfg)
     return out

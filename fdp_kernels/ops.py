@@ -28,47 +28,52 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from .compose_step import compose_step_kernel
+from .mlp_common import grid
 from .mlp_persistent import mlp_persistent_kernel
 from .mlp_step import mlp_step_kernel
 
 __all__ = ["mlp_launch", "compose_launch", "launch_mlp"]
 
 
-def launch_mlp(persistent: bool, x, out, packed, steps, call, coef, adds_noise, noise, scratch, step: int,
+def launch_mlp(persistent: bool, x, out, packed, steps, call, coef, adds_noise, noise, scratch, counters, step: int,
                seed: int | None, clip_range: float | None, noise_mode: int, skip_unused: bool, cfg: dict) -> None:
     """:func:`mlp_launch` from the launchers' objects (``packed``, ``steps``, ``call``) and ``block_config``'s ``cfg``."""
     mlp_launch(persistent, x, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
                steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift, coef, adds_noise, noise,
-               None if cfg["H_IN_REGS"] else scratch, step, seed or 0, float(clip_range or 0.0),
-               clip_range is not None, noise_mode, bool(skip_unused), **{k.lower(): v for k, v in cfg.items()})
+               scratch, counters, step, seed or 0, float(clip_range or 0.0), clip_range is not None, noise_mode,
+               bool(skip_unused), **{k.lower(): v for k, v in cfg.items()})
 
 
-@triton_op("fdp::mlp_launch", mutates_args={"out", "scratch"})
+@triton_op("fdp::mlp_launch", mutates_args={"out", "scratch", "counters"})
 def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch.Tensor, w_a: torch.Tensor,
                w_b: torch.Tensor, b_b: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, t_in: torch.Tensor,
                t_shift: torch.Tensor, weights: torch.Tensor, c_in: torch.Tensor, scale: torch.Tensor,
                shift: torch.Tensor, coef: torch.Tensor, adds_noise: torch.Tensor, noise: Optional[torch.Tensor],
-               scratch: Optional[torch.Tensor], step: int, seed: int, clip_range: float, clip: bool, noise_mode: int,
-               skip_unused: bool, block_b: int, d_pad: int, h_pad: int, h_stride: int, block_n: int, block_k: int,
-               block_hd: int, h_in_regs: bool, precision: str, num_warps: int) -> None:
+               scratch: Optional[torch.Tensor], counters: Optional[torch.Tensor], step: int, seed: int,
+               clip_range: float, clip: bool, noise_mode: int, skip_unused: bool, block_b: int, d_pad: int,
+               h_pad: int, h_stride: int, block_n: int, block_k: int, block_hd: int, h_in_regs: bool, split: bool,
+               precision: str, num_warps: int) -> None:
     """One launch of the fused MLP kernel (``persistent``: all T steps, else step ``step``) on validated tensors.
 
-    The block sizes are :func:`fdp_kernels.mlp_common.block_config`'s; ``scratch`` is None when the hidden
-    state stays in registers.
+    The block sizes are :func:`fdp_kernels.mlp_common.block_config`'s; ``scratch`` is None when the launch needs
+    none, ``counters`` (the split per-step kernel's) None unless ``split``.
     """
     B, D = x.shape
     K, _, H = w_in.shape
     L = w_a.shape[1]
-    # The persistent kernel's loop bound takes the step argument's place.
-    kernel, step_or_T = (mlp_persistent_kernel, coef.shape[0]) if persistent else (mlp_step_kernel, step)
     # x stands in for unused pointer arguments.
-    wrap_triton(kernel)[(triton.cdiv(B, block_b),)](
-        x, out, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, weights, c_in, scale, shift,
-        coef, adds_noise, noise if noise is not None else x, scratch if scratch is not None else x,
-        step_or_T, seed, clip_range, B, D, H, L, K,
-        BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_HD=block_hd, H_IN_REGS=h_in_regs, SKIP_UNUSED=skip_unused, PRECISION=precision, CLIP=clip,
-        NOISE_MODE=noise_mode, num_warps=num_warps)
+    tensors = (x, out, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, weights, c_in, scale, shift, coef,
+               adds_noise, noise if noise is not None else x, scratch if scratch is not None else x)
+    sizes = (seed, clip_range, B, D, H, L, K)
+    blocks = dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
+                  BLOCK_HD=block_hd, H_IN_REGS=h_in_regs, SKIP_UNUSED=skip_unused, PRECISION=precision, CLIP=clip,
+                  NOISE_MODE=noise_mode, num_warps=num_warps)
+    if persistent:
+        # The loop bound takes the step argument's place.
+        wrap_triton(mlp_persistent_kernel)[grid(B, K, block_b, False)](*tensors, coef.shape[0], *sizes, **blocks)
+    else:
+        wrap_triton(mlp_step_kernel)[grid(B, K, block_b, split)](
+            *tensors, counters if counters is not None else x, step, *sizes, SPLIT=split, **blocks)
 
 
 @triton_op("fdp::compose_launch", mutates_args={"out"})

@@ -114,6 +114,16 @@ def _assert_canaries(buf, what):
     assert torch.isnan(buf[:PAD]).all() and torch.isnan(buf[-PAD:]).all(), f"{what}: write outside the buffer"
 
 
+COUNTER_CANARY = -7
+
+
+def _assert_counters(buf, what):
+    """The split kernel's arrival counters (between PAD canaries) are back to 0 after a launch."""
+    assert (buf[:PAD] == COUNTER_CANARY).all() and (buf[-PAD:] == COUNTER_CANARY).all(), \
+        f"{what}: write outside the counters"
+    assert (buf[PAD:-PAD] == 0).all(), f"{what}: arrival counters not reset: {buf[PAD:-PAD].tolist()}"
+
+
 class TritonCase(_Draws):
     """A problem's Triton kernel inputs (CPU, float32), poisoned outputs and canary checks."""
 
@@ -131,24 +141,33 @@ class TritonCase(_Draws):
     def kernel_noise(self):
         return self.noise.reshape(len(self.table), self.B, self.D).float().contiguous() if self.adds else None
 
-    def scratch(self, packed, **tuning):
+    def workspace(self, packed, persistent=False, **tuning):
+        """Poisoned scratch (None when the launch needs none) and, for a split launch, zero arrival counters
+        between canaries: ``(scratch buffer, scratch, counters buffer, counters)``."""
         cfg = mlp_common.block_config(self.B, self.D, packed.H, tuning.get("block_b"), tuning.get("h_in_registers"),
-                                      tuning.get("precision"), packed.dtype, tuning.get("num_warps"))
-        need = mlp_common.scratch_numel(self.B, cfg)
-        return _poisoned(need) if need else (None, None)
+                                      tuning.get("precision"), packed.dtype, tuning.get("num_warps"), K=packed.K,
+                                      split=False if persistent else tuning.get("split"))
+        need = mlp_common.scratch_numel(self.B, self.D, packed.K, cfg)
+        sbuf, scratch = _poisoned(need) if need else (None, None)
+        tiles = mlp_common.counters_numel(self.B, cfg)
+        cbuf = torch.full((tiles + 2 * PAD,), COUNTER_CANARY, dtype=torch.int32)
+        cbuf[PAD:PAD + tiles] = 0
+        return sbuf, scratch, cbuf, (cbuf[PAD:PAD + tiles] if tiles else None)
 
     def run_steps(self, packed, **tuning):
-        """The per-step kernel T times, each into a fresh poisoned buffer."""
+        """The per-step kernel T times, each into a fresh poisoned buffer; a split launch leaves its counters 0."""
         x = self.x_T.reshape(self.B, self.D).float()
         noise = self.kernel_noise()
-        sbuf, scratch = self.scratch(packed, **tuning)
+        sbuf, scratch, cbuf, counters = self.workspace(packed, **tuning)
         for i in range(len(self.table)):
             buf, out = _poisoned(self.B * self.D)
             res = mlp_step(packed, self.steps, self.call, self.coef, self.adds_noise, i, x, noise,
-                           clip_range=self.clip, out=out.view(self.B, self.D), scratch=scratch, **tuning)
+                           clip_range=self.clip, out=out.view(self.B, self.D), scratch=scratch, counters=counters,
+                           **tuning)
             _assert_canaries(buf, f"mlp_step out (step {i})")
             assert res.data_ptr() == out.data_ptr()
             assert torch.isfinite(res).all(), f"step {i} left elements unwritten"
+            _assert_counters(cbuf, f"mlp_step (step {i})")
             x = res
         if sbuf is not None:
             _assert_canaries(sbuf, "mlp_step scratch")
@@ -156,7 +175,7 @@ class TritonCase(_Draws):
 
     def run_persistent(self, packed, **tuning):
         buf, out = _poisoned(self.B * self.D)
-        sbuf, scratch = self.scratch(packed, **tuning)
+        sbuf, scratch, _, _ = self.workspace(packed, persistent=True, **tuning)
         res = mlp_sample(packed, self.steps, self.call, self.coef, self.adds_noise,
                          self.x_T.reshape(self.B, self.D).float(), self.kernel_noise(), clip_range=self.clip,
                          out=out.view(self.B, self.D), scratch=scratch, **tuning)
