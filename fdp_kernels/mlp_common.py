@@ -57,7 +57,6 @@ tiles and a 64-wide register-resident h spill); their speed is unmeasured.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -415,8 +414,8 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
 HOST_MULTIPROCESSORS = 132
 
 
-@functools.lru_cache(maxsize=None)
 def _multiprocessors(device) -> int:
+    # torch caches the device properties.
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return HOST_MULTIPROCESSORS

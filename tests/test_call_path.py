@@ -354,7 +354,8 @@ def test_triton_backends_launch_through_the_registered_op(backend, launches):
 _OPCHECK_CPU = ("test_schema", "test_faketensor", "test_autograd_registration")
 
 
-@pytest.mark.parametrize("backend,hidden", [("triton", 16), ("triton-persistent", 40)])  # 40: the scratch path
+# 40: the scratch path; triton at batch 3 splits the components (scratch for their outputs, counters).
+@pytest.mark.parametrize("backend,hidden", [("triton", 16), ("triton-persistent", 16), ("triton-persistent", 40)])
 def test_mlp_launch_op_passes_opcheck(backend, hidden):
     factory, eta = KERNEL_SCHEDULERS["ddpm_clip"]
     s = fdp.Sampler(make_mlp_policy(K=2, hidden=hidden, dtype=torch.float32), factory(), num_inference_steps=2,
@@ -363,7 +364,9 @@ def test_mlp_launch_op_passes_opcheck(backend, hidden):
     with _Dispatched() as d:
         s(torch.randn(3, 5), x_T=x_T, step_noise=noise)
     func, args, kwargs = d.fdp_calls[0]
-    assert str(func) == "fdp.mlp_launch.default" and (args[18] is None) == (hidden == 16)  # scratch
+    assert str(func) == "fdp.mlp_launch.default"
+    assert (args[18] is None) == (backend == "triton-persistent" and hidden == 16)  # scratch
+    assert (args[19] is None) == (backend == "triton-persistent")  # counters
     torch.library.opcheck(func, args, kwargs, test_utils=_OPCHECK_CPU)
 
 

@@ -580,6 +580,139 @@ def test_backends_nan_router_logit_gives_nan_actions(name, sched):
     assert torch.isnan(out).all()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Triton: the per-step kernel with its components split over programs (grid [tiles, K], last arrival combines)
+
+# K, H, L, horizon, action_dim, B, scheduler, strategy, T, weight dtype, tuning
+SPLIT_CASES = [
+    (4, 24, 2, 4, 3, 1, "ddim_eta", "soft", 3, F32, {}),                       # batch 1
+    (5, 17, 1, 3, 5, 3, "ddpm_clip", "topk", 3, F32, {}),                      # K = 5, odd H and D, top-2
+    (1, 40, 2, 4, 3, 13, "ddim", "soft", 2, F32, {}),                          # K = 1, H = 40: scratch path
+    (3, 20, 1, 5, 3, 13, "ddpm_v", "hard", 3, F32, {}),                        # hard routing: components skipped
+    (3, 24, 1, 4, 3, 21, "ddim_eta", "hard", 2, F32, {"skip_unused": False}),  # two tiles, zero weights evaluated
+    (2, 48, 1, 7, 3, 3, "ddpm_clip", "soft", 2, BF16, {"h_in_registers": False}),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[_case_id(c, c[10]) for c in SPLIT_CASES])
+def test_split_and_unsplit_steps_match_reference_bit_equal(case):
+    """Split and unsplit per-step kernels against the float64 reference (NaN-poisoned outputs and scratch,
+    canaries, counters 0 after every launch: TritonCase.run_steps), bit-equal to each other and run to run."""
+    c = TritonCase(*case[:9])
+    packed = c.packed(case[9])
+    split = c.run_steps(packed, split=True, **case[10])
+    unsplit = c.run_steps(packed, split=False, **case[10])
+    e_split, e_unsplit = rel_err(split, c.ref), rel_err(unsplit, c.ref)
+    print(f"[split {_case_id(case, case[10])}] rel err: split {e_split:.2e}, unsplit {e_unsplit:.2e}")
+    assert e_split < TOL[case[9]] and e_unsplit < TOL[case[9]]
+    torch.testing.assert_close(split, unsplit, rtol=0, atol=0)
+    torch.testing.assert_close(c.run_steps(packed, split=True, **case[10]), split, rtol=0, atol=0)
+
+
+def _interpreter_builder():
+    interp = sys.modules.get("triton.runtime.interpreter")
+    builder = getattr(interp, "interpreter_builder", None)
+    if builder is None or not hasattr(builder, "set_grid_idx"):
+        pytest.skip("this Triton's interpreter has no interpreter_builder.set_grid_idx to reorder programs")
+    return builder
+
+
+@pytest.mark.parametrize("order", ["reversed", "rotated"])
+def test_split_result_does_not_depend_on_arrival_order(monkeypatch, order):
+    """The interpreter runs a tile's K programs in k order, so component K-1 arrives last and combines. Run
+    them in another order (another component combines, after reading partials written before and after its
+    own): the result is bit-equal."""
+    c = TritonCase(4, 24, 1, 4, 3, 19, "ddpm_clip", "soft", 2)  # two tiles
+    packed = c.packed(torch.float32)
+    expect = c.run_steps(packed, split=True)
+    builder = _interpreter_builder()
+    set_idx = builder.set_grid_idx
+    ran = []
+
+    def reordered(x, y, z):
+        n = builder.grid_dim[1]
+        y = n - 1 - y if order == "reversed" else (y + 1) % n
+        ran.append((x, y))
+        set_idx(x, y, z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", reordered)
+    out = c.run_steps(packed, split=True)
+    assert ran[:4] == ([(0, 3), (0, 2), (0, 1), (0, 0)] if order == "reversed" else [(0, 1), (0, 2), (0, 3), (0, 0)])
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("skip_unused", [True, False])
+def test_split_zero_and_nan_weights(skip_unused):
+    """The NaN rule of docs/design.md on the split path: a component with weight exactly 0 stays out of a row
+    whatever it outputs (here NaN weights: skipped or evaluated), a NaN weight gives NaN in its row only."""
+    c = TritonCase(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2)
+    c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+    c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
+    packed = c.packed(torch.float32)
+    expect = c.run_steps(packed, split=False)
+    for attr in ("w_in", "w_a", "w_b", "w_out"):
+        getattr(packed, attr)[1] = NAN
+    torch.testing.assert_close(c.run_steps(packed, split=True, skip_unused=skip_unused), expect, rtol=0, atol=0)
+    # Row 3 gives the NaN component a NaN weight: that row only is NaN (through the scheduler's update).
+    packed = c.packed(torch.float32)
+    weights = c.call.weights.clone()
+    weights[3, 1] = NAN
+    c.call = replaced(c.call, weights=weights)
+    x = c.x_T.reshape(c.B, c.D).float()
+    counters = torch.zeros(1, dtype=torch.int32)
+    for i in range(len(c.table)):
+        x = mlp_step(packed, c.steps, c.call, c.coef, c.adds_noise, i, x, c.kernel_noise(), clip_range=c.clip,
+                     counters=counters, split=True, skip_unused=skip_unused)
+        assert int(counters) == 0
+    x = x.reshape(c.shape)
+    assert torch.isnan(x[3]).all()
+    others = [0, 1, 2, 4]
+    torch.testing.assert_close(x[others], expect[others], rtol=0, atol=0)
+
+
+def test_split_rule():
+    """One rule (mlp_common.block_config): split while there are fewer tiles than multiprocessors and more than
+    one component; off CUDA the rule assumes HOST_MULTIPROCESSORS."""
+    sms = mlp_common.HOST_MULTIPROCESSORS
+    cfg = lambda B, K, **kw: mlp_common.block_config(B, 32, 256, K=K, **kw)  # noqa: E731
+    assert cfg(1, 4)["SPLIT"] and cfg(16 * (sms - 1), 4, block_b=16)["SPLIT"]
+    assert not cfg(16 * sms, 4, block_b=16)["SPLIT"] and not cfg(1, 1)["SPLIT"]
+    assert cfg(1, 1, split=True)["SPLIT"] and not cfg(1, 4, split=False)["SPLIT"]
+    with pytest.raises(ValueError, match="`split`"):
+        cfg(1, 4, split=1)
+    # The grid and the scratch follow: [tiles, K] programs, each with its hidden-state scratch, then [K, B, D].
+    c = cfg(20, 4)
+    assert mlp_common.grid(20, 4, c["BLOCK_B"], c["SPLIT"]) == (2, 4)
+    assert mlp_common.scratch_numel(20, 32, 4, c) == 8 * 2 * 16 * 256 + 4 * 20 * 32
+    assert mlp_common.counters_numel(20, c) == 2
+
+
+def test_mlp_step_checks_counters(launch_args):
+    a = launch_args
+    args = [a[k] for k in ("packed", "steps", "call", "coef", "adds_noise")]
+    for bad in (torch.zeros(1), torch.zeros(0, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32).t()):
+        with pytest.raises(ValueError, match="`counters` must be a contiguous torch.int32 tensor"):
+            mlp_step(*args, 0, a["x"], a["noise"], counters=bad, split=True)
+
+
+@pytest.mark.parametrize("B", [1, 20])
+def test_backend_split_counters_reused_and_zero(B):
+    """backend="triton" at small batch: one workspace per prepared object, reused across calls, counters back to
+    0 after each; the result equals the unsplit backend's bit for bit."""
+    c = TritonCase(3, 24, 1, 4, 3, B, "ddpm_clip", "soft", 3)
+    pol = copy.deepcopy(c.policy).float()
+    prepared = get_backend("triton").prepare(pol, c.table, torch.float32)
+    x_T, cond, noise = c.x_T.float(), c.cond.float(), c.noise.float()
+    first = prepared.run(cond, x_T, noise)
+    scratch, counters = prepared._scratch, prepared._counters
+    assert counters is not None and counters.numel() == -(-B // 16) and (counters == 0).all()
+    assert torch.equal(prepared.run(cond, x_T, noise), first)
+    assert prepared._scratch is scratch and prepared._counters is counters and (counters == 0).all()
+    unsplit = type(get_backend("triton"))(split=False).prepare(pol, c.table, torch.float32)
+    assert torch.equal(unsplit.run(cond, x_T, noise), first) and unsplit._counters is None
+    assert rel_err(first, c.ref) < TOL[torch.float32]
+
+
 def test_scratch_offsets_are_64_bit():
     """Program pid's scratch starts at pid * 2 * BLOCK_B * H_STRIDE floats: past 2**31 (65536 programs
     of 32 rows at H = 512, about 2M rows) that offset must not wrap."""

@@ -67,22 +67,39 @@ class TritonPrepared(CapturesCalls):
         self.clip_range = float(tbl.clip_range) if tbl.clip_sample else None
         self.T = len(table.timesteps)
         self.tuning = tuning
-        self._scratch = None
+        self._scratch = self._counters = None
         self._call = CapturedCall(self._sample, self.device)
 
-    def _scratch_for(self, B):
-        from fdp_kernels.mlp_common import block_config, scratch_numel
+    def _workspace_for(self, B, persistent=False):
+        """``(scratch, counters)`` for a call of batch ``B`` (None where the launches need none), counters zeroed
+        on the current stream; the call's T launches share them (each launch leaves its counters at 0).
+
+        Allocated once per prepared object (so once per device) and grown to the largest batch, off
+        capture. While a CUDA graph is captured (or torch.compile traces), allocated here instead, once per
+        call: the graph then owns them (its private pool; a cached buffer could be replaced, and freed, by a later
+        larger call while the graph still uses it) and replays the zeroing of its counters with every call.
+        """
+        from fdp_kernels.mlp_common import block_config, counters_numel, scratch_numel
 
         cfg = block_config(B, self.D, self.packed.H, self.tuning.get("block_b"), self.tuning.get("h_in_registers"),
-                           self.tuning.get("precision"), self.packed.dtype, self.tuning.get("num_warps"))
-        need = scratch_numel(B, cfg)
-        if need == 0 or torch.compiler.is_compiling() or capturing(self.device):
-            # None: the launcher allocates it, inside the compiled or captured graph, which then owns it (a
-            # cached buffer could be replaced, and freed, by a later larger call while a graph still uses it).
-            return None
-        if self._scratch is None or self._scratch.numel() < need:
-            self._scratch = torch.empty(need, device=self.device, dtype=torch.float32)
-        return self._scratch
+                           self.tuning.get("precision"), self.packed.dtype, self.tuning.get("num_warps"),
+                           K=self.packed.K, split=False if persistent else self.tuning.get("split"),
+                           device=self.device)
+        need, tiles = scratch_numel(B, self.D, self.packed.K, cfg), counters_numel(B, cfg)
+        f32, i32 = torch.float32, torch.int32
+        if torch.compiler.is_compiling() or capturing(self.device):
+            return (torch.empty(need, device=self.device, dtype=f32) if need else None,
+                    torch.zeros(tiles, device=self.device, dtype=i32) if tiles else None)
+        if need and (self._scratch is None or self._scratch.numel() < need):
+            self._scratch = torch.empty(need, device=self.device, dtype=f32)
+        if tiles and (self._counters is None or self._counters.numel() < tiles):
+            self._counters = torch.empty(tiles, device=self.device, dtype=i32)
+        counters = None
+        if tiles:
+            # Every launch leaves its counters at 0; zeroed per call anyway, so that one launch cut short (an
+            # interrupted interpreter run) cannot leave a later call combining too early.
+            counters = self._counters[:tiles].zero_()
+        return (self._scratch if need else None), counters
 
     def _inputs(self, global_cond, x_T, step_noise, seed):
         cond = global_cond.to(self.param_dtype)
@@ -117,10 +134,11 @@ class TritonPrepared(CapturesCalls):
         from fdp_kernels.mlp_step import mlp_step
 
         call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
-        scratch = self._scratch_for(x.shape[0])
+        scratch, counters = self._workspace_for(x.shape[0])
         for i in range(self.T):
             mlp_step(self.packed, self.steps, call, self.coef, self.adds_noise, i, x, noise, seed=seed,
-                     clip_range=self.clip_range, out=x, scratch=scratch, validate=(i == 0), **self.tuning)
+                     clip_range=self.clip_range, out=x, scratch=scratch, counters=counters, validate=(i == 0),
+                     **self.tuning)
         return x.reshape(x_T.shape).to(x_T.dtype)
 
 
@@ -143,7 +161,7 @@ class TritonBackendBase(Backend):
         return None
 
     def __init__(self, **tuning):
-        # Kernel tuning knobs (block_b, h_in_registers, precision, skip_unused, num_warps), for benchmarks.
+        # Kernel tuning knobs (block_b, h_in_registers, precision, skip_unused, num_warps, split), for benchmarks.
         self.tuning = tuning
 
     def unavailable_reason(self, device):

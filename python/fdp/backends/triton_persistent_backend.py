@@ -21,7 +21,7 @@ class TritonPersistentPrepared(TritonPrepared):
         from fdp_kernels.mlp_persistent import mlp_sample
 
         call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
-        scratch = self._scratch_for(x.shape[0])
+        scratch, _ = self._workspace_for(x.shape[0], persistent=True)
         mlp_sample(self.packed, self.steps, call, self.coef, self.adds_noise, x, noise, seed=seed,
                    clip_range=self.clip_range, out=x, scratch=scratch, **self.tuning)
         return x.reshape(x_T.shape).to(x_T.dtype)
