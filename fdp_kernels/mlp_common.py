@@ -50,9 +50,17 @@ hidden state lives (``H_IN_REGS``):
   update ``h += ...`` runs chunk by chunk in place: chunk n of the new h reads
   only chunk n of the old one.
 
-The block sizes and thresholds are the largest that ptxas (sm_90a, Triton
-3.9) compiles without register spills for K = 4, H = 256, D = 32 (64-wide
-tiles and a 64-wide register-resident h spill); their speed is unmeasured.
+Block sizes and warps come from sm_90a compiles (Triton 3.9 and its ptxas,
+specialized as the JIT specializes a launch: aligned pointers, divisibility
+hints, batch 1 a constant; ``test_kernels_compile_for_sm90`` prints registers,
+stack and spill instructions per variant) at K = 4, H = 256, D = 32, batch 1.
+There the split per-step kernel (float32 and bfloat16 weights) and the
+unsplit and persistent kernels with bfloat16 weights compile without spills;
+with float32 weights the unsplit and persistent kernels keep an 8-byte stack
+(one or two registers stored before the component loop and reloaded after it)
+at every tile width and warp count tried (16 to 64 columns, 4 to 16 warps).
+64-column tiles do not spill in the split kernel but do (64 bytes) in the
+unsplit float32 one; 32 serves both. Their speed is unmeasured.
 """
 
 from __future__ import annotations
@@ -65,9 +73,9 @@ import triton.language as tl
 
 from .abi import NUM_COLS, TRITON_MAX_D, TRITON_MAX_H, TRITON_MAX_K, TRITON_MIN_H, WEIGHT_DTYPES
 from .checks import check_flat_sample, check_kernel_arg as _check
-#: Padded widths up to this keep the hidden state in registers (64 already spills registers on sm_90).
+#: Padded widths up to this keep the hidden state in registers (at 64, float32 weights spill on sm_90 unsplit).
 MAX_H_IN_REGS = 32
-#: Hidden columns per matmul tile in the scratch path (64 spills registers on sm_90).
+#: Hidden columns per matmul tile in the scratch path (64 spills in the unsplit float32 kernel on sm_90).
 BLOCK_H = 32
 
 #: ``tl.dot`` precisions: float32 FMA ("ieee"), tensor cores on float32 ("tf32": activations rounded to 10
@@ -425,10 +433,9 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
                  *, K=1, split=None, device=None):
     """Block sizes, code path, warps and whether the per-step kernel splits the components (``SPLIT``).
 
-    The defaults are the configurations that ptxas (sm_90a, Triton 3.9) compiles
-    without register spills for K = 4, H = 256, D = 32; their speed is unmeasured.
-    ``split`` (None: the rule below) is for the per-step kernel only; ``device``
-    is where it runs (its multiprocessor count decides the split).
+    The defaults come from sm_90a compiles (the module docstring says which spill); their speed is
+    unmeasured. ``split`` (None: the rule below) is for the per-step kernel only; ``device`` is where it
+    runs (its multiprocessor count decides the split).
     """
     if block_b is None:
         block_b = 16 if B <= 1024 else 32
@@ -447,10 +454,6 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
         raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
     if precision == "native" and not half:
         raise ValueError("`precision`='native' needs bfloat16 or float16 weights (float32: use 'tf32')")
-    if num_warps is None:
-        num_warps = 8 if precision in ("ieee", "tf32x3") or d_pad >= 256 else 4
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"`num_warps` must be a power of two in 1..16, got {num_warps!r}")
     if split is None:
         # The one place that decides. Unsplit, one program per tile evaluates all K components one after the
         # other, so with fewer tiles than multiprocessors most SMs idle while each busy one streams every
@@ -460,6 +463,12 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
         split = K > 1 and triton.cdiv(B, block_b) < _multiprocessors(device)
     elif not isinstance(split, bool):
         raise ValueError(f"`split` must be None (automatic), True or False, got {split!r}")
+    if num_warps is None:
+        # From sm_90a compiles (test_kernels_compile_for_sm90 prints them): with the hidden state in scratch,
+        # bfloat16 weights at K = 4, H = 256 spill at 4 warps (split and persistent kernels) and not at 8.
+        num_warps = 8 if not h_in_registers or precision in ("ieee", "tf32x3") or d_pad >= 256 else 4
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"`num_warps` must be a power of two in 1..16, got {num_warps!r}")
     block_n = block_k = min(BLOCK_H, h_pad)
     # [D_PAD, BLOCK_HD] weight tiles of at most 4096 elements.
     block_hd = max(16, min(block_n, 4096 // d_pad))

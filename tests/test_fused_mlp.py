@@ -874,7 +874,7 @@ def test_mlp_step_rejects_bad_step(launch_args, step):
 # Triton: native compilation (no GPU needed) and native runs (GPU only), in subprocesses without TRITON_INTERPRET
 
 _COMPILE_SCRIPT = r'''
-import os, sys, time
+import os, re, shutil, subprocess, sys, tempfile, time
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import torch
@@ -892,42 +892,95 @@ from fdp_kernels.mlp_step import mlp_step_kernel
 
 TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 WEIGHTS = ("w_in_ptr", "w_a_ptr", "w_b_ptr", "w_out_ptr")
+DIVISIBLE = [["tt.divisibility", 16]]
 
 
-def signature(kernel, wdt):
-    sig = {}
-    for p in kernel.params:
+def specialize(kernel, wdt, ints):
+    # What the JIT compiles for a launch with these int arguments: pointers 16-byte aligned (torch's allocations
+    # are), an int equal to 1 becomes a constant, an int divisible by 16 gets tt.divisibility 16, except the
+    # do_not_specialize parameters. Triton 3.3 to 3.9 take `attrs` as {(parameter index,): [[name, value]]}.
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            sig[p.name] = "*" + (TY[wdt] if p.name in WEIGHTS else "i8" if p.name == "adds_ptr" else "fp32")
+            sig[p.name] = "*" + (TY[wdt] if p.name in WEIGHTS else {"adds_ptr": "i8", "count_ptr": "i32"}.get(
+                p.name, "fp32"))
+            attrs[(i,)] = DIVISIBLE
+        elif p.name == "clip_range":
+            sig[p.name] = "fp32"
+        elif not p.do_not_specialize and ints[p.name] == 1:
+            sig[p.name], consts[p.name] = "constexpr", 1
         else:
-            sig[p.name] = "fp32" if p.name == "clip_range" else "i32"
-    return sig
+            sig[p.name] = "i32"
+            if not p.do_not_specialize and ints[p.name] % 16 == 0:
+                attrs[(i,)] = DIVISIBLE
+    return sig, consts, attrs
+
+
+CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin",
+                                                      "cuobjdump")
+
+
+def resources(cubin):
+    # Registers, stack, local-memory spill instructions (LDL/STL) and shared memory of the cubin (no driver needed).
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return dict(regs=int(m[1]), stack=int(m[2]), stl=len(re.findall(r"\bSTL\b", sass)),
+                ldl=len(re.findall(r"\bLDL\b", sass)))
 
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-VARIANTS = [  # kernel, B, D, H, weight dtype, tuning, clip, noise
-    (mlp_step_kernel, 1, 32, 256, f32, {}, True, NOISE_TENSOR),
-    (mlp_step_kernel, 5, 15, 24, bf16, {}, False, NOISE_SEED),
-    (mlp_step_kernel, 300, 112, 100, f16, {"precision": "native", "block_b": 32}, True, NOISE_NONE),
-    (mlp_persistent_kernel, 1, 32, 256, bf16, {}, True, NOISE_TENSOR),
-    (mlp_persistent_kernel, 17, 2, 16, f32, {}, False, NOISE_SEED),
-    (mlp_persistent_kernel, 1, 512, 512, f32, {"precision": "tf32x3"}, True, NOISE_TENSOR),
-    (mlp_persistent_kernel, 3, 12, 48, bf16, {"h_in_registers": True, "precision": "native"}, False, NOISE_NONE),
+TARGET = dict(B=1, D=32, H=256, L=2, K=4)  # K 4, H 256, batch 1: the shape the defaults were chosen on
+# kernel, sizes, weight dtype, tuning, clip, noise, must compile without spills (ptxas of this Triton, sm_90a)
+VARIANTS = [
+    (mlp_step_kernel, TARGET, f32, {"split": True}, True, NOISE_TENSOR, True),
+    (mlp_step_kernel, TARGET, bf16, {"split": True}, True, NOISE_TENSOR, True),
+    (mlp_step_kernel, TARGET, f32, {"split": False}, True, NOISE_TENSOR, False),
+    (mlp_step_kernel, TARGET, bf16, {"split": False}, True, NOISE_TENSOR, True),
+    (mlp_persistent_kernel, TARGET, f32, {}, True, NOISE_TENSOR, False),
+    (mlp_persistent_kernel, TARGET, bf16, {}, True, NOISE_TENSOR, True),
+    (mlp_step_kernel, dict(B=5, D=15, H=24, L=2, K=3), bf16, {}, False, NOISE_SEED, False),
+    (mlp_step_kernel, dict(B=300, D=112, H=100, L=1, K=2), f16, {"precision": "native", "block_b": 32}, True,
+     NOISE_NONE, False),
+    (mlp_persistent_kernel, dict(B=17, D=2, H=16, L=1, K=1), f32, {}, False, NOISE_SEED, False),
+    (mlp_persistent_kernel, dict(B=1, D=512, H=512, L=1, K=1), f32, {"precision": "tf32x3"}, True, NOISE_TENSOR,
+     False),
+    (mlp_persistent_kernel, dict(B=3, D=12, H=48, L=2, K=2), bf16, {"h_in_registers": True, "precision": "native"},
+     False, NOISE_NONE, False),
 ]
-for kernel, B, D, H, wdt, tuning, clip, noise in VARIANTS:
-    cfg = block_config(B, D, H, weight_dtype=wdt, **tuning)
+spilled = []
+for kernel, n, wdt, tuning, clip, noise, no_spills in VARIANTS:
+    persistent = kernel is mlp_persistent_kernel
+    cfg = block_config(n["B"], n["D"], n["H"], weight_dtype=wdt, K=n["K"],
+                       **({"split": False} if persistent else {}), **tuning)
     num_warps = cfg.pop("num_warps")
+    if persistent:
+        cfg.pop("SPLIT")
     cfg.update(SKIP_UNUSED=True, CLIP=clip, NOISE_MODE=noise)
+    sig, consts, attrs = specialize(kernel, wdt, dict(n, T=10, step=0, seed=0))
     try:
-        src = ASTSource(kernel, signature(kernel, wdt), constexprs=cfg)
+        src = ASTSource(kernel, sig, constexprs={**cfg, **consts}, attrs=attrs)
     except (TypeError, KeyError) as exc:  # another Triton's ASTSource API
         print("SKIP: ASTSource API differs:", exc)
         sys.exit(0)
     t = time.time()
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    print(f"OK {kernel.__name__} B={B} D={D} H={H} {wdt} {cfg['PRECISION']} {time.time() - t:.1f}s", flush=True)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    res = resources(compiled.asm["cubin"])
+    tag = (f"{kernel.__name__} split={cfg.get('SPLIT', False)} B={n['B']} D={n['D']} H={n['H']} K={n['K']} "
+           f"{TY[wdt]} {cfg['PRECISION']} warps={num_warps}")
+    print(f"OK {tag}: {res} shared={compiled.metadata.shared} {time.time() - t:.1f}s", flush=True)
+    if no_spills and res is not None and (res["stl"] or res["ldl"] or res["stack"]):
+        spilled.append(tag)
+if spilled:
+    print("SPILLS in variants whose defaults claim none:", spilled)
+    sys.exit(1)
 '''
 
 
@@ -940,12 +993,16 @@ def _run_script(script, timeout):
 
 
 def test_kernels_compile_for_sm90():
-    """Triton's real front end and ptxas on the kernels (the interpreter misses e.g. loop-carried type changes)."""
-    r = _run_script(_COMPILE_SCRIPT, timeout=600)
+    """Triton's real front end and ptxas on the kernels (the interpreter misses e.g. loop-carried type changes),
+    specialized as the JIT specializes a launch (alignment and divisibility hints, batch 1 a constant); prints
+    each variant's registers, stack, spill instructions and shared memory, and fails where a default
+    configuration that must not spill does."""
+    r = _run_script(_COMPILE_SCRIPT, timeout=900)
+    print(r.stdout)
     if r.returncode == 0 and r.stdout.startswith("SKIP"):
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, f"compilation failed:\n{r.stdout}\n{r.stderr[-6000:]}"
-    assert r.stdout.count("OK ") == 7, r.stdout
+    assert r.stdout.count("OK ") == 11, r.stdout
 
 
 _GPU_SCRIPT = r'''
