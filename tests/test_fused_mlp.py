@@ -696,9 +696,10 @@ def test_mlp_step_checks_counters(launch_args):
 
 
 @pytest.mark.parametrize("B", [1, 20])
-def test_backend_split_counters_reused_and_zero(B):
+def test_backend_split_counters_reused_and_zero(monkeypatch, B):
     """backend="triton" at small batch: one workspace per prepared object, reused across calls, counters back to
-    0 after each; the result equals the unsplit backend's bit for bit."""
+    0 after each; while a CUDA graph is captured (emulated), a workspace of the call's own instead. The result
+    equals the unsplit backend's bit for bit."""
     c = TritonCase(3, 24, 1, 4, 3, B, "ddpm_clip", "soft", 3)
     pol = copy.deepcopy(c.policy).float()
     prepared = get_backend("triton").prepare(pol, c.table, torch.float32)
@@ -708,6 +709,13 @@ def test_backend_split_counters_reused_and_zero(B):
     assert counters is not None and counters.numel() == -(-B // 16) and (counters == 0).all()
     assert torch.equal(prepared.run(cond, x_T, noise), first)
     assert prepared._scratch is scratch and prepared._counters is counters and (counters == 0).all()
+    import fdp.backends.triton_backend as tb
+
+    monkeypatch.setattr(tb, "capturing", lambda device: True)
+    counters.fill_(5)  # a captured call must not read (or reset) the cached counters
+    assert torch.equal(prepared.run(cond, x_T, noise), first)
+    assert prepared._counters is counters and (counters == 5).all()
+    monkeypatch.undo()
     unsplit = type(get_backend("triton"))(split=False).prepare(pol, c.table, torch.float32)
     assert torch.equal(unsplit.run(cond, x_T, noise), first) and unsplit._counters is None
     assert rel_err(first, c.ref) < TOL[torch.float32]
@@ -758,6 +766,8 @@ def test_seeded_noise_is_standard_normal_and_deterministic():
     z0 = mlp_step(packed, c.steps, c.call, coef, adds, 0, x, seed=1234)
     z1 = mlp_step(packed, c.steps, c.call, coef, adds, 1, x, seed=1234)
     torch.testing.assert_close(z1, z, rtol=0, atol=0)
+    torch.testing.assert_close(mlp_step(packed, c.steps, c.call, coef, adds, 1, x, seed=1234, split=True), z1,
+                               rtol=0, atol=0)
     corr = float(torch.corrcoef(torch.stack([z0.flatten(), z1.flatten()]))[0, 1])
     assert abs(corr) < 0.15
     # Rows do not repeat each other.
