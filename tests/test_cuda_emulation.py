@@ -503,7 +503,7 @@ def test_step_plan_combines_in_one_cluster_when_it_pays(driver):
     over DSMEM) unless those blocks, with fewer ranks each, would stream over 128 KB more weights from
     L2 per launch than the global-combine plan (its estimated cost). K=4, H=256: R=4, one 16-block
     cluster in fp32 and bf16. K=8: R=2 in bf16 (each block streams the 64 KB of weights that do not fit
-    its shared memory); in fp32 R=2 would stream 336 KB, so it keeps the global combine with 16 ranks
+    its shared memory); in fp32 R=2 would stream 384 KB, so it keeps the global combine with 16 ranks
     per component (every slice resident). An explicit `groups` keeps the global combine."""
     f32, bf16 = torch.float32, torch.bfloat16
     cases = {  # name: (plan command, expected (ranks, groups, gpc))
