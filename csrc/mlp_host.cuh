@@ -80,7 +80,7 @@ inline FnInfo prepare_fn(const void* fn, const DeviceInfo& di) {
   // older PTX has a newer binaryVersion but none of the cluster or griddepcontrol code).
   const bool sm90_code = at.binaryVersion >= 90 && at.ptxVersion >= 90;
   fi.clusters = di.cluster != 0 && sm90_code;
-  fi.programmatic = di.major >= 9 && sm90_code;
+  fi.programmatic = sm90_code;
   if (fi.clusters)
     check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
                "cudaFuncSetAttribute(NonPortableClusterSizeAllowed)");
