@@ -4,10 +4,64 @@
 
 #include "mlp_types.cuh"
 
+#if defined(FDP_HOST_EMULATION)
+#include <cstring>
+#endif
+
 #if defined(__CUDACC__) || defined(FDP_HOST_EMULATION)
 
 namespace fdp {
 namespace mlp {
+
+// Loads from shared memory, typed as such. The matmuls take their weights through a pointer
+// chosen at run time (a resident slice in shared memory or the matrix in global memory), so
+// the compiler cannot infer the address space and would emit generic loads (LD.E); the
+// SMEM instantiations read with explicit ld.shared instead (LDS). The emulation has one
+// address space: plain loads.
+#if defined(FDP_HOST_EMULATION)
+template <typename T>
+inline T lds(const void* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+#else
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// volatile: not moved across the barriers and cp.async waits that make the data valid.
+template <typename T>
+__device__ __forceinline__ T lds(const void* p);
+template <>
+__device__ __forceinline__ float4 lds<float4>(const void* p) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(smem_u32(p)));
+  return v;
+}
+template <>
+__device__ __forceinline__ uint4 lds<uint4>(const void* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_u32(p)));
+  return v;
+}
+template <>
+__device__ __forceinline__ float lds<float>(const void* p) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem_u32(p)));
+  return v;
+}
+template <>
+__device__ __forceinline__ unsigned short lds<unsigned short>(const void* p) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(smem_u32(p)));
+  return v;
+}
+#endif
 
 template <typename W>
 struct WT;
@@ -18,11 +72,11 @@ struct WT<float> {
   __device__ static float f(float w) { return w; }
   template <bool SMEM>
   __device__ static float load1(const float* p) {
-    return SMEM ? *p : __ldg(p);
+    return SMEM ? lds<float>(p) : __ldg(p);
   }
   template <bool SMEM>
   __device__ static void load_vec(const float* p, float (&o)[V]) {
-    const float4 v = SMEM ? *reinterpret_cast<const float4*>(p) : __ldg(reinterpret_cast<const float4*>(p));
+    const float4 v = SMEM ? lds<float4>(p) : __ldg(reinterpret_cast<const float4*>(p));
     o[0] = v.x;
     o[1] = v.y;
     o[2] = v.z;
@@ -39,13 +93,12 @@ struct WT<__nv_bfloat16> {
   __device__ static float f(__nv_bfloat16 w) { return __bfloat162float(w); }
   template <bool SMEM>
   __device__ static float load1(const __nv_bfloat16* p) {
-    const unsigned short u = SMEM ? *reinterpret_cast<const unsigned short*>(p)
-                                  : __ldg(reinterpret_cast<const unsigned short*>(p));
+    const unsigned short u = SMEM ? lds<unsigned short>(p) : __ldg(reinterpret_cast<const unsigned short*>(p));
     return __uint_as_float(static_cast<unsigned>(u) << 16);
   }
   template <bool SMEM>
   __device__ static void load_vec(const __nv_bfloat16* p, float (&o)[V]) {
-    const uint4 v = SMEM ? *reinterpret_cast<const uint4*>(p) : __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 v = SMEM ? lds<uint4>(p) : __ldg(reinterpret_cast<const uint4*>(p));
     o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x);
     o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
     o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z);
@@ -63,13 +116,12 @@ struct WT<__half> {
   __device__ static float f(__half w) { return __half2float(w); }
   template <bool SMEM>
   __device__ static float load1(const __half* p) {
-    const unsigned short u = SMEM ? *reinterpret_cast<const unsigned short*>(p)
-                                  : __ldg(reinterpret_cast<const unsigned short*>(p));
+    const unsigned short u = SMEM ? lds<unsigned short>(p) : __ldg(reinterpret_cast<const unsigned short*>(p));
     return __half2float(__ushort_as_half(u));
   }
   template <bool SMEM>
   __device__ static void load_vec(const __half* p, float (&o)[V]) {
-    const uint4 v = SMEM ? *reinterpret_cast<const uint4*>(p) : __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 v = SMEM ? lds<uint4>(p) : __ldg(reinterpret_cast<const uint4*>(p));
     float2 a = h2_to_f2(v.x), b = h2_to_f2(v.y), c = h2_to_f2(v.z), d = h2_to_f2(v.w);
     o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
     o[4] = c.x; o[5] = c.y; o[6] = d.x; o[7] = d.y;
@@ -77,10 +129,6 @@ struct WT<__half> {
 };
 
 #if !defined(FDP_HOST_EMULATION)
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
 // cp.async (sm_80+). 16-byte copies bypass L1 (.cg): weights are read once per block.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
@@ -110,6 +158,26 @@ __device__ __forceinline__ void cp_async_wait(int n) {
 }
 
 #endif  // !FDP_HOST_EMULATION
+
+// Programmatic dependent launch (sm_90+; launch_steps in mlp_host.cuh). grid_dependency_wait
+// returns once the grid this launch depends on programmatically has completed and its writes
+// are visible; launch_dependents lets the next such grid start. Both are no-ops in a launch
+// without that dependency and in code built below sm_90 (the host never asks for it there).
+#if defined(FDP_HOST_EMULATION)
+void grid_dependency_wait();  // tests/cuda_emulation/emu_runtime.h
+void launch_dependents();
+#else
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+#endif
 
 // Per-thread bookkeeping of committed cp.async groups; every thread commits the
 // same sequence of groups (possibly empty), so group indices are block-uniform.
@@ -356,8 +424,8 @@ __device__ __forceinline__ void mm_mma(const float* __restrict__ act, int lda, i
       const int ka = k0 + tig, kb = ka + 4;
       float w0, w1;
       if (SMEM) {
-        w0 = WT<W>::f(w[ka * ldw + col]);
-        w1 = WT<W>::f(w[kb * ldw + col]);
+        w0 = WT<W>::template load1<true>(w + ka * ldw + col);
+        w1 = WT<W>::template load1<true>(w + kb * ldw + col);
       } else {
         w0 = (col_ok && ka < In) ? WT<W>::template load1<false>(w + static_cast<size_t>(ka) * ldw + col) : 0.f;
         w1 = (col_ok && kb < In) ? WT<W>::template load1<false>(w + static_cast<size_t>(kb) * ldw + col) : 0.f;

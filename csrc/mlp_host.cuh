@@ -56,6 +56,7 @@ struct FnInfo {
   int static_smem = 0;
   int smem_limit = 0;  // dynamic shared memory a block may use
   bool clusters = false;
+  bool programmatic = false;  // the code has griddepcontrol (built for sm_90+): launches may overlap
 };
 
 // Attributes are set once per kernel and device (they are not stream operations,
@@ -75,7 +76,11 @@ inline FnInfo prepare_fn(const void* fn, const DeviceInfo& di) {
   fi.smem_limit = di.smem_optin - fi.static_smem;
   check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, fi.smem_limit),
              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  fi.clusters = di.cluster != 0 && at.binaryVersion >= 90;
+  // The device code compiled for __CUDA_ARCH__ >= 900 (ptxVersion; a binary JIT-compiled from
+  // older PTX has a newer binaryVersion but none of the cluster or griddepcontrol code).
+  const bool sm90_code = at.binaryVersion >= 90 && at.ptxVersion >= 90;
+  fi.clusters = di.cluster != 0 && sm90_code;
+  fi.programmatic = sm90_code;
   if (fi.clusters)
     check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
                "cudaFuncSetAttribute(NonPortableClusterSizeAllowed)");
@@ -153,6 +158,34 @@ inline bool size_plan(const MlpDims& d, Plan& p, int smem_limit) {
   p.resident_bytes = resident;
   p.smem_bytes = p.fixed_bytes + resident;
   return true;
+}
+
+// Weight bytes a block of plan `p` with (ranks, groups, gpc) = `c` reads from L2 inside its
+// matmuls, every launch: the slices that do not fit in its shared memory. -1: the plan does not fit.
+inline int64_t streamed_bytes(const MlpDims& d, Plan p, const std::tuple<int, int, int>& c, int smem_limit) {
+  p.ranks = std::get<0>(c);
+  p.groups = std::get<1>(c);
+  p.gpc = std::get<2>(c);
+  if (!size_plan(d, p, smem_limit)) return -1;
+  return int64_t(p.weight_bytes) - p.resident_bytes;
+}
+
+// A global combine (partials to scratch, __threadfence, an atomic arrival, then one block per tile
+// reads the G partials and updates x) costs on the order of 1-2 us on an H100, about what one SM
+// takes to stream this many bytes from L2 (~100 GB/s per SM). Estimates, not measurements.
+constexpr int64_t kGlobalCombineBytes = 128 * 1024;
+
+// Whether the per-step kernel should combine the G groups inside one cluster of G x rc blocks
+// rather than through global memory with the plan `global` (more ranks, smaller slices): yes
+// unless its blocks, having fewer ranks, stream more weight bytes from L2 than a global
+// combine costs. (The resident part of a slice is staged before the programmatic wait, where
+// it overlaps the previous step; the streamed part is read after it.)
+inline bool in_cluster_pays(const MlpDims& d, const Plan& p, int rc, int G,
+                            const std::tuple<int, int, int>& global, int smem_limit) {
+  const int64_t local = streamed_bytes(d, p, std::make_tuple(rc, G, G), smem_limit);
+  if (local < 0) return false;
+  const int64_t other = streamed_bytes(d, p, global, smem_limit);
+  return other < 0 || local <= other + kGlobalCombineBytes;
 }
 
 inline int pow2_at_least(int v, int cap) {
@@ -241,20 +274,34 @@ inline Plan make_plan(int kind, int wtype, const MlpDims& d, const MlpOptions& o
         throw std::invalid_argument("`groups` = K > 1 in the persistent kernel needs thread-block clusters (sm_90)");
     } else {
       const int G = o.groups ? o.groups : (tiles < di.sms ? K : 1);
+      // (MMA: at least 64 columns per rank, so all 8 warps own an 8-column tile.)
+      const int min_cols = mma ? 64 : 16;
+      std::vector<std::tuple<int, int, int>> global;  // one group per cluster
       if (o.ranks) {
-        cands.emplace_back(o.ranks, G, 1);
+        global.emplace_back(o.ranks, G, 1);
       } else {
         int r = 1;
         if (fi.clusters) {
           // Enough ranks that a block's weight slices stay small (staged per launch), but
           // not so many blocks that the grid runs in several waves.
           const int64_t per_block = comp_bytes * cdiv(K, G);
-          // (MMA: at least 64 columns per rank, so all 8 warps own an 8-column tile.)
-          while (r < kMaxCluster && per_block / r > 96 * 1024 && cdiv(H, 2 * r) >= (mma ? 64 : 16)) r *= 2;
+          while (r < kMaxCluster && per_block / r > 96 * 1024 && cdiv(H, 2 * r) >= min_cols) r *= 2;
           while (r > 1 && int64_t(tiles) * G * r > 2 * int64_t(di.sms)) r /= 2;
         }
-        for (; r >= 1; r /= 2) cands.emplace_back(r, G, 1);
+        for (; r >= 1; r /= 2) global.emplace_back(r, G, 1);
       }
+      // With automatic groups, prefer one cluster per tile holding all G groups (gpc = G): the
+      // groups' partials then meet over DSMEM, not through global scratch, a fence, an atomic
+      // arrival and one serial last block per tile and step. Ranks: as many as fit 16 blocks,
+      // since every launch stages its slices and smaller slices stage sooner. An explicit
+      // `groups` keeps the global combine (tuning, and tests of that path).
+      if (fi.clusters && G > 1 && o.groups == 0) {
+        int rc = o.ranks ? o.ranks : imin(kMaxCluster / G, imax(1, cdiv(H, min_cols)));
+        while (!o.ranks && rc > 1 && int64_t(tiles) * G * rc > 2 * int64_t(di.sms)) --rc;
+        if (G * rc <= kMaxCluster && in_cluster_pays(d, p, rc, G, global.front(), fi.smem_limit))
+          cands.emplace_back(rc, G, G);
+      }
+      cands.insert(cands.end(), global.begin(), global.end());
     }
     for (auto& c : cands) {
       p.ranks = std::get<0>(c);
@@ -374,8 +421,10 @@ inline Args make_args(const MlpPointers& q, const MlpDims& d, bool clip, float c
   return a;
 }
 
+// `programmatic`: the launch may start while the previous kernel in the stream still runs
+// (programmatic dependent launch); the kernel waits for it before reading its results.
 inline void launch_plan(int kind, const void* fn, const Plan& p, const Args& a, int step_begin, int step_end,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, bool programmatic = false) {
   if (kind == kStep && step_end != step_begin + 1)
     throw std::invalid_argument("the per-step kernel runs exactly one step per launch, got steps [" +
                                 std::to_string(step_begin) + ", " + std::to_string(step_end) + ")");
@@ -385,15 +434,22 @@ inline void launch_plan(int kind, const void* fn, const Plan& p, const Args& a, 
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.dynamicSmemBytes = static_cast<size_t>(p.smem_bytes);
   cfg.stream = stream;
-  cudaLaunchAttribute at[1];
+  cudaLaunchAttribute at[2];
+  unsigned n = 0;
   if (S > 1) {
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = static_cast<unsigned>(S);
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    at[n].id = cudaLaunchAttributeClusterDimension;
+    at[n].val.clusterDim.x = static_cast<unsigned>(S);
+    at[n].val.clusterDim.y = 1;
+    at[n].val.clusterDim.z = 1;
+    ++n;
   }
+  if (programmatic) {
+    at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  cfg.attrs = n ? at : nullptr;
+  cfg.numAttrs = n;
   Args args = a;
   Plan plan = p;
   void* params[] = {&args, &plan, &step_begin, &step_end};
@@ -403,14 +459,26 @@ inline void launch_plan(int kind, const void* fn, const Plan& p, const Args& a, 
 
 // Steps [step_begin, step_end) of kernel `kind`: the persistent kernel in one launch, the
 // per-step kernel once per step (the first launch reads x_in, later ones update x_out in place).
+//
+// On sm_90, launches after the first are programmatic dependent launches: step s+1 starts on
+// free SMs once every block of step s has passed its own wait, and stages its weight slices
+// while step s computes. run_tile reads before its griddepcontrol.wait only what was written
+// before this call: weights, biases, step vectors, coefficients, noise, and the per-call terms
+// (router weights, c_in, scale, shift), which kernels earlier in the stream wrote. Those are
+// complete because the FIRST launch is a plain one, ordered after all earlier work in the
+// stream (and, in a captured graph, after it by a full edge), and launch s+1 cannot start
+// before launch s has started. The previous step's x (and the global combine's scratch and
+// counters) are touched only after the wait, which returns when step s has completed and its
+// writes are visible.
 inline void launch_steps(int kind, const void* fn, const Plan& p, Args a, int step_begin, int step_end,
                          cudaStream_t stream) {
   if (kind == kPersistent) {
     launch_plan(kind, fn, p, a, step_begin, step_end, stream);
     return;
   }
+  const bool programmatic = prepare_fn(fn, current_device()).programmatic;
   for (int s = step_begin; s < step_end; ++s) {
-    launch_plan(kind, fn, p, a, s, s + 1, stream);
+    launch_plan(kind, fn, p, a, s, s + 1, stream, programmatic && s > step_begin);
     a.x_in = a.x_out;
   }
 }

@@ -6,14 +6,24 @@
 // with the packed layout of python/fdp/packing.py (see mlp_common.cuh for the
 // exact tensors and the coefficient row [T, 8]).
 //
-// Decomposition (mlp_common.cuh): grid = (cluster size * tiles, groups / gpc).
-// For small batches every component gets its own group of blocks, and on sm_90
-// each group is a cluster of R ranks that split the columns of every matmul
-// (distributed shared memory), so batch 1 spreads a step over K * R SMs; the
-// groups' partial sums meet in a global scratch buffer and the tile's last
-// arriving block applies the scheduler update. Large batches use one group
-// per tile (no scratch). Every launch stages its weight slices into shared
-// memory with cp.async at start, so all weight loads are in flight at once.
+// Decomposition (mlp_common.cuh, planner in mlp_host.cuh): grid = (cluster size *
+// tiles, groups / gpc). For small batches every component gets its own group of
+// blocks, and on sm_90 R column ranks per component split the columns of every
+// matmul (distributed shared memory). Where it pays, one cluster per tile holds
+// all K groups (K x R <= 16 blocks; at K = 4, H = 256, batch 1 one 16-block
+// cluster) and every block of it combines the groups' partials over DSMEM; else
+// (GPUs without clusters, or blocks that would read too many of their weights
+// from L2, or an explicit `groups`) each group is its own cluster, the partials
+// meet in a global scratch buffer and the tile's last arriving block applies the
+// scheduler update. Large batches use one group per tile (no combine).
+//
+// Every launch stages its weight slices into shared memory with cp.async at
+// start (those that do not fit are read from L2 in the matmul). On sm_90 the
+// launches after the first are programmatic dependent launches: a block stages
+// everything that was written before the call (weights, step vectors, per-call
+// terms), waits (griddepcontrol.wait) for the previous step's grid, lets the
+// next step's grid start, then reads x, so step i+1 can stage its weights on free
+// SMs while step i computes (launch_steps in mlp_host.cuh says why this is safe).
 #include "fdp.h"
 #include "mlp_common.cuh"
 

@@ -63,7 +63,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   const W* w_out = static_cast<const W*>(a.w_out);
 
   // Zero the activations: padding rows/columns must read as 0 in the MMA path.
-  // xs rows < nrows, columns < D arrive by cp.async, so only its padding is zeroed here.
+  // xs rows < nrows, columns < D are loaded below, so only its padding is zeroed here.
   for (int e = tid; e < BT * lay.xst; e += kThreads) {
     const int b = e / lay.xst, d = e - b * lay.xst;
     if (b >= nrows || d >= D) xs[e] = 0.f;
@@ -89,7 +89,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   };
 
   AsyncGroups as;
-  // Group 0: router weights, biases, FiLM terms, x and the first step's vectors.
+  // Group 0: router weights, biases, FiLM terms and the first step's vectors.
   stage_f32(wts, K, a.wts + static_cast<size_t>(row0) * K, K, nrows, K);
   for (int j = 0; j < p.slots; ++j) {
     const int k = g + j * p.groups;
@@ -108,7 +108,6 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       }
     }
   }
-  stage_f32(xs, lay.xst, a.x_in + static_cast<size_t>(row0) * D, D, nrows, D);
   stage_step(step_begin, 0);
   const int g_init = as.commit();
 
@@ -138,6 +137,14 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       as.commit();  // group index g_init + 1 + s
     }
   }
+  // Everything above was written before the call; x is the previous step's output in the
+  // per-step kernel's programmatic launches (mlp_host.cuh, launch_steps): read it after the wait.
+  if constexpr (!PERSISTENT) {
+    grid_dependency_wait();
+    launch_dependents();  // the next step may start staging; its own wait covers this whole grid
+  }
+  for (int e = tid; e < nrows * D; e += kThreads)
+    xs[(e / D) * lay.xst + e % D] = a.x_in[static_cast<size_t>(row0) * D + e];
 
   unsigned used_mask = 0;
   int g_next = -1;

@@ -96,8 +96,11 @@ CONFIGS = [
 PLANNED = [
     # The planner's H100 choice for the target: one cluster of K x 4 ranks (the explicit S=16 plan).
     ("target", PERSISTENT, "h100", dict(bt=1, mma=0, ranks=4, groups=4, gpc=4)),
-    # Batch 1, bf16, per-step kernel on H100: FMA, one 4-rank cluster per component, global combine.
-    ("bf16_b1", STEP, "h100", dict(bt=1, mma=0, ranks=4, groups=2, gpc=1)),
+    # The per-step kernel on the target: the same 16-block cluster, combining in it (no global scratch);
+    # launches 2..10 are programmatic, so the emulation hides x from them until their wait.
+    ("target", STEP, "h100", dict(bt=1, mma=0, ranks=4, groups=4, gpc=4)),
+    # Batch 1, bf16, per-step kernel on H100: FMA, one 16-block cluster of 2 components x 8 ranks.
+    ("bf16_b1", STEP, "h100", dict(bt=1, mma=0, ranks=8, groups=2, gpc=2)),
     # fp16 FMA on Orin: the persistent kernel without clusters, one block per tile.
     ("fp16_fma", PERSISTENT, "orin", dict(bt=2, mma=0, ranks=1, groups=1, gpc=1)),
 ]
@@ -337,6 +340,9 @@ def test_planned_launch_matches_reference(driver, problems, cfg):
     stderr = _run_driver(driver, problems, name, kind, ["plan", device])
     chosen = _fields(stderr.split(f"plan ({device}): ", 1)[1].splitlines()[0])
     assert {k: chosen[k] for k in expect} == expect, chosen
+    T = PROBLEMS[name]["T"]
+    pdl = T - 1 if kind == STEP and device == "h100" else 0  # per-step launches after the first, on sm_90
+    assert f"programmatic launches: {pdl} of {1 if kind == PERSISTENT else T}" in stderr, stderr
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -406,22 +412,22 @@ def test_plans_fit_each_gpus_limits(driver, gpus):
 
 
 def test_target_plans_per_gpu(driver):
-    """Batch 1 of the target (K=4, H=256, D=32): H100 splits every component over a cluster of column
-    ranks (4 groups of 16 ranks in fp32, 8 in bf16 for the per-step kernel; one 16-block cluster
-    holding all four components for the persistent one); the others run one block per component."""
+    """Batch 1 of the target (K=4, H=256, D=32): on H100 both kernels run one 16-block cluster holding
+    all four components, 4 column ranks each (the per-step kernel combines in it, no global scratch);
+    the GPUs without clusters run one block per component (per-step, global combine) or one block
+    for all (persistent)."""
     cmds = {(gpu, kind, dt): _plan_cmd(gpu, kind, dt, 1, 32, 256, 2, 4)
             for gpu in GPUS for kind in (STEP, PERSISTENT) for dt in (torch.float32, torch.bfloat16)}
     got = {key: _fields(rest) for key, (status, rest) in zip(cmds, _query(driver, list(cmds.values())))}
     f32, bf16 = torch.float32, torch.bfloat16
-    assert {k: got["h100", STEP, f32][k] for k in ("bt", "ranks", "groups", "gpc")} == dict(bt=1, ranks=16, groups=4,
-                                                                                            gpc=1)
-    assert {k: got["h100", STEP, bf16][k] for k in ("bt", "ranks", "groups", "gpc")} == dict(bt=1, ranks=8, groups=4,
-                                                                                             gpc=1)
     for dt in (f32, bf16):
+        assert {k: got["h100", STEP, dt][k] for k in ("bt", "ranks", "groups", "gpc")} == dict(bt=1, ranks=4, groups=4,
+                                                                                               gpc=4)
         assert {k: got["h100", PERSISTENT, dt][k] for k in ("ranks", "groups", "gpc")} == dict(ranks=4, groups=4,
                                                                                                gpc=4)
         for gpu in ("a100", "rtx4090", "orin"):
-            assert {k: got[gpu, STEP, dt][k] for k in ("bt", "ranks", "groups")} == dict(bt=1, ranks=1, groups=4)
+            assert {k: got[gpu, STEP, dt][k] for k in ("bt", "ranks", "groups", "gpc")} == dict(bt=1, ranks=1, groups=4,
+                                                                                                gpc=1)
             assert {k: got[gpu, PERSISTENT, dt][k] for k in ("bt", "ranks", "groups")} == dict(bt=1, ranks=1, groups=1)
     # The fp32 target weights (1.1 MB per component) never fit one block: what is resident depends on the GPU.
     assert got["h100", PERSISTENT, f32]["resident"] < got["h100", PERSISTENT, f32]["weights"]
@@ -490,3 +496,58 @@ def test_step_kernel_refuses_more_than_one_step_per_launch(driver):
     assert s1 == "error" and "exactly one step per launch" in r1 and "[0, 2)" in r1, r1
     assert s2 == "error" and "[4, 4)" in r2, r2
     assert s3 == "ok", r3
+
+
+def test_step_plan_combines_in_one_cluster_when_it_pays(driver):
+    """On H100 the per-step planner puts all K groups of a tile in one cluster of K x R blocks (combine
+    over DSMEM) unless those blocks, with fewer ranks each, would stream over 128 KB more weights from
+    L2 per launch than the global-combine plan (its estimated cost). K=4, H=256: R=4, one 16-block
+    cluster in fp32 and bf16. K=8: R=2 in bf16 (each block streams the 64 KB of weights that do not fit
+    its shared memory); in fp32 R=2 would stream 384 KB, so it keeps the global combine with 16 ranks
+    per component (every slice resident). An explicit `groups` keeps the global combine."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = {  # name: (plan command, expected (ranks, groups, gpc))
+        "k4_f32": (_plan_cmd("h100", STEP, f32, 1, 32, 256, 2, 4), (4, 4, 4)),
+        "k4_bf16": (_plan_cmd("h100", STEP, bf16, 1, 32, 256, 2, 4), (4, 4, 4)),
+        "k8_bf16": (_plan_cmd("h100", STEP, bf16, 1, 32, 256, 2, 8), (2, 8, 8)),
+        "k8_f32": (_plan_cmd("h100", STEP, f32, 1, 32, 256, 2, 8), (16, 8, 1)),
+        "k8_f32_r2": (_plan_cmd("h100", STEP, f32, 1, 32, 256, 2, 8, ranks=2), (2, 8, 8)),
+        "k4_groups": (_plan_cmd("h100", STEP, f32, 1, 32, 256, 2, 4, groups=4), (16, 4, 1)),
+    }
+    got = {}
+    for name, (status, rest) in zip(cases, _query(driver, [c for c, _ in cases.values()])):
+        assert status == "ok", (name, rest)
+        got[name] = _fields(rest)
+        assert (got[name]["ranks"], got[name]["groups"], got[name]["gpc"]) == cases[name][1], (name, rest)
+    streamed = {name: p["weights"] - p["resident"] for name, p in got.items()}
+    assert streamed["k4_bf16"] == 0 and streamed["k4_f32"] <= 128 * 1024, streamed
+    assert 0 < streamed["k8_bf16"] <= 128 * 1024, streamed
+    assert streamed["k8_f32"] == 0 and streamed["k8_f32_r2"] > 128 * 1024, streamed
+    assert got["k4_f32"]["ranks"] * got["k4_f32"]["gpc"] == 16
+
+
+def test_step_launches_after_the_first_are_programmatic_on_sm90_only(driver):
+    """launch_steps (what mlp_step_launch calls) launches every per-step launch after the first with
+    programmatic stream serialization on H100; the first stays plain, since the kernels before it in
+    the stream wrote what its prologue reads. GPUs below sm_90 never get the attribute (the emulated
+    runtime refuses it there), and the persistent kernel is one plain launch."""
+    cases = [  # (gpu, kind, dtype, B, step_begin, step_end)
+        ("h100", STEP, torch.float32, 1, 0, 10),
+        ("h100", STEP, torch.bfloat16, 200, 3, 7),
+        ("h100", STEP, torch.float32, 1, 9, 10),
+        ("a100", STEP, torch.float32, 1, 0, 10),
+        ("rtx4090", STEP, torch.bfloat16, 1, 0, 10),
+        ("orin", STEP, torch.float32, 300, 0, 10),
+        ("h100", PERSISTENT, torch.float32, 1, 0, 10),
+    ]
+    lines = [f"steps {g} {k} {WTYPE[dt]} {B} 32 256 2 4 10 {s0} {s1}" for g, k, dt, B, s0, s1 in cases]
+    for (gpu, kind, _, _, s0, s1), (status, rest) in zip(cases, _query(driver, lines)):
+        assert status == "ok", (gpu, kind, rest)
+        fields = dict(f.split("=", 1) for f in rest.split())
+        steps = [tuple(map(int, s.split(","))) for s in fields["steps"].split(";")]
+        pdl = [int(v) for v in fields["programmatic"].split(",")]
+        if kind == PERSISTENT:
+            assert steps == [(s0, s1)] and pdl == [0], rest
+            continue
+        assert steps == [(s, s + 1) for s in range(s0, s1)], rest
+        assert pdl == [0] + [int(gpu == "h100")] * (s1 - s0 - 1), (gpu, rest)

@@ -101,6 +101,7 @@ TileFn built_variant(const void* fn) {
 struct ThreadArg {
   emu::Block* blk;
   emu::Cluster* cl;
+  emu::PdlCluster* pdl;
   unsigned tid;
   emu::Dim bid;
   TileFn fn;
@@ -113,6 +114,7 @@ void* thread_main(void* v) {
   const ThreadArg* t = static_cast<const ThreadArg*>(v);
   emu::t_block = t->blk;
   emu::t_cluster = t->cl;
+  emu::t_pdl = t->pdl;
   emu::t_tid.x = t->tid;
   emu::t_bid = t->bid;
   t->fn(*t->a, *t->p, t->s0, t->s1);
@@ -125,6 +127,8 @@ void* thread_main(void* v) {
 // (they only share global memory, and the global-combine counter protocol does not
 // depend on co-scheduling: the last arriving block does the update); the S * 256
 // threads of one cluster run concurrently, as they must for cluster barriers.
+// A programmatic launch hides the previous step's results until its wait (emu::PdlGate):
+// x (the previous launch's output, updated in place) and the combine's arrival counters.
 void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
   const TileFn fn = built_variant(fnp);
   if (!fn) emu::die("launch of a kernel variant that was not built (add it to FDP_EMU_VARIANTS)");
@@ -133,11 +137,20 @@ void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
   const int s0 = *static_cast<const int*>(params[2]), s1 = *static_cast<const int*>(params[3]);
   const int S = emu::cluster_dim(&cfg);
   const int nclusters = static_cast<int>(cfg.gridDim.x) / S;
+  emu::PdlGate gate;
+  const bool pdl = emu::programmatic(&cfg);
+  if (pdl) {
+    gate.hide(const_cast<float*>(a.x_in), static_cast<size_t>(a.B) * a.D * sizeof(float), 0xFF);  // NaN
+    if (a.counters) gate.hide(a.counters, static_cast<size_t>(p.tiles) * sizeof(int), 0x7F);
+  }
   for (unsigned y = 0; y < cfg.gridDim.y; ++y) {
     for (int cx = 0; cx < nclusters; ++cx) {
       emu::Cluster cl;
       std::barrier<> cbar(S * kThreads);
       cl.bar = &cbar;
+      std::barrier<emu::PdlRelease> pbar(S * kThreads, emu::PdlRelease{&gate});
+      emu::PdlCluster pcl{&gate, &pbar};
+      gate.waits = 0;
       std::vector<std::unique_ptr<emu::Block>> blocks;
       std::vector<std::unique_ptr<std::barrier<>>> bars;
       for (int b = 0; b < S; ++b) {
@@ -162,7 +175,7 @@ void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
       for (int b = 0; b < S; ++b) {
         for (int t = 0; t < kThreads; ++t) {
           ThreadArg& ta = args[static_cast<size_t>(b) * kThreads + t];
-          ta = ThreadArg{blocks[b].get(), &cl, static_cast<unsigned>(t),
+          ta = ThreadArg{blocks[b].get(), &cl, pdl ? &pcl : nullptr, static_cast<unsigned>(t),
                          emu::Dim{static_cast<unsigned>(cx * S + b), y, 0}, fn, &a, &p, s0, s1};
           if (pthread_create(&th[static_cast<size_t>(b) * kThreads + t], &attr, thread_main, &ta)) {
             std::perror("pthread_create");
@@ -172,6 +185,7 @@ void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
       }
       pthread_attr_destroy(&attr);
       for (pthread_t& t : th) pthread_join(t, nullptr);
+      if (pdl && gate.waits != S * kThreads) emu::die("a thread of a programmatic launch never reached its wait");
     }
   }
 }
@@ -192,6 +206,10 @@ std::string plan_line(const Plan& p) {
 //   launch DEVICE kind wtype B D H L K T step_begin step_end
 //       -> "ok grid=X,Y block=N smem=N cluster=S steps=B,E <plan>" | "refused ..." | "error ..."
 //          (make_plan with default options, then launch_plan; the launch is recorded, not run)
+//   steps DEVICE kind wtype B D H L K T step_begin step_end
+//       -> "ok launches=N steps=B,E;B,E;... programmatic=0,1,..." | "refused ..." | "error ..."
+//          (make_plan with default options, then launch_steps, as the entry points call it;
+//          every launch is recorded, none run)
 int run_query() {
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -216,7 +234,7 @@ int run_query() {
     if (cmd == "plan") in >> o.bt >> o.ranks >> o.groups >> o.mma;
     else in >> s0 >> s1;
     emu::g_device = emu::device_index(dev);
-    if (!in || (cmd != "plan" && cmd != "launch") || emu::g_device < 0) {
+    if (!in || (cmd != "plan" && cmd != "launch" && cmd != "steps") || emu::g_device < 0) {
       std::cout << "error bad command: " << line << std::endl;
       emu::g_device = 0;
       continue;
@@ -233,7 +251,20 @@ int run_query() {
         continue;
       }
       emu::g_launches.clear();
-      launch_plan(kind, getter(kind)(wtype, p.mma, p.bt), p, Args{}, s0, s1, nullptr);
+      const void* fn = getter(kind)(wtype, p.mma, p.bt);
+      if (cmd == "steps") {
+        launch_steps(kind, fn, p, Args{}, s0, s1, nullptr);
+        std::ostringstream steps, pdl;
+        for (size_t i = 0; i < emu::g_launches.size(); ++i) {
+          const emu::LaunchRecord& r = emu::g_launches[i];
+          steps << (i ? ";" : "") << r.step_begin << "," << r.step_end;
+          pdl << (i ? "," : "") << r.programmatic;
+        }
+        std::cout << "ok launches=" << emu::g_launches.size() << " steps=" << steps.str()
+                  << " programmatic=" << pdl.str() << std::endl;
+        continue;
+      }
+      launch_plan(kind, fn, p, Args{}, s0, s1, nullptr);
       const emu::LaunchRecord& r = emu::g_launches.at(0);
       std::cout << "ok grid=" << r.grid_x << "," << r.grid_y << " block=" << r.block_x << " smem=" << r.smem
                 << " cluster=" << r.cluster << " steps=" << r.step_begin << "," << r.step_end << " "
@@ -365,6 +396,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%zu launches, expected %zu\n", emu::g_launches.size(), launches);
     return 5;
   }
+  size_t programmatic = 0;
+  for (const emu::LaunchRecord& r : emu::g_launches) programmatic += r.programmatic;
+  std::fprintf(stderr, "programmatic launches: %zu of %zu\n", programmatic, launches);
   // The kernels promise to leave the counters zeroed for the next launch.
   for (int t = 0; counters && t < p.tiles; ++t) {
     if (counters[t] != 0) {

@@ -7,8 +7,11 @@
 // the planner sets, and checks every launch configuration the way the runtime
 // would refuse it (block size, dynamic shared memory above the function's
 // limit, cluster size and shape, clusters on a device or binary without them)
-// before recording it and, when a runner is installed, running it.
+// before recording it and, when a runner is installed, running it. It also
+// emulates programmatic dependent launch (see PdlGate).
 #pragma once
+#include <atomic>
+#include <barrier>
 #include <cstring>
 #include <map>
 #include <string>
@@ -60,6 +63,7 @@ inline std::map<std::pair<const void*, int>, FnState> g_fn;
 struct LaunchRecord {
   unsigned grid_x, grid_y, block_x;
   int smem, cluster, step_begin, step_end;
+  bool programmatic;  // cudaLaunchAttributeProgrammaticStreamSerialization
 };
 inline std::vector<LaunchRecord> g_launches;
 
@@ -76,6 +80,45 @@ inline int cluster_dim(const cudaLaunchConfig_t* cfg) {
   return 1;
 }
 
+inline bool programmatic(const cudaLaunchConfig_t* cfg) {
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization)
+      return cfg->attrs[i].val.programmaticStreamSerializationAllowed != 0;
+  return false;
+}
+
+// Programmatic dependent launch. Launches run here one after another, so the grid a launch
+// depends on has always completed; what the emulation can still catch is a kernel that reads
+// that grid's results before its griddepcontrol.wait (on a GPU it would read them while they
+// are being written). For a launch with the attribute, the runner hides those results (x,
+// and the global combine's counters): it overwrites them with garbage and keeps their
+// content here, and the first cluster's barrier at the wait, which all its threads must
+// reach, puts the content back. Later clusters of the launch run the same code.
+struct PdlGate {
+  std::vector<std::pair<void*, std::vector<char>>> hidden;  // buffer, its content
+  bool released = false;
+  std::atomic<int> waits{0};  // threads that reached the wait
+  void hide(void* p, size_t bytes, unsigned char garbage) {
+    const char* c = static_cast<const char*>(p);
+    hidden.emplace_back(p, std::vector<char>(c, c + bytes));
+    std::memset(p, garbage, bytes);
+  }
+  void release() noexcept {
+    if (released) return;
+    for (auto& h : hidden) std::memcpy(h.first, h.second.data(), h.second.size());
+    released = true;
+  }
+};
+struct PdlRelease {
+  PdlGate* gate;
+  void operator()() noexcept { gate->release(); }
+};
+struct PdlCluster {  // one cluster of a programmatic launch: its threads meet at the wait
+  PdlGate* gate;
+  std::barrier<PdlRelease>* bar;
+};
+inline thread_local PdlCluster* t_pdl = nullptr;  // null: a launch without the attribute
+
 // Why the runtime would refuse this cluster size for `fn`, or cudaSuccess.
 inline cudaError_t check_cluster(const void* fn, int S) {
   const Device& d = kDevices[g_device];
@@ -86,6 +129,21 @@ inline cudaError_t check_cluster(const void* fn, int S) {
 }
 
 }  // namespace emu
+
+namespace fdp {
+namespace mlp {
+// griddepcontrol.wait / .launch_dependents (mlp_device.cuh). Without a programmatic
+// dependency the wait returns at once, as on the GPU. Letting dependents start has no
+// effect here: the next launch runs only after this one.
+void grid_dependency_wait() {
+  emu::PdlCluster* c = emu::t_pdl;
+  if (c == nullptr) return;
+  ++c->gate->waits;
+  c->bar->arrive_and_wait();
+}
+void launch_dependents() {}
+}  // namespace mlp
+}  // namespace fdp
 
 extern "C" {
 
@@ -166,8 +224,12 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* cfg, const void* func,
     return cudaErrorInvalidConfiguration;
   if (static_cast<int>(cfg->dynamicSmemBytes) > emu::g_fn[{func, emu::g_device}].max_dynamic_smem)
     return cudaErrorInvalidValue;
+  // Programmatic dependent launch is a compute capability 9.0 feature: the launcher must not
+  // ask for it on older GPUs (the emulation refuses it there, so a launch that does fails).
+  const bool pdl = emu::programmatic(cfg);
+  if (pdl && emu::kDevices[emu::g_device].major < 9) return cudaErrorNotSupported;
   emu::g_launches.push_back({cfg->gridDim.x, cfg->gridDim.y, cfg->blockDim.x, static_cast<int>(cfg->dynamicSmemBytes),
-                             S, *static_cast<const int*>(args[2]), *static_cast<const int*>(args[3])});
+                             S, *static_cast<const int*>(args[2]), *static_cast<const int*>(args[3]), pdl});
   if (emu::g_runner) emu::g_runner(func, *cfg, args);
   return cudaSuccess;
 }
@@ -182,6 +244,7 @@ const char* cudaGetErrorName(cudaError_t error) {
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
     case cudaErrorInvalidClusterSize: return "cudaErrorInvalidClusterSize";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
     default: return "cudaErrorUnknown";
   }
 }

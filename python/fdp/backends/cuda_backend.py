@@ -4,7 +4,10 @@ The kernel (``csrc/mlp_step.cu``, shared code in ``csrc/mlp_common.cuh``)
 evaluates all K :class:`fdp.MLPDenoiser` components on a tile of rows, their
 router-weighted sum and the scheduler update in one launch; float32, bfloat16
 or float16 weights with float32 accumulation (tensor cores for 16-bit weights
-on tiles of 16+ rows), clusters with distributed shared memory on sm_90.
+on tiles of 16+ rows), clusters with distributed shared memory on sm_90 (at
+small batch one cluster per row tile holds all K components and combines their
+outputs in it). On sm_90 the launches after a call's first are programmatic
+dependent launches: each can stage its weights while the previous step finishes.
 A sampling call (per-call terms and the T launches) is captured once per
 batch size into a CUDA graph and replayed (:mod:`fdp.backends.captured`).
 
