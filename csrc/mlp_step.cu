@@ -9,7 +9,8 @@
 // Decomposition (mlp_common.cuh): grid = (cluster size * tiles, groups / gpc).
 // For small batches every component gets its own group of blocks, and on sm_90
 // each group is a cluster of R ranks that split the columns of every matmul
-// (distributed shared memory), so batch 1 spreads a step over K * R SMs; the
+// (each rank pushes its columns into the others with st.async and waits on an
+// mbarrier for theirs), so batch 1 spreads a step over K * R SMs; the
 // groups' partial sums meet in a global scratch buffer and the tile's last
 // arriving block applies the scheduler update. Large batches use one group
 // per tile (no scratch). Every launch stages its weight slices into shared
