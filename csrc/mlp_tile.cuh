@@ -174,22 +174,20 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       st_async(cluster_addr(p, rank), y, cluster_addr(bars + (xq & 1), rank), par);
     }
   };
+  // Thread 0 waits, acquiring the peers' stores at cluster scope; the block barrier passes them on
+  // to the other threads with this block's own stores (one L1 invalidation per block, not per warp).
   auto team_done = [&]() {
-    if (R > 1) {
+    if (R > 1 && tid == 0) {
       const unsigned par = (xq >> 1) & 1;
       uint64_t* bar = bars + (xq & 1);
-      if (tid == 0) {
-        if (ncols == 0)
-          for (int q = 1; q < R; ++q) {
-            const int rank = team_base + (r + q) % R;
-            st_async(cluster_addr(tok + (xq & 1), rank), 0.f, cluster_addr(bar, rank), par);
-          }
-        mbar_arrive_expect(bar, team_in, par);
-      }
+      if (ncols == 0)
+        for (int q = 1; q < R; ++q) {
+          const int rank = team_base + (r + q) % R;
+          st_async(cluster_addr(tok + (xq & 1), rank), 0.f, cluster_addr(bar, rank), par);
+        }
+      mbar_arrive_expect(bar, team_in, par);
       mbar_wait(bar, par);
     }
-    // Also: this block's own stores are visible, and no thread arrives on this barrier's next
-    // phase while another still waits for this one.
     __syncthreads();
     ++xq;
   };
@@ -345,8 +343,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
               st_async(cluster_addr(tok + kBarPart + par, (crank + q) % S), 0.f,
                        cluster_addr(bar, (crank + q) % S), bpar);
           mbar_arrive_expect(bar, part_in, bpar);
+          mbar_wait(bar, bpar);
         }
-        mbar_wait(bar, bpar);
+        __syncthreads();
       }
       // Every block of the cluster computes the tile's new x from the groups' partials.
       const bool last = step + 1 == step_end;
