@@ -198,9 +198,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
 
   for (int step = step_begin; step < step_end; ++step) {
     const int par = (step - step_begin) & 1;
-    // This block's slot of the partials (rows of dp floats, its columns from d0); acc[b * dp + c].
-    float* acc = part_buf(par) + gl * BT * lay.dp + d0;
-    for (int e = tid; e < nrows * dcols; e += kThreads) acc[(e / dcols) * lay.dp + e % dcols] = 0.f;
+    // This block's part of its group's slot of the partials: acc[b * pst + c] for its column d0 + c.
+    float* acc = part_buf(par) + gl * BT * lay.pst + (global_combine ? 0 : d0);
+    for (int e = tid; e < nrows * dcols; e += kThreads) acc[(e / dcols) * lay.pst + e % dcols] = 0.f;
     if (step == step_begin) {
       as.wait_for(g_init);
       as.wait_for(g_init + 1);
@@ -309,7 +309,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         auto epi = [&](int b, int c, float v) {
           // A zero weight leaves the component out of its row even when its output is NaN
           // (rows of one tile may be routed differently); a NaN weight is not zero.
-          if (b < nrows && wts[b * K + k] != 0.f) acc[b * lay.dp + c] += wts[b * K + k] * (v + bo[c]);
+          if (b < nrows && wts[b * K + k] != 0.f) acc[b * lay.pst + c] += wts[b * K + k] * (v + bo[c]);
         };
         int ld;
         bool res;
@@ -334,7 +334,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         const int n = nrows * dcols;
         for (int e = tid; e < n * (S - 1); e += kThreads) {
           const int i = e / (S - 1), rank = (crank + 1 + e - i * (S - 1)) % S;
-          float* src = acc + (i / dcols) * lay.dp + i % dcols;
+          float* src = acc + (i / dcols) * lay.pst + i % dcols;
           st_async(cluster_addr(src, rank), *src, cluster_addr(bar, rank), bpar);
         }
         if (tid == 0) {
@@ -355,7 +355,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       for (int o = tid; o < nrows * D; o += kThreads) {
         const int b = o / D, d = o - b * D;
         float e = 0.f;
-        for (int gg = 0; gg < p.gpc; ++gg) e += part[(gg * BT + b) * lay.dp + d];
+        for (int gg = 0; gg < p.gpc; ++gg) e += part[(gg * BT + b) * lay.pst + d];
         float z = 0.f;
         if (noisy)
           z = p.stage ? nz[b * lay.dp + d] : __ldg(a.noise + (static_cast<size_t>(step) * a.B + row0 + b) * D + d);
@@ -368,7 +368,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       // Publish this block's partial, then the tile's last arriving block applies the update.
       for (int o = tid; o < nrows * dcols; o += kThreads) {
         const int b = o / dcols, c = o - b * dcols;
-        a.scratch[(static_cast<size_t>(g) * a.B + row0 + b) * D + d0 + c] = acc[b * lay.dp + c];
+        a.scratch[(static_cast<size_t>(g) * a.B + row0 + b) * D + d0 + c] = acc[b * lay.pst + c];
       }
       __threadfence();
       __syncthreads();

@@ -95,7 +95,7 @@ FDP_HD int take(int& off, int bytes) {
 // Shared-memory layout (byte offsets, 16-byte aligned), computed identically
 // by the host planner and the kernel.
 struct Layout {
-  int xst, hst, nsp, dsp, dp;  // row strides in floats
+  int xst, hst, nsp, dsp, dp, pst;  // row strides in floats
   int xs, hs, us, part, red, wts, coef, noise, tvec, bvec, cvec, mbar, tok, woff, wbase;
   int part_sz, coef_sz, noise_sz, tvec_sz;  // bytes of one parity buffer
   int nslices;
@@ -117,9 +117,12 @@ FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
   y.xs = take(off, p.bt * y.xst * 4);
   y.hs = take(off, p.bt * y.hst * 4);
   y.us = take(off, p.bt * y.hst * 4);
-  // Per step parity, one [bt, dp] slot per component group of the cluster: every block pushes its
-  // weighted partial into slot g of every block, so the combine reads local memory.
-  y.part_sz = rup(p.gpc * p.bt * y.dp * 4, 16);
+  // Per step parity, one [bt, pst] slot per component group of the cluster. Combined in the
+  // cluster, every block pushes its weighted partial (its columns of D) into its group's slot of
+  // every block, so the combine reads local memory; combined in global memory (groups > gpc),
+  // a block keeps its own columns only.
+  y.pst = p.groups == p.gpc ? y.dp : y.dsp;
+  y.part_sz = rup(p.gpc * p.bt * y.pst * 4, 16);
   y.part = take(off, 2 * y.part_sz);
   y.red = take(off, p.mma ? 0 : kWarps * p.bt * kChunk * 4);
   y.wts = take(off, p.bt * K * 4);
