@@ -20,8 +20,8 @@
 //     mistakes abort with a message: an arrival or a store meant for another
 //     phase than the barrier's current one, a transaction count beyond
 //     +-(2^20 - 1), a store whose data and barrier are in different blocks, a
-//     store into a block that has exited, a block exiting with a phase half
-//     done, and a wait that does not complete within FDP_EMU_HANG_S seconds
+//     store into a block whose threads have begun to exit, a block exiting
+//     with a phase half done, and a wait that does not complete within FDP_EMU_HANG_S seconds
 //     (default 120). FDP_EMU_TX_SKEW adds that many bytes to every
 //     arrive.expect_tx, to prove that a wrong byte count is caught;
 //     FDP_EMU_JITTER_US delays arrivals by up to that many microseconds
