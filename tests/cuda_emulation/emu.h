@@ -24,9 +24,9 @@
 //     with a phase half done, and a wait that does not complete within FDP_EMU_HANG_S seconds
 //     (default 120). FDP_EMU_TX_SKEW adds that many bytes to every
 //     arrive.expect_tx, to prove that a wrong byte count is caught;
-//     FDP_EMU_JITTER_US delays arrivals by up to that many microseconds
-//     (pseudo-random per block and arrival), so that blocks drift apart and a
-//     producer that may run ahead of its receiver does;
+//     FDP_EMU_LAG_US delays every arrival of the cluster's last block by that
+//     many microseconds, so that the others run ahead of it as far as the
+//     protocol lets them;
 //   - cluster addresses (mapa) encode rank and offset; addresses outside
 //     shared memory or ranks outside the cluster abort.
 #pragma once
@@ -111,8 +111,7 @@ inline long env_long(const char* name, long dflt) {
 }
 inline const long kHangSeconds = env_long("FDP_EMU_HANG_S", 120);
 inline const long kTxSkew = env_long("FDP_EMU_TX_SKEW", 0);
-inline const long kJitterUs = env_long("FDP_EMU_JITTER_US", 0);
-inline thread_local unsigned t_arrivals = 0;  // arrive.expect_tx calls of this thread
+inline const long kLagUs = env_long("FDP_EMU_LAG_US", 0);
 constexpr long long kTxLimit = (1 << 20) - 1;  // PTX: the tx-count range of an mbarrier
 
 // Offset of p in this block's shared memory, checked to hold `bytes` bytes.
@@ -225,10 +224,9 @@ inline void mbar_init_fence() {}
 inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
   const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.arrive");
   emu::Block& b = *emu::t_block;
-  if (emu::kJitterUs > 0) {  // a late receiver: its peers may already be pushing the next exchange
-    const unsigned h = (static_cast<unsigned>(b.rank) * 2654435761u) ^ (emu::t_arrivals++ * 40503u);
-    std::this_thread::sleep_for(std::chrono::microseconds((h >> 7) % static_cast<unsigned>(emu::kJitterUs + 1)));
-  }
+  // A late receiver: its peers may be pushing the next exchange before it arrives for this one.
+  if (emu::kLagUs > 0 && b.rank + 1 == static_cast<int>(emu::t_cluster->blocks.size()))
+    std::this_thread::sleep_for(std::chrono::microseconds(emu::kLagUs));
   std::lock_guard<std::mutex> lk(b.mu);
   emu::MBar& m = emu::mbar_at(b, off, "arrive.expect_tx");
   if ((m.phase & 1) != parity)
