@@ -25,11 +25,12 @@
 // H-wide matrices and [r*ds, r*ds+ds) of W_out. The R ranks of one component
 // group form a team; on sm_90 a team is (part of) a thread-block cluster and
 // every rank pushes its slice of h / SiLU(y) into all team members' shared
-// memory (distributed shared memory), then the cluster synchronises. Group g
+// memory with st.async, then waits on an mbarrier for the bytes of the others
+// (no cluster barrier per phase; see run_tile). Group g
 // of G evaluates components g, g+G, ...; the groups' partial sums of
 // w_k eps_k are combined either inside the cluster ("local combine": the
-// cluster holds all G groups of the tile, every block reads the partials over
-// DSMEM and keeps an identical copy of x) or, for the per-step kernel only,
+// cluster holds all G groups of the tile, every block pushes its partial into
+// all blocks and each keeps an identical copy of x) or, for the per-step kernel only,
 // through a global scratch buffer and a per-tile arrival counter whose last
 // block applies the update ("global combine"). Without clusters R = 1.
 //

@@ -267,6 +267,16 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
 
 // ---------------------------------------------------------------------------------------------
 // Cluster plumbing. S is the cluster size (1: no cluster, plain block barriers).
+//
+// Blocks of a cluster hand data to each other by pushing it (sm_90): st.async writes 4 bytes into
+// a peer's shared memory and then counts them off the transaction count of an mbarrier in that
+// peer. The receiver arrives once per exchange on its own mbarrier with the number of bytes the
+// exchange brings (arrive.expect_tx; the count may go negative first, as PTX allows) and waits for
+// the phase to complete: completion releases each writer's stores, and what the writer did before
+// them, to the waiting threads at cluster scope, so an exchange needs no cluster-wide barrier or
+// fence. Peer addresses are 32-bit shared::cluster addresses (mapa). The `parity` arguments of
+// arrivals and stores name the barrier phase the caller means: the hardware does not take them,
+// the host emulation checks them.
 
 #if !defined(FDP_HOST_EMULATION)
 __device__ __forceinline__ void cluster_sync_or_block(int S) {
@@ -281,29 +291,106 @@ __device__ __forceinline__ void cluster_sync_or_block(int S) {
   __syncthreads();
 }
 
-template <typename T>
-__device__ __forceinline__ T* cluster_peer(T* p, int rank, int S) {
+// The shared::cluster address of `p` (this block's shared memory) in cluster rank `rank`.
+__device__ __forceinline__ unsigned cluster_addr(const void* p, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (S > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+  unsigned a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
+  return a;
+#else
+  (void)p;
+  (void)rank;
+  __trap();
+  return 0;
 #endif
-  return p;
 }
 
-// Write v at the same shared-memory offset in the R blocks of a team (cluster
-// ranks team_base .. team_base+R-1); one thread owns each element.
-__device__ __forceinline__ void team_store(float* p, float v, int team_base, int R, int S) {
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (R > 1) {
-    auto cl = cooperative_groups::this_cluster();
-    for (int q = 0; q < R; ++q) *cl.map_shared_rank(p, team_base + q) = v;
-    return;
-  }
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#else
+  (void)bar;
+  (void)count;
+  __trap();
 #endif
-  (void)team_base;
-  (void)S;
-  *p = v;
+}
+
+// Makes the initialised mbarriers visible to the cluster's st.async (a cluster barrier follows).
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)parity;
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+#else
+  (void)bar;
+  (void)bytes;
+  (void)parity;
+  __trap();
+#endif
+}
+
+// Until the phase of `bar` with this parity has completed; acquires the stores it counted.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#else
+  (void)bar;
+  (void)parity;
+  __trap();
+#endif
+}
+
+// v at cluster address `addr`; its 4 bytes complete on the mbarrier at cluster address `bar`, which
+// must be in the same block.
+__device__ __forceinline__ void st_async(unsigned addr, float v, unsigned bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)parity;
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(addr),
+               "r"(__float_as_uint(v)), "r"(bar)
+               : "memory");
+#else
+  (void)addr;
+  (void)v;
+  (void)bar;
+  (void)parity;
+  __trap();
+#endif
 }
 #endif  // !FDP_HOST_EMULATION
+
+// Bytes rank q of R pushes in one exchange: `rows` x its share of `total` columns (`per` to a
+// rank) 4-byte values, or one token word when it has no columns, so that every rank's arrival
+// also says it has reached the exchange.
+FDP_HD int rank_bytes(int rows, int total, int per, int q) {
+  const int cols = imax(0, imin(total - q * per, per));
+  return cols > 0 ? rows * cols * 4 : 4;
+}
+
+// Bytes the ranks other than r of R push into rank r in one exchange (all of them within shared
+// memory, so far below the 2^20 - 1 a transaction count holds).
+FDP_HD int peer_bytes(int rows, int total, int per, int R, int r) {
+  int n = 0;
+  for (int q = 0; q < R; ++q)
+    if (q != r) n += rank_bytes(rows, total, per, q);
+  return n;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Matmuls: out[b, c] = sum_i act[b*lda + i] * w[i*ldw + c], handed to epi(b, c, out)

@@ -8,10 +8,12 @@
 // One thread-block cluster per row tile (sm_90): K component groups x R column
 // ranks, K * R <= 16 blocks. Each block loads its slices of the weights into
 // shared memory once and reuses them for all T steps (slices that do not fit
-// are read from L2 each step); hidden activations move between ranks through
-// distributed shared memory, and each step's weighted sum is gathered from the
-// K groups over DSMEM by every block, which keeps an identical copy of x: one
-// cluster barrier per phase, no grid-wide synchronisation. Without clusters
+// are read from L2 each step); each rank pushes its columns of the hidden
+// activations into the other ranks of its component with st.async, and every
+// block pushes its weighted partial of each step into all blocks of the cluster,
+// which each keep an identical copy of x; receivers wait on mbarriers counting
+// the bytes: one cluster barrier per launch (after the mbarriers are set up),
+// none per phase, no grid-wide synchronisation. Without clusters
 // (sm_80/86/87/89) one block per row tile runs all K components.
 // The next step's step-dependent vectors and noise are prefetched with
 // cp.async while the current step computes.

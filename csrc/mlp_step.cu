@@ -9,9 +9,11 @@
 // Decomposition (mlp_common.cuh, planner in mlp_host.cuh): grid = (cluster size *
 // tiles, groups / gpc). For small batches every component gets its own group of
 // blocks, and on sm_90 R column ranks per component split the columns of every
-// matmul (distributed shared memory). Where it pays, one cluster per tile holds
-// all K groups (K x R <= 16 blocks; at K = 4, H = 256, batch 1 one 16-block
-// cluster) and every block of it combines the groups' partials over DSMEM; else
+// matmul (each rank pushes its columns into the others with st.async and waits
+// on an mbarrier for theirs: no cluster barrier per phase). Where it pays, one
+// cluster per tile holds all K groups (K x R <= 16 blocks; at K = 4, H = 256, batch 1 one 16-block
+// cluster), every block pushes its weighted partial into all blocks of the
+// cluster and each combines them from its own shared memory; else
 // (GPUs without clusters, or blocks that would read too many of their weights
 // from L2, or an explicit `groups`) each group is its own cluster, the partials
 // meet in a global scratch buffer and the tile's last arriving block applies the

@@ -35,7 +35,8 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   const int tile = static_cast<int>(blockIdx.x) / S;
   const int r = crank % R;
   const int team_base = crank - r;
-  const int g = crank / R + static_cast<int>(blockIdx.y) * p.gpc;
+  const int gl = crank / R;  // group within the cluster
+  const int g = gl + static_cast<int>(blockIdx.y) * p.gpc;
   const bool global_combine = !PERSISTENT && (p.groups != p.gpc);
   const int row0 = tile * BT;
   const int nrows = imin(BT, a.B - row0);
@@ -52,7 +53,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   float* cvec = reinterpret_cast<float*>(smem + lay.cvec);
   int* woff = reinterpret_cast<int*>(smem + lay.woff);
   unsigned char* wbase = smem + lay.wbase;
-  auto acc_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.acc + par * lay.acc_sz); };
+  auto part_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.part + par * lay.part_sz); };
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + lay.mbar);
+  float* tok = reinterpret_cast<float*>(smem + lay.tok);
   auto coef_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.coef + par * lay.coef_sz); };
   auto noise_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.noise + par * lay.noise_sz); };
   auto tvec_buf = [&](int par) { return reinterpret_cast<float*>(smem + lay.tvec + par * lay.tvec_sz); };
@@ -61,6 +64,12 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   const W* w_a = static_cast<const W*>(a.w_a);
   const W* w_b = static_cast<const W*>(a.w_b);
   const W* w_out = static_cast<const W*>(a.w_out);
+
+  // One arrival (thread 0's arrive.expect_tx) per phase; peers' writes count as transactions.
+  if (S > 1 && tid == 0) {
+    for (int i = 0; i < kNumBars; ++i) mbar_init(bars + i, 1);
+    mbar_init_fence();
+  }
 
   // Zero the activations: padding rows/columns must read as 0 in the MMA path.
   // xs rows < nrows, columns < D are loaded below, so only its padding is zeroed here.
@@ -148,14 +157,62 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
 
   unsigned used_mask = 0;
   int g_next = -1;
+
+  // Team exchanges (R > 1). The hidden phases of a component write their output columns into the
+  // same buffer of every team member, hs or us alternately: exchange q writes buffer q & 1 and
+  // completes on that buffer's mbarrier, in its phase q / 2. The producer of exchange q + 1 has
+  // waited for exchange q to complete in its own block, which took a store (or token) from every
+  // team member, issued after that member had finished reading the inputs of exchange q (the
+  // block barrier of the FMA reduction, or in the MMA path each warp's stores follow its own reads,
+  // and every reading warp stores). Exchange q's inputs are the buffer exchange q + 1 writes, so
+  // writes never overtake a peer's reads; and a producer is at most one exchange ahead of any team
+  // member, so stores of exchange q + 1 land on the other mbarrier and those of q + 2 only after
+  // this block has seen q complete. A component's chain is 2L + 1 exchanges, an odd number: the
+  // next component swaps the roles of hs and us, so consecutive exchanges still alternate.
+  int xq = 0;
+  const int team_in = peer_bytes(BT, H, p.ns, R, r);
+  auto act_buf = [&](int q) { return (q & 1) ? us : hs; };
+  // y into this block's act_buf(xq) at p and into the same place of every team peer.
+  auto team_put = [&](float* p, float y) {
+    *p = y;
+    const unsigned par = (xq >> 1) & 1;
+    for (int q = 1; q < R; ++q) {
+      const int rank = team_base + (r + q) % R;
+      st_async(cluster_addr(p, rank), y, cluster_addr(bars + (xq & 1), rank), par);
+    }
+  };
+  // Thread 0 waits, acquiring the peers' stores at cluster scope; the block barrier passes them on
+  // to the other threads with this block's own stores (one L1 invalidation per block, not per warp).
+  auto team_done = [&]() {
+    if (R > 1 && tid == 0) {
+      const unsigned par = (xq >> 1) & 1;
+      uint64_t* bar = bars + (xq & 1);
+      if (ncols == 0)
+        for (int q = 1; q < R; ++q) {
+          const int rank = team_base + (r + q) % R;
+          st_async(cluster_addr(tok + (xq & 1), rank), 0.f, cluster_addr(bar, rank), par);
+        }
+      mbar_arrive_expect(bar, team_in, par);
+      mbar_wait(bar, par);
+    }
+    __syncthreads();
+    ++xq;
+  };
+  // Partials of the in-cluster combine: every block pushes its rows x its columns of W_out into
+  // slot gl of every block of the cluster (a token when it has no columns).
+  const int part_in = p.gpc * (peer_bytes(nrows, D, p.ds, R, r) + rank_bytes(nrows, D, p.ds, r)) -
+                      rank_bytes(nrows, D, p.ds, r);
+
   for (int step = step_begin; step < step_end; ++step) {
     const int par = (step - step_begin) & 1;
-    float* acc = acc_buf(par);
-    for (int e = tid; e < BT * dsp; e += kThreads) acc[e] = 0.f;
+    // This block's part of its group's slot of the partials: acc[b * pst + c] for its column d0 + c.
+    float* acc = part_buf(par) + gl * BT * lay.pst + (global_combine ? 0 : d0);
+    for (int e = tid; e < nrows * dcols; e += kThreads) acc[(e / dcols) * lay.pst + e % dcols] = 0.f;
     if (step == step_begin) {
       as.wait_for(g_init);
       as.wait_for(g_init + 1);
-      // Cluster-wide: peers write into this block's shared memory from the first phase on.
+      // Cluster-wide, once: the mbarriers are initialised and the activations zeroed before any
+      // peer pushes into this block.
       cluster_sync_or_block(S);
       for (int k = 0; k < K; ++k) {
         bool u = !a.skip_unused;
@@ -175,7 +232,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
 
     for (int j = 0; j < p.slots; ++j) {
       const int k = g + j * p.groups;
+      // Uniform over the team: same component, same rows.
       const bool on = k < K && ((used_mask >> k) & 1u);
+      if (!on) continue;
       const int sbase = j * nq;
       const float* tin = tv + j * (1 + L) * nsp;
       const float* bv = bvec + j * (L * nsp + dsp);
@@ -195,14 +254,16 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         const int s = sbase + q + 1;
         if (s < lay.nslices) as.wait_for(g_init + 1 + s);
       };
+      float* hb = act_buf(xq);      // h of this component
+      float* ub = act_buf(xq + 1);  // SiLU(...) of this component
 
       // Phase 0: h = x W_in + t_in + c_in
-      if (on) {
+      {
         const float* cin = p.stage ? cv : a.c_in + rk * H + n0;
         const int cst = p.stage ? nsp : K * H;
         auto epi = [&](int b, int c, float v) {
           const float y = (b < nrows) ? v + tin[c] + cin[b * cst + c] : 0.f;
-          team_store(hs + b * lay.hst + n0 + c, y, team_base, R, S);
+          team_put(hb + b * lay.hst + n0 + c, y);
         };
         int ld;
         bool res;
@@ -210,72 +271,98 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         matmul<W, BT, MMA>(xs, lay.xst, D, w, res, ld, ncols, red, epi);
       }
       next_ready(0);
-      cluster_sync_or_block(S);
+      team_done();
 
       for (int l = 0; l < L; ++l) {
         // u = SiLU(scale * (h W_a) + shift + t_shift)
-        if (on) {
+        {
           const float* tsh = tin + (1 + l) * nsp;
           const float* sc = p.stage ? cv + (1 + l) * BT * nsp : a.scale + (rk * L + l) * H + n0;
           const float* sh = p.stage ? cv + (1 + L + l) * BT * nsp : a.shift + (rk * L + l) * H + n0;
           const int sst = p.stage ? nsp : K * L * H;
           auto epi = [&](int b, int c, float v) {
             const float y = (b < nrows) ? silu(v * sc[b * sst + c] + sh[b * sst + c] + tsh[c]) : 0.f;
-            team_store(us + b * lay.hst + n0 + c, y, team_base, R, S);
+            team_put(ub + b * lay.hst + n0 + c, y);
           };
           int ld;
           bool res;
           const W* w = wptr(1 + 2 * l, w_a + (static_cast<size_t>(k) * L + l) * H * H + n0, H, ld, res);
-          matmul<W, BT, MMA>(hs, lay.hst, H, w, res, ld, ncols, red, epi);
+          matmul<W, BT, MMA>(hb, lay.hst, H, w, res, ld, ncols, red, epi);
         }
         next_ready(1 + 2 * l);
-        cluster_sync_or_block(S);
-        // h += u W_b + b_b (in place: each element is read and written by one thread,
-        // and peers only read their own columns of h in this phase)
-        if (on) {
+        team_done();
+        // h += u W_b + b_b in place: each element is read and written by one thread, peers write
+        // only their own columns of h, and every team member finished reading h in the previous
+        // exchange (whose completion this block waited for).
+        {
           const float* bb = bv + l * nsp;
           auto epi = [&](int b, int c, float v) {
-            float* hp = hs + b * lay.hst + n0 + c;
+            float* hp = hb + b * lay.hst + n0 + c;
             const float y = (b < nrows) ? *hp + v + bb[c] : 0.f;
-            team_store(hp, y, team_base, R, S);
+            team_put(hp, y);
           };
           int ld;
           bool res;
           const W* w = wptr(2 + 2 * l, w_b + (static_cast<size_t>(k) * L + l) * H * H + n0, H, ld, res);
-          matmul<W, BT, MMA>(us, lay.hst, H, w, res, ld, ncols, red, epi);
+          matmul<W, BT, MMA>(ub, lay.hst, H, w, res, ld, ncols, red, epi);
         }
         next_ready(2 + 2 * l);
-        cluster_sync_or_block(S);
+        team_done();
       }
 
       // acc += w_k (h W_out + b_out) over this rank's columns of D
-      if (on) {
+      {
         const float* bo = bv + L * nsp;
         auto epi = [&](int b, int c, float v) {
           // A zero weight leaves the component out of its row even when its output is NaN
           // (rows of one tile may be routed differently); a NaN weight is not zero.
-          if (b < nrows && wts[b * K + k] != 0.f) acc[b * dsp + c] += wts[b * K + k] * (v + bo[c]);
+          if (b < nrows && wts[b * K + k] != 0.f) acc[b * lay.pst + c] += wts[b * K + k] * (v + bo[c]);
         };
         int ld;
         bool res;
         const W* w = wptr(nq - 1, w_out + static_cast<size_t>(k) * H * D + d0, D, ld, res);
-        matmul<W, BT, MMA>(hs, lay.hst, H, w, res, ld, dcols, red, epi);
+        matmul<W, BT, MMA>(hb, lay.hst, H, w, res, ld, dcols, red, epi);
       }
       next_ready(nq - 1);
-      // Peers still read h in this phase, and the next component (or the combine) follows.
-      cluster_sync_or_block(S);
+      // Every thread is done reading h before this block's next stores (or token) go out: the
+      // second exchange from now overwrites h in the peers once they have those.
+      __syncthreads();
     }
 
     if (!global_combine) {
+      if (S > 1) {
+        // Slot gl of the partials of step parity `par`, in every block of the cluster. A block can
+        // be a step ahead of a peer of another team (it waited for the peer's partials of this
+        // step, not for the peer to finish reading them), never two: its partials of step s + 2
+        // need the combine of s + 1, which needs the peer's partials of s + 1, which the peer
+        // pushes after reading those of s. So two parities of slots and mbarriers suffice.
+        uint64_t* bar = bars + kBarPart + par;
+        const unsigned bpar = ((step - step_begin) >> 1) & 1;
+        const int n = nrows * dcols;
+        for (int e = tid; e < n * (S - 1); e += kThreads) {
+          const int i = e / (S - 1), rank = (crank + 1 + e - i * (S - 1)) % S;
+          float* src = acc + (i / dcols) * lay.pst + i % dcols;
+          st_async(cluster_addr(src, rank), *src, cluster_addr(bar, rank), bpar);
+        }
+        if (tid == 0) {
+          if (n == 0)
+            for (int q = 1; q < S; ++q)
+              st_async(cluster_addr(tok + kBarPart + par, (crank + q) % S), 0.f,
+                       cluster_addr(bar, (crank + q) % S), bpar);
+          mbar_arrive_expect(bar, part_in, bpar);
+          mbar_wait(bar, bpar);
+        }
+        __syncthreads();
+      }
       // Every block of the cluster computes the tile's new x from the groups' partials.
       const bool last = step + 1 == step_end;
       const bool noisy = a.noise != nullptr && coef[abi::kColAddsNoise] != 0.f;
       const float* nz = noise_buf(par);
+      const float* part = part_buf(par);
       for (int o = tid; o < nrows * D; o += kThreads) {
         const int b = o / D, d = o - b * D;
-        const int rr = d / p.ds, dl = d - rr * p.ds;
         float e = 0.f;
-        for (int gg = 0; gg < p.gpc; ++gg) e += cluster_peer(acc, gg * R + rr, S)[b * dsp + dl];
+        for (int gg = 0; gg < p.gpc; ++gg) e += part[(gg * BT + b) * lay.pst + d];
         float z = 0.f;
         if (noisy)
           z = p.stage ? nz[b * lay.dp + d] : __ldg(a.noise + (static_cast<size_t>(step) * a.B + row0 + b) * D + d);
@@ -288,7 +375,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       // Publish this block's partial, then the tile's last arriving block applies the update.
       for (int o = tid; o < nrows * dcols; o += kThreads) {
         const int b = o / dcols, c = o - b * dcols;
-        a.scratch[(static_cast<size_t>(g) * a.B + row0 + b) * D + d0 + c] = acc[b * dsp + c];
+        a.scratch[(static_cast<size_t>(g) * a.B + row0 + b) * D + d0 + c] = acc[b * lay.pst + c];
       }
       __threadfence();
       __syncthreads();
@@ -309,8 +396,8 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       }
     }
   }
-  // Peers read this block's partials over DSMEM in the last combine: stay resident until they are done.
-  if (!global_combine && S > 1) cluster_sync_or_block(S);
+  // No cluster barrier before exit: everything peers push into this block belongs to an exchange
+  // this block has waited for, so nothing can still arrive once it gets here.
 }
 
 // The entry point for a weight type, tile rows and tensor cores, or nullptr where none is built (tensor

@@ -95,11 +95,15 @@ FDP_HD int take(int& off, int bytes) {
 // Shared-memory layout (byte offsets, 16-byte aligned), computed identically
 // by the host planner and the kernel.
 struct Layout {
-  int xst, hst, nsp, dsp, dp;  // row strides in floats
-  int xs, hs, us, acc, red, wts, coef, noise, tvec, bvec, cvec, woff, wbase;
-  int acc_sz, coef_sz, noise_sz, tvec_sz;  // bytes of one parity buffer
+  int xst, hst, nsp, dsp, dp, pst;  // row strides in floats
+  int xs, hs, us, part, red, wts, coef, noise, tvec, bvec, cvec, mbar, tok, woff, wbase;
+  int part_sz, coef_sz, noise_sz, tvec_sz;  // bytes of one parity buffer
   int nslices;
 };
+
+// The mbarriers of a block (8 bytes each, at lay.mbar), in this order: the two hidden-activation
+// buffers (hs, us), then the combine's partials of even and odd steps.
+constexpr int kBarHs = 0, kBarUs = 1, kBarPart = 2, kNumBars = 4;
 
 FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
   Layout y;
@@ -113,8 +117,13 @@ FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
   y.xs = take(off, p.bt * y.xst * 4);
   y.hs = take(off, p.bt * y.hst * 4);
   y.us = take(off, p.bt * y.hst * 4);
-  y.acc_sz = rup(p.bt * y.dsp * 4, 16);
-  y.acc = take(off, 2 * y.acc_sz);
+  // Per step parity, one [bt, pst] slot per component group of the cluster. Combined in the
+  // cluster, every block pushes its weighted partial (its columns of D) into its group's slot of
+  // every block, so the combine reads local memory; combined in global memory (groups > gpc),
+  // a block keeps its own columns only.
+  y.pst = p.groups == p.gpc ? y.dp : y.dsp;
+  y.part_sz = rup(p.gpc * p.bt * y.pst * 4, 16);
+  y.part = take(off, 2 * y.part_sz);
   y.red = take(off, p.mma ? 0 : kWarps * p.bt * kChunk * 4);
   y.wts = take(off, p.bt * K * 4);
   y.coef_sz = kCoefWidth * 4;
@@ -125,6 +134,8 @@ FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
   y.tvec = take(off, 2 * y.tvec_sz);
   y.bvec = take(off, p.slots * (L * y.nsp + y.dsp) * 4);
   y.cvec = take(off, p.stage ? p.slots * (1 + 2 * L) * p.bt * y.nsp * 4 : 0);
+  y.mbar = take(off, kNumBars * 8);
+  y.tok = take(off, kNumBars * 4);  // a word per mbarrier that blocks without columns write (never read)
   y.nslices = p.slots * (2 * L + 2);
   y.woff = take(off, y.nslices * 4);
   y.wbase = off;

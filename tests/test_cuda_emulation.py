@@ -3,7 +3,7 @@
 CI has no GPU, so this is where the arithmetic and indexing of ``run_tile``
 (csrc/mlp_tile.cuh) is checked on every run: tests/cuda_emulation/driver.cpp
 compiles it for host threads (emu.h supplies barriers, warp shuffles, mma
-fragments, DSMEM and cp.async; see tests/cuda_emulation/README.md) under
+fragments, mbarriers and st.async, cp.async; see tests/cuda_emulation/README.md) under
 AddressSanitizer and UBSan, and each configuration's result is compared with the
 float64 torch reference. Shared memory starts as 0xCD garbage and every output
 (and the global-combine scratch) is poisoned with NaN first, so anything the
@@ -76,6 +76,9 @@ PROBLEMS = {
     "bf16": KERNEL_PROBLEMS["bf16"],
     "fp16": dict(K=3, H=40, L=1, horizon=5, action_dim=3, B=33, sched="ddim_eta", strategy="hard", T=2,
                  dtype=torch.float16),
+    # Split over 4 ranks, the last rank owns no column of H (24 = 3 x 8) nor of D (3): it pushes tokens.
+    "narrow": dict(K=2, H=24, L=1, horizon=1, action_dim=3, B=2, sched="ddim_eta", strategy="soft", T=3,
+                   dtype=torch.float32),
 }
 
 # (problem, kind, bt, mma, ranks, groups, groups per cluster, shared-memory limit).
@@ -89,6 +92,8 @@ CONFIGS = [
     ("bf16", PERSISTENT, 16, 1, 2, 3, 3, 18000),        # tensor cores, S=6, weights partly resident
     ("bf16", PERSISTENT, 16, 1, 1, 1, 1, 16000),        # tensor cores, weights from global only
     ("fp16", STEP, 16, 1, 2, 3, 1, SMEM_H100),          # tensor cores, global combine, 3 tiles, hard routing
+    ("narrow", PERSISTENT, 1, 0, 4, 2, 2, SMEM_H100),   # S=8, a rank without columns, 2 tiles
+    ("narrow", STEP, 8, 0, 4, 1, 1, SMEM_H100),         # both components in one team (hs/us swap roles), S=4
 ]
 
 
@@ -252,23 +257,30 @@ def problems(tmp_path_factory):
     return get
 
 
-def _launch(driver, d: Path, kind, dtype, dims_args, plan_args):
+def _run(driver, d: Path, kind, dtype, dims_args, plan_args, **env):
+    """Run the driver on the inputs in `d` with extra environment variables; returns the process."""
+    cmd = [str(driver), str(d), str(kind), str(WTYPE[dtype]), *map(str, dims_args), *map(str, plan_args), "1"]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1", **env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # a barrier mismatch hangs
+    r.cmd = " ".join(cmd)
+    return r
+
+
+def _launch(driver, d: Path, kind, dtype, dims_args, plan_args, **env):
     """Run the driver on the inputs in `d`; returns (its output [B, D], its stderr)."""
     out_file = d / "out.bin"
     out_file.unlink(missing_ok=True)
-    cmd = [str(driver), str(d), str(kind), str(WTYPE[dtype]), *map(str, dims_args), *map(str, plan_args), "1"]
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # a barrier mismatch hangs
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-6000:]}"
+    r = _run(driver, d, kind, dtype, dims_args, plan_args, **env)
+    assert r.returncode == 0, f"{r.cmd}\n{r.stderr[-6000:]}"
     B, D = dims_args[0], dims_args[1]
     return torch.from_numpy(np.fromfile(out_file, dtype=np.float32)).reshape(B, D), r.stderr
 
 
-def _run_driver(driver, problems, name, kind, plan_args):
+def _run_driver(driver, problems, name, kind, plan_args, **env):
     """Run problem `name` with kernel `kind` and the driver's plan arguments; returns the driver's stderr."""
     d, ref, dims_args = problems(name)
     dtype = PROBLEMS[name]["dtype"]
-    out, stderr = _launch(driver, d, kind, dtype, dims_args, plan_args)
+    out, stderr = _launch(driver, d, kind, dtype, dims_args, plan_args, **env)
     assert torch.isfinite(out).all(), f"non-finite output (unwritten elements stay NaN)\n{stderr}"
     err = rel_err(out, ref)
     print(f"\n{stderr.strip()}  rel err {err:.2e}", file=sys.stderr)
@@ -281,6 +293,35 @@ def _run_driver(driver, problems, name, kind, plan_args):
 def test_emulated_kernel_matches_reference(driver, problems, cfg):
     name, kind, *plan = cfg
     _run_driver(driver, problems, name, kind, plan)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] == "narrow"], ids=["pers-2teams", "step-2comp"])
+def test_late_receiver_does_not_break_the_exchanges(driver, problems, cfg):
+    """The cluster's last block arrives on every mbarrier 2 s late (FDP_EMU_LAG_US), so the other blocks
+    run ahead of it as far as the protocol lets them, and a store that lands in a phase it was not
+    meant for aborts the run. The result still matches the reference. Two protocols this rejects (both
+    abort here with "a producer ran ahead of its receiver"): h always in hs, one mbarrier per buffer
+    (a component's last exchange and the next one's first both write hs), and one set of partial slots
+    for all steps (a block of another team pushes step s + 1 while the late block is still in s)."""
+    name, kind, *plan = cfg
+    _run_driver(driver, problems, name, kind, plan, FDP_EMU_LAG_US="2000000")
+
+
+@pytest.mark.parametrize("skew", [4, -4])
+@pytest.mark.parametrize("cfg", [("target", PERSISTENT, 1, 0, 2, 1, 1, 60000),  # team and combine exchanges
+                                 ("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100)],  # the combine's only
+                         ids=["team", "combine"])
+def test_wrong_expected_byte_count_is_caught(driver, problems, cfg, skew):
+    """The emulated mbarriers check the kernel's transaction accounting: with every arrive.expect_tx
+    off by one 4-byte word, a phase either never completes (the wait gives up and names the barrier)
+    or completes a store early and that store then lands in the next phase; either way the run aborts.
+    The same configurations pass with the kernel's own counts (test_emulated_kernel_matches_reference)."""
+    name, kind, *plan = cfg
+    d, _, dims_args = problems(name)
+    r = _run(driver, d, kind, PROBLEMS[name]["dtype"], dims_args, plan, FDP_EMU_TX_SKEW=str(skew),
+             FDP_EMU_HANG_S="10")
+    assert r.returncode != 0, f"{r.cmd}\n{r.stderr[-3000:]}"
+    assert "emu: mbarrier (block rank" in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("cfg", [("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),

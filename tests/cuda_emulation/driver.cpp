@@ -118,6 +118,7 @@ void* thread_main(void* v) {
   emu::t_tid.x = t->tid;
   emu::t_bid = t->bid;
   t->fn(*t->a, *t->p, t->s0, t->s1);
+  emu::thread_exit();
   return nullptr;
 }
 
@@ -156,6 +157,7 @@ void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
       for (int b = 0; b < S; ++b) {
         blocks.emplace_back(new emu::Block);
         emu::Block& blk = *blocks.back();
+        blk.rank = b;
         // Shared memory starts as garbage on a GPU; a fixed non-zero pattern
         // makes reads of never-written bytes show up in the result.
         blk.smem.assign(cfg.dynamicSmemBytes, 0xCD);

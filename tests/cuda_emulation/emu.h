@@ -13,11 +13,31 @@
 //   - cp.async copies synchronously, so commit/wait are no-ops (a missing
 //     wait is NOT detected; a missing barrier after a wait is only caught
 //     when it races visibly, e.g. under a thread sanitizer);
-//   - distributed shared memory maps an address to the same offset in a peer
-//     block's buffer and aborts on addresses outside shared memory.
+//   - mbarriers keep PTX's state (pending arrivals, a transaction count that
+//     may go negative, the phase), and a wait blocks until the phase of the
+//     given parity has completed; st.async writes into a peer's shared memory
+//     and then completes its bytes on the named mbarrier of that peer. Protocol
+//     mistakes abort with a message: an arrival or a store meant for another
+//     phase than the barrier's current one, a transaction count beyond
+//     +-(2^20 - 1), a store whose data and barrier are in different blocks, a
+//     store into a block whose threads have begun to exit, a block exiting
+//     with a phase half done, and a wait that does not complete within FDP_EMU_HANG_S seconds
+//     (default 120). FDP_EMU_TX_SKEW adds that many bytes to every
+//     arrive.expect_tx, to prove that a wrong byte count is caught;
+//     FDP_EMU_LAG_US delays every arrival of the cluster's last block by that
+//     many microseconds, so that the others run ahead of it as far as the
+//     protocol lets them;
+//   - cluster addresses (mapa) encode rank and offset; addresses outside
+//     shared memory or ranks outside the cluster abort.
 #pragma once
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -36,11 +56,24 @@ struct Warp {
   float B[2][8][8];               // double buffered like the shuffles
 };
 
+// An mbarrier object, kept beside the 8 bytes of shared memory it occupies on the GPU.
+struct MBar {
+  int count = 0;         // arrivals per phase
+  int pending = 0;       // arrivals still missing in the current phase
+  long long tx = 0;      // transaction bytes still missing (negative: arrived before expected)
+  unsigned phase = 0;    // completed phases; the current phase's parity is phase & 1
+  std::condition_variable cv;
+};
+
 struct Block {
   std::vector<unsigned char> smem;  // dynamic shared memory
   int s_last = 0;                   // the kernel's static __shared__ int
   std::barrier<>* bar = nullptr;    // __syncthreads
   Warp warps[8];                    // kThreads / 32
+  int rank = 0;                     // in the cluster
+  std::mutex mu;                    // guards the mbarriers and `exited`
+  std::map<std::ptrdiff_t, std::unique_ptr<MBar>> mbars;  // by shared-memory offset
+  int exited = 0;                   // threads that have returned from the kernel
 };
 
 struct Cluster {
@@ -64,6 +97,61 @@ inline int& block_s_last() { return t_block->s_last; }
 inline uint32_t bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 inline float flt(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 [[noreturn]] inline void die(const char* what) { std::fprintf(stderr, "emu: %s\n", what); std::abort(); }
+template <class... A>
+[[noreturn]] inline void dief(const char* fmt, A... a) {
+  std::fprintf(stderr, "emu: ");
+  std::fprintf(stderr, fmt, a...);
+  std::fprintf(stderr, "\n");
+  std::abort();
+}
+
+inline long env_long(const char* name, long dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::strtol(v, nullptr, 10) : dflt;
+}
+inline const long kHangSeconds = env_long("FDP_EMU_HANG_S", 120);
+inline const long kTxSkew = env_long("FDP_EMU_TX_SKEW", 0);
+inline const long kLagUs = env_long("FDP_EMU_LAG_US", 0);
+constexpr long long kTxLimit = (1 << 20) - 1;  // PTX: the tx-count range of an mbarrier
+
+// Offset of p in this block's shared memory, checked to hold `bytes` bytes.
+inline std::ptrdiff_t smem_offset(const void* p, std::size_t bytes, const char* what) {
+  const auto off = static_cast<const unsigned char*>(p) - t_block->smem.data();
+  if (off < 0 || off + static_cast<std::ptrdiff_t>(bytes) > static_cast<std::ptrdiff_t>(t_block->smem.size()))
+    dief("%s of an address outside shared memory", what);
+  return off;
+}
+
+// The mbarrier at `off` of block `b`; the caller holds b.mu.
+inline MBar& mbar_at(Block& b, std::ptrdiff_t off, const char* what) {
+  auto it = b.mbars.find(off);
+  if (it == b.mbars.end()) dief("%s on an uninitialised mbarrier (block rank %d, offset %td)", what, b.rank, off);
+  return *it->second;
+}
+
+// Completes the current phase when nothing is missing; the caller holds the block's mutex.
+inline void mbar_settle(Block& b, std::ptrdiff_t off, MBar& m) {
+  if (m.tx > kTxLimit || m.tx < -kTxLimit)
+    dief("mbarrier (block rank %d, offset %td) tx-count %lld outside +-(2^20 - 1)", b.rank, off, m.tx);
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.count;
+    m.cv.notify_all();
+  }
+}
+
+// Called by each host thread when its kernel body returns. The last thread of a block checks that
+// no mbarrier is left in the middle of a phase (bytes or arrivals received for an exchange the
+// block never waited for), which on the GPU would be a write into a block that may be gone.
+inline void thread_exit() {
+  Block& b = *t_block;
+  std::lock_guard<std::mutex> lk(b.mu);
+  if (++b.exited < static_cast<int>(sizeof(b.warps) / sizeof(b.warps[0])) * 32) return;
+  for (auto& [off, m] : b.mbars)
+    if (m->pending != m->count || m->tx != 0)
+      dief("block rank %d exits with mbarrier at offset %td mid-phase (%d of %d arrivals missing, tx %lld)", b.rank,
+           off, m->pending, m->count, m->tx);
+}
 
 }  // namespace emu
 
@@ -110,26 +198,77 @@ inline void cluster_sync_or_block(int S) {
   else __syncthreads();
 }
 
-// map_shared_rank: same offset in the peer's shared memory. Aborts on a pointer
-// that is not in this block's shared memory or a rank outside the cluster,
-// which on the GPU would be undefined behaviour rather than a clean error.
-template <typename T>
-inline T* cluster_peer(T* p, int rank, int S) {
-  if (S <= 1) return p;
-  unsigned char* base = emu::t_block->smem.data();
-  const auto* bp = reinterpret_cast<const unsigned char*>(p);
-  const std::ptrdiff_t off = bp - base;
-  if (off < 0 || off >= static_cast<std::ptrdiff_t>(emu::t_block->smem.size())) emu::die("DSMEM map of a non-shared address");
-  if (rank < 0 || rank >= static_cast<int>(emu::t_cluster->blocks.size())) emu::die("DSMEM rank outside the cluster");
-  return reinterpret_cast<T*>(emu::t_cluster->blocks[rank]->smem.data() + off);
+// mapa: a cluster address is (rank << 24) | offset. Aborts on a pointer that is not in this
+// block's shared memory or a rank outside the cluster, which on the GPU would be undefined
+// behaviour rather than a clean error.
+inline unsigned cluster_addr(const void* p, int rank) {
+  const std::ptrdiff_t off = emu::smem_offset(p, 1, "mapa");
+  if (rank < 0 || rank >= static_cast<int>(emu::t_cluster->blocks.size())) emu::die("mapa rank outside the cluster");
+  if (off >= (1 << 24)) emu::die("shared memory beyond the emulation's 16 MB cluster addresses");
+  return static_cast<unsigned>(rank) << 24 | static_cast<unsigned>(off);
 }
 
-inline void team_store(float* p, float v, int team_base, int R, int S) {
-  if (R > 1) {
-    for (int q = 0; q < R; ++q) *cluster_peer(p, team_base + q, S) = v;
-  } else {
-    *p = v;
+inline void mbar_init(uint64_t* bar, unsigned count) {
+  const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.init");
+  if (off % 8) emu::die("mbarrier not 8-byte aligned");
+  emu::Block& b = *emu::t_block;
+  std::lock_guard<std::mutex> lk(b.mu);
+  auto& m = b.mbars[off];
+  m.reset(new emu::MBar);
+  m->count = m->pending = static_cast<int>(count);
+}
+
+inline void mbar_init_fence() {}
+
+// `parity`: the phase the caller means to arrive in (the GPU ignores it; here it must be the current one).
+inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
+  const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.arrive");
+  emu::Block& b = *emu::t_block;
+  // A late receiver: its peers may be pushing the next exchange before it arrives for this one.
+  if (emu::kLagUs > 0 && b.rank + 1 == static_cast<int>(emu::t_cluster->blocks.size()))
+    std::this_thread::sleep_for(std::chrono::microseconds(emu::kLagUs));
+  std::lock_guard<std::mutex> lk(b.mu);
+  emu::MBar& m = emu::mbar_at(b, off, "arrive.expect_tx");
+  if ((m.phase & 1) != parity)
+    emu::dief("mbarrier (block rank %d, offset %td): arrive.expect_tx for phase parity %u, but phase %u is current",
+              b.rank, off, parity, m.phase);
+  m.tx += static_cast<long long>(bytes) + emu::kTxSkew;
+  --m.pending;
+  emu::mbar_settle(b, off, m);
+}
+
+inline void mbar_wait(uint64_t* bar, unsigned parity) {
+  const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.try_wait");
+  emu::Block& b = *emu::t_block;
+  std::unique_lock<std::mutex> lk(b.mu);
+  emu::MBar& m = emu::mbar_at(b, off, "try_wait.parity");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(emu::kHangSeconds);
+  while ((m.phase & 1) == parity) {
+    if (m.cv.wait_until(lk, deadline) == std::cv_status::timeout && (m.phase & 1) == parity)
+      emu::dief("mbarrier (block rank %d, offset %td): phase %u (parity %u) not complete after %ld s: %d of %d "
+                "arrivals and %lld transaction bytes missing",
+                b.rank, off, m.phase, parity, emu::kHangSeconds, m.pending, m.count, m.tx);
   }
+}
+
+// st.async: v into the peer's shared memory, then its 4 bytes complete on the peer's mbarrier.
+// `parity`: the receiver's phase the store belongs to (the GPU ignores it; here it must be current,
+// so a producer more than one phase ahead of its receiver aborts).
+inline void st_async(unsigned addr, float v, unsigned bar, unsigned parity) {
+  const int rank = static_cast<int>(addr >> 24), brank = static_cast<int>(bar >> 24);
+  const std::ptrdiff_t off = addr & 0xffffff, boff = bar & 0xffffff;
+  if (rank != brank) emu::die("st.async data and mbarrier in different blocks");
+  emu::Block& b = *emu::t_cluster->blocks[rank];
+  if (off + 4 > static_cast<std::ptrdiff_t>(b.smem.size())) emu::die("st.async outside the peer's shared memory");
+  std::lock_guard<std::mutex> lk(b.mu);
+  if (b.exited) emu::dief("st.async into block rank %d after its threads started exiting", rank);
+  emu::MBar& m = emu::mbar_at(b, boff, "st.async complete_tx");
+  if ((m.phase & 1) != parity)
+    emu::dief("mbarrier (block rank %d, offset %td): st.async for phase parity %u arrived in phase %u (a producer "
+              "ran ahead of its receiver)", rank, boff, parity, m.phase);
+  std::memcpy(b.smem.data() + off, &v, 4);
+  m.tx -= 4;
+  emu::mbar_settle(b, boff, m);
 }
 
 // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero; Inf/NaN pass through.
