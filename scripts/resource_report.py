@@ -392,7 +392,7 @@ def _run_workload(w) -> None:
     policy = fdp.FactorizedPolicy(comps, fdp.Router(5, K), horizon, adim)
     prepared = type(get_backend(backend))(**tuning).prepare(policy, table, dtype)
     cond = torch.randn(B, 5, generator=gen)
-    prepared._sample(cond, x_T, noise, seed=5 if sched.endswith("-seed") else None)
+    prepared.run(cond, x_T, noise, seed=5 if sched.endswith("-seed") else None)
 
 
 def _jit_entry_kernels() -> dict:
@@ -413,11 +413,11 @@ def _jit_entry_kernels() -> dict:
     return out
 
 
-def record_triton_launches(workloads) -> list[tuple]:
-    """(kernel, args, kwargs) of every launch the workloads make; no kernel runs."""
+def record_triton_launches(workloads) -> tuple[list[tuple], list[tuple]]:
+    """(kernel, args, kwargs) of every launch the workloads make (no kernel runs), and (workload, error)s."""
     from triton.runtime.jit import JITFunction
 
-    launches = []
+    launches, errors = [], []
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
@@ -426,10 +426,13 @@ def record_triton_launches(workloads) -> list[tuple]:
     JITFunction.run = record
     try:
         for w in workloads:
-            _run_workload(w)
+            try:
+                _run_workload(w)
+            except Exception as exc:  # a stale workload must not hide the others' results
+                errors.append((w, f"{type(exc).__name__}: {exc}"))
     finally:
         JITFunction.run = run
-    return launches
+    return launches, errors
 
 
 def _specialize(kernel, args, kwargs, target):
@@ -479,8 +482,9 @@ def triton_rows(archs, jobs: int, cuobjdump: str, workdir: Path, workloads=TRITO
     from triton.compiler import ASTSource
 
     kernels = _jit_entry_kernels()
-    launches = record_triton_launches(workloads)
-    rows = []
+    launches, errors = record_triton_launches(workloads)
+    rows = [Row("triton", "(workload)", f"{w[0]} K={w[1]} H={w[2]} B={w[6]} {w[7]} {w[8]} {w[9] or ''}".strip(), sm,
+                problems=[f"workload failed: {err[:300]}"]) for w, err in errors for sm in archs]
     variants = {}  # key -> (kernel, args, kwargs)
     for kernel, args, kwargs in launches:
         sig, consts, attrs, opts = _specialize(kernel, args, kwargs, GPUTarget("cuda", archs[0], 32))
