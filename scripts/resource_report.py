@@ -443,9 +443,20 @@ def _specialize(kernel, args, kwargs, target):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    # Triton 3.9 and 3.6 both pack these the same way (JITFunction._pack_args).
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    return signature, constexprs, attrs, options
+    if hasattr(kernel, "_pack_args"):  # Triton 3.9
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        return signature, constexprs, attrs, options
+    # Older Triton (the GPU image's 3.6) does the same inside JITFunction.run.
+    from triton.runtime.jit import find_paths_if, get_iterable_path
+
+    sigvals = [x[0] for x in specialization]
+    signature = dict(zip([p.name for p in kernel.params], sigvals))
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, v: v == "constexpr")}
+    attrvals = [x[1] for x in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, v: isinstance(v, str))}
+    return signature, constexprs, attrs, backend.parse_options(kwargs)
 
 
 def _variant_key(kernel, signature, constexprs, attrs, options) -> tuple:
