@@ -269,7 +269,7 @@ def check(row: Row) -> Row:
 
 
 def _split_cuda_name(demangled: str) -> tuple[str, str]:
-    """``void fdp::mlp::mlp_step_kernel<float, 8, false>(fdp::mlp::Args, ...)`` -> (mlp_step_kernel, float, 8, false)."""
+    """``void fdp::mlp::mlp_step_kernel<float, 8, false>(fdp::mlp::Args, ...)`` -> (mlp_step_kernel, float,8,false)."""
     name = demangled.split("(")[0].removeprefix("void ").strip()
     base, _, args = name.partition("<")
     return base.split("::")[-1], args.rstrip(">").replace(" ", "")
@@ -539,8 +539,9 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
         spills = "" if r.spill_loads is None else f"{r.spill_loads}/{r.spill_stores}"
         smem = "" if r.static_smem is None else (str(r.static_smem) if r.dynamic_smem is None
                                                   else f"{r.static_smem}+{r.dynamic_smem}")
-        out.append([r.source, r.kernel, r.variant, f"sm_{r.arch}", "" if r.registers is None else str(r.registers),
-                    "" if r.threads is None else str(r.threads), spills, smem, "" if r.smem_limit is None else str(r.smem_limit),
+        num = [("" if v is None else str(v)) for v in (r.registers, r.threads)]
+        limit = "" if r.smem_limit is None else str(r.smem_limit)
+        out.append([r.source, r.kernel, r.variant, f"sm_{r.arch}", *num, spills, smem, limit,
                     "ok" if r.ok else "FAIL: " + "; ".join(r.problems)])
     return out
 
