@@ -630,6 +630,8 @@ def main(argv=None) -> int:
                     rows += [Row("cuda nvcc", "*", "-", sm, problems=["not checked: no nvcc"]) for sm in todo]
                 else:
                     (tmp / "nvcc").mkdir()
+                    print(f"resource_report: compiling csrc/*.cu for sm_{', sm_'.join(map(str, todo))} "
+                          "(about 2 CPU-minutes per architecture)", file=sys.stderr, flush=True)
                     rows += compile_cuda(todo, a.jobs, nvcc, cuobjdump, tmp / "nvcc")
                     notes.append(f"`cuda nvcc`: csrc/*.cu compiled here with `{' '.join(cuda_flags())}`")
         if not a.no_triton:
