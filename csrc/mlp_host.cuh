@@ -175,6 +175,11 @@ inline int64_t streamed_bytes(const MlpDims& d, Plan p, const std::tuple<int, in
 // takes to stream this many bytes from L2 (~100 GB/s per SM). Estimates, not measurements.
 constexpr int64_t kGlobalCombineBytes = 128 * 1024;
 
+// A step of a persistent cluster costs, besides its weight reads, the latency of its chain of
+// exchanges (2L + 2 mbarrier hand-offs over DSMEM and the combine): taken as about 1 us, what an
+// SM streams of this many bytes from L2. An estimate, not a measurement.
+constexpr int64_t kClusterStepBytes = 128 * 1024;
+
 // Whether the per-step kernel should combine the G groups inside one cluster of G x rc blocks
 // rather than through global memory with the plan `global` (more ranks, smaller slices): yes
 // unless its blocks, having fewer ranks, stream more weight bytes from L2 than a global
@@ -242,6 +247,37 @@ inline Plan make_plan(int kind, int wtype, const MlpDims& d, const MlpOptions& o
   const int64_t comp_bytes = (int64_t(D) * H * 2 + int64_t(2) * L * H * H) * wsize;
   int min_fixed = -1;
   std::string cluster_fail;
+  // The first of `cands` (best first) whose plan fits a block and whose cluster can be scheduled;
+  // bt = 0 if none does.
+  auto first_fit = [&](const void* fn, const FnInfo& fi, Plan p, const std::vector<std::tuple<int, int, int>>& cands) {
+    for (auto& c : cands) {
+      p.ranks = std::get<0>(c);
+      p.groups = std::get<1>(c);
+      p.gpc = std::get<2>(c);
+      if (!size_plan(d, p, fi.smem_limit)) {
+        if (min_fixed < 0 || p.fixed_bytes < min_fixed) min_fixed = p.fixed_bytes;
+        continue;
+      }
+      const int S = p.ranks * p.gpc;
+      if (S > 1 && !cluster_fits(fn, S, p.smem_bytes)) {
+        cluster_fail = "no thread-block cluster of " + std::to_string(S) + " blocks with " +
+                       std::to_string(p.smem_bytes) + " bytes of shared memory each can be scheduled";
+        continue;
+      }
+      return p;
+    }
+    return Plan{};
+  };
+  // The persistent kernel takes a cluster holding all K components at the first tile size of
+  // `bts` where it fits, and moves to another where it fits only if that one's step is estimated
+  // shorter AND its blocks read no more weight bytes from L2 in all (every step, a block reads its
+  // non-resident slices from L2: the cost that dominates at these sizes). A smaller tile leaves a
+  // block more room for weights (activations and partials shrink with the rows) but needs more
+  // blocks: the step takes ceil(blocks / SMs) waves (one block per SM), each as long as a block's
+  // L2 read plus kClusterStepBytes, and more blocks share the L2 bandwidth. One block per tile,
+  // which streams all K components' weights, only if no cluster plan fits at any tile size.
+  Plan cluster_plan{}, single_plan{};
+  int64_t cluster_step = 0, cluster_l2 = 0;
   for (int bt : bts) {
     const void* fn = get(wtype, mma ? 1 : 0, bt);
     if (fn == nullptr) continue;
@@ -255,6 +291,7 @@ inline Plan make_plan(int kind, int wtype, const MlpDims& d, const MlpOptions& o
     const int tiles = cdiv(B, bt);
     std::vector<std::tuple<int, int, int>> cands;  // (ranks, groups, groups per cluster), best first
     if (kind == kPersistent) {
+      std::vector<std::tuple<int, int, int>> singles;
       if (o.groups != 0 && o.groups != 1 && o.groups != K)
         throw std::invalid_argument("the persistent kernel takes `groups` 0 (auto), 1 or K");
       // One cluster per tile holds all K components (K * R blocks): the per-step
@@ -268,10 +305,22 @@ inline Plan make_plan(int kind, int wtype, const MlpDims& d, const MlpOptions& o
       if (o.groups != K || K == 1) {
         if (o.ranks > 1 && K > 1 && o.groups == 1)
           throw std::invalid_argument("the persistent kernel splits columns only with `groups` = K");
-        if (o.ranks <= 1) cands.emplace_back(1, 1, 1);
+        if (o.ranks <= 1) singles.emplace_back(1, 1, 1);
       }
-      if (cands.empty())
+      if (cands.empty() && singles.empty())
         throw std::invalid_argument("`groups` = K > 1 in the persistent kernel needs thread-block clusters (sm_90)");
+      const Plan c = first_fit(fn, fi, p, cands);
+      if (c.bt > 0) {
+        const int blocks = c.tiles * c.ranks * c.gpc;
+        const int64_t streamed = c.weight_bytes - c.resident_bytes;
+        const int64_t step = int64_t(cdiv(blocks, di.sms)) * (streamed + kClusterStepBytes), l2 = blocks * streamed;
+        if (cluster_plan.bt == 0 || (step < cluster_step && l2 <= cluster_l2)) {
+          cluster_plan = c;
+          cluster_step = step;
+          cluster_l2 = l2;
+        }
+      }
+      if (single_plan.bt == 0) single_plan = first_fit(fn, fi, p, singles);
     } else {
       const int G = o.groups ? o.groups : (tiles < di.sms ? K : 1);
       // (MMA: at least 64 columns per rank, so all 8 warps own an 8-column tile.)
@@ -302,24 +351,12 @@ inline Plan make_plan(int kind, int wtype, const MlpDims& d, const MlpOptions& o
           cands.emplace_back(rc, G, G);
       }
       cands.insert(cands.end(), global.begin(), global.end());
-    }
-    for (auto& c : cands) {
-      p.ranks = std::get<0>(c);
-      p.groups = std::get<1>(c);
-      p.gpc = std::get<2>(c);
-      if (!size_plan(d, p, fi.smem_limit)) {
-        if (min_fixed < 0 || p.fixed_bytes < min_fixed) min_fixed = p.fixed_bytes;
-        continue;
-      }
-      const int S = p.ranks * p.gpc;
-      if (S > 1 && !cluster_fits(fn, S, p.smem_bytes)) {
-        cluster_fail = "no thread-block cluster of " + std::to_string(S) + " blocks with " +
-                       std::to_string(p.smem_bytes) + " bytes of shared memory each can be scheduled";
-        continue;
-      }
-      return p;
+      const Plan q = first_fit(fn, fi, p, cands);
+      if (q.bt > 0) return q;
     }
   }
+  if (cluster_plan.bt > 0) return cluster_plan;
+  if (single_plan.bt > 0) return single_plan;
   if (!cluster_fail.empty() && min_fixed < 0) {
     reason = cluster_fail;
     return none;

@@ -567,6 +567,46 @@ def test_step_plan_combines_in_one_cluster_when_it_pays(driver):
     assert got["k4_f32"]["ranks"] * got["k4_f32"]["gpc"] == 16
 
 
+def test_persistent_plan_keeps_the_cluster_at_a_smaller_tile(driver):
+    """Every block of an in-cluster combine holds the partials of all G groups of its tile ([2, G, bt, D]
+    floats), so at large tiles the cluster holding all K components may not fit a block, or leaves little
+    room for weights. On H100 the persistent planner then takes a smaller tile that keeps the cluster
+    (another tile size only if its step is estimated shorter and its blocks read no more weight bytes
+    from L2 in all) before one block per tile, which streams all K components' weights at every step.
+    K=8, D=112, H=128, L=3, fp16, B=1000: 64-row tiles held a 16-block cluster with 89856 bytes of each
+    block's weights resident before the partials grew; at 64 (and 32) rows the cluster no longer fits,
+    and the one-block plan keeps none of its 2.1 MB resident. 16-row tiles keep the cluster (87808 bytes
+    resident). K=4, D=64, H=512, L=2, bf16, B=1024: 32-row tiles keep the 16-block cluster with 17408 bytes
+    resident (41984 before the partials grew); 16-row tiles would keep 41984 but need twice the blocks,
+    which read more weight bytes from L2 in all, so 32 rows stay."""
+    f16, bf16 = torch.float16, torch.bfloat16
+    cmds = {
+        "k8": _plan_cmd("h100", PERSISTENT, f16, 1000, 112, 128, 3, 8),
+        "k8_bt64": _plan_cmd("h100", PERSISTENT, f16, 1000, 112, 128, 3, 8, bt=64),
+        "k4": _plan_cmd("h100", PERSISTENT, bf16, 1024, 64, 512, 2, 4),
+        "k4_bt16": _plan_cmd("h100", PERSISTENT, bf16, 1024, 64, 512, 2, 4, bt=16),
+        "target": _plan_cmd("h100", PERSISTENT, bf16, 1, 32, 256, 2, 4),
+    }
+    got = {}
+    for name, (status, rest) in zip(cmds, _query(driver, list(cmds.values()))):
+        assert status == "ok", (name, rest)
+        got[name] = _fields(rest)
+    shape = {name: (p["bt"], p["ranks"], p["groups"], p["gpc"]) for name, p in got.items()}
+    assert shape["k8"] == (16, 2, 8, 8) and (got["k8"]["resident"], got["k8"]["weights"]) == (87808, 143104), got["k8"]
+    # The plan make_plan chose before it tried smaller tiles: one block per 64-row tile, no weight resident.
+    assert shape["k8_bt64"] == (64, 1, 1, 1) and got["k8_bt64"]["resident"] == 0, got["k8_bt64"]
+    assert got["k8_bt64"]["weights"] == 2160640, got["k8_bt64"]
+    assert shape["k4"] == (32, 4, 4, 4) and (got["k4"]["resident"], got["k4"]["weights"]) == (17408, 599040), got["k4"]
+    assert shape["k4_bt16"] == (16, 4, 4, 4) and got["k4_bt16"]["resident"] == 41984, got["k4_bt16"]
+
+    def l2_bytes_per_step(p):
+        return p["tiles"] * p["ranks"] * p["gpc"] * (p["weights"] - p["resident"])
+
+    assert l2_bytes_per_step(got["k4"]) < l2_bytes_per_step(got["k4_bt16"])
+    # The target at batch 1 stays one 16-block cluster of all four components.
+    assert shape["target"] == (1, 4, 4, 4) and got["target"]["tiles"] == 1, got["target"]
+
+
 def test_step_launches_after_the_first_are_programmatic_on_sm90_only(driver):
     """launch_steps (what mlp_step_launch calls) launches every per-step launch after the first with
     programmatic stream serialization on H100; the first stays plain, since the kernels before it in
