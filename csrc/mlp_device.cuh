@@ -272,9 +272,13 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
 // a peer's shared memory and then counts them off the transaction count of an mbarrier in that
 // peer. The receiver arrives once per exchange on its own mbarrier with the number of bytes the
 // exchange brings (arrive.expect_tx; the count may go negative first, as PTX allows) and waits for
-// the phase to complete: completion releases each writer's stores, and what the writer did before
-// them, to the waiting threads at cluster scope, so an exchange needs no cluster-wide barrier or
-// fence. Peer addresses are 32-bit shared::cluster addresses (mapa). The `parity` arguments of
+// the phase to complete. Completion has release semantics at cluster scope for the counted stores
+// (PTX: st.async is a weak store whose complete-tx is .release at .cluster scope), so the waiting
+// threads see the data without a cluster-wide barrier or fence. PTX does not say that it also
+// orders the writer's EARLIER reads; the kernels rely on data dependence instead: every value a
+// block pushes is computed from everything it read of the buffer a later exchange overwrites
+// (through the FMA reduction's block barrier, or each MMA warp's own results), so those reads have
+// completed before the push is issued (mlp_tile.cuh, the exchanges' comment). Peer addresses are 32-bit shared::cluster addresses (mapa). The `parity` arguments of
 // arrivals and stores name the barrier phase the caller means: the hardware does not take them,
 // the host emulation checks them.
 

@@ -2,6 +2,7 @@
 // launchers both kernels' entry points call.
 #pragma once
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -494,6 +495,21 @@ inline void launch_plan(int kind, const void* fn, const Plan& p, const Args& a, 
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
+// FDP_CUDA_PDL=0 turns programmatic launches off: a runtime or driver that cannot capture them
+// into a CUDA graph (every call of the CUDA backends is captured) fails the capture instead of
+// just losing the overlap, and CUDA before 12.3 does not describe them in graphs at all.
+inline bool programmatic_launches_enabled() {
+#if defined(CUDART_VERSION) && CUDART_VERSION < 12030
+  return false;
+#else
+  static const bool on = [] {
+    const char* v = std::getenv("FDP_CUDA_PDL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+#endif
+}
+
 // Steps [step_begin, step_end) of kernel `kind`: the persistent kernel in one launch, the
 // per-step kernel once per step (the first launch reads x_in, later ones update x_out in place).
 //
@@ -513,7 +529,7 @@ inline void launch_steps(int kind, const void* fn, const Plan& p, Args a, int st
     launch_plan(kind, fn, p, a, step_begin, step_end, stream);
     return;
   }
-  const bool programmatic = prepare_fn(fn, current_device()).programmatic;
+  const bool programmatic = prepare_fn(fn, current_device()).programmatic && programmatic_launches_enabled();
   for (int s = step_begin; s < step_end; ++s) {
     launch_plan(kind, fn, p, a, s, s + 1, stream, programmatic && s > step_begin);
     a.x_in = a.x_out;

@@ -12,8 +12,8 @@
 // activations into the other ranks of its component with st.async, and every
 // block pushes its weighted partial of each step into all blocks of the cluster,
 // which each keep an identical copy of x; receivers wait on mbarriers counting
-// the bytes: one cluster barrier per launch (after the mbarriers are set up),
-// none per phase, no grid-wide synchronisation. Without clusters
+// the bytes: two cluster barriers per launch (after the mbarriers are set up,
+// and before exit), none per phase, no grid-wide synchronisation. Without clusters
 // (sm_80/86/87/89) one block per row tile runs all K components.
 // The next step's step-dependent vectors and noise are prefetched with
 // cp.async while the current step computes.

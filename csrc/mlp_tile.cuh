@@ -396,8 +396,12 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       }
     }
   }
-  // No cluster barrier before exit: everything peers push into this block belongs to an exchange
-  // this block has waited for, so nothing can still arrive once it gets here.
+  // One cluster barrier before exit. Everything pushed INTO this block belongs to an exchange it
+  // has waited for, but its own last pushes to slower peers may still be in flight, and PTX does
+  // not say that a block may exit with st.async outstanding. Every block reaches this point only
+  // after its last wait completed, i.e. after every push into it landed; so once all have arrived,
+  // no push in the cluster is in flight. (Once per launch, not per phase.)
+  if (S > 1) cluster_sync_or_block(S);
 }
 
 // The entry point for a weight type, tile rows and tensor cores, or nullptr where none is built (tensor

@@ -396,10 +396,10 @@ def _fields(text):
     return {k: int(v) for k, v in (f.split("=") for f in text.split() if "=" in f and "," not in f)}
 
 
-def _query(driver, lines):
-    """Run `driver --query`; returns one (status, rest) per input line."""
+def _query(driver, lines, **env):
+    """Run `driver --query` (with extra environment variables `env`); returns one (status, rest) per input line."""
     r = subprocess.run([str(driver), "--query"], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+                       timeout=120, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0", **env))
     assert r.returncode == 0, r.stderr[-4000:]
     out = [tuple(line.split(" ", 1)) for line in r.stdout.splitlines()]
     assert len(out) == len(lines), r.stdout
@@ -632,3 +632,14 @@ def test_step_launches_after_the_first_are_programmatic_on_sm90_only(driver):
             continue
         assert steps == [(s, s + 1) for s in range(s0, s1)], rest
         assert pdl == [0] + [int(gpu == "h100")] * (s1 - s0 - 1), (gpu, rest)
+
+
+def test_programmatic_launches_can_be_turned_off(driver):
+    """FDP_CUDA_PDL=0 (for a runtime that cannot capture programmatic launches into a graph) makes every
+    per-step launch a plain one on H100; the same query without it has programmatic launches."""
+    line = f"steps h100 {STEP} {WTYPE[torch.float32]} 1 32 256 2 4 10 0 10"
+    for env, expect in [({}, [0] + [1] * 9), ({"FDP_CUDA_PDL": "0"}, [0] * 10)]:
+        ((status, rest),) = _query(driver, [line], **env)
+        assert status == "ok", rest
+        fields = dict(f.split("=", 1) for f in rest.split())
+        assert [int(v) for v in fields["programmatic"].split(",")] == expect, (env, rest)
