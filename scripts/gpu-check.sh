@@ -291,8 +291,8 @@ stage_bench_unet() {
 NCU_SCRIPT='import sys, torch, fdp
 from fdp.bench.paths import make_policy, make_scheduler
 pol = make_policy("mlp", 4, "cuda")
-s = fdp.Sampler(pol, make_scheduler("ddim"), num_inference_steps=10, backend=sys.argv[1])
-cond = torch.randn(16, pol.cond_dim, device="cuda")
+s = fdp.Sampler(pol, make_scheduler("ddim"), num_inference_steps=10, backend=sys.argv[1], dtype=torch.bfloat16)
+cond = torch.randn(1, pol.cond_dim, device="cuda")  # the target: batch 1, bf16 weights
 for _ in range(3):
     s(cond)
 torch.cuda.synchronize()'

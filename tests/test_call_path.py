@@ -447,7 +447,8 @@ def samplers(check_inputs=False):
     unet = make_policy(K=2, dtype=torch.float32).cuda()
     for name in MLP + ["graph"]:
         pol = unet if name == "graph" else mlp
-        yield (name, fdp.Sampler(pol, factory(), 6, eta=eta, backend=name, check_inputs=check_inputs),
+        yield (name, fdp.Sampler(pol, factory(), 6, eta=eta, backend=name, dtype=torch.float32,
+                                 check_inputs=check_inputs),
                fdp.Sampler(pol, factory(), 6, eta=eta, backend="torch"))
 
 def inputs(s, B, seed=0):

@@ -20,10 +20,15 @@ from fdp.backends import Backend, VerificationError, get_backend, register_backe
 class _Fake(Backend):
     """The torch backend with its output scaled by ``1 + offset`` (or raising), counting its calls."""
 
-    def __init__(self, name, priority, offset=0.0, raises=False, max_batch=None):
+    def __init__(self, name, priority, offset=0.0, raises=False, max_batch=None, default_dtype=None):
         self.name, self.priority, self.offset, self.raises = name, priority, offset, raises
         self.max_batch = max_batch  # raise on larger batches
+        self.default_dtype = default_dtype  # default_weight_dtype's answer (None: the policy's)
         self.runs = 0
+        self.packed_dtypes = []
+
+    def default_weight_dtype(self, policy_dtype):
+        return self.default_dtype or policy_dtype
 
     def unavailable_reason(self, device):
         return None
@@ -32,6 +37,7 @@ class _Fake(Backend):
         return None
 
     def prepare(self, policy, table, dtype=None):
+        self.packed_dtypes.append(dtype)
         inner = get_backend("torch").prepare(policy, table, dtype)
         fake = self
 
@@ -192,6 +198,36 @@ def test_a_named_backend_is_never_replaced_and_verify_checks_it(register):
     s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4, backend="good", verify=True)
     assert s.backend == "good" and s.selection.candidates[0].rel_error < KERNEL_TOL[torch.float32]
     assert "verified" in s.selection.why
+
+
+def test_a_named_backend_packs_in_its_default_dtype_and_auto_keeps_the_policys(register):
+    be = register("prefers-bf16", 1000, default_dtype=torch.bfloat16)
+    s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4, backend="prefers-bf16", verify=True)
+    assert s.dtype == torch.bfloat16 and set(be.packed_dtypes) == {torch.bfloat16}
+    # verified against the bound of the dtype it packs, not the policy's
+    assert s.selection.candidates[0].tolerance == tolerances.tolerance(torch.bfloat16, torch.float32)
+    be.packed_dtypes.clear()
+    s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4, backend="prefers-bf16", dtype="float32")
+    assert s.dtype == torch.float32 and be.packed_dtypes == [torch.float32]
+    be.packed_dtypes.clear()
+    s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4, backend="auto")
+    assert s.backend == "prefers-bf16" and s.dtype == torch.float32 and set(be.packed_dtypes) == {torch.float32}
+    # a named backend follows the policy to a new dtype through its default again
+    policy = _policy()
+    s = fdp.Sampler(policy, _sched(), num_inference_steps=4, backend="prefers-bf16")
+    policy.to(torch.float64)
+    be.packed_dtypes.clear()
+    s.repack()
+    assert s.dtype == torch.bfloat16 and be.packed_dtypes == [torch.bfloat16]
+
+
+def test_cuda_persistent_defaults_to_bfloat16_weights_for_a_float32_policy():
+    be = get_backend("cuda-persistent")
+    assert be.default_weight_dtype(torch.float32) is torch.bfloat16
+    assert be.default_weight_dtype(torch.float16) is torch.float16
+    assert be.default_weight_dtype(torch.bfloat16) is torch.bfloat16
+    for name in ("torch", "cuda", "triton-persistent"):
+        assert get_backend(name).default_weight_dtype(torch.float32) is torch.float32
 
 
 def test_bad_arguments_name_themselves():

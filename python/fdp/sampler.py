@@ -22,7 +22,7 @@ import torch
 
 from ._validation import check_bool, check_finite, check_float_dtype, check_int, check_tensor, inputs_already_checked
 from ._watch import PolicyWatch
-from .backends import select
+from .backends import get_backend, select
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
 from .schedulers import _draw_noise
@@ -62,8 +62,10 @@ class Sampler:
             current ``num_inference_steps``, else its training steps).
         eta: DDIM's eta (0: deterministic); must be 0 for DDPM.
         backend: ``"auto"`` or a name from :func:`fdp.available_backends`.
-        dtype: weight dtype for fused backends (None: the policy's dtype): a
-            floating ``torch.dtype`` or a name such as ``"float32"``, ``"bf16"``, ``"fp16"``.
+        dtype: weight dtype for fused backends: a floating ``torch.dtype`` or a
+            name such as ``"float32"``, ``"bf16"``, ``"fp16"``. None: the policy's
+            dtype, except that ``backend="cuda-persistent"`` packs a float32 policy
+            in bfloat16 (the weights it keeps resident); ``sampler.dtype`` says which.
         batch_size: the batch size ``auto`` times backends at (calls may use any).
         verify: check a backend named in ``backend`` against the torch reference
             once, here, and raise :class:`fdp.backends.VerificationError` if it
@@ -118,6 +120,7 @@ class Sampler:
         self.table = scheduler.step_table(num_inference_steps, eta=eta)  # refuses a bad eta, naming it
         self.eta = float(eta)
         self._dtype_arg = check_float_dtype("dtype", dtype)
+        self._named = None if backend == "auto" else get_backend(backend)
         self._follow_policy()
         be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
                                               batch_size=batch_size, verify=verify)
@@ -130,7 +133,7 @@ class Sampler:
     def _follow_policy(self) -> None:
         param = next(self.policy.parameters())
         self.device = param.device
-        self.dtype = self._dtype_arg or param.dtype
+        self.dtype = self._dtype_arg or (self._named.default_weight_dtype(param.dtype) if self._named else param.dtype)
         # Features and noise live in the policy's own dtype (the dtype of a
         # diffusers loop's sample); fused backends cast weights to self.dtype.
         self.sample_dtype = param.dtype

@@ -34,6 +34,13 @@ class Backend:
     priority: int = 0  # auto tries the highest first (on CUDA it times them all)
     priority_note: str | None = None  # why the priority is what it is, when that depends on the environment
 
+    def default_weight_dtype(self, policy_dtype: torch.dtype) -> torch.dtype:
+        """The weight dtype when this backend is named and the caller gives none: the policy's.
+
+        ``backend="auto"`` never uses it: picking a backend must not change the numerics.
+        """
+        return policy_dtype
+
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None if the backend can run on ``device``, else why not (and how to fix it)."""
         raise NotImplementedError

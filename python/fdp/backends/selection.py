@@ -122,9 +122,11 @@ class Selection:
         return "\n".join(rows)
 
 
-def select(name: str, policy, table, device, dtype: torch.dtype, *, batch_size: int = 1, verify: bool = False,
+def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch_size: int = 1, verify: bool = False,
            use_cache: bool = True):
     """Resolve ``name`` (``"auto"`` or a registered backend) for this policy.
+
+    ``dtype`` None: the named backend's ``default_weight_dtype``; ``auto`` the policy's.
 
     Returns ``(backend, prepared, selection)``; ``prepared`` is the winner
     already packed when checking it required packing, else None.
@@ -132,9 +134,11 @@ def select(name: str, policy, table, device, dtype: torch.dtype, *, batch_size: 
     batch_size = check_int("batch_size", batch_size, min_value=1)
     verify = check_bool("verify", verify)
     device = torch.device(device)
-    dtype = dtype or next(policy.parameters()).dtype
+    policy_dtype = next(policy.parameters()).dtype
     if name != "auto":
-        return _explicit(name, policy, table, device, dtype, batch_size, verify)
+        return _explicit(name, policy, table, device, dtype or get_backend(name).default_weight_dtype(policy_dtype),
+                         batch_size, verify)
+    dtype = dtype or policy_dtype
 
     rows: dict[str, Candidate] = {}
     ranked = []
