@@ -719,6 +719,8 @@ def test_backend_split_counters_reused_and_zero(monkeypatch, B):
     unsplit = type(get_backend("triton"))(split=False).prepare(pol, c.table, torch.float32)
     assert torch.equal(unsplit.run(cond, x_T, noise), first) and unsplit._counters is None
     assert rel_err(first, c.ref) < TOL[torch.float32]
+    with pytest.raises(TypeError, match="`split` tunes backend 'triton'"):
+        type(get_backend("triton-persistent"))(split=False)
 
 
 def test_scratch_offsets_are_64_bit():

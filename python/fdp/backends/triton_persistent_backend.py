@@ -32,5 +32,11 @@ class TritonPersistentBackend(TritonBackendBase):
     base_priority = 30
     prepared_class = TritonPersistentPrepared
 
+    def __init__(self, **tuning):
+        if "split" in tuning:
+            raise TypeError("`split` tunes backend 'triton' (the per-step kernel's component split); the persistent "
+                            "kernel keeps each row tile's components in one program and takes no `split`")
+        super().__init__(**tuning)
+
 
 BACKEND = TritonPersistentBackend()
