@@ -197,6 +197,22 @@ def test_freshness_check_reads_nothing_and_repacks_only_on_change():
     assert sampler._prepared is not prepared
 
 
+def test_watch_policy_false_never_checks_and_repack_still_updates():
+    policy = make_policy("triton")
+    sampler = make_sampler(policy, "triton", watch_policy=False)
+    sampler(cond())
+    prepared = sampler._prepared
+    _scale(policy)
+    assert sampler._watch.changed()  # the change is there to see; the sampler does not look
+    fresh = make_sampler(policy, "triton")(cond(), generator=seed())
+    assert not torch.equal(sampler(cond(), generator=seed()), fresh)  # still the packed (old) weights
+    assert sampler._prepared is prepared
+    sampler.repack()
+    torch.testing.assert_close(sampler(cond(), generator=seed()), fresh, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="watch_policy"):
+        make_sampler(policy, "triton", watch_policy="no")
+
+
 def test_torch_backend_reads_live_weights_and_repacks_only_for_dtype_device_or_structure():
     # The torch backend packs no copy: a weight update or a new component needs no repack (its watch
     # reads one parameter, whatever the model's size), a new dtype does (the call's sample dtype follows).

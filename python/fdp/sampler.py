@@ -75,6 +75,11 @@ class Sampler:
             on CUDA). With False a call reads nothing back: shapes, dtypes and
             devices are still checked (from metadata, free), but a NaN input gives
             NaN actions instead of an error.
+        watch_policy: check at every call whether the policy changed since it was
+            packed (see below), from host metadata: a few microseconds per call for
+            an MLP policy, growing with the number of parameters. With False a
+            call never checks: call :meth:`repack` after changing the policy
+            (for a deployed, frozen policy in a fast control loop).
 
     ``sampler.backend`` names the backend in use; ``auto`` resolves it once,
     here, and logs why it skipped each other one. ``sampler.selection``
@@ -89,7 +94,8 @@ class Sampler:
     (``dtype`` stays if you gave one). If the backend cannot serve the changed
     policy, that call raises ValueError saying why. Writes through ``.data``
     bypass the version counters: call :meth:`repack` after those. Under
-    ``torch.compile`` the check is skipped (compiled code is traced once).
+    ``torch.compile`` the check is skipped (compiled code is traced once), and
+    ``watch_policy=False`` skips it always.
 
     An empty batch (``global_cond`` ``[0, Dc]``) returns an empty
     ``[0, horizon, action_dim]`` without running a backend. NaN or Inf in
@@ -102,7 +108,7 @@ class Sampler:
 
     def __init__(self, policy: FactorizedPolicy, scheduler, num_inference_steps: int | None = 10,
                  eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None,
-                 batch_size: int = 1, verify: bool = False, check_inputs: bool = True):
+                 batch_size: int = 1, verify: bool = False, check_inputs: bool = True, watch_policy: bool = True):
         if not isinstance(policy, FactorizedPolicy):
             raise TypeError(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
         if not hasattr(scheduler, "step_table"):
@@ -116,6 +122,7 @@ class Sampler:
         self.policy = policy
         self.scheduler = scheduler
         self.check_inputs = check_bool("check_inputs", check_inputs)
+        self.watch_policy = check_bool("watch_policy", watch_policy)
         self.num_inference_steps = num_inference_steps
         self.table = scheduler.step_table(num_inference_steps, eta=eta)  # refuses a bad eta, naming it
         self.eta = float(eta)
@@ -151,7 +158,7 @@ class Sampler:
 
     def _ensure_fresh(self) -> None:
         """Pack again if the policy changed since it was packed (host metadata only)."""
-        if not torch.compiler.is_compiling() and self._watch.changed():
+        if self.watch_policy and not torch.compiler.is_compiling() and self._watch.changed():
             self.repack()
 
     def repack(self) -> None:
