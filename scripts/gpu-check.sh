@@ -10,6 +10,9 @@
 #   env         versions of the GPU, driver, nvcc, python, torch, triton and fdp
 #   build       the CUDA extension for the GPU present (FDP_CUDA_ARCHS from its compute capability),
 #               installed without network into build/gpu-check-site (pip --target; PYTHONPATH for the rest)
+#   target      fdp bench at the kernels' performance target (MLP K=4 H=256, batch 1, DDIM-10, bf16+fp32):
+#               every fused backend and the CUDA-graph baseline, each checked against eager; the per-step
+#               `cuda` kernel again with programmatic launches off (FDP_CUDA_PDL=0)
 #   tests       every GPU test (pytest -m gpu: CUDA kernels, native Triton and the graph backend in
 #               fresh interpreters, CUDA-graph capture), then the GPU-aware tests of fdp bench
 #   bench-mlp   fdp bench: MLP K=4 H=256, batch 1/16/256, fp32+bf16, DDIM-10 and DDPM-100
@@ -28,12 +31,13 @@ CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-# In this order: what a slot too short for all of them needs most comes first (the tests, then the
-# MLP figures the performance targets are stated in).
-ALL_STAGES=(env build tests bench-mlp sanitizer tune bench-unet ncu)
+# In this order: what a slot too short for all of them needs most comes first: the figures the
+# performance targets are stated in (a minute or two, each path checked against eager), then the tests,
+# then the wider benchmark.
+ALL_STAGES=(env build target tests bench-mlp sanitizer tune bench-unet ncu)
 # Longest each stage may run, in seconds (also capped by what is left of --budget).
-declare -A LIMIT=([env]=60 [build]=900 [tests]=600 [sanitizer]=420 [tune]=180 [bench-mlp]=420 [bench-unet]=300
-                  [ncu]=240)
+declare -A LIMIT=([env]=60 [build]=900 [target]=240 [tests]=600 [sanitizer]=420 [tune]=180 [bench-mlp]=420
+                  [bench-unet]=300 [ncu]=240)
 
 usage() {
   cat <<EOF
@@ -165,6 +169,7 @@ describe() {
   case "$1" in
     env) echo "versions of the GPU, driver, toolkit and packages" ;;
     build) echo "build fdp._C for the GPU present and install it (no network) into build/gpu-check-site" ;;
+    target) echo "fdp bench at the target: MLP K=4 H=256, batch 1, DDIM-10, bf16+fp32; cuda without PDL" ;;
     tests) echo "every GPU test (pytest -m gpu), then the GPU-aware bench tests" ;;
     sanitizer) echo "compute-sanitizer memcheck + racecheck over the CUDA kernels' GPU tests" ;;
     tune) echo "backend='auto' on the benchmark policies: verified, timed, picked (fdp tune)" ;;
@@ -269,6 +274,16 @@ bench_args() {
   local args=(--repeats 20 --warmup 2 --budget 0.5 --no-progress)
   has_module matplotlib || { args+=(--no-plots); echo "matplotlib is missing: no plots" >>"$LOG"; }
   echo "${args[@]}"
+}
+
+stage_target() {
+  need_gpu || return 1
+  has_module rich || { skip "fdp bench needs rich (pip install rich; not installable offline)"; return; }
+  local rc=0 args=(--component mlp --K 4 --batch 1 --steps ddim --dtype bf16,fp32 --repeats 200 --warmup 5
+                   --budget 2 --no-progress --no-plots)
+  cmd "$PY" -m fdp bench "${args[@]}" --backends cuda-graph,fused --out "$OUT_DIR/target.json" || rc=1
+  cmd env FDP_CUDA_PDL=0 "$PY" -m fdp bench "${args[@]}" --backends cuda --out "$OUT_DIR/target-nopdl.json" || rc=1
+  return $rc
 }
 
 stage_bench_mlp() {

@@ -11,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu-check.sh")
-STAGES = ["env", "build", "tests", "bench-mlp", "sanitizer", "tune", "bench-unet", "ncu"]
+STAGES = ["env", "build", "target", "tests", "bench-mlp", "sanitizer", "tune", "bench-unet", "ncu"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -38,6 +38,8 @@ def test_dry_run_lists_every_stage_and_command_and_touches_nothing(tmp_path):
             "benchmarks/run_sanitizer.sh",
             "fdp tune --component unet-paper --K 4 --batch 1 --steps ddim --dtype fp16",
             "fdp bench --component mlp --K 4 --batch 1,16,256 --steps ddim,ddpm --dtype fp32,bf16",
+            "fdp bench --component mlp --K 4 --batch 1 --steps ddim --dtype bf16,fp32",  # the target
+            "FDP_CUDA_PDL=0",
             "fdp bench --component unet-paper --K 4 --batch 1",
             "ncu --clock-control none --kernel-name regex:mlp_persistent_kernel",
             "cuda-persistent", "triton-persistent"):
