@@ -504,7 +504,9 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
     # program instead, as __launch_bounds__(threads, 1) does for the CUDA kernels. Not at D_PAD = 512: there
     # the [BLOCK_B, D_PAD] float32 tiles alone take 32 registers each at 8 warps, ptxas goes past 128 on its
     # own, and with the bound it spills where without it does not (the float32 per-step kernel, sm_90).
-    maxnreg = min(MAX_REGISTERS_PER_THREAD, REGISTER_FILE // (32 * num_warps)) if d_pad < 512 else None
+    # ROCm's Triton has no such option.
+    bound = d_pad < 512 and torch.version.hip is None
+    maxnreg = min(MAX_REGISTERS_PER_THREAD, REGISTER_FILE // (32 * num_warps)) if bound else None
     block_n = block_k = min(BLOCK_H, h_pad)
     # [D_PAD, BLOCK_HD] weight tiles of at most 4096 elements.
     block_hd = max(16, min(block_n, 4096 // d_pad))

@@ -67,7 +67,9 @@ def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch
     sizes = (seed, clip_range, B, D, H, L, K)
     blocks = dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
                   BLOCK_HD=block_hd, H_IN_REGS=h_in_regs, SKIP_UNUSED=skip_unused, PRECISION=precision, CLIP=clip,
-                  NOISE_MODE=noise_mode, num_warps=num_warps, maxnreg=maxnreg)
+                  NOISE_MODE=noise_mode, num_warps=num_warps)
+    if maxnreg is not None:  # a backend without the option (ROCm) rejects the keyword even when None
+        blocks["maxnreg"] = maxnreg
     if persistent:
         # The loop bound takes the step argument's place.
         wrap_triton(mlp_persistent_kernel)[grid(B, K, block_b, False)](*tensors, coef.shape[0], *sizes, **blocks)

@@ -687,6 +687,17 @@ def test_split_rule():
     assert mlp_common.counters_numel(20, c) == 2
 
 
+def test_register_bound_rule(monkeypatch):
+    """block_config's maxnreg: one program's share of the 64K-register file (at most 255 per thread), none at
+    D_PAD = 512 or on ROCm."""
+    cfg = mlp_common.block_config
+    assert cfg(1, 32, 256)["maxnreg"] == 255 and cfg(1, 32, 256, num_warps=4)["maxnreg"] == 255
+    assert cfg(1, 32, 256, num_warps=16)["maxnreg"] == 128
+    assert cfg(1, 256, 256)["maxnreg"] == 255 and cfg(1, 257, 256)["maxnreg"] is None
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert cfg(1, 32, 256)["maxnreg"] is None
+
+
 def test_mlp_step_checks_counters(launch_args):
     a = launch_args
     args = [a[k] for k in ("packed", "steps", "call", "coef", "adds_noise")]
