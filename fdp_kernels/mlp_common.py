@@ -53,14 +53,18 @@ hidden state lives (``H_IN_REGS``):
 Block sizes and warps come from sm_90a compiles (Triton 3.9 and its ptxas,
 specialized as the JIT specializes a launch: aligned pointers, divisibility
 hints, batch 1 a constant; ``test_kernels_compile_for_sm90`` prints registers,
-stack and spill instructions per variant) at K = 4, H = 256, D = 32, batch 1.
-There the split per-step kernel (float32 and bfloat16 weights) and the
-unsplit and persistent kernels with bfloat16 weights compile without spills;
-with float32 weights the unsplit and persistent kernels keep an 8-byte stack
-(one or two registers stored before the component loop and reloaded after it)
-at every tile width and warp count tried (16 to 64 columns, 4 to 16 warps).
-64-column tiles do not spill in the split kernel but do (64 bytes) in the
-unsplit float32 one; 32 serves both. Their speed is unmeasured.
+stack and spill instructions per variant) at K = 4, H = 256, D = 32, batch 1;
+64-column tiles spilled (64 bytes) in the unsplit float32 kernel, 32 did not.
+Those compiles had no register bound. Left to itself, ptxas aims at two or
+more programs per multiprocessor (128 registers at 8 warps) and spills the
+rest: float32 weights kept 8 to 152 bytes per thread in local memory, some
+bfloat16 variants on sm_80/86 too. The launches therefore carry ``maxnreg``
+(:func:`block_config`): the register file of one multiprocessor for one
+program, as the CUDA kernels' ``__launch_bounds__(256, 1)``; with it every
+variant that ``scripts/resource_report.py`` compiles is free of local memory
+except the float32 persistent kernel at D = 512 (docs/resources.md). In-kernel
+noise does not use ``tl.randn``: its libdevice cosine keeps a 28-byte array in
+local memory (:func:`_cos_2pi`). Their speed is unmeasured.
 """
 
 from __future__ import annotations
@@ -73,10 +77,15 @@ import triton.language as tl
 
 from .abi import NUM_COLS, TRITON_MAX_D, TRITON_MAX_H, TRITON_MAX_K, TRITON_MIN_H, WEIGHT_DTYPES
 from .checks import check_flat_sample, check_kernel_arg as _check
-#: Padded widths up to this keep the hidden state in registers (at 64, float32 weights spill on sm_90 unsplit).
+#: Padded widths up to this keep the hidden state in registers (at 64, float32 weights spilled on sm_90 unsplit,
+#: compiled without the register bound).
 MAX_H_IN_REGS = 32
-#: Hidden columns per matmul tile in the scratch path (64 spills in the unsplit float32 kernel on sm_90).
+#: Hidden columns per matmul tile in the scratch path (64 spilled in the unsplit float32 kernel on sm_90, compiled
+#: without the register bound).
 BLOCK_H = 32
+#: 32-bit registers of one multiprocessor (sm_80 to sm_90), and the most one thread can address.
+REGISTER_FILE = 65536
+MAX_REGISTERS_PER_THREAD = 255
 
 #: ``tl.dot`` precisions: float32 FMA ("ieee"), tensor cores on float32 ("tf32": activations rounded to 10
 #: mantissa bits; "tf32x3": split in three tf32 products, about float32 accuracy), or tensor cores in the
@@ -86,7 +95,7 @@ PRECISIONS = ("ieee", "tf32", "tf32x3", "native")
 #: ``NOISE_MODE`` values.
 NOISE_NONE = 0     # no step adds noise
 NOISE_TENSOR = 1   # z read from step_noise [T, B, D]
-NOISE_SEED = 2     # z = tl.randn(seed, ...) generated in the kernel
+NOISE_SEED = 2     # z drawn in the kernel (Philox under ``seed``, Box-Muller)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -96,6 +105,22 @@ NOISE_SEED = 2     # z = tl.randn(seed, ...) generated in the kernel
 @triton.jit
 def _silu(y):
     return y / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def _cos_2pi(u):
+    """cos(2 pi u) for u in [0, 1), to float32 rounding. Not tl.cos: libdevice's cosf carries a reduction for
+    huge arguments that keeps a 28-byte array in local memory, in every kernel that calls it. Here 4u = q + f
+    with q = round(4u) (exact in float32) and |f| <= 1/2: q quarter turns plus a = f pi / 2, |a| <= pi / 4, where
+    the Taylor polynomials below are off by less than 3e-8 (float32 rounding: 6e-8)."""
+    t = 4.0 * u
+    q = tl.floor(t + 0.5)
+    a = (t - q) * 1.5707963267948966
+    a2 = a * a
+    c = 1.0 + a2 * (-0.5 + a2 * (1.0 / 24.0 + a2 * (-1.0 / 720.0 + a2 * (1.0 / 40320.0))))
+    s = a * (1.0 + a2 * (-1.0 / 6.0 + a2 * (1.0 / 120.0 + a2 * (-1.0 / 5040.0 + a2 * (1.0 / 362880.0)))))
+    quarter = q.to(tl.int32) & 3  # cos(a + quarter pi / 2): cos a, -sin a, -cos a, sin a
+    return tl.where(quarter == 0, c, tl.where(quarter == 1, -s, tl.where(quarter == 2, -c, s)))
 
 
 @triton.jit
@@ -332,9 +357,12 @@ def _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D,
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     elif NOISE_MODE == 2:
         # One Philox stream per (seed, step, row, column): counter (step*B + row)*D + col (< 2**31, checked
-        # by the launcher). Not the numbers torch's generator would draw.
+        # by the launcher). Not the numbers torch's generator would draw. tl.randn's Box-Muller from the same
+        # two uniforms, with the cosine of _cos_2pi.
         offs = ((step * B + rows64[:, None]) * D + dcols[None, :]).to(tl.int32)
-        z = tl.randn(seed, offs)
+        i1, i2, _, _ = tl.randint4x(seed, offs)
+        u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+        z = tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(tl.uint_to_uniform_float(i2))
     else:
         z = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
     return z
@@ -431,7 +459,8 @@ def _multiprocessors(device) -> int:
 
 def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, weight_dtype=None, num_warps=None,
                  *, K=1, split=None, device=None):
-    """Block sizes, code path, warps and whether the per-step kernel splits the components (``SPLIT``).
+    """Block sizes, code path, warps, the launch's register bound (``maxnreg``; None: ptxas's own choice) and
+    whether the per-step kernel splits the components (``SPLIT``).
 
     The defaults come from sm_90a compiles (the module docstring says which spill); their speed is
     unmeasured. ``split`` (None: the rule below) is for the per-step kernel only; ``device`` is where it
@@ -464,18 +493,27 @@ def block_config(B, D, H, block_b=None, h_in_registers=None, precision=None, wei
     elif not isinstance(split, bool):
         raise ValueError(f"`split` must be None (automatic), True or False, got {split!r}")
     if num_warps is None:
-        # From sm_90a compiles (test_kernels_compile_for_sm90 prints them): with the hidden state in scratch,
-        # bfloat16 weights at K = 4, H = 256 spill at 4 warps (split and persistent kernels) and not at 8.
+        # From sm_90a compiles without the register bound (test_kernels_compile_for_sm90 prints them): with the
+        # hidden state in scratch, bfloat16 weights at K = 4, H = 256 spilled at 4 warps and not at 8.
         num_warps = 8 if not h_in_registers or precision in ("ieee", "tf32x3") or d_pad >= 256 else 4
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"`num_warps` must be a power of two in 1..16, got {num_warps!r}")
+    # Without a register bound in the PTX, ptxas picks a register target that fits two or more programs per
+    # multiprocessor (128 at 8 warps, 80 on sm_80/86) and spills what does not fit. The grids these kernels get
+    # rarely have more programs than multiprocessors, so bound the registers by the whole register file for one
+    # program instead, as __launch_bounds__(threads, 1) does for the CUDA kernels. Not at D_PAD = 512: there
+    # the [BLOCK_B, D_PAD] float32 tiles alone take 32 registers each at 8 warps, ptxas goes past 128 on its
+    # own, and with the bound it spills where without it does not (the float32 per-step kernel, sm_90).
+    # ROCm's Triton has no such option.
+    bound = d_pad < 512 and torch.version.hip is None
+    maxnreg = min(MAX_REGISTERS_PER_THREAD, REGISTER_FILE // (32 * num_warps)) if bound else None
     block_n = block_k = min(BLOCK_H, h_pad)
     # [D_PAD, BLOCK_HD] weight tiles of at most 4096 elements.
     block_hd = max(16, min(block_n, 4096 // d_pad))
     h_stride = triton.cdiv(H, BLOCK_H) * BLOCK_H  # every chunk the kernels write lies inside the row
     return dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
                 BLOCK_HD=block_hd, H_IN_REGS=bool(h_in_registers), SPLIT=bool(split), PRECISION=precision,
-                num_warps=num_warps)
+                num_warps=num_warps, maxnreg=maxnreg)
 
 
 def grid(B, K, block_b, split):

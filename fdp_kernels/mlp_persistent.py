@@ -30,11 +30,11 @@ launch per step) is the one that spreads the weights over several SMs.
 
 Noise: ``noise`` is the step-noise tensor ``[T, B, D]`` (row t read at step t
 where ``adds_noise[t]``); or, with ``seed=``, z is generated in the kernel
-with ``tl.randn`` (Philox), counter ``(t * B + row) * D + column`` under
-``seed``. That noise is standard normal but **not** bit-equal to what
-``torch.randn`` with any generator would draw; the same seed (and batch size)
-gives the same result, and the per-step kernel with the same seed draws the
-same numbers.
+by a Box-Muller transform of Philox uniforms (``tl.randint4x``), counter
+``(t * B + row) * D + column`` under ``seed``. That noise is standard normal
+but **not** bit-equal to what ``torch.randn`` with any generator would draw;
+the same seed (and batch size) gives the same result, and the per-step kernel
+with the same seed draws the same numbers.
 """
 
 from __future__ import annotations

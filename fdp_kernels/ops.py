@@ -52,7 +52,7 @@ def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch
                scratch: Optional[torch.Tensor], counters: Optional[torch.Tensor], step: int, seed: int,
                clip_range: float, clip: bool, noise_mode: int, skip_unused: bool, block_b: int, d_pad: int,
                h_pad: int, h_stride: int, block_n: int, block_k: int, block_hd: int, h_in_regs: bool, split: bool,
-               precision: str, num_warps: int) -> None:
+               precision: str, num_warps: int, maxnreg: Optional[int]) -> None:
     """One launch of the fused MLP kernel (``persistent``: all T steps, else step ``step``) on validated tensors.
 
     The block sizes are :func:`fdp_kernels.mlp_common.block_config`'s; ``scratch`` is None when the launch needs
@@ -68,6 +68,8 @@ def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch
     blocks = dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
                   BLOCK_HD=block_hd, H_IN_REGS=h_in_regs, SKIP_UNUSED=skip_unused, PRECISION=precision, CLIP=clip,
                   NOISE_MODE=noise_mode, num_warps=num_warps)
+    if maxnreg is not None:  # a backend without the option (ROCm) rejects the keyword even when None
+        blocks["maxnreg"] = maxnreg
     if persistent:
         # The loop bound takes the step argument's place.
         wrap_triton(mlp_persistent_kernel)[grid(B, K, block_b, False)](*tensors, coef.shape[0], *sizes, **blocks)
