@@ -43,6 +43,13 @@ result is bit-equal to the unsplit kernel's whatever order the programs ran
 in. No program waits for another: one launch per step, nothing spins. The
 last arrival is also the only writer of its rows of ``out``, after every
 program of its tile has read ``x``, so ``out`` may still be ``x``.
+
+Output columns are not split across programs: a program holding some columns
+of layer l needs every column of layer l - 1, so the programs of a component
+would wait for each other at every layer. Triton does not promise that the
+programs of a grid run at the same time (the interpreter runs them one after
+another), so such a wait can hang; the CUDA kernels split columns only inside
+a thread-block cluster, whose blocks the hardware schedules together.
 """
 
 from __future__ import annotations
