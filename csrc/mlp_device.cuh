@@ -451,6 +451,9 @@ __device__ __forceinline__ void mm_fma(const float* __restrict__ act, int lda, i
                                        int ldw, int ncols, Epi& epi) {
   constexpr int V = WT<W>::V, N = BT * V;
   constexpr int per = N >= 32 ? N / 32 : 1, rep = N >= 32 ? 1 : 32 / N;
+  // Loads in flight per lane: a lane's rows of a vector at H = 256 in one batch where registers
+  // allow it (sm_90a, unroll 8: 204-232 registers at 1-2 rows, 255 at 4 bf16 or 8 fp32 rows).
+  constexpr int kUnroll = BT <= 2 ? 8 : 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Shared slices are zero padded to whole vectors; global ones need a tail path.
   const bool aligned =
@@ -464,7 +467,7 @@ __device__ __forceinline__ void mm_fma(const float* __restrict__ act, int lda, i
 #pragma unroll
     for (int e = 0; e < N; ++e) acc[e] = 0.f;
     if (aligned && (SMEM || col + V <= ncols)) {
-#pragma unroll 4
+#pragma unroll(kUnroll)
       for (int i = lane; i < In; i += 32) {
         float wv[V];
         WT<W>::template load_vec<SMEM>(wp + static_cast<size_t>(i) * ldw, wv);
