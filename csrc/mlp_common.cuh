@@ -39,11 +39,12 @@
 // the matmul). The persistent kernel does this once for all T steps.
 //
 // Matmuls: act [BT, In] (fp32, shared) x W[In, cols] -> BT x cols, fp32
-// accumulation. FMA path (BT <= 8): threads own V consecutive columns and a
-// strided subset of the input rows, then a fixed-order warp/block reduction
-// (deterministic). MMA path (BT = 16/32/64, 16-bit weights only): warps own
-// 8-column tiles and run mma.sync m16n8k8 TF32; bf16/fp16 weights are exact
-// in TF32, activations are rounded to TF32 (10-bit mantissa).
+// accumulation. FMA path (BT <= 8): warps own vectors of V consecutive columns,
+// their lanes strided subsets of the input rows, then a fixed-order shuffle
+// reduction within the warp (deterministic, no block barrier). MMA path
+// (BT = 16/32/64, 16-bit weights only): warps own 8-column tiles and run
+// mma.sync m16n8k8 TF32; bf16/fp16 weights are exact in TF32, activations are
+// rounded to TF32 (10-bit mantissa).
 #pragma once
 
 // The pieces, by concern (each includes what it uses):

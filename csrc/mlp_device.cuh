@@ -223,11 +223,13 @@ __device__ __forceinline__ void stage_f32(float* dst, int dst_stride, const floa
 
 // Stage a weight slice: `in` rows x `ncols` columns of a row-major matrix with
 // leading dimension `ld` (src points at row 0, first column of the slice) into
-// a zero-padded `sl.rows` x `sl.stride` block.
+// a zero-padded `sl.rows` x `sl.stride` block, 16-byte units swizzled as slice_geom says.
 template <typename W>
 __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int ncols) {
-  constexpr int E = sizeof(W);
+  constexpr int E = sizeof(W), U = 16 / E;
   const int tid = threadIdx.x;
+  // Element (i, c) of the slice; copies of 4 or 8 bytes stay within a unit.
+  auto at = [&](int i, int c) { return dst + i * sl.stride + fma_unit(c / U, i, sl.sw) * U + c % U; };
   const uintptr_t a = reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(ld) * E;
   const int cb = (a & 15) == 0 ? 16 : (a & 7) == 0 ? 8 : (a & 3) == 0 ? 4 : 0;
   int done_cols = 0;
@@ -237,7 +239,7 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
     if (nch > 0) {
       for (int e = tid; e < sl.in * nch; e += kThreads) {
         const int i = e / nch, c = (e - i * nch) * ce;
-        W* d = dst + i * sl.stride + c;
+        W* d = at(i, c);
         const W* s = src + static_cast<size_t>(i) * ld + c;
         if (cb == 16) cp_async16(d, s);
         else if (cb == 8) cp_async8(d, s);
@@ -251,7 +253,7 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
   if (rest > 0) {
     for (int e = tid; e < sl.in * rest; e += kThreads) {
       const int i = e / rest, c = done_cols + (e - i * rest);
-      dst[i * sl.stride + c] = src[static_cast<size_t>(i) * ld + c];
+      *at(i, c) = src[static_cast<size_t>(i) * ld + c];
     }
   }
   // Zero padding: columns past ncols, rows past `in` (MMA k-steps read them).
@@ -259,7 +261,7 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
   if (pad > 0) {
     for (int e = tid; e < sl.in * pad; e += kThreads) {
       const int i = e / pad, c = imax(ncols, 0) + (e - i * pad);
-      dst[i * sl.stride + c] = W(0.0f);
+      *at(i, c) = W(0.0f);
     }
   }
   for (int e = tid; e < (sl.rows - sl.in) * sl.stride; e += kThreads) dst[sl.in * sl.stride + e] = W(0.0f);
@@ -275,10 +277,11 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
 // the phase to complete. Completion has release semantics at cluster scope for the counted stores
 // (PTX: st.async is a weak store whose complete-tx is .release at .cluster scope), so the waiting
 // threads see the data without a cluster-wide barrier or fence. PTX does not say that it also
-// orders the writer's EARLIER reads; the kernels rely on data dependence instead: every value a
-// block pushes is computed from everything it read of the buffer a later exchange overwrites
-// (through the FMA reduction's block barrier, or each MMA warp's own results), so those reads have
-// completed before the push is issued (mlp_tile.cuh, the exchanges' comment). Peer addresses are 32-bit shared::cluster addresses (mapa). The `parity` arguments of
+// orders the writer's EARLIER reads; the kernels rely on data dependence instead: a warp that
+// reads the buffer a later exchange overwrites owns whole output columns and pushes values
+// computed from all its reads (summed over its lanes by shuffles, or through mma.sync), so those
+// reads have completed before the receiver's phase can (mlp_tile.cuh, the exchanges' comment).
+// Peer addresses are 32-bit shared::cluster addresses (mapa). The `parity` arguments of
 // arrivals and stores name the barrier phase the caller means: the hardware does not take them,
 // the host emulation checks them.
 
@@ -401,78 +404,92 @@ FDP_HD int peer_bytes(int rows, int total, int per, int R, int r) {
 // for c < ncols; every (b, c) goes to exactly one thread.
 
 template <int BT, int V>
-__device__ __forceinline__ void fma_rows(float (&acc)[BT][V], const float* act, int lda, int i, const float (&wv)[V]) {
+__device__ __forceinline__ void fma_rows(float (&acc)[BT * V], const float* act, int lda, int i, const float (&wv)[V]) {
 #pragma unroll
   for (int b = 0; b < BT; ++b) {
     const float a = act[b * lda + i];
 #pragma unroll
-    for (int j = 0; j < V; ++j) acc[b][j] = fmaf(a, wv[j], acc[b][j]);
+    for (int j = 0; j < V; ++j) acc[b * V + j] = fmaf(a, wv[j], acc[b * V + j]);
   }
 }
 
+// Sums each of the N values of a[] over the warp's 32 lanes, every sum ending in one place: a
+// reduce-scatter by recursive halving over lane offsets 16, 8, ..., 1. At a level LIVE values are
+// left; a lane keeps their upper half if its OFF bit is set (else the lower), sends the other half
+// to lane ^ OFF and adds what that lane sends for the half it keeps: N/2 + N/4 + ... shuffles in
+// all, not N per level. Once one value is left (N < 32), the remaining levels add it across lanes.
+// Afterwards lane l holds in a[0 .. per) the sums of the flat indices (l / rep) * per + m, where
+// per = max(N / 32, 1), and the rep = max(32 / N, 1) lanes with equal l / rep hold the same sums.
+template <int OFF, int LIVE, int N>
+__device__ __forceinline__ void warp_reduce_scatter(float (&a)[N], int lane) {
+  if constexpr (OFF > 0) {
+    if constexpr (LIVE > 1) {
+      constexpr int h = LIVE / 2;
+      const bool up = (lane & OFF) != 0;
+#pragma unroll
+      for (int m = 0; m < h; ++m) {
+        const float give = up ? a[m] : a[m + h];
+        const float keep = up ? a[m + h] : a[m];
+        a[m] = keep + __shfl_xor_sync(0xffffffffu, give, OFF);
+      }
+      warp_reduce_scatter<OFF / 2, h>(a, lane);
+    } else {
+      a[0] += __shfl_xor_sync(0xffffffffu, a[0], OFF);
+      warp_reduce_scatter<OFF / 2, 1>(a, lane);
+    }
+  }
+}
+
+// The FMA path (tiles of 1-8 rows). Warp w owns the V-column vectors w, w + kWarps, ... of the
+// ncols columns (V columns: one 16-byte load); its 32 lanes split the input rows, and it reduces
+// its own partial sums with shuffles (warp_reduce_scatter over the BT x V sums of a vector), so
+// no shared buffer and no block barrier. A warp without a vector returns at once. Resident slices
+// are swizzled (slice_geom) so that the 8 lanes of a quarter warp, which read 8 consecutive rows,
+// hit 8 different groups of 4 banks.
 template <typename W, int BT, bool SMEM, class Epi>
 __device__ __forceinline__ void mm_fma(const float* __restrict__ act, int lda, int In, const W* __restrict__ w,
-                                       int ldw, int ncols, float* __restrict__ red, Epi& epi) {
-  constexpr int V = WT<W>::V;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+                                       int ldw, int ncols, Epi& epi) {
+  constexpr int V = WT<W>::V, N = BT * V;
+  constexpr int per = N >= 32 ? N / 32 : 1, rep = N >= 32 ? 1 : 32 / N;
+  // Loads in flight per lane: a lane's rows of a vector at H = 256 in one batch where registers
+  // allow it (sm_90a, unroll 8: 204-232 registers at 1-2 rows, 255 at 4 bf16 or 8 fp32 rows).
+  constexpr int kUnroll = BT <= 2 ? 8 : 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Shared slices are zero padded to whole vectors; global ones need a tail path.
-  const int ncomp = SMEM ? rup(ncols, V) : ncols;
   const bool aligned =
       SMEM || ((reinterpret_cast<uintptr_t>(w) | static_cast<uintptr_t>(ldw) * sizeof(W)) & 15) == 0;
-  for (int c0 = 0; c0 < ncols; c0 += kChunk) {
-    const int cw = imin(kChunk, ncomp - c0);
-    const int nv = (cw + V - 1) / V;
-    int P = 1;  // threads per input row: power of two <= kChunk / V <= 32
-    while (P < nv) P <<= 1;
-    const int G = kThreads / P;
-    const int cv = tid & (P - 1), grp = tid / P;
-    float acc[BT][V];
+  const int sw = SMEM ? fma_swizzle_width(ldw / V) : 1;
+  const int nvec = cdiv(ncols, V);
+  for (int v = warp; v < nvec; v += kWarps) {  // uniform over the warp, as the shuffles need
+    const int col = v * V;
+    const W* wp = w + fma_unit(v, lane, sw) * V;  // in this lane's rows, lane + 32 k
+    float acc[N];
 #pragma unroll
-    for (int b = 0; b < BT; ++b)
+    for (int e = 0; e < N; ++e) acc[e] = 0.f;
+    if (aligned && (SMEM || col + V <= ncols)) {
+#pragma unroll(kUnroll)
+      for (int i = lane; i < In; i += 32) {
+        float wv[V];
+        WT<W>::template load_vec<SMEM>(wp + static_cast<size_t>(i) * ldw, wv);
+        fma_rows<BT, V>(acc, act, lda, i, wv);
+      }
+    } else {
+      for (int i = lane; i < In; i += 32) {
+        float wv[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[b][j] = 0.f;
-    const int col = c0 + cv * V;
-    if (cv < nv) {
-      const W* wp = w + col;
-      if (aligned && col + V <= ncomp) {
-#pragma unroll 4
-        for (int i = grp; i < In; i += G) {
-          float wv[V];
-          WT<W>::template load_vec<SMEM>(wp + static_cast<size_t>(i) * ldw, wv);
-          fma_rows<BT, V>(acc, act, lda, i, wv);
-        }
-      } else {
-        for (int i = grp; i < In; i += G) {
-          float wv[V];
-#pragma unroll
-          for (int j = 0; j < V; ++j)
-            wv[j] = (col + j < ncols) ? WT<W>::template load1<SMEM>(wp + static_cast<size_t>(i) * ldw + j) : 0.f;
-          fma_rows<BT, V>(acc, act, lda, i, wv);
-        }
+        for (int j = 0; j < V; ++j)
+          wv[j] = (col + j < ncols) ? WT<W>::template load1<SMEM>(wp + static_cast<size_t>(i) * ldw + j) : 0.f;
+        fma_rows<BT, V>(acc, act, lda, i, wv);
       }
     }
-    // Lanes l, l^P, l^2P, ... hold the same columns for different input rows.
-    for (int off = P; off < 32; off <<= 1)
+    warp_reduce_scatter<16, N>(acc, lane);
+    if (lane % rep == 0) {
 #pragma unroll
-      for (int b = 0; b < BT; ++b)
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[b][j] += __shfl_xor_sync(0xffffffffu, acc[b][j], off);
-    if (lane < P) {
-#pragma unroll
-      for (int b = 0; b < BT; ++b)
-#pragma unroll
-        for (int j = 0; j < V; ++j) red[(warp * BT + b) * kChunk + cv * V + j] = acc[b][j];
+      for (int m = 0; m < per; ++m) {
+        const int f = lane / rep * per + m, c = col + f % V;  // flat index b * V + j
+        if (c < ncols) epi(f / V, c, acc[m]);
+      }
     }
-    __syncthreads();
-    const int nout = imin(cw, ncols - c0);
-    for (int o = tid; o < BT * nout; o += kThreads) {
-      const int b = o / nout, c = o - b * nout;
-      float s = 0.f;
-#pragma unroll
-      for (int q = 0; q < kWarps; ++q) s += red[(q * BT + b) * kChunk + c];
-      epi(b, c0 + c, s);
-    }
-    if (c0 + kChunk < ncols) __syncthreads();  // `red` is reused by the next chunk
   }
 }
 
@@ -546,14 +563,14 @@ __device__ __forceinline__ void mm_mma(const float* __restrict__ act, int lda, i
 
 template <typename W, int BT, bool MMA, class Epi>
 __device__ __forceinline__ void matmul(const float* act, int lda, int In, const W* w, bool resident, int ldw,
-                                       int ncols, float* red, Epi& epi) {
+                                       int ncols, Epi& epi) {
   if (ncols <= 0) return;
   if constexpr (MMA) {
     if (resident) mm_mma<W, BT / 16, true>(act, lda, In, w, ldw, ncols, epi);
     else mm_mma<W, BT / 16, false>(act, lda, In, w, ldw, ncols, epi);
   } else {
-    if (resident) mm_fma<W, BT, true>(act, lda, In, w, ldw, ncols, red, epi);
-    else mm_fma<W, BT, false>(act, lda, In, w, ldw, ncols, red, epi);
+    if (resident) mm_fma<W, BT, true>(act, lda, In, w, ldw, ncols, epi);
+    else mm_fma<W, BT, false>(act, lda, In, w, ldw, ncols, epi);
   }
 }
 

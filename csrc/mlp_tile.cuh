@@ -47,7 +47,6 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   float* xs = reinterpret_cast<float*>(smem + lay.xs);
   float* hs = reinterpret_cast<float*>(smem + lay.hs);
   float* us = reinterpret_cast<float*>(smem + lay.us);
-  float* red = reinterpret_cast<float*>(smem + lay.red);
   float* wts = reinterpret_cast<float*>(smem + lay.wts);
   float* bvec = reinterpret_cast<float*>(smem + lay.bvec);
   float* cvec = reinterpret_cast<float*>(smem + lay.cvec);
@@ -161,10 +160,12 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   // Team exchanges (R > 1). The hidden phases of a component write their output columns into the
   // same buffer of every team member, hs or us alternately: exchange q writes buffer q & 1 and
   // completes on that buffer's mbarrier, in its phase q / 2. The producer of exchange q + 1 has
-  // waited for exchange q to complete in its own block, which took a store (or token) from every
-  // team member, issued after that member had finished reading the inputs of exchange q (the
-  // block barrier of the FMA reduction, or in the MMA path each warp's stores follow its own reads,
-  // and every reading warp stores). Exchange q's inputs are the buffer exchange q + 1 writes, so
+  // waited for exchange q to complete in its own block, which took every store (or the token) of
+  // every team member, and each member's stores follow its reads of the inputs of exchange q: in
+  // both matmuls a warp owns whole output columns (FMA: V-column vectors, its lanes' partial sums
+  // meeting through shuffles; MMA: 8-column tiles, through mma.sync), so each of its stores is
+  // computed from all its lanes' reads of the rows it stores, and a warp that reads stores (one
+  // without columns reads nothing). Exchange q's inputs are the buffer exchange q + 1 writes, so
   // writes never overtake a peer's reads; and a producer is at most one exchange ahead of any team
   // member, so stores of exchange q + 1 land on the other mbarrier and those of q + 2 only after
   // this block has seen q complete. A component's chain is 2L + 1 exchanges, an odd number: the
@@ -268,7 +269,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         int ld;
         bool res;
         const W* w = wptr(0, w_in + static_cast<size_t>(k) * D * H + n0, H, ld, res);
-        matmul<W, BT, MMA>(xs, lay.xst, D, w, res, ld, ncols, red, epi);
+        matmul<W, BT, MMA>(xs, lay.xst, D, w, res, ld, ncols, epi);
       }
       next_ready(0);
       team_done();
@@ -287,7 +288,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
           int ld;
           bool res;
           const W* w = wptr(1 + 2 * l, w_a + (static_cast<size_t>(k) * L + l) * H * H + n0, H, ld, res);
-          matmul<W, BT, MMA>(hb, lay.hst, H, w, res, ld, ncols, red, epi);
+          matmul<W, BT, MMA>(hb, lay.hst, H, w, res, ld, ncols, epi);
         }
         next_ready(1 + 2 * l);
         team_done();
@@ -304,7 +305,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
           int ld;
           bool res;
           const W* w = wptr(2 + 2 * l, w_b + (static_cast<size_t>(k) * L + l) * H * H + n0, H, ld, res);
-          matmul<W, BT, MMA>(ub, lay.hst, H, w, res, ld, ncols, red, epi);
+          matmul<W, BT, MMA>(ub, lay.hst, H, w, res, ld, ncols, epi);
         }
         next_ready(2 + 2 * l);
         team_done();
@@ -321,7 +322,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         int ld;
         bool res;
         const W* w = wptr(nq - 1, w_out + static_cast<size_t>(k) * H * D + d0, D, ld, res);
-        matmul<W, BT, MMA>(hb, lay.hst, H, w, res, ld, dcols, red, epi);
+        matmul<W, BT, MMA>(hb, lay.hst, H, w, res, ld, dcols, epi);
       }
       next_ready(nq - 1);
       // Every thread is done reading h before this block's next stores (or token) go out: the

@@ -31,7 +31,6 @@ namespace mlp {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunk = 128;  // output columns per FMA reduction pass
 using abi::kMaxK;
 using abi::kMaxL;
 using abi::kMaxH;
@@ -96,7 +95,7 @@ FDP_HD int take(int& off, int bytes) {
 // by the host planner and the kernel.
 struct Layout {
   int xst, hst, nsp, dsp, dp, pst;  // row strides in floats
-  int xs, hs, us, part, red, wts, coef, noise, tvec, bvec, cvec, mbar, tok, woff, wbase;
+  int xs, hs, us, part, wts, coef, noise, tvec, bvec, cvec, mbar, tok, woff, wbase;
   int part_sz, coef_sz, noise_sz, tvec_sz;  // bytes of one parity buffer
   int nslices;
 };
@@ -124,7 +123,6 @@ FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
   y.pst = p.groups == p.gpc ? y.dp : y.dsp;
   y.part_sz = rup(p.gpc * p.bt * y.pst * 4, 16);
   y.part = take(off, 2 * y.part_sz);
-  y.red = take(off, p.mma ? 0 : kWarps * p.bt * kChunk * 4);
   y.wts = take(off, p.bt * K * 4);
   y.coef_sz = kCoefWidth * 4;
   y.coef = take(off, 2 * y.coef_sz);
@@ -143,10 +141,25 @@ FDP_HD Layout make_layout(int D, int H, int L, int K, const Plan& p) {
 }
 
 // Weight slice q of a component (0: W_in, 1+2l: W_a[l], 2+2l: W_b[l], 2L+1: W_out)
-// as staged in shared memory: `rows` x `stride` elements, zero padded.
+// as staged in shared memory: `rows` x `stride` elements, zero padded; the 16-byte units of
+// row i permuted by fma_unit (sw = 1: not permuted).
 struct Slice {
-  int in, cols, rows, stride, bytes;
+  int in, cols, rows, stride, bytes, sw;
 };
+
+// FMA slices. mm_fma's lanes load one 16-byte unit each from consecutive rows, so the 8 lanes of a
+// quarter warp must find their rows' units in 8 different groups of 4 banks (a 128-byte line has 8
+// units). A row of U units stores unit u at fma_unit(u, row, sw), which gives 8 consecutive rows
+// 8 different groups when U is a multiple of 8 (sw = 8: u ^ row mod 8) or a power of two below 8
+// (sw = U: the U rows that start on the same group differ in the swizzle). Other widths are padded
+// to an odd U, which spreads consecutive rows over the 8 groups unpermuted (sw = 1).
+FDP_HD int fma_units(int cols, int wsize) {
+  const int u = cdiv(cols, 16 / wsize);
+  return (u % 8 == 0 || (u & (u - 1)) == 0) ? u : (u | 1);
+}
+FDP_HD int fma_swizzle_width(int units) { return units % 8 == 0 ? 8 : (units & (units - 1)) == 0 ? units : 1; }
+// Depends on row mod 8 only, so the rows of one lane (lane + 32 k) share it.
+FDP_HD int fma_unit(int u, int row, int sw) { return u ^ ((row * sw >> 3) & (sw - 1)); }
 
 FDP_HD Slice slice_geom(int q, int D, int H, int L, const Plan& p) {
   Slice s;
@@ -155,7 +168,9 @@ FDP_HD Slice slice_geom(int q, int D, int H, int L, const Plan& p) {
   s.cols = out ? p.ds : p.ns;
   s.rows = p.mma ? rup(s.in, 8) : s.in;  // MMA k-steps of 8 read zero rows past `in`
   // MMA: +8 elements shift consecutive rows by 4 banks (conflict-free B fragments).
-  s.stride = rup(s.cols, 8) + (p.mma ? 8 : 0);
+  const int units = fma_units(s.cols, p.wsize);
+  s.stride = p.mma ? rup(s.cols, 8) + 8 : units * (16 / p.wsize);
+  s.sw = p.mma ? 1 : fma_swizzle_width(units);
   s.bytes = rup(s.rows * s.stride * p.wsize, 16);
   return s;
 }

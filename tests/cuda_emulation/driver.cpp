@@ -212,6 +212,9 @@ std::string plan_line(const Plan& p) {
 //       -> "ok launches=N steps=B,E;B,E;... programmatic=0,1,..." | "refused ..." | "error ..."
 //          (make_plan with default options, then launch_steps, as the entry points call it;
 //          every launch is recorded, none run)
+//   slice wtype cols
+//       -> "ok stride=N sw=N units=U rows=U0,U1,..;.." (an FMA slice of `cols` columns, as slice_geom
+//          lays it out: for rows 0..7, the position of each 16-byte unit u < U in the row, fma_unit)
 int run_query() {
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -226,6 +229,20 @@ int run_query() {
       const emu::Device& g = emu::kDevices[i];
       std::cout << "ok sms=" << g.sms << " smem_per_sm=" << g.smem_per_sm << " optin=" << g.smem_optin
                 << " cluster=" << g.cluster << " static=" << emu::kStaticSmem << std::endl;
+      continue;
+    }
+    if (line.rfind("slice ", 0) == 0) {
+      Plan p{};
+      int cols = 0;
+      in >> cmd >> p.wsize >> cols;
+      p.wsize = p.wsize == kF32 ? 4 : 2;
+      p.ns = cols;
+      const Slice sl = slice_geom(1, 1, cols, 1, p);  // W_a[0]: `ns` columns
+      const int units = sl.stride * p.wsize / 16;
+      std::cout << "ok stride=" << sl.stride << " sw=" << sl.sw << " units=" << units << " rows=";
+      for (int row = 0; row < 8; ++row)
+        for (int u = 0; u < units; ++u) std::cout << (u ? "," : row ? ";" : "") << fma_unit(u, row, sl.sw);
+      std::cout << std::endl;
       continue;
     }
     int kind = 0, wtype = 0;
