@@ -443,13 +443,14 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&a)[N], int lane) {
 // The FMA path (tiles of 1-8 rows). Warp w owns the V-column vectors w, w + kWarps, ... of the
 // ncols columns (V columns: one 16-byte load); its 32 lanes split the input rows, and it reduces
 // its own partial sums with shuffles (warp_reduce_scatter over the BT x V sums of a vector), so
-// no shared buffer and no block barrier. A warp without a vector returns at once. Resident slices
+// no shared buffer and no block barrier. A warp without a vector skips the loop. Resident slices
 // are swizzled (slice_geom) so that the 8 lanes of a quarter warp, which read 8 consecutive rows,
 // hit 8 different groups of 4 banks.
 template <typename W, int BT, bool SMEM, class Epi>
 __device__ __forceinline__ void mm_fma(const float* __restrict__ act, int lda, int In, const W* __restrict__ w,
                                        int ldw, int ncols, Epi& epi) {
   constexpr int V = WT<W>::V, N = BT * V;
+  static_assert((N & (N - 1)) == 0 && N <= 64, "warp_reduce_scatter halves a power-of-two count of sums");
   constexpr int per = N >= 32 ? N / 32 : 1, rep = N >= 32 ? 1 : 32 / N;
   // Loads in flight per lane: a lane's rows of a vector at H = 256 in one batch where registers
   // allow it (sm_90a, unroll 8: 204-232 registers at 1-2 rows, 255 at 4 bf16 or 8 fp32 rows).

@@ -165,7 +165,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   // both matmuls a warp owns whole output columns (FMA: V-column vectors, its lanes' partial sums
   // meeting through shuffles; MMA: 8-column tiles, through mma.sync), so each of its stores is
   // computed from all its lanes' reads of the rows it stores, and a warp that reads stores (one
-  // without columns reads nothing). Exchange q's inputs are the buffer exchange q + 1 writes, so
+  // without columns reads nothing). Padding rows (b >= nrows) are the exception: their stores are
+  // the constant 0, not computed from the reads, but whatever overtakes such a read writes 0 there
+  // too. Exchange q's inputs are the buffer exchange q + 1 writes, so
   // writes never overtake a peer's reads; and a producer is at most one exchange ahead of any team
   // member, so stores of exchange q + 1 land on the other mbarrier and those of q + 2 only after
   // this block has seen q complete. A component's chain is 2L + 1 exchanges, an odd number: the

@@ -76,6 +76,10 @@ PROBLEMS = {
     "bf16": KERNEL_PROBLEMS["bf16"],
     "fp16": dict(K=3, H=40, L=1, horizon=5, action_dim=3, B=33, sched="ddim_eta", strategy="hard", T=2,
                  dtype=torch.float16),
+    # bfloat16 FMA tiles of 4 and 8 rows (16-bit weights at 8 rows: 64 sums per vector, two per lane after
+    # the reduce-scatter), a partial last tile, D = 15 (not whole vectors), H = 48 (6 units padded to 7).
+    "bf16_fma": dict(K=2, H=48, L=1, horizon=5, action_dim=3, B=5, sched="ddpm_clip", strategy="soft", T=2,
+                     dtype=torch.bfloat16),
     # Split over 4 ranks, the last rank owns no column of H (24 = 3 x 8) nor of D (3): it pushes tokens.
     "narrow": dict(K=2, H=24, L=1, horizon=1, action_dim=3, B=2, sched="ddim_eta", strategy="soft", T=3,
                    dtype=torch.float32),
@@ -94,6 +98,8 @@ CONFIGS = [
     ("fp16", STEP, 16, 1, 2, 3, 1, SMEM_H100),          # tensor cores, global combine, 3 tiles, hard routing
     ("narrow", PERSISTENT, 1, 0, 4, 2, 2, SMEM_H100),   # S=8, a rank without columns, 2 tiles
     ("narrow", STEP, 8, 0, 4, 1, 1, SMEM_H100),         # both components in one team (hs/us swap roles), S=4
+    ("bf16_fma", STEP, 8, 0, 1, 1, 1, SMEM_H100),       # bf16 FMA, 8 rows (two sums per lane), partial tile
+    ("bf16_fma", PERSISTENT, 4, 0, 2, 1, 1, SMEM_H100), # bf16 FMA, 4 rows, two tiles, S=2
 ]
 
 
