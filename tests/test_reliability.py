@@ -3,9 +3,7 @@ odd arguments, and the memory step noise takes — on every backend the CPU runs
 
 ``graph`` runs on the CPU without capture (its availability check is patched: the
 prepared object is the one CUDA uses, only the graph capture is off), the Triton
-backends in the Triton interpreter. Where a case depends on the Triton kernels'
-handling of NaN weights, it is marked as an expected failure until those kernels
-treat a NaN weight as used and a zero weight as "left out" per row.
+backends in the Triton interpreter.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ then runs on the built extension (every architecture the binary holds) and on th
 launches compiled for sm_90, and must find nothing over a limit.
 """
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -160,11 +161,15 @@ def test_built_extension_within_limits():
 
 
 @pytest.fixture(scope="module")
-def triton_report():
-    """The report on every launch the Triton backends make for the script's workloads, compiled for sm_90."""
+def triton_report(tmp_path_factory):
+    """The report on every launch the Triton backends make for the script's workloads, compiled for sm_90
+    (its rows, as the script's --json writes them, in ``.rows``)."""
     _tools_or_skip("cuobjdump")
     pytest.importorskip("triton.backends.nvidia")
-    return _report("--cuda", "none", "--archs", "90", timeout=900)
+    out = tmp_path_factory.mktemp("triton-report") / "rows.json"
+    r = _report("--cuda", "none", "--archs", "90", "--json", str(out), timeout=900)
+    r.rows = json.loads(out.read_text()) if out.exists() else []
+    return r
 
 
 def test_triton_report_covers_every_kernel(triton_report):
@@ -175,9 +180,22 @@ def test_triton_report_covers_every_kernel(triton_report):
     assert {"mlp_step_kernel", "mlp_persistent_kernel", "compose_step_kernel"} <= kernels, r.stdout
 
 
-# The one known failure of the present Triton kernels on sm_90 (docs/resources.md says why): local memory
-# in the persistent kernel with float32 weights at H = D = 512 (register pressure, 255 registers). strict:
-# this test fails once it is fixed, so the marker cannot outlive it.
-@pytest.mark.xfail(strict=True, reason="mlp_persistent_kernel, float32, H = D = 512 spills: see docs/resources.md")
-def test_triton_kernels_within_limits(triton_report):
-    assert triton_report.returncode == 0, f"{triton_report.stdout}\n{triton_report.stderr}"
+# The one known failure of the present Triton kernels (docs/resources.md says why): local memory in the
+# persistent kernel with float32 weights at H = D = 512 (register pressure, 255 registers). Every other
+# row must be within limits, and this test fails once that one is fixed too, so the exception cannot
+# outlive the spill.
+KNOWN_TRITON_FAILURE = ("mlp_persistent_kernel", ("=*fp32", "H_STRIDE=512", "PRECISION='ieee'"))
+
+
+def test_triton_kernels_within_limits_but_the_known_one(triton_report):
+    rows = triton_report.rows
+    assert rows, f"{triton_report.stdout}\n{triton_report.stderr}"
+    failing = [r for r in rows if not r["ok"]]
+    kernel, marks = KNOWN_TRITON_FAILURE
+    known = [r for r in failing if r["kernel"] == kernel and all(m in r["variant"] for m in marks)]
+    others = [(r["kernel"], r["variant"], r["problems"]) for r in failing if r not in known]
+    assert not others, f"Triton kernels beyond their limits on sm_90: {others}"
+    assert len(known) == 1, (f"the known failure {KNOWN_TRITON_FAILURE} is gone (fixed, or renamed): "
+                             f"remove it here and from docs/resources.md; failing rows: {failing}")
+    assert all("local memory" in p for p in known[0]["problems"]), known[0]
+    assert triton_report.returncode == 1  # the script itself still reports that row
