@@ -22,7 +22,7 @@ import torch
 
 from ._validation import check_bool, check_finite, check_float_dtype, check_int, check_tensor, inputs_already_checked
 from ._watch import PolicyWatch
-from .backends import get_backend, select
+from .backends import select, weight_dtype
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
 from .schedulers import _draw_noise
@@ -127,7 +127,7 @@ class Sampler:
         self.table = scheduler.step_table(num_inference_steps, eta=eta)  # refuses a bad eta, naming it
         self.eta = float(eta)
         self._dtype_arg = check_float_dtype("dtype", dtype)
-        self._named = None if backend == "auto" else get_backend(backend)
+        self._backend_arg = backend
         self._follow_policy()
         be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
                                               batch_size=batch_size, verify=verify)
@@ -140,7 +140,7 @@ class Sampler:
     def _follow_policy(self) -> None:
         param = next(self.policy.parameters())
         self.device = param.device
-        self.dtype = self._dtype_arg or (self._named.default_weight_dtype(param.dtype) if self._named else param.dtype)
+        self.dtype = weight_dtype(self._backend_arg, param.dtype, self._dtype_arg)
         # Features and noise live in the policy's own dtype (the dtype of a
         # diffusers loop's sample); fused backends cast weights to self.dtype.
         self.sample_dtype = param.dtype

@@ -94,4 +94,4 @@ def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int 
 resolve_backend.last_selection = None
 resolve_backend.last_reasons = {}
 
-from .selection import Selection, VerificationError, select  # noqa: E402 - needs the registry above
+from .selection import Selection, VerificationError, select, weight_dtype  # noqa: E402 - needs the registry above

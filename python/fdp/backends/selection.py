@@ -122,11 +122,19 @@ class Selection:
         return "\n".join(rows)
 
 
+def weight_dtype(name: str, policy_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The weight dtype backend ``name`` packs in: ``dtype`` if given, else the named backend's
+    ``default_weight_dtype``; for ``auto`` the policy's (picking a backend never changes the precision)."""
+    if dtype is not None:
+        return dtype
+    return policy_dtype if name == "auto" else get_backend(name).default_weight_dtype(policy_dtype)
+
+
 def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch_size: int = 1, verify: bool = False,
            use_cache: bool = True):
     """Resolve ``name`` (``"auto"`` or a registered backend) for this policy.
 
-    ``dtype`` None: the named backend's ``default_weight_dtype``; ``auto`` the policy's.
+    ``dtype`` None: as :func:`weight_dtype` says.
 
     Returns ``(backend, prepared, selection)``; ``prepared`` is the winner
     already packed when checking it required packing, else None.
@@ -134,11 +142,9 @@ def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch
     batch_size = check_int("batch_size", batch_size, min_value=1)
     verify = check_bool("verify", verify)
     device = torch.device(device)
-    policy_dtype = next(policy.parameters()).dtype
+    dtype = weight_dtype(name, next(policy.parameters()).dtype, dtype)
     if name != "auto":
-        return _explicit(name, policy, table, device, dtype or get_backend(name).default_weight_dtype(policy_dtype),
-                         batch_size, verify)
-    dtype = dtype or policy_dtype
+        return _explicit(name, policy, table, device, dtype, batch_size, verify)
 
     rows: dict[str, Candidate] = {}
     ranked = []
