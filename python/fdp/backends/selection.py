@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import tolerances
-from .._validation import check_bool, check_int
+from .._validation import InvalidArgument, check_bool, check_int
 from . import _MODULES, get_backend
 
 log = logging.getLogger("fdp")
@@ -245,7 +245,7 @@ def _explicit(name, policy, table, device, dtype, batch_size, verify):
     be = get_backend(name)
     reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
     if reason:
-        raise ValueError(f"backend {name!r} cannot serve this policy on {device}: {reason}")
+        raise InvalidArgument(f"backend {name!r} cannot serve this policy on {device}: {reason}")
     row = Candidate(name, be.priority, "picked", "named explicitly")
     prep = None
     if verify and name != REFERENCE:
