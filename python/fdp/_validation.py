@@ -50,6 +50,7 @@ __all__ = [
     "check_device_usable",
     "read_json_object",
     "about_file",
+    "check_output_path",
     "check_finite",
     "inputs_already_checked",
     "check_kernel_arg",
@@ -328,12 +329,39 @@ def read_json_object(path, what: str = "a JSON object") -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = " (the file looks truncated)" if exc.pos >= len(text.rstrip()) else ""
-        raise InvalidFile(f"{path} is not valid JSON{hint}: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        hint = " (the file looks truncated)" if cut else ""
+        raise InvalidFile(f"{path} is not valid JSON{hint}: {exc.msg} (line {exc.lineno}, column {exc.colno}); "
                           f"expected {what}") from None
     if not isinstance(data, dict):
         raise InvalidFile(f"{path} holds a JSON {_json_kind(data)}, expected {what}")
     return data
+
+
+def check_output_path(name: str, path, *, folder: bool = False):
+    """Check, before any work, that ``path`` can be written: as a file (``folder=False``) or as a folder to
+    create or fill. Its nearest existing ancestor must be a writable folder (the missing ones are created at
+    the time of writing), and ``path`` itself, if it exists, a file (a folder with ``folder=True``).
+    Returns it as a ``pathlib.Path``."""
+    import os
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise InvalidArgumentType(f"`{name}` must be a path (a non-empty str or pathlib.Path), got {path!r}")
+    path = Path(path)
+    want = "a folder" if folder else "a file"
+    if path.exists() and path.is_dir() != folder:
+        is_now = "a folder" if path.is_dir() else "a file"
+        raise InvalidArgument(f"`{name}` must be {want} to write, but {path} is {is_now}")
+    parent = path if folder and path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidArgument(f"`{name}` is {str(path)!r}, but {parent} is a file, not a folder: no file can be "
+                              "written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"`{name}` is {str(path)!r}, but the folder {parent} is not writable")
+    return path
 
 
 def _json_kind(value) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._optional import MissingExtra
 from ._validation import InvalidArgument, InvalidArgumentType, MissingFile, check_bool, check_int, check_optional_int
 from .backends.torch_backend import TorchPrepared
 from .sampler import Sampler
@@ -59,7 +60,7 @@ def _require(dynamo: bool):
         if dynamo:
             import onnxscript  # noqa: F401  (torch.export's ONNX translation)
     except ImportError as exc:
-        raise ImportError(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
+        raise MissingExtra(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
                           "pip install 'fdp[onnx]'") from exc
     return onnxruntime
 
