@@ -448,6 +448,13 @@ class _TableScheduler:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if not bool((self.alphas_cumprod < 1).all()):
+            # A beta below float32's resolution near 1 (~6e-8): 1 - beta rounds to 1, and every step at that
+            # timestep divides by 1 - alphas_cumprod = 0 (NaN actions, in diffusers too).
+            i = int((self.alphas_cumprod >= 1).nonzero()[0])
+            what = f"`trained_betas[{i}]`" if cfg["trained_betas"] is not None else "`beta_start`"
+            raise InvalidArgument(f"{what} is too small for float32: 1 - beta rounds to 1 at timestep {i}, where "
+                                  f"the step would divide by 1 - alphas_cumprod = 0; use betas >= {2.0 ** -23:.1e}")
         self._ac_cache: dict = {}
         self.num_inference_steps: int | None = None
         self._ts: list[int] = list(range(n - 1, -1, -1))
