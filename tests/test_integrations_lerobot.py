@@ -174,6 +174,10 @@ def _config_error(tmp_path, edit, cls, *message_parts):
     ("n_groups", True, InvalidArgumentType, "`n_groups` must be a positive int, got True"),
     ("noise_scheduler_type", ["DDPM"], InvalidArgument, "`noise_scheduler_type` must be one of ['DDPM', 'DDIM']"),
     ("num_inference_steps", -1, InvalidArgument, "`num_inference_steps` must be None or a positive int"),
+    ("num_inference_steps", 101, InvalidFile, "`num_inference_steps` (101) cannot be larger than `num_train_timesteps` "
+                                              "(100)"),
+    ("horizon", 6, InvalidFile, "`horizon` (6) must be divisible by 4: the U-Net in model.safetensors halves the "
+                                "horizon 2 time(s)"),
 ])
 def test_load_pretrained_refuses_a_bad_config_field_by_name(tmp_path, field, value, cls, part):
     _config_error(tmp_path, lambda cfg: cfg.update({field: value}), cls, part)
@@ -228,6 +232,19 @@ def test_load_pretrained_refuses_non_float_or_mixed_dtype_tensors_naming_them(tm
     text = str(info.value)
     assert text.startswith(f"{folder / 'model.safetensors'}: the tensor ") and repr(key) in text, text
     assert f"has dtype {dtype}" in text
+
+
+def test_load_pretrained_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    key = "diffusion.unet.mid_modules.0.conv1.block.0.weight"
+
+    def poison(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[[3, 5]] = torch.tensor([float("nan"), float("inf")])
+
+    _rewrite_weights(folder, poison)
+    with pytest.raises(InvalidFile, match=re.escape(f"the tensor {key!r} holds 2 NaN or Inf values")):
+        lerobot.load_pretrained(folder, device="cpu")
 
 
 def test_load_pretrained_names_a_tensor_of_the_wrong_rank(tmp_path):

@@ -518,6 +518,10 @@ BAD_CONFIGS = [
     (dict(num_train_timesteps=3, trained_betas=[0.1, 1.5, 0.2]), ValueError, "`trained_betas[1]` must be a number in (0, 1]"),
     (dict(beta_start=1e-8), ValueError, "`beta_start` is too small for float32: 1 - beta rounds to 1 at timestep 0"),
     (dict(num_train_timesteps=2, trained_betas=[1e-9, 0.5]), ValueError, "`trained_betas[0]` is too small"),
+    (dict(beta_end=0.5), ValueError, "`beta_end`=0.5 with beta_schedule='linear' over num_train_timesteps=1000 "
+                                     "drives alphas_cumprod to 0 (float32) from timestep"),
+    (dict(num_train_timesteps=3, trained_betas=[0.5, 1.0, 0.5]), ValueError, "`trained_betas` over "
+                                                                              "num_train_timesteps=3 drives"),
     (dict(dynamic_thresholding_ratio="0.9"), TypeError, "`dynamic_thresholding_ratio` must be a finite number"),
 ]
 

@@ -98,6 +98,10 @@ class FactorizedPolicy(nn.Module):
             have = getattr(comp, attr, None)
             if have is not None and have != want:
                 raise InvalidArgument(f"component {i} has {attr}={have}, but the policy expects {want}")
+        multiple = getattr(comp, "horizon_multiple", 1)  # a U-Net halves the horizon at each level
+        if self.horizon % multiple:
+            raise InvalidArgument(f"`horizon` ({self.horizon}) must be divisible by {multiple} for component {i}, "
+                                  f"whose U-Net halves it {multiple.bit_length() - 1} time(s)")
         # A component may ignore the observation (global_cond_dim 0 or None):
         # then only the router sees it, and the component gets global_cond=None.
         have = getattr(comp, "global_cond_dim", self.router.cond_dim)

@@ -448,10 +448,23 @@ class _TableScheduler:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if not bool((self.alphas_cumprod < 1).all()):
+        ac = self.alphas_cumprod
+        # alphas_cumprod underflowing to 0 in float32 before the last timestep (NaN after the zero-SNR rescale):
+        # from there on no signal is left and each step divides 0 by 0 (NaN actions, in diffusers too). A single
+        # 0 at the end (zero terminal SNR) is fine.
+        lost = ~torch.isfinite(ac) | (ac <= 0)
+        lost[-1] = not bool(torch.isfinite(ac[-1]))
+        if bool(lost.any()):
+            i = int(lost.nonzero()[0])
+            what = ("`trained_betas`" if cfg["trained_betas"] is not None
+                    else f"`beta_end`={cfg['beta_end']:g} with beta_schedule={cfg['beta_schedule']!r}")
+            raise InvalidArgument(f"{what} over num_train_timesteps={n} drives alphas_cumprod to 0 (float32) from "
+                                  f"timestep {i} on, where the steps divide 0 by 0; use smaller betas or fewer "
+                                  "training timesteps")
+        if bool((ac >= 1).any()):
             # A beta below float32's resolution near 1 (~6e-8): 1 - beta rounds to 1, and every step at that
             # timestep divides by 1 - alphas_cumprod = 0 (NaN actions, in diffusers too).
-            i = int((self.alphas_cumprod >= 1).nonzero()[0])
+            i = int((ac >= 1).nonzero()[0])
             what = f"`trained_betas[{i}]`" if cfg["trained_betas"] is not None else "`beta_start`"
             raise InvalidArgument(f"{what} is too small for float32: 1 - beta rounds to 1 at timestep {i}, where "
                                   f"the step would divide by 1 - alphas_cumprod = 0; use betas >= {2.0 ** -23:.1e}")
@@ -627,7 +640,7 @@ class DDPMScheduler(_TableScheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
-        if variance_type in _UNSUPPORTED_VARIANCE_TYPES:
+        if isinstance(variance_type, str) and variance_type in _UNSUPPORTED_VARIANCE_TYPES:
             raise InvalidArgument(f"`variance_type`={variance_type!r} is not supported by fdp.DDPMScheduler "
                                   f"({_UNSUPPORTED_VARIANCE_TYPES[variance_type]}); use one of {list(_VARIANCE_TYPES)}")
         check_choice("variance_type", variance_type, _VARIANCE_TYPES)

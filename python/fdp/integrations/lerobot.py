@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .._validation import (InvalidArgumentType, InvalidFile, MissingFile, about_file, check_choice,
+from .._validation import (InvalidArgument, InvalidArgumentType, InvalidFile, MissingFile, about_file, check_choice,
                            check_device_usable, check_float_dtype, check_int, check_optional_int, read_json_object)
 from ..backends import get_backend
 from ..sampler import Sampler
@@ -98,9 +98,19 @@ def load_pretrained(path, *, backend: str = "auto", num_inference_steps: int | N
     tensors = _read_unet_tensors(folder / "model.safetensors")
     unet = unet_from_tensors(tensors, n_groups, source_name=lambda k: PREFIX + from_fdp_name(k),
                              what=str(folder / "model.safetensors"))
+    n_train = scheduler.config["num_train_timesteps"]
+    with about_file(config_file):
+        if horizon % unet.horizon_multiple:
+            raise InvalidFile(f"`horizon` ({horizon}) must be divisible by {unet.horizon_multiple}: the U-Net in "
+                              f"model.safetensors halves the horizon {len(unet.down_modules) - 1} time(s)")
+        if config_steps is not None and config_steps > n_train:
+            raise InvalidFile(f"`num_inference_steps` ({config_steps}) cannot be larger than `num_train_timesteps` "
+                              f"({n_train})")
+    if num_inference_steps is not None and num_inference_steps > n_train:
+        raise InvalidArgument(f"`num_inference_steps` ({num_inference_steps}) cannot be larger than the policy's "
+                              f"num_train_timesteps ({n_train}, in {config_file})")
     unet = unet.to(device=device, dtype=dtype)
-    steps = next(n for n in (num_inference_steps, config_steps, scheduler.config["num_train_timesteps"])
-                 if n is not None)
+    steps = next(n for n in (num_inference_steps, config_steps, n_train) if n is not None)
     return Sampler.for_unet(unet, scheduler, horizon, unet.input_dim, num_inference_steps=steps,
                             backend=backend)
 
@@ -149,8 +159,8 @@ def _read_unet_tensors(file: Path) -> dict[str, torch.Tensor]:
                           f"{exc}") from None
     if not tensors:
         raise InvalidFile(f"{file} holds no {PREFIX}* tensors: not a LeRobot diffusion policy")
-    # Weights are floating and of one dtype: an integer tensor would fail deep inside a convolution, a mix
-    # of dtypes inside a kernel.
+    # Weights are floating, of one dtype and finite: an integer tensor would fail deep inside a convolution,
+    # a mix of dtypes inside a kernel, a NaN would make every action NaN.
     first = next(iter(tensors))
     for key, t in tensors.items():
         if not t.is_floating_point():
@@ -159,6 +169,10 @@ def _read_unet_tensors(file: Path) -> dict[str, torch.Tensor]:
         if t.dtype != tensors[first].dtype:
             raise InvalidFile(f"{file}: the tensor {names[key]!r} has dtype {t.dtype} but {names[first]!r} has "
                               f"{tensors[first].dtype}; all U-Net weights must have one dtype")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InvalidFile(f"{file}: the tensor {names[key]!r} holds {bad} NaN or Inf values of {t.numel()}; "
+                              "its actions would be NaN")
     return tensors
 
 
