@@ -377,6 +377,17 @@ def test_accelerate_sees_through_torch_compile():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw,match", [(dict(backend="nonsense"), r"^`backend` must be 'auto' or one of"),
+                                      (dict(num_inference_steps=True), r"^`num_inference_steps` must be None or a "
+                                                                       r"positive int, got True")])
+def test_accelerate_checks_its_arguments_before_patching(kw, match):
+    policy = _standin()
+    original = policy.diffusion.conditional_sample
+    with pytest.raises((ValueError, TypeError), match=match):
+        lerobot.accelerate(policy, **kw)
+    assert policy.diffusion.conditional_sample == original  # nothing patched
+
+
 def test_accelerate_rejects_other_objects():
     with pytest.raises(TypeError, match="DiffusionPolicy"):
         lerobot.accelerate(types.SimpleNamespace(diffusion=object()))
