@@ -165,3 +165,12 @@ def test_accelerate_checks_its_arguments_before_patching(kw, match):
     with pytest.raises(UserError, match=match):
         diffusion_policy.accelerate(policy, **kw)
     assert policy.conditional_sample == original  # nothing patched
+
+
+def test_accelerate_checks_the_schedulers_config_strictly():
+    # diffusers keeps what it is given: a string where a bool belongs reaches fdp, which refuses it by name.
+    policy = _StandInPolicy()
+    policy.noise_scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, clip_sample="false")
+    with pytest.raises(TypeError, match=r"^the policy's noise scheduler \(DDPMScheduler\) config: `clip_sample` "
+                                        r"must be a bool, got 'false' \(str\)"):
+        diffusion_policy.accelerate(policy)

@@ -101,7 +101,10 @@ def fdp_scheduler(scheduler):
     """The fdp scheduler equal to a diffusers (or fdp) DDPM/DDIM scheduler, from its config."""
     for cls in (_schedulers.DDPMScheduler, _schedulers.DDIMScheduler):
         if type(scheduler).__name__ == cls.__name__:
-            return cls.from_config(scheduler.config)
+            try:
+                return cls.from_config(scheduler.config)
+            except UserError as exc:  # a field of the other library's config, checked as strictly as ours
+                raise type(exc)(f"the policy's noise scheduler ({type(scheduler).__name__}) config: {exc}") from None
     raise InvalidArgument(f"the policy's noise scheduler is a {type(scheduler).__name__}; fdp serves DDPMScheduler and "
                           "DDIMScheduler")
 
