@@ -138,7 +138,8 @@ def _one_line_error(capsys, argv, prog, *parts):
 
 def test_tune_device_cuda_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _one_line_error(capsys, ["tune", "--device", "cuda"], "fdp tune", "`--device` is 'cuda', but there is no CUDA device")
+    _one_line_error(capsys, ["tune", "--device", "cuda"], "fdp tune",
+                    "`--device` is 'cuda', but there is no CUDA device")
 
 
 def test_tune_missing_policy_file(capsys, tmp_path):

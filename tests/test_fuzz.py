@@ -111,7 +111,8 @@ def test_scheduler_config_gives_a_finite_table_or_a_named_error(case):
     # A correct result: finite coefficients, timesteps of the training range, largest first.
     assert bool(torch.isfinite(table.coef).all()), (cfg, steps, eta, table.coef)
     ts = table.timesteps.tolist()
-    assert len(ts) == (len(sched) if steps is None else steps) and all(0 <= t < len(sched) for t in ts) and ts == sorted(ts, reverse=True)
+    assert len(ts) == (len(sched) if steps is None else steps)
+    assert all(0 <= t < len(sched) for t in ts) and ts == sorted(ts, reverse=True)
     x = torch.randn(2, 3, dtype=torch.float64)
     for i in range(len(table)):
         x = fdp.apply_step(table, i, x, torch.randn_like(x), torch.randn_like(x))
@@ -120,7 +121,8 @@ def test_scheduler_config_gives_a_finite_table_or_a_named_error(case):
 
 # -- LeRobot policy folders: mutated copies of the fixtures ----------------------------------------------------------
 
-CONFIG_FIELDS = ["type", "horizon", "n_groups", "noise_scheduler_type", "num_inference_steps", *lerobot._SCHEDULER_FIELDS]
+CONFIG_FIELDS = ["type", "horizon", "n_groups", "noise_scheduler_type", "num_inference_steps",
+                 *lerobot._SCHEDULER_FIELDS]
 JSON_VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(-2, 2),
                                     st.text(max_size=6), st.sampled_from(["false", "DDIM", "diffusion", "linear"])),
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,

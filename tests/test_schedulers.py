@@ -514,8 +514,10 @@ BAD_CONFIGS = [
     (dict(beta_schedule=1), TypeError, "`beta_schedule` must be a str"),
     (dict(beta_schedule="cubic"), ValueError, "`beta_schedule` must be one of"),
     (dict(trained_betas="0.1"), TypeError, "`trained_betas` must be None or a sequence of numbers"),
-    (dict(num_train_timesteps=3, trained_betas=[0.1, 0.0, 0.2]), ValueError, "`trained_betas[1]` must be a number in (0, 1]"),
-    (dict(num_train_timesteps=3, trained_betas=[0.1, 1.5, 0.2]), ValueError, "`trained_betas[1]` must be a number in (0, 1]"),
+    (dict(num_train_timesteps=3, trained_betas=[0.1, 0.0, 0.2]), ValueError,
+     "`trained_betas[1]` must be a number in (0, 1]"),
+    (dict(num_train_timesteps=3, trained_betas=[0.1, 1.5, 0.2]), ValueError,
+     "`trained_betas[1]` must be a number in (0, 1]"),
     (dict(beta_start=1e-8), ValueError, "`beta_start` is too small for float32: 1 - beta rounds to 1 at timestep 0"),
     (dict(num_train_timesteps=2, trained_betas=[1e-9, 0.5]), ValueError, "`trained_betas[0]` is too small"),
     (dict(beta_end=0.5), ValueError, "`beta_end`=0.5 with beta_schedule='linear' over num_train_timesteps=1000 "

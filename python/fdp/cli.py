@@ -280,12 +280,14 @@ def main(argv=None) -> int:
     p.add_argument("--component", default=None, help="comma-separated: mlp, unet, unet-small, unet-paper (CUDA only)")
     p.add_argument("--steps", default=None, help="comma-separated schedules: ddim (10 steps), ddpm (100), or 10,100")
     p.add_argument("--dtype", default=None, help="comma-separated: fp32, bf16")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per path and case (default 20 quick, 50 full)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed calls per path and case (default 20 quick, 50 full)")
     p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed calls before timing (default 3)")
     p.add_argument("--budget", type=_positive_float, default=None,
                    help="seconds of timed calls per path and case before stopping early, at least 3 repeats "
                         "(default 3 quick, 10 full)")
-    p.add_argument("--input-sets", type=_positive_int, default=4, help="pre-generated input sets timed calls rotate among")
+    p.add_argument("--input-sets", type=_positive_int, default=4,
+                   help="pre-generated input sets timed calls rotate among")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--out", default=None,
                    help="results JSON (default: fdp-bench/<device>-<date>.json in the current directory); "

@@ -95,7 +95,8 @@ def _check_groups(policy, obs_by_task, actions_by_task) -> None:
         raise InvalidArgumentType("`obs_by_task` must be a non-empty mapping {task name: features [N, cond_dim]}")
     if actions_by_task is not None:
         if not isinstance(actions_by_task, Mapping):
-            raise InvalidArgumentType("`actions_by_task` must be None or a mapping {task name: actions [N, horizon, action_dim]}")
+            raise InvalidArgumentType("`actions_by_task` must be None or a mapping "
+                                      "{task name: actions [N, horizon, action_dim]}")
         if set(actions_by_task) != set(obs_by_task):
             raise InvalidArgument(f"`actions_by_task` must have the same task names as `obs_by_task`, got "
                                   f"{sorted(map(str, actions_by_task))} vs {sorted(map(str, obs_by_task))}")

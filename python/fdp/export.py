@@ -92,8 +92,8 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
     if not path.parent.is_dir():
         raise MissingFile(f"`path`: the folder {path.parent} of {path} does not exist")
     if sampler.dtype != sampler.sample_dtype:
-        raise InvalidArgument(f"`sampler` runs {sampler.dtype} weights, but the exported graph computes in the policy's "
-                              f"{sampler.sample_dtype}: export a sampler built without `dtype`")
+        raise InvalidArgument(f"`sampler` runs {sampler.dtype} weights, but the exported graph computes in the "
+                              f"policy's {sampler.sample_dtype}: export a sampler built without `dtype`")
     ort = _require(dynamo)
     policy = sampler.policy
     dtype, device = sampler.sample_dtype, sampler.device

@@ -422,7 +422,8 @@ class _TableScheduler:
         cfg["steps_offset"] = check_int("steps_offset", cfg["steps_offset"], min_value=0)
         cfg["clip_sample_range"] = check_number("clip_sample_range", cfg["clip_sample_range"], low=0)
         # Only read with thresholding (refused above); still numbers, as in diffusers' configs.
-        cfg["dynamic_thresholding_ratio"] = check_number("dynamic_thresholding_ratio", cfg["dynamic_thresholding_ratio"])
+        cfg["dynamic_thresholding_ratio"] = check_number("dynamic_thresholding_ratio",
+                                                         cfg["dynamic_thresholding_ratio"])
         cfg["sample_max_value"] = check_number("sample_max_value", cfg["sample_max_value"])
         # A beta of 0 makes 1 - alphas_cumprod 0 at t = 0 (0/0 in the first coefficients); 1 or more, or a
         # negative one, makes alphas_cumprod 0 or negative (NaN square roots).

@@ -129,8 +129,8 @@ class Patch:
         if not callable(getattr(owner, method, None)):
             raise InvalidArgumentType(f"{type(owner).__name__} has no method {method!r}")
         if getattr(getattr(owner, method), "_fdp_patch", None) is not None:
-            raise InvalidArgument(f"{type(owner).__name__}.{method} is already accelerated by fdp; restore() that handle "
-                                  "first")
+            raise InvalidArgument(f"{type(owner).__name__}.{method} is already accelerated by fdp; restore() that "
+                                  "handle first")
         self.owner, self._method = owner, method
         self._network, self._build, self._settings = network, build, settings
         self._samplers: dict = {}

@@ -42,8 +42,8 @@ def accelerate(policy, *, backend: str = "auto", num_inference_steps: int | None
     num_inference_steps = check_optional_int("num_inference_steps", num_inference_steps, min_value=1)
     for attr in ("conditional_sample", "model", "noise_scheduler", "num_inference_steps"):
         if not hasattr(policy, attr):
-            raise InvalidArgumentType(f"`policy` must be a diffusion_policy U-Net policy (policy.{attr} is missing), got "
-                                      f"{type(policy).__name__}")
+            raise InvalidArgumentType(f"`policy` must be a diffusion_policy U-Net policy (policy.{attr} is missing), "
+                                      f"got {type(policy).__name__}")
 
     def network():
         return policy.model

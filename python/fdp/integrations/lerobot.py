@@ -194,8 +194,8 @@ def accelerate(policy, *, backend: str = "auto", num_inference_steps: int | None
     model = getattr(policy, "diffusion", None)
     for attr in ("conditional_sample", "unet", "noise_scheduler", "config"):
         if not hasattr(model, attr):
-            raise InvalidArgumentType(f"`policy` must be a LeRobot DiffusionPolicy (policy.diffusion.{attr} is missing), got "
-                                      f"{type(policy).__name__}")
+            raise InvalidArgumentType(f"`policy` must be a LeRobot DiffusionPolicy (policy.diffusion.{attr} is "
+                                      f"missing), got {type(policy).__name__}")
 
     def network():
         return getattr(model.unet, "_orig_mod", model.unet)
