@@ -287,3 +287,70 @@ def test_two_processes_match_one(tmp, single, data):
     z = _z(1e-3 / (2 * len(windows)))
     for i, ((m1, s1), (m2, s2)) in enumerate(windows):
         assert abs(m1 - m2) <= z * (s1 ** 2 + s2 ** 2) ** 0.5, (i, m1, m2, s1, s2, z)
+
+
+# -- in-process checks of the config and the policy (no trainer) -----------------------------------
+
+def _state_config(**fields):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot_policy_fdp.configuration_fdp import FdpConfig
+
+    fields = {"device": "cpu", "horizon": 8, "n_obs_steps": 2, "n_action_steps": 3, "num_components": 2,
+              "component": "mlp", "mlp_hidden_dim": 16, "mlp_num_blocks": 1, "mlp_time_embed_dim": 8,
+              "num_train_timesteps": 20, "num_inference_steps": 4, **fields}
+    return FdpConfig(
+        input_features={"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(3,)),
+                        "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(2,))},
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))}, **fields)
+
+
+@pytest.mark.parametrize("fields, names", [
+    ({"router_strategy": "no-such-strategy"}, "`strategy`"),
+    ({"component": "transformer"}, "`component`"),
+    ({"component": "unet", "down_dims": [8, 16, 32], "horizon": 6, "n_action_steps": 2}, "`horizon`"),
+    ({"n_action_steps": 8}, "`n_action_steps`"),
+    ({"train_mode": "new-only"}, "`train_mode`"),
+    ({"noise_scheduler_type": "DDPM", "eta": 0.5}, "eta"),
+])
+def test_config_names_a_bad_setting(fields, names):
+    with pytest.raises(ValueError, match=names):
+        _state_config(**fields)
+
+
+def test_every_router_strategy_passes_through():
+    from lerobot_policy_fdp.modeling_fdp import FdpPolicy
+
+    from fdp.router import STRATEGIES
+
+    for strategy in STRATEGIES:  # whatever the installed fdp.Router accepts, none listed here
+        extra = {"router_fixed_weights": [0.25, 0.75]} if strategy == "fixed" else {}
+        policy = FdpPolicy(_state_config(router_strategy=strategy, router_topk=1, **extra))
+        assert policy.model.router.strategy == strategy
+
+
+def test_policy_trains_and_keeps_lerobots_action_queue():
+    from lerobot_policy_fdp.modeling_fdp import FdpPolicy
+
+    torch.manual_seed(0)
+    policy = FdpPolicy(_state_config())
+    B = 3
+    batch = {"observation.state": torch.randn(B, 2, 3), "observation.environment_state": torch.randn(B, 2, 2),
+             "action": torch.rand(B, 8, 2) * 2 - 1}
+    loss, info = policy.forward(batch)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and sorted(info) == ["router_weight_0", "router_weight_1"]
+    assert abs(sum(info.values()) - 1) < 1e-5  # mean soft-router weights
+    assert all(p.grad is not None for p in policy.get_optim_params())
+    with pytest.raises(ValueError, match="reduction"):
+        policy.forward(batch, reduction="none")
+
+    policy.eval()
+    obs = {"observation.state": torch.randn(B, 3), "observation.environment_state": torch.randn(B, 2)}
+    first = policy.select_action(obs)
+    assert first.shape == (B, 2) and len(policy._queues["action"]) == 2  # n_action_steps = 3: two left
+    policy.select_action(obs), policy.select_action(obs)
+    sampler = policy.sampler
+    policy.select_action(obs)  # the queue ran out: a new chunk, from the same Sampler
+    assert policy.sampler is sampler and len(policy._queues["action"]) == 2
+    policy.reset()
+    assert all(len(q) == 0 for q in policy._queues.values())
