@@ -77,7 +77,8 @@ def available_backends(device=None) -> dict[str, BackendInfo]:
     return out
 
 
-def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int = 1, verify: bool = False) -> Backend:
+def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int = 1, verify: bool = False,
+                    isolate: bool | None = None) -> Backend:
     """The backend to use: ``name`` checked, or the one ``"auto"`` selects.
 
     A backend asked for by name that cannot serve raises ValueError with its
@@ -85,7 +86,7 @@ def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int 
     ``torch``). The full record goes to ``resolve_backend.last_selection``;
     ``resolve_backend.last_reasons`` maps every backend not picked to why.
     """
-    be, _, sel = select(name, policy, table, device, dtype, batch_size=batch_size, verify=verify)
+    be, _, sel = select(name, policy, table, device, dtype, batch_size=batch_size, verify=verify, isolate=isolate)
     resolve_backend.last_selection = sel
     resolve_backend.last_reasons = sel.skipped()
     return be
