@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from ._optional import MissingExtra
@@ -60,6 +61,13 @@ def _info(args) -> int:
     except ValueError as exc:
         print(f"fdp info: error: --device: {exc}", file=sys.stderr)
         return 2
+    from .backends import DISABLE_ENV, disabled_backends
+    from .isolation import ISOLATE_ENV, enabled
+
+    value = os.environ.get(DISABLE_ENV, "").strip()
+    removed = ", ".join(disabled_backends()) or "nothing"
+    print(f"kill switch {DISABLE_ENV}: " + (f"{value!r} (removes {removed})" if value else "not set"))
+    print(f"isolated first use ({ISOLATE_ENV}): {'on' if enabled() else 'off'}")
     print(f"backends on {device}:")
     for name, info in backends.items():
         print(f"  {name:<18} {'available' if info.available else 'not available: ' + info.reason}")

@@ -34,7 +34,7 @@ import torch
 
 from .. import isolation, tolerances
 from .._validation import check_bool, check_int
-from . import _MODULES, get_backend
+from . import _MODULES, disabled_backends, get_backend
 
 log = logging.getLogger("fdp")
 
@@ -151,7 +151,11 @@ def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch
 
     rows: dict[str, Candidate] = {}
     ranked = []
+    disabled = disabled_backends()
     for n in _MODULES:
+        if n in disabled:
+            rows[n] = Candidate(n, 0, "unavailable", disabled[n])
+            continue
         try:
             be = get_backend(n)
         except ImportError as exc:
@@ -247,7 +251,8 @@ def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch
 
 def _explicit(name, policy, table, device, dtype, batch_size, verify, isolate):
     be = get_backend(name)
-    reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
+    reason = disabled_backends().get(name) or be.unavailable_reason(device) or be.unsupported_reason(policy, table,
+                                                                                                     dtype)
     if reason:
         raise ValueError(f"backend {name!r} cannot serve this policy on {device}: {reason}")
     row = Candidate(name, be.priority, "picked", "named explicitly")
