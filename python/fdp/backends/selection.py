@@ -27,7 +27,9 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
@@ -494,23 +496,90 @@ def _cache_path(kind: str, key: dict) -> Path:
     return _cache_dir() / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
 
 
+#: Largest cache file read (a record is a few KiB): anything bigger is not ours.
+MAX_CACHE_BYTES = 1 << 20
+_STATUSES = ("picked", "verified", "disagrees", "failed", "ranked below", "unavailable", "unsupported", "reference")
+_OPTIONAL_FLOAT = (float, int, type(None))
+
+
 def _candidate_from(d, path: Path) -> Candidate | None:
+    """A :class:`Candidate` from its stored dict, or None (with a warning naming ``path``) if it is not one."""
     try:
-        return Candidate(**d)
+        row = Candidate(**d)
+        ok = (isinstance(row.name, str) and type(row.priority) is int and row.status in _STATUSES
+              and isinstance(row.reason, str) and all(isinstance(getattr(row, f), _OPTIONAL_FLOAT)
+                                                      for f in ("rel_error", "tolerance", "time_ms")))
     except TypeError as exc:
-        log.warning("fdp: ignoring the backend cache %s: it does not hold a verdict (%s)", path, exc)
+        ok, why = False, str(exc)
+    else:
+        why = f"a field has the wrong type: {d}"
+    if not ok:
+        log.warning("fdp: ignoring the backend cache %s: it does not hold a backend's record (%s); checking again",
+                    path, why[:300])
         return None
+    return row
+
+
+def _selection_from(d, path: Path) -> Selection | None:
+    """A :class:`Selection` from its stored dict, or None (with a warning naming ``path``) if it is not a valid
+    one for this registry: then the caller selects again and overwrites the file."""
+    fields = {f.name: f.type for f in dataclasses.fields(Selection)}
+    texts = ("backend", "requested", "device", "mode", "why")
+    if (not isinstance(d, dict) or set(d) != set(fields) or not all(isinstance(d[f], str) for f in texts)
+            or type(d["batch_size"]) is not int or not isinstance(d["candidates"], list)
+            or not all(isinstance(c, dict) for c in d["candidates"])):
+        log.warning("fdp: ignoring the backend cache %s: it is not a selection record of this fdp version; "
+                    "selecting again", path)
+        return None
+    candidates = [_candidate_from(c, path) for c in d["candidates"]]
+    if any(c is None for c in candidates):
+        return None
+    if d["backend"] not in _MODULES or d["backend"] not in [c.name for c in candidates]:
+        log.warning("fdp: ignoring the backend cache %s: it names backend %r, which is not registered here; "
+                    "selecting again", path, d["backend"])
+        return None
+    return Selection(**{**d, "candidates": candidates, "cached": False, "cache_file": None})
 
 
 def _read_record(path: Path, key: dict) -> dict | None:
-    """The record stored at ``path`` if it was stored under ``key``, else None."""
+    """The record stored at ``path`` if it was stored under ``key``, else None.
+
+    Only a regular file of at most ``MAX_CACHE_BYTES`` is read, never through a symlink; it is opened
+    non-blocking, so that a FIFO planted at the path cannot stall the caller.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        if path.exists():
-            log.debug("fdp: ignoring unreadable backend cache %s (%s)", path, exc)
+        fd = os.open(path, flags)
+    except FileNotFoundError:
         return None
-    if not isinstance(data, dict) or data.get("key") != key:
+    except OSError as exc:  # ELOOP: a symlink; EACCES; ...
+        log.warning("fdp: ignoring the backend cache %s: cannot open it as a regular file (%s)", path, exc)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("fdp: ignoring the backend cache %s: it is not a regular file", path)
+            return None
+        if st.st_size > MAX_CACHE_BYTES:
+            log.warning("fdp: ignoring the backend cache %s: %d bytes, more than a record's %d at most", path,
+                        st.st_size, MAX_CACHE_BYTES)
+            return None
+        raw = os.read(fd, MAX_CACHE_BYTES + 1)
+    except OSError as exc:
+        log.warning("fdp: ignoring the backend cache %s: cannot read it (%s)", path, exc)
+        return None
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # a torn or foreign file: overwritten by the next decision
+        log.warning("fdp: ignoring the backend cache %s: not JSON (%s); checking again", path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.warning("fdp: ignoring the backend cache %s: it holds a JSON %s, not a record; checking again", path,
+                    type(data).__name__)
+        return None
+    if data.get("key") != key:  # another configuration (or fdp version) hashed to this name
         return None
     return data
 
@@ -519,12 +588,9 @@ def _read_cache(path: Path, key: dict) -> Selection | None:
     data = _read_record(path, key)
     if data is None:
         return None
-    try:
-        sel = Selection.from_dict(data["selection"])
-    except (KeyError, TypeError) as exc:
-        log.debug("fdp: ignoring unreadable backend cache %s (%s)", path, exc)
-        return None
-    sel.cached, sel.cache_file = True, str(path)
+    sel = _selection_from(data.get("selection"), path)
+    if sel is not None:
+        sel.cached, sel.cache_file = True, str(path)
     return sel
 
 
@@ -533,12 +599,20 @@ def _write_cache(path: Path, key: dict, sel: Selection) -> None:
 
 
 def _write_record(path: Path, data: dict) -> bool:
+    """Write ``data`` to ``path`` atomically: a temporary file created exclusively (O_EXCL, so never through a
+    planted symlink) under an unpredictable name in the same folder, then renamed over ``path`` (which
+    replaces a symlink there instead of following it)."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1))
         os.replace(tmp, path)  # atomic: concurrent processes never read half a file
     except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         log.warning("fdp: could not write the backend cache %s (%s); set %s to a writable folder",
                     path, exc, CACHE_ENV)
         return False
