@@ -86,72 +86,106 @@ def run_timeout() -> float:
 
 
 @dataclasses.dataclass
-class Job:
-    """One backend to run in a child: ``inputs`` is a list of ``(global_cond, x_T, step_noise)``."""
+class Case:
+    """One configuration to run: ``policy`` indexes the job's policies; ``inputs`` is a list of
+    ``(global_cond, x_T, step_noise)``, each run with one prepared object."""
 
-    backend: str
-    module: str  # the module defining ``BACKEND`` (the registry's entry)
-    policy: torch.nn.Module
+    policy: int
     table: object
     dtype: torch.dtype
-    device: torch.device
     inputs: list
 
 
 @dataclasses.dataclass
+class Job:
+    """One backend to run in a child process on ``cases``, in order."""
+
+    backend: str
+    module: str  # the module defining ``BACKEND`` (the registry's entry)
+    device: torch.device
+    policies: list
+    cases: list
+
+
+@dataclasses.dataclass
 class Outcome:
-    """What a child reported: ``outputs`` (one per input, on the CPU) when it ran, else ``error``."""
+    """What a child reported for one case: ``outputs`` (one per input, on the CPU) when it ran, else ``error``."""
 
     backend: str
     outputs: list | None = None
     error: str | None = None  # why the candidate cannot be used (it hung, died, raised, broke its process)
     setup_error: str | None = None  # the child could not start or load its inputs: not the candidate's fault
-    start_s: float | None = None  # from the start until the child was ready
-    total_s: float | None = None
+    start_s: float | None = None  # from the child's start until it was ready
+    total_s: float | None = None  # from the child's start until this case was reported
 
 
 # ``python -m fdp.isolation`` would find the module already imported by the package; this does not.
-_CHILD_MAIN = "import sys, pathlib; from fdp.isolation import _child; sys.exit(_child(pathlib.Path(sys.argv[1])))"
+_CHILD_MAIN = ("import sys, pathlib; from fdp.isolation import _child; "
+               "sys.exit(_child(pathlib.Path(sys.argv[1]), int(sys.argv[2])))")
 
 #: Children started by this process (tests read it to tell a cached verdict from a new check).
 children_started = 0
+#: After this many cases that hung or killed their child, a job's remaining cases are not run.
+MAX_CRASHES = 3
 
 
-def run_isolated(jobs: list[Job], timeout_s: float | None = None) -> list[Outcome]:
-    """Run every job in its own child process, one :class:`Outcome` per job, in order.
+def run_isolated(jobs: list[Job], timeout_s: float | None = None) -> list[list[Outcome]]:
+    """Run every job in a child process of its own; for each job, one :class:`Outcome` per case, in order.
 
-    As many children run at once as there are CPU cores (each spends most of its start importing torch):
-    a child's timer starts only when it is ready, and more children than cores would starve the ones
-    already running.
+    A case that hangs (no report within ``timeout_s`` of the previous one) or kills its child is
+    reported as such and the job goes on in a new child from the next case. As many children run at
+    once as there are CPU cores (each spends most of its start importing torch): a child's timer starts
+    only when it is ready, and more children than cores would starve the ones already running.
     """
     timeout_s = run_timeout() if timeout_s is None else timeout_s
     width = max(1, os.cpu_count() or 1)
     tmp = Path(tempfile.mkdtemp(prefix="fdp-isolation-"))  # mode 0700: only this user reads the pickles
     try:
-        outcomes = []
-        for first in range(0, len(jobs), width):
-            running = [_start(job, tmp / str(first + i)) for i, job in enumerate(jobs[first:first + width])]
-            outcomes += [_wait(job, folder, proc, started, timeout_s) for job, folder, proc, started in running]
-        return outcomes
+        results: list[list[Outcome]] = [[] for _ in jobs]
+        for i, job in enumerate(jobs):
+            folder = tmp / str(i)
+            folder.mkdir()
+            torch.save({"backend": job.backend, "module": job.module, "device": str(job.device),
+                        "policies": job.policies,
+                        "cases": [dict(policy=c.policy, table=c.table, dtype=c.dtype,
+                                       inputs=[tuple(None if t is None else t.detach().cpu() for t in args)
+                                               for args in c.inputs]) for c in job.cases]},
+                       folder / "job.pt")
+        pending = list(range(len(jobs)))
+        crashes = [0] * len(jobs)
+        while pending:
+            batch, pending = pending[:width], pending[width:]
+            running = [(i, _start(tmp / str(i), len(results[i]))) for i in batch]
+            for i, (proc, started) in running:
+                job = jobs[i]
+                results[i] += _wait(job, tmp / str(i), proc, started, timeout_s, len(results[i]))
+                last = results[i][-1] if results[i] else None
+                if last is not None and last.setup_error:
+                    results[i] += [dataclasses.replace(last) for _ in range(len(job.cases) - len(results[i]))]
+                elif len(results[i]) < len(job.cases):
+                    crashes[i] += 1
+                    if crashes[i] >= MAX_CRASHES:
+                        why = f"not run: {MAX_CRASHES} earlier cases of this backend hung or killed their process"
+                        results[i] += [Outcome(job.backend, error=why)
+                                       for _ in range(len(job.cases) - len(results[i]))]
+                    else:
+                        pending.append(i)
+        return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start(job: Job, folder: Path):
+def _start(folder: Path, first: int):
     global children_started
-    folder.mkdir()
-    torch.save({"backend": job.backend, "module": job.module, "policy": job.policy, "table": job.table,
-                "dtype": job.dtype, "device": str(job.device),
-                "inputs": [tuple(None if t is None else t.detach().cpu() for t in args) for args in job.inputs]},
-               folder / "job.pt")
-    stderr = open(folder / "stderr.txt", "wb")
+    (folder / "ready").unlink(missing_ok=True)
+    stderr = open(folder / f"stderr-{first}.txt", "wb")
     try:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD_MAIN, str(folder)], env=_child_env(),
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD_MAIN, str(folder), str(first)], env=_child_env(),
                                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
     finally:
         stderr.close()
     children_started += 1
-    return job, folder, proc, time.monotonic()
+    return proc, time.monotonic()
 
 
 def _child_env() -> dict:
@@ -163,42 +197,55 @@ def _child_env() -> dict:
     return env
 
 
-def _wait(job: Job, folder: Path, proc: subprocess.Popen, started: float, timeout_s: float) -> Outcome:
-    out = Outcome(job.backend)
-    ready_at = None
+def _wait(job: Job, folder: Path, proc: subprocess.Popen, started: float, timeout_s: float,
+          first: int) -> list[Outcome]:
+    """The outcomes of cases ``first``.. that the child reported, then of the one it hung or died in."""
+    outs: list[Outcome] = []
+    ready_at = last_at = None
+    start_s = None
+
+    def collect():
+        nonlocal last_at
+        while first + len(outs) < len(job.cases) and (folder / f"done-{first + len(outs)}.pt").exists():
+            data = torch.load(folder / f"done-{first + len(outs)}.pt", weights_only=False)  # ours, private folder
+            out = Outcome(job.backend, start_s=start_s, total_s=time.monotonic() - started)
+            if data.get("error"):
+                out.error = data["error"] + " (in a separate process)"
+            else:
+                out.outputs = data["outputs"]
+            outs.append(out)
+            last_at = time.monotonic()
+
     while True:
         rc = proc.poll()
         now = time.monotonic()
         if ready_at is None and (folder / "ready").exists():
-            ready_at = now
-            out.start_s = now - started
+            ready_at = last_at = now
+            start_s = now - started
+        if ready_at is not None:
+            collect()
         if rc is not None:
             break
         if ready_at is None and now - started > START_TIMEOUT_S:
             _kill(proc)
-            out.setup_error = f"the child process did not start within {START_TIMEOUT_S:g} s"
-            return out
-        if ready_at is not None and now - ready_at > timeout_s:
+            return [Outcome(job.backend, setup_error=f"the child process did not start within {START_TIMEOUT_S:g} s")]
+        if ready_at is not None and now - last_at > timeout_s:
             _kill(proc)
-            out.error = (f"did not finish within {timeout_s:g} s in a separate process (a hang?); the process was "
-                         f"killed ({TIMEOUT_ENV} sets the limit)")
-            out.total_s = time.monotonic() - started
-            return out
+            collect()
+            if first + len(outs) < len(job.cases):
+                outs.append(Outcome(job.backend, start_s=start_s, total_s=time.monotonic() - started, error=(
+                    f"did not finish within {timeout_s:g} s in a separate process (a hang?); the process was "
+                    f"killed ({TIMEOUT_ENV} sets the limit)")))
+            return outs
         time.sleep(_POLL_S)
-    out.total_s = time.monotonic() - started
-    if out.start_s is None and (folder / "ready").exists():
-        out.start_s = out.total_s
-    tail = _tail(folder / "stderr.txt")
-    result = folder / "result.pt"
-    if rc == 0 and result.exists():
-        data = torch.load(result, weights_only=False)  # written by our child into our private folder
-        if data.get("setup_error"):
-            out.setup_error = data["setup_error"]
-        elif data.get("error"):
-            out.error = data["error"] + " (in a separate process)"
-        else:
-            out.outputs = data["outputs"]
-        return out
+    if start_s is None and (folder / "ready").exists():
+        start_s = time.monotonic() - started
+    collect()
+    if first + len(outs) >= len(job.cases):
+        return outs
+    setup = folder / "setup-error.txt"
+    if setup.exists():
+        return outs + [Outcome(job.backend, setup_error=setup.read_text())]
     if rc < 0:
         try:
             how = f"was killed by signal {signal.Signals(-rc).name}"
@@ -206,11 +253,12 @@ def _wait(job: Job, folder: Path, proc: subprocess.Popen, started: float, timeou
             how = f"was killed by signal {-rc}"
     else:
         how = f"exited with status {rc}"
-    if ready_at is None and not (folder / "ready").exists():
-        out.setup_error = f"the child process {how} before it was ready" + (f": {tail}" if tail else "")
-    else:
-        out.error = f"its process {how} while running it" + (f": {tail}" if tail else "")
-    return out
+    tail = _tail(folder / f"stderr-{first}.txt")
+    if start_s is None:
+        return outs + [Outcome(job.backend, setup_error=f"the child process {how} before it was ready"
+                               + (f": {tail}" if tail else ""))]
+    return outs + [Outcome(job.backend, start_s=start_s, total_s=time.monotonic() - started,
+                           error=f"its process {how} while running it" + (f": {tail}" if tail else ""))]
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -240,14 +288,10 @@ def probe(device: torch.device) -> None:
         raise RuntimeError(f"a small exact computation gave {got.tolist()}, expected {expected.tolist()}")
 
 
-def _child(folder: Path) -> int:
-    """The child's side: load the job, mark ready, run it, report (exceptions become a reported error)."""
+def _child(folder: Path, first: int = 0) -> int:
+    """The child's side: load the job, mark ready, run cases ``first``.. in order, report each one (an
+    exception is a reported error); stop after a case that left the process unusable."""
     import importlib
-
-    def report(**data):
-        tmp = folder / "result.tmp"
-        torch.save(data, tmp)
-        os.replace(tmp, folder / "result.pt")
 
     try:
         job = torch.load(folder / "job.pt", weights_only=False)
@@ -259,18 +303,30 @@ def _child(folder: Path) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.init()
-        policy = job["policy"]
         # As in the in-process check: the bounds are about the kernels, not about TF32 matmuls.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     except Exception as exc:  # noqa: BLE001 - the parent reports it
-        report(setup_error=f"could not load its inputs: {type(exc).__name__}: {exc}"[:_TAIL])
+        (folder / "setup-error.txt").write_text(f"could not load its inputs: {type(exc).__name__}: {exc}"[:_TAIL])
         return 0
     (folder / "ready").touch()
+    for i in range(first, len(job["cases"])):
+        case = job["cases"][i]
+        data, usable = _run_case(be, job["policies"][case["policy"]], case, device)
+        tmp = folder / f"done-{i}.tmp"
+        torch.save(data, tmp)
+        os.replace(tmp, folder / f"done-{i}.pt")
+        if not usable:
+            return 3
+    return 0
+
+
+def _run_case(be, policy, case, device):
+    """``(report, whether the process is still usable)``."""
     stage = "packing"
     try:
-        prep = be.prepare(policy, job["table"], job["dtype"])
+        prep = be.prepare(policy, case["table"], case["dtype"])
         outputs = []
-        for args in job["inputs"]:
+        for args in case["inputs"]:
             stage = f"running at batch {args[1].shape[0]}"
             with torch.no_grad():
                 out = prep.run(*(None if t is None else t.to(device) for t in args))
@@ -282,16 +338,12 @@ def _child(folder: Path) -> int:
         try:
             probe(device)
         except Exception as after:  # noqa: BLE001
-            error = (f"left its process unusable (a sticky error?): it {error}, and a later computation raised "
-                     f"{type(after).__name__}: {after}")
-        report(error=error[:_TAIL])
-        return 0
+            return {"error": (f"left its process unusable (a sticky error?): it {error}, and a later computation "
+                              f"raised {type(after).__name__}: {after}")[:_TAIL]}, False
+        return {"error": error[:_TAIL]}, True
     try:
         probe(device)
     except Exception as exc:  # noqa: BLE001
-        report(error=(f"ran, but left its process unusable (a sticky error?): a later computation raised "
-                      f"{type(exc).__name__}: {exc}")[:_TAIL])
-        return 0
-    report(outputs=outputs)
-    return 0
-
+        return {"error": (f"ran, but left its process unusable (a sticky error?): a later computation raised "
+                          f"{type(exc).__name__}: {exc}")[:_TAIL]}, False
+    return {"outputs": outputs}, True

@@ -395,11 +395,11 @@ def _isolated_checks(ctx: _Verifier, bes: list, use_cache: bool) -> None:
     inputs = [ctx.inputs]
     if ctx.batch_size > ctx.inputs[1].shape[0]:
         inputs.append(ctx.timing_inputs)  # the batch size asked for runs other launch shapes
-    jobs = [isolation.Job(be.name, _MODULES[be.name], ctx.policy, ctx.table, ctx.dtype, ctx.device, inputs)
-            for be, _, _ in pending]
+    case = isolation.Case(0, ctx.table, ctx.dtype, inputs)
+    jobs = [isolation.Job(be.name, _MODULES[be.name], ctx.device, [ctx.policy], [case]) for be, _, _ in pending]
     log.info("fdp: running %s for the first time on %s, each in a separate process (%s=0 skips this)",
              ", ".join(repr(be.name) for be, _, _ in pending), ctx.device, isolation.ISOLATE_ENV)
-    for (be, key, path), out in zip(pending, isolation.run_isolated(jobs)):
+    for (be, key, path), (out,) in zip(pending, isolation.run_isolated(jobs)):
         row = Candidate(be.name, be.priority, "verified", tolerance=ctx.tol)
         ctx.isolated[be.name] = row
         if out.setup_error:
