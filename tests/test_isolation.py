@@ -21,7 +21,7 @@ from fdp.backends import VerificationError, get_backend, register_backend, selec
 
 # Seconds a child may take once it is ready (imports done): far above the ~0.5 s of CPU time a 4-step MLP
 # policy, the probe and the report need on a loaded 2-core machine, and the time the hanging fake costs.
-RUN_TIMEOUT_S = "10"
+RUN_TIMEOUT_S = "15"
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_auto_skips_a_hang_an_abort_and_a_poisoned_process_then_samples_with_the
     assert isolation.children_started - before == 5  # one child per candidate running native code
     assert s.backend == "fake-good"
     rows = _rows(s)
-    assert rows["fake-hang"].status == "failed" and "did not finish within 10 s" in rows["fake-hang"].reason
+    assert rows["fake-hang"].status == "failed" and "did not finish within 15 s" in rows["fake-hang"].reason
     assert rows["fake-abort"].status == "failed" and "SIGABRT" in rows["fake-abort"].reason
     assert rows["fake-poison"].status == "failed"
     assert "left its process unusable" in rows["fake-poison"].reason

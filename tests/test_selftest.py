@@ -1,0 +1,60 @@
+"""``fdp selftest``: every backend against the reference in child processes, one JSON, a non-zero exit on failure."""
+
+import json
+
+from test_isolation import register  # noqa: F401 - registers fakes a child process can import
+
+from fdp import isolation, selftest
+from fdp.cli import main
+
+
+def test_on_a_cpu_it_reports_what_it_can_check_and_exits_zero(tmp_path, capsys):
+    out = tmp_path / "st.json"
+    assert main(["selftest", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == selftest.SCHEMA and result["passed"] is True and result["device"] == "cpu"
+    # Nothing here runs native code: each registered backend says why it was not checked.
+    assert set(result["backends"]) == {"graph", "triton", "triton-persistent", "cuda", "cuda-persistent"}
+    assert all(why != "checked" for why in result["backends"].values())
+    assert "TRITON_INTERPRET=1" in result["backends"]["triton"] and "--backends" in result["backends"]["triton"]
+    assert result["timing"]["status"] == "skipped"
+    text = capsys.readouterr().out
+    assert "PASSED" in text and "nothing to compare" in text and str(out) in text
+
+
+def test_failures_disagreements_and_crashes_are_recorded_per_case_and_fail_the_run(register, tmp_path,  # noqa: F811
+                                                                                   capsys):
+    register("st-good", 500, "good")
+    register("st-off", 400, "off")
+    register("st-abort-k2", 300, "abort-k2")
+    before = isolation.children_started
+    out = tmp_path / "st.json"
+    # No fake hangs here: a generous limit keeps a slow case on a loaded machine from counting as a hang.
+    assert main(["selftest", "--backends", "st-good,st-off,st-abort-k2", "--timeout", "120", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    grid = selftest.CPU_GRID
+    n = len(grid["components"]) * len(grid["K"]) * len(grid["batch"]) * len(grid["dtypes"]) * len(grid["schedules"])
+    by = {name: [r for r in result["cases"] if r["backend"] == name] for name in ("st-good", "st-off", "st-abort-k2")}
+    assert all(len(rows) == n for rows in by.values())
+    assert result["summary"]["st-good"] == {"ok": n}
+    assert all(r["rel_error"] <= r["tolerance"] for r in by["st-good"])
+    # 1 % off: beyond float32's bound, within the half-precision bound of a policy rounded to bf16 / fp16.
+    for r in by["st-off"]:
+        assert r["status"] == ("disagrees" if r["dtype"] == "fp32" else "ok"), r
+    assert all(abs(r["rel_error"] - 0.01) < 1e-4 for r in by["st-off"] if r["dtype"] == "fp32")
+    # The K=1 half passes; the first K=2 case kills its child, then each restarted child, until MAX_CRASHES.
+    aborts = by["st-abort-k2"]
+    assert [r["status"] for r in aborts] == ["ok"] * (n // 2) + ["failed"] * (n // 2)
+    crashed = [r for r in aborts if "SIGABRT" in r["reason"]]
+    assert len(crashed) == isolation.MAX_CRASHES and all(r["K"] == 2 for r in crashed)
+    assert all("not run" in r["reason"] for r in aborts[n // 2 + isolation.MAX_CRASHES:])
+    # One child each for the good backends, one per crash for the third.
+    assert isolation.children_started - before == 2 + isolation.MAX_CRASHES
+    assert result["passed"] is False
+    text = capsys.readouterr().out
+    assert "FAILED" in text and "Please open an issue" in text and "SIGABRT" in text
+
+
+def test_an_unknown_backend_is_a_user_error(capsys):
+    assert main(["selftest", "--backends", "nonsense", "--no-timing"]) == 2
+    assert "unknown backend 'nonsense'" in capsys.readouterr().err
