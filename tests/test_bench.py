@@ -230,3 +230,24 @@ def test_a_path_that_raises_makes_the_exit_status_nonzero(tmp_path, monkeypatch,
     cases = json.loads(out.read_text())["cases"]
     assert {c["backend"]: c["status"] for c in cases} == {"eager": "ok", "raises-at-call": "error"}
     assert rc == 1 and "raised (status error)" in capsys.readouterr().out
+
+
+def test_kernel_only_replays_the_captured_graph_alone():
+    from types import SimpleNamespace
+
+    from test_call_path import _affine, _Emulated  # a CapturedCall whose graph is emulated on the CPU
+
+    from fdp.bench import paths
+
+    call = _Emulated(_affine)
+    sampler = SimpleNamespace(_prepared=SimpleNamespace(_call=call))
+    assert paths._replay_alone(sampler) is None  # nothing captured yet: no kernel-only time
+    args = (torch.randn(2, 3), torch.randn(2, 4, 2), None)
+    call(*args)
+    entry = call._entries[call.signatures[-1]]
+    replay = paths._replay_alone(sampler)
+    entry.output.fill_(float("nan"))
+    replay(0)
+    # The graph ran on its static inputs (those of the last call) and nothing else: no input copy.
+    assert torch.equal(entry.output, _affine(*args)) and call.captures == 1
+    assert paths._replay_alone(SimpleNamespace(_prepared=SimpleNamespace())) is None  # e.g. the torch backend

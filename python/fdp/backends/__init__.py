@@ -24,7 +24,8 @@ from .._validation import check_device
 from .base import Backend, Prepared
 
 __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backend", "backend_names",
-           "available_backends", "disabled_backends", "DISABLE_ENV", "resolve_backend", "Selection", "VerificationError"]
+           "available_backends", "disabled_backends", "DISABLE_ENV", "resolve_backend", "Selection",
+           "VerificationError"]
 
 # name -> module that defines it; imported lazily so that a backend needing
 # Triton or the CUDA extension costs nothing until it is asked for.
