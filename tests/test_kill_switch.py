@@ -89,3 +89,14 @@ def test_fdp_info_shows_the_switch():
     assert "kill switch FDP_DISABLE: 'triton' (removes triton, triton-persistent)" in out
     assert "triton             not available: disabled by FDP_DISABLE=triton" in out
     assert "isolated first use (FDP_ISOLATE): on" in out
+
+
+def test_the_path_the_integrations_take_obeys_it(fakes, monkeypatch):
+    # LeRobot's and diffusion_policy's adapters build their samplers with Sampler.for_unet.
+    unet = fdp.ConditionalUnet1D(2, global_cond_dim=5, down_dims=[8, 16], diffusion_step_embed_dim=8)
+    sched = fdp.DDIMScheduler(num_train_timesteps=100)
+    assert fdp.Sampler.for_unet(unet, sched, horizon=4, action_dim=2, num_inference_steps=2).backend == "zz-persistent"
+    monkeypatch.setenv(backends.DISABLE_ENV, "zz")
+    assert fdp.Sampler.for_unet(unet, sched, horizon=4, action_dim=2, num_inference_steps=2).backend == "yy"
+    with pytest.raises(ValueError, match="disabled by FDP_DISABLE=zz"):
+        fdp.Sampler.for_unet(unet, sched, horizon=4, action_dim=2, backend="zz-persistent")
