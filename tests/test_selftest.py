@@ -22,16 +22,15 @@ def test_on_a_cpu_it_reports_what_it_can_check_and_exits_zero(tmp_path, capsys):
     assert "PASSED" in text and "nothing to compare" in text and str(out) in text
 
 
-def test_failures_disagreements_and_crashes_are_recorded_per_case_and_fail_the_run(register, tmp_path,  # noqa: F811
-                                                                                   capsys):
+def test_failures_disagreements_and_crashes_are_recorded_per_case_and_fail_the_run(register):  # noqa: F811
     register("st-good", 500, "good")
     register("st-off", 400, "off")
     register("st-abort-k2", 300, "abort-k2")
     before = isolation.children_started
-    out = tmp_path / "st.json"
+    saved = []
     # No fake hangs here: a generous limit keeps a slow case on a loaded machine from counting as a hang.
-    assert main(["selftest", "--backends", "st-good,st-off,st-abort-k2", "--timeout", "120", "--out", str(out)]) == 1
-    result = json.loads(out.read_text())
+    result = selftest.run("cpu", backends=["st-good", "st-off", "st-abort-k2"], timeout_s=120,
+                          save=lambda r: saved.append(json.loads(json.dumps(r))))
     grid = selftest.CPU_GRID
     n = len(grid["components"]) * len(grid["K"]) * len(grid["batch"]) * len(grid["dtypes"]) * len(grid["schedules"])
     by = {name: [r for r in result["cases"] if r["backend"] == name] for name in ("st-good", "st-off", "st-abort-k2")}
@@ -50,9 +49,26 @@ def test_failures_disagreements_and_crashes_are_recorded_per_case_and_fail_the_r
     assert all("not run" in r["reason"] for r in aborts[n // 2 + isolation.MAX_CRASHES:])
     # One child each for the good backends, one per crash for the third.
     assert isolation.children_started - before == 2 + isolation.MAX_CRASHES
-    assert result["passed"] is False
+    assert result["passed"] is False and result["complete"] is True
+    # Saved as each child ended: partial results, the last one with every case reported.
+    assert len(saved) == 2 + isolation.MAX_CRASHES and all(not r["complete"] and r["passed"] is None for r in saved)
+    assert any(r["status"] == "pending" for r in saved[0]["cases"])
+    assert not any(r["status"] == "pending" for r in saved[-1]["cases"])
+    text = selftest.summarize(result)
+    assert "FAILED" in text and "SIGABRT" in text and "st-off" in text
+
+
+def test_the_command_writes_the_json_and_exits_1_when_a_backend_failed(tmp_path, monkeypatch, capsys):
+    result = json.loads(json.dumps(selftest.run("cpu", timing=False)))  # nothing to check here: passes
+    result["cases"] = [dict(backend="x", component="mlp", K=1, batch=1, dtype="fp32", scheduler="ddim", steps=10,
+                            status="failed", rel_error=None, tolerance=1e-4, reason="died", seconds=1.0)]
+    result["backends"], result["summary"], result["passed"] = {"x": "checked"}, {"x": {"failed": 1}}, False
+    monkeypatch.setattr(selftest, "run", lambda *a, **k: result)
+    out = tmp_path / "sub" / "st.json"
+    assert main(["selftest", "--out", str(out)]) == 1
+    assert json.loads(out.read_text())["passed"] is False
     text = capsys.readouterr().out
-    assert "FAILED" in text and "Please open an issue" in text and "SIGABRT" in text
+    assert "Please open an issue" in text and str(out) in text and "failed: mlp K=1 batch=1 fp32 ddim-10: died" in text
 
 
 def test_an_unknown_backend_is_a_user_error(capsys):

@@ -140,14 +140,20 @@ def _selftest(args) -> int:
         print(f"fdp selftest: error: --timeout must be a positive number of seconds, got {args.timeout}",
               file=sys.stderr)
         return 2
+    def save(result):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+
     try:
         result = selftest.run(args.device, grid=grid, backends=backends, timing=not args.no_timing,
-                              timeout_s=args.timeout, out_dir=out.parent, command=["fdp", *sys.argv[1:]])
+                              timeout_s=args.timeout, out_dir=out.parent, command=["fdp", *sys.argv[1:]],
+                              save=save)
     except ValueError as exc:
         print(f"fdp selftest: error: {exc}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save(result)
     print(selftest.summarize(result))
     print(f"results: {out}")
     if not result["passed"]:

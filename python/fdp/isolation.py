@@ -129,8 +129,11 @@ children_started = 0
 MAX_CRASHES = 3
 
 
-def run_isolated(jobs: list[Job], timeout_s: float | None = None) -> list[list[Outcome]]:
+def run_isolated(jobs: list[Job], timeout_s: float | None = None, on_progress=None) -> list[list[Outcome]]:
     """Run every job in a child process of its own; for each job, one :class:`Outcome` per case, in order.
+
+    ``on_progress(i, outcomes)``, if given, is called whenever a child of job ``i`` ends, with the job's
+    outcomes so far (for a caller that saves partial results).
 
     A case that hangs (no report within ``timeout_s`` of the previous one) or kills its child is
     reported as such and the job goes on in a new child from the next case. As many children run at
@@ -170,6 +173,8 @@ def run_isolated(jobs: list[Job], timeout_s: float | None = None) -> list[list[O
                                        for _ in range(len(job.cases) - len(results[i]))]
                     else:
                         pending.append(i)
+                if on_progress is not None:
+                    on_progress(i, results[i])
         return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,12 +20,13 @@ that run here take part (the Triton kernels only under ``TRITON_INTERPRET=1``).
 
 JSON schema (``"schema": "fdp-selftest/1"``)::
 
-    {"schema", "passed": bool, "date", "command", "device", "seconds",
+    {"schema", "complete": bool (false: a partial result, saved while running), "passed": bool | null,
+     "date", "command", "device", "seconds",
      "environment": {... as fdp bench's results: device, driver, cuda, torch, triton, fdp, commit ...},
      "grid": {"components", "K", "batch", "dtypes", "schedules"},
      "backends": {name: "checked" | why not},
      "cases": [{"backend", "component", "K", "batch", "dtype", "scheduler", "steps",
-                "status": "ok" | "disagrees" | "failed" | "unsupported",
+                "status": "ok" | "disagrees" | "failed" | "unsupported" | "pending" (not reported yet),
                 "rel_error", "tolerance", "reason", "seconds"}, ...],
      "summary": {backend: {status: count}},
      "timing": null | {"status": "ok" | "failed" | "skipped", "reason", "results": <fdp bench JSON>,
@@ -115,8 +116,12 @@ def _reference(policy, table, inputs):
 
 
 def run(device=None, *, grid: dict | None = None, backends: list[str] | None = None, timing: bool = True,
-        timeout_s: float | None = None, out_dir: Path | None = None, command=None) -> dict:
-    """Run the self-test; returns the result dict (see the module docstring)."""
+        timeout_s: float | None = None, out_dir: Path | None = None, command=None, save=None) -> dict:
+    """Run the self-test; returns the result dict (see the module docstring).
+
+    ``save(result)``, if given, is called with the partial result (``"complete": false``) whenever a
+    backend's child process ends, so that a run stopped early still leaves what it found.
+    """
     import fdp
     from fdp.backends import _MODULES, available_backends, get_backend
     from fdp.bench.paths import make_scheduler
@@ -165,6 +170,7 @@ def run(device=None, *, grid: dict | None = None, backends: list[str] | None = N
             if reason:
                 row["reason"] = reason
                 continue
+            row["status"] = "pending"  # until its child reports
             ikey = (c.component, c.K, c.batch, c.scheduler)
             if ikey not in inputs:
                 inputs[ikey] = _inputs(policy, table, c.batch, device)
@@ -176,37 +182,58 @@ def run(device=None, *, grid: dict | None = None, backends: list[str] | None = N
             jobs.append(isolation.Job(name, _MODULES[name], device, [policies[k] for k in order],
                                       [t[2] for t in todo]))
             job_cases.append(todo)
-    for todo, outcomes in zip(job_cases, isolation.run_isolated(jobs, timeout_s=timeout_s)):
-        for (row, ikey, _), out in zip(todo, outcomes):
-            row["seconds"] = out.total_s
-            if out.setup_error or out.error:
-                row["status"], row["reason"] = "failed", out.setup_error or out.error
-                continue
-            got = out.outputs[0]
-            if tuple(got.shape) != tuple(refs[ikey].shape):
-                row["status"], row["reason"] = "failed", f"returned shape {tuple(got.shape)}"
-                continue
-            row["rel_error"] = tolerances.rel_error(got, refs[ikey])
-            ok = row["rel_error"] <= row["tolerance"]
-            row["status"] = "ok" if ok else "disagrees"
-            if not ok:
-                row["reason"] = f"relative error {row['rel_error']:.2e} > {row['tolerance']:.0e}"
-
-    summary = {n: dict(collections.Counter(r["status"] for r in rows if r["backend"] == n)) for n in checked}
-    bad = [r for r in rows if r["status"] in ("failed", "disagrees")]
-    passed_backends = [n for n in checked if not any(r["backend"] == n for r in bad)]
+    summary: dict = {}
     result = {
-        "schema": SCHEMA, "passed": None, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "schema": SCHEMA, "complete": False, "passed": None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": list(command if command is not None else sys.argv), "device": str(device), "seconds": None,
         "environment": environment(device), "fdp": fdp.__version__, "grid": {k: list(v) for k, v in grid.items()},
         "backends": status, "cases": rows, "summary": summary, "timing": None,
     }
+
+    def progress(i, outcomes):
+        _fill(job_cases[i], outcomes, refs)
+        if save is not None:
+            summary.update(_summary(rows, checked))
+            result["seconds"] = time.monotonic() - t0
+            save(result)
+
+    for todo, outcomes in zip(job_cases, isolation.run_isolated(jobs, timeout_s=timeout_s, on_progress=progress)):
+        _fill(todo, outcomes, refs)  # the cases left unrun after too many crashes
+    summary.update(_summary(rows, checked))
+    bad = [r for r in rows if r["status"] in ("failed", "disagrees")]
+    passed_backends = [n for n in checked if not any(r["backend"] == n for r in bad)]
     if timing:
         result["timing"] = _timing(device, passed_backends, out_dir)
     timing_bad = result["timing"] is not None and result["timing"]["status"] == "failed"
     result["passed"] = not bad and not timing_bad
+    result["complete"] = True
     result["seconds"] = time.monotonic() - t0
     return result
+
+
+def _summary(rows: list, names: list) -> dict:
+    return {n: dict(collections.Counter(r["status"] for r in rows if r["backend"] == n)) for n in names}
+
+
+def _fill(todo: list, outcomes: list, refs: dict) -> None:
+    """The rows of the cases a child reported: compared with the reference here."""
+    for (row, ikey, _), out in zip(todo, outcomes):
+        if row["status"] != "pending":
+            continue
+        row["seconds"] = out.total_s
+        if out.setup_error or out.error:
+            row["status"], row["reason"] = "failed", out.setup_error or out.error
+            continue
+        got = out.outputs[0]
+        if tuple(got.shape) != tuple(refs[ikey].shape):
+            row["status"], row["reason"] = "failed", f"returned shape {tuple(got.shape)}"
+            continue
+        row["rel_error"] = tolerances.rel_error(got, refs[ikey])
+        ok = row["rel_error"] <= row["tolerance"]
+        row["status"] = "ok" if ok else "disagrees"
+        if not ok:
+            row["reason"] = f"relative error {row['rel_error']:.2e} > {row['tolerance']:.0e}"
 
 
 def _timing(device, backends: list[str], out_dir: Path | None) -> dict:
