@@ -74,3 +74,30 @@ def test_the_command_writes_the_json_and_exits_1_when_a_backend_failed(tmp_path,
 def test_an_unknown_backend_is_a_user_error(capsys):
     assert main(["selftest", "--backends", "nonsense", "--no-timing"]) == 2
     assert "unknown backend 'nonsense'" in capsys.readouterr().err
+
+
+def test_timing_runs_fdp_bench_with_eager_and_the_graph_baseline_and_fails_on_a_path_error(tmp_path, monkeypatch):
+    import subprocess
+    import types
+
+    import torch
+
+    calls = []
+
+    def fake_run(argv, **kw):  # fdp bench as a child process: writes its JSON (one path raised)
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        cases = [dict(backend=b, dtype="fp32", status=s, step_kernel_us=k, step_gpu_us=g, host_us=40.0, skipped=e)
+                 for b, s, k, g, e in [("eager", "ok", None, 90.0, None), ("cuda-graph", "ok", 9.0, 10.0, None),
+                                       ("cuda", "error", None, None, "RuntimeError: illegal address")]]
+        with open(out, "w") as f:
+            json.dump({"cases": cases}, f)
+        return types.SimpleNamespace(returncode=1, stdout="", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    t = selftest._timing(torch.device("cuda"), ["cuda"], tmp_path)
+    argv = calls[0]
+    assert argv[argv.index("--backends") + 1] == "eager,cuda-graph,cuda"
+    assert " ".join(selftest.TIMING_ARGS) in " ".join(argv)
+    assert t["status"] == "failed" and "cuda fp32: error RuntimeError: illegal address" in t["reason"]
+    assert [r["step_kernel_us"] for r in t["rows"]] == [None, 9.0, None]

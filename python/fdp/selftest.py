@@ -240,6 +240,11 @@ def _timing(device, backends: list[str], out_dir: Path | None) -> dict:
     """``fdp bench`` in a child process: eager, the CUDA-graph baseline and the backends that passed."""
     if device.type != "cuda":
         return {"status": "skipped", "reason": "timing needs a CUDA device", "results": None, "rows": []}
+    import importlib.util
+
+    if importlib.util.find_spec("rich") is None:  # fdp bench's table; an optional extra
+        return {"status": "skipped", "reason": "fdp bench needs the bench extra (pip install 'fdp[bench]')",
+                "results": None, "rows": []}
     folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fdp-selftest-"))
     out = folder / "selftest-bench.json"
     argv = [sys.executable, "-m", "fdp", "bench", "--backends", ",".join(["eager", "cuda-graph", *backends]),
