@@ -1,9 +1,10 @@
-"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``, ``fdp tune``."""
+"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``, ``fdp tune``, ``fdp selftest``."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from ._optional import MissingExtra
@@ -60,6 +61,13 @@ def _info(args) -> int:
     except ValueError as exc:
         print(f"fdp info: error: --device: {exc}", file=sys.stderr)
         return 2
+    from .backends import DISABLE_ENV, disabled_backends
+    from .isolation import ISOLATE_ENV, enabled
+
+    value = os.environ.get(DISABLE_ENV, "").strip()
+    removed = ", ".join(disabled_backends()) or "nothing"
+    print(f"kill switch {DISABLE_ENV}: " + (f"{value!r} (removes {removed})" if value else "not set"))
+    print(f"isolated first use ({ISOLATE_ENV}): {'on' if enabled() else 'off'}")
     print(f"backends on {device}:")
     for name, info in backends.items():
         print(f"  {name:<18} {'available' if info.available else 'not available: ' + info.reason}")
@@ -112,6 +120,46 @@ def _tune(args) -> int:
         return 1
     print(json.dumps(sel.to_dict(), indent=1) if args.json else sel)
     return 0
+
+
+def _selftest(args) -> int:
+    import json
+    from pathlib import Path
+
+    from . import selftest
+
+    grid = None
+    if args.quick:
+        grid = selftest.QUICK_GRID
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    out = Path(args.out)
+    if out.exists() and not out.is_file():
+        print(f"fdp selftest: error: --out: {out} exists and is not a file", file=sys.stderr)
+        return 2
+    if args.timeout is not None and not args.timeout > 0:
+        print(f"fdp selftest: error: --timeout must be a positive number of seconds, got {args.timeout}",
+              file=sys.stderr)
+        return 2
+    def save(result):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+
+    try:
+        result = selftest.run(args.device, grid=grid, backends=backends, timing=not args.no_timing,
+                              timeout_s=args.timeout, out_dir=out.parent, command=["fdp", *sys.argv[1:]],
+                              save=save)
+    except ValueError as exc:
+        print(f"fdp selftest: error: {exc}", file=sys.stderr)
+        return 2
+    save(result)
+    print(selftest.summarize(result))
+    print(f"results: {out}")
+    if not result["passed"]:
+        print("Please open an issue in fdp's tracker with this summary and the results file attached "
+              f"({out}), and the output of `fdp info`.")
+    return 0 if result["passed"] else 1
 
 
 def _export_onnx(args) -> int:
@@ -206,6 +254,24 @@ def main(argv=None) -> int:
     p.add_argument("--refresh", action="store_true", help="ignore the cached decision: check and time again")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("selftest", help="check every backend against the torch reference in separate processes, "
+                                        "and time them side by side on CUDA: what to attach to a bug report",
+                       description="Correctness of every available backend on a grid of policies (MLP and a small "
+                                   "U-Net, K, batch, fp32/bf16/fp16, DDIM-10 and DDPM-100), each backend in its own "
+                                   "child process; on CUDA also the timing of eager, the CUDA-graph baseline and "
+                                   "each backend that passed (kernel-only, whole-call device time, host time). "
+                                   "Writes one JSON; exit status 1 if any backend failed or disagreed.")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (K 1,4; batch 1,7; DDIM-10 only)")
+    p.add_argument("--backends", default=None, help="comma-separated backends to check (default: every one "
+                                                    "available here but the torch reference)")
+    p.add_argument("--no-timing", action="store_true", help="correctness only")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a case may run in its child before it counts as hung (default: FDP_ISOLATE_TIMEOUT "
+                        "or 300)")
+    p.add_argument("--out", default="fdp-selftest.json", help="results JSON (default: fdp-selftest.json)")
+    p.set_defaults(func=_selftest)
 
     p = sub.add_parser("export", help="write a policy's sampling loop to a file for other runtimes")
     formats = p.add_subparsers(dest="format", required=True)
