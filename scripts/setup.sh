@@ -1,7 +1,8 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: a virtual environment in
 # .venv with torch and fdp installed from this checkout (with the extras in
-# $FDP_EXTRAS). Keeps an existing torch: users bring the build that matches
-# their CUDA; FDP_TORCH says which to install when there is none.
+# $FDP_EXTRAS), and LeRobot with the fdp policy type where FDP_LEROBOT=1.
+# Keeps an existing torch: users bring the build that matches their CUDA;
+# FDP_TORCH says which to install when there is none.
 #
 # The CUDA extension fdp._C: with FDP_EXTENSION=build (test.sh) it is built
 # wherever nvcc is on PATH; with FDP_EXTENSION=keep (demo.sh, which samples on
@@ -69,6 +70,21 @@ if [ "$_fdp_ext" = ON ]; then
 fi
 say "installing fdp from this checkout with the extras [${FDP_EXTRAS}]"
 FDP_BUILD_EXTENSION=$_fdp_ext pipq install -q ".[${FDP_EXTRAS}]"
+# LeRobot and the fdp policy type for it (integrations/lerobot_policy_fdp), with FDP_LEROBOT=1
+# (scripts/test.sh sets it: tests/test_lerobot_plugin.py trains with LeRobot's own trainer).
+# LeRobot 0.4.4 pins torch<2.11, so it and the packages its trainer imports whose pins would move
+# torch or the hub client go in with --no-deps; the rest resolve normally. PyPI's torchvision is a
+# CUDA build whose extension cannot load beside a CPU torch: the tests declare the two operators its
+# import needs (tests/torchvision_cpu.py). Not installed (not needed to train): wandb, opencv,
+# torchcodec, rerun, pynput.
+if [ "${FDP_LEROBOT:-0}" = 1 ]; then
+  say "installing LeRobot 0.4.4 (--no-deps beside torch $(python -c 'import torch; print(torch.__version__)')), the packages its trainer imports, and the fdp policy type"
+  pipq install -q --no-warn-conflicts --no-deps lerobot==0.4.4 accelerate==1.16.0 av==18.1.0 imageio==2.38.2 \
+      pyserial==3.5 deepdiff==8.6.2 orderly-set==5.5.0 cachebox==6.2.10 "${FDP_TORCHVISION:-torchvision==0.28.0}"
+  pipq install -q --no-warn-conflicts draccus==0.10.0 einops==0.8.2 datasets==5.2.0 termcolor==3.3.0 gymnasium==1.4.0
+  pipq install -q --no-warn-conflicts --no-deps ./integrations/lerobot_policy_fdp
+  say "LeRobot installed: lerobot-train --policy.type=fdp is available"
+fi
 # Fails here, clearly, if the install did not work.
 _fdp_state=$(python -c 'import fdp; print("fdp", fdp.__version__, "with the CUDA extension"
                         if fdp.extension_status()["available"] else "without the CUDA extension")')

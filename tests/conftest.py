@@ -9,6 +9,10 @@ _CACHE_DIR = tempfile.TemporaryDirectory(prefix="fdp-test-cache-")
 os.environ.setdefault("FDP_CACHE_DIR", _CACHE_DIR.name)
 
 from helpers import make_mlp_policy  # noqa: E402
+from torchvision_cpu import install as _torchvision_importable  # noqa: E402
+
+# scripts/test.sh installs LeRobot beside the CPU torch build; its torchvision needs this before any import.
+_torchvision_importable()
 
 
 def pytest_configure(config):

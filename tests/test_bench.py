@@ -189,3 +189,65 @@ def test_launch_counter_names():
         assert not timing._LAUNCH.match(name) and not timing._COPY.match(name), name
     with pytest.raises(ValueError, match="CUDA"):
         timing.count_launches(lambda i: None, "cpu")
+
+
+def test_a_path_that_raises_makes_the_exit_status_nonzero(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from fdp import backends
+    from fdp.backends import Backend, register_backend
+
+    class Raises(Backend):
+        name, priority = "raises-at-call", 0
+
+        def unavailable_reason(self, device):
+            return None
+
+        def unsupported_reason(self, policy, table, dtype):
+            return None
+
+        def prepare(self, policy, table, dtype=None):
+            class Prepared:
+                def run(self, global_cond, x_T, step_noise):
+                    raise RuntimeError("an illegal memory access (simulated)")
+
+            return Prepared()
+
+    module = types.ModuleType("fdp_test_bench_raises")
+    module.BACKEND = Raises()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    saved = dict(backends._MODULES)
+    register_backend("raises-at-call", module.__name__)
+    try:
+        out = tmp_path / "r.json"
+        rc = main(["bench", "--quick", "--batch", "1", "--K", "2", "--repeats", "1", "--warmup", "0",
+                   "--backends", "eager,raises-at-call", "--no-plots", "--no-progress", "--out", str(out)])
+    finally:
+        backends._MODULES.clear()
+        backends._MODULES.update(saved)
+        backends._LOADED.pop("raises-at-call", None)
+    cases = json.loads(out.read_text())["cases"]
+    assert {c["backend"]: c["status"] for c in cases} == {"eager": "ok", "raises-at-call": "error"}
+    assert rc == 1 and "raised (status error)" in capsys.readouterr().out
+
+
+def test_kernel_only_replays_the_captured_graph_alone():
+    from types import SimpleNamespace
+
+    from test_call_path import _affine, _Emulated  # a CapturedCall whose graph is emulated on the CPU
+
+    from fdp.bench import paths
+
+    call = _Emulated(_affine)
+    sampler = SimpleNamespace(_prepared=SimpleNamespace(_call=call))
+    assert paths._replay_alone(sampler) is None  # nothing captured yet: no kernel-only time
+    args = (torch.randn(2, 3), torch.randn(2, 4, 2), None)
+    call(*args)
+    entry = call._entries[call.signatures[-1]]
+    replay = paths._replay_alone(sampler)
+    entry.output.fill_(float("nan"))
+    replay(0)
+    # The graph ran on its static inputs (those of the last call) and nothing else: no input copy.
+    assert torch.equal(entry.output, _affine(*args)) and call.captures == 1
+    assert paths._replay_alone(SimpleNamespace(_prepared=SimpleNamespace())) is None  # e.g. the torch backend

@@ -265,6 +265,9 @@ def stubbed_work(monkeypatch):
     monkeypatch.setattr(fdp.backends, "select", stop("tune"))
     monkeypatch.setattr(fdp.bench.paths, "make_policy", lambda *a: make_mlp_policy(dtype=torch.float32))
     monkeypatch.setattr(fdp.export, "onnx", stop("export"))
+    import fdp.selftest
+
+    monkeypatch.setattr(fdp.selftest, "run", stop("selftest"))
     return reached
 
 
@@ -288,7 +291,7 @@ WORDS = st.sampled_from(["auto", "torch", "nonsense", "cpu", "cuda", "cuda:3", "
 @st.composite
 def command_lines(draw, paths):
     value = st.one_of(NUMBERS, WORDS, st.sampled_from(paths))
-    command = draw(st.sampled_from(["demo", "info", "bench", "tune", "export"]))
+    command = draw(st.sampled_from(["demo", "info", "bench", "tune", "export", "selftest"]))
     options = {
         "demo": ["--out", "--train-steps", "--seed", "--backend", "--quick", "--no-progress"],
         "info": ["--device"],
@@ -298,14 +301,16 @@ def command_lines(draw, paths):
         "tune": ["--policy", "--component", "--K", "--steps", "--dtype", "--batch", "--backend", "--device",
                  "--refresh", "--json", "--trust-pickle"],
         "export": ["--batch-size", "--num-inference-steps"],
+        "selftest": ["--device", "--quick", "--backends", "--no-timing", "--timeout", "--out"],
     }[command]
-    flags = {"--quick", "--no-progress", "--no-plots", "--nvtx", "--refresh", "--json", "--trust-pickle"}
+    flags = {"--quick", "--no-progress", "--no-plots", "--nvtx", "--refresh", "--json", "--trust-pickle",
+             "--no-timing"}
     argv = [command]
     if command == "export":
         argv += ["onnx", draw(st.sampled_from(paths)), draw(st.sampled_from(paths))]
     for opt in draw(st.lists(st.sampled_from(options), max_size=4)):
         argv += [opt] if opt in flags else [opt, draw(value)]
-    if draw(st.booleans()) and command in ("bench", "tune", "info"):
+    if draw(st.booleans()) and command in ("bench", "tune", "info", "selftest"):
         argv += ["--device", draw(st.sampled_from(["cpu", "cuda", "cuda:1", "banana"]))]
     return argv
 

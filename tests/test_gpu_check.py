@@ -3,15 +3,18 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu-check.sh")
-STAGES = ["env", "build", "target", "tests", "bench-mlp", "sanitizer", "tune", "bench-unet", "ncu"]
+STAGES = ["env", "build", "target", "selftest", "tests", "bench-mlp", "sanitizer", "tune", "bench-unet", "ncu"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -25,7 +28,7 @@ def test_dry_run_lists_every_stage_and_command_and_touches_nothing(tmp_path):
     r = _run("--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert f"results would go to {tmp_path}/gpu-check-results" in out
+    assert f"results would go to {tmp_path}/gpu-check-results (budget 540 s)" in out  # one 10-minute command
     headers = [line.split()[1] for line in out.splitlines() if line.startswith("stage ")]
     assert headers == STAGES
     for expected in (
@@ -39,12 +42,19 @@ def test_dry_run_lists_every_stage_and_command_and_touches_nothing(tmp_path):
             "fdp tune --component unet-paper --K 4 --batch 1 --steps ddim --dtype fp16",
             "fdp bench --component mlp --K 4 --batch 1,16,256 --steps ddim,ddpm --dtype fp32,bf16",
             "fdp bench --component mlp --K 4 --batch 1 --steps ddim --dtype bf16,fp32",  # the target
+            "--backends eager,cuda-graph,fused",  # eager included: speedup_vs_eager is never null
+            "import json, sys",  # the target's check: every path's status ok, kernel-only time printed
+            "fdp selftest --quick --no-timing",
             "FDP_CUDA_PDL=0",
             "fdp bench --component unet-paper --K 4 --batch 1",
             "ncu --clock-control none --kernel-name regex:mlp_persistent_kernel",
             "cuda-persistent", "triton-persistent"):
         assert expected in out, expected
     assert sum(line.startswith("+ ") for line in out.splitlines()) >= 15
+    # The CUDA decomposition and capture tests come before the slow native Triton sweep and compile tests.
+    fast = out.index("-m gpu -k 'not (test_native_kernels_on_gpu or compile)'")
+    slow = out.index("-m gpu -k 'test_native_kernels_on_gpu or compile'")
+    assert fast < slow
     assert not os.path.exists(os.path.join(tmp_path, "gpu-check-results")) and os.listdir(tmp_path) == []
 
 
@@ -70,3 +80,42 @@ def test_without_a_gpu_the_gpu_stages_fail_and_the_summary_says_so(tmp_path):
     assert summary["stages"]["bench-mlp"] == {"status": "SKIP", "seconds": 0, "note": "not selected"}
     assert set(summary["stages"]) == set(STAGES)
     assert "| tune | FAIL |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
+def test_the_archive_holds_at_most_8_files_in_the_folder_asked_for(tmp_path):
+    r = _run("--stages", "env,tune", "--archive", "back", "results", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr  # no GPU: tune fails
+    assert os.listdir(tmp_path / "back") == ["gpu-check.tar.gz"]  # one file, in the folder named
+    with tarfile.open(tmp_path / "back" / "gpu-check.tar.gz") as tar:
+        names = [m.name for m in tar.getmembers() if m.isfile()]
+        logs = tar.extractfile("gpu-check/logs.txt").read().decode()
+        summary = json.loads(tar.extractfile("gpu-check/summary.json").read())
+    assert len(names) <= 8 and {"gpu-check/summary.md", "gpu-check/summary.json", "gpu-check/logs.txt"} <= set(names)
+    assert "======== env" in logs and "======== tune (FAIL)" in logs
+    assert summary["stages"]["tune"]["status"] == "FAIL" and summary["stages"]["ncu"]["note"] == "not selected"
+
+
+def test_sigterm_mid_stage_writes_the_summary_and_the_archive(tmp_path):
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nexec sleep 60\n")  # every interpreter call of the env stage hangs
+    slow.chmod(0o755)
+    proc = subprocess.Popen(["bash", SCRIPT, "--stages", "env,tune", "--archive", "back", "results"], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": str(slow)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    summary_path = tmp_path / "results" / "summary.json"
+    deadline = time.monotonic() + 60
+    # Written before the first stage's work: a run stopped at any point leaves one.
+    while not (summary_path.exists() and '"RUNNING"' in summary_path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.monotonic() - t0 < 30, err  # at once, not after the 60 s sleep
+    summary = json.loads(summary_path.read_text())
+    assert summary["stopped_by"] == "SIGTERM"
+    assert summary["stages"]["env"]["status"] == "TIMEOUT" and "stopped by SIGTERM" in summary["stages"]["env"]["note"]
+    assert summary["stages"]["tune"]["status"] == "PENDING"
+    assert "stopped by SIGTERM" in (tmp_path / "results" / "summary.md").read_text()
+    with tarfile.open(tmp_path / "back" / "gpu-check.tar.gz") as tar:
+        assert json.loads(tar.extractfile("gpu-check/summary.json").read())["stopped_by"] == "SIGTERM"

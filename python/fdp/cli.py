@@ -1,4 +1,5 @@
-"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``, ``fdp tune``, ``fdp export``.
+"""The ``fdp`` command line: ``fdp demo``, ``fdp info``, ``fdp bench``, ``fdp tune``, ``fdp selftest``,
+``fdp export``.
 
 A mistake in what was passed (an option, a file) is one line on stderr,
 ``fdp <command>: error: ...``, and exit status 2; each command checks its
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import traceback
 
@@ -107,6 +109,13 @@ def _info(args) -> int:
 
     device = args.device or ("cuda" if n else "cpu")
     backends = fdp.available_backends(device)  # a bad --device: a UserError, one line
+    from .backends import DISABLE_ENV, disabled_backends
+    from .isolation import ISOLATE_ENV, enabled
+
+    value = os.environ.get(DISABLE_ENV, "").strip()
+    removed = ", ".join(disabled_backends()) or "nothing"
+    print(f"kill switch {DISABLE_ENV}: " + (f"{value!r} (removes {removed})" if value else "not set"))
+    print(f"isolated first use ({ISOLATE_ENV}): {'on' if enabled() else 'off'}")
     print(f"backends on {device}:")
     for name, info in backends.items():
         print(f"  {name:<18} {'available' if info.available else 'not available: ' + info.reason}")
@@ -152,6 +161,40 @@ def _tune(args) -> int:
         return 1
     print(json.dumps(sel.to_dict(), indent=1) if args.json else sel)
     return 0
+
+
+def _selftest(args) -> int:
+    import json
+    from pathlib import Path
+
+    from . import selftest
+
+    grid = None
+    if args.quick:
+        grid = selftest.QUICK_GRID
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    from ._validation import check_device_usable, check_output_path
+
+    out = check_output_path("--out", Path(args.out))  # --timeout: checked by argparse
+    if args.device is not None:
+        check_device_usable("--device", args.device)
+
+    def save(result):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+
+    # An unknown --backends name is a UserError (one line, exit 2); any other exception is a bug.
+    result = selftest.run(args.device, grid=grid, backends=backends, timing=not args.no_timing,
+                          timeout_s=args.timeout, out_dir=out.parent, command=["fdp", *sys.argv[1:]], save=save)
+    save(result)
+    print(selftest.summarize(result))
+    print(f"results: {out}")
+    if not result["passed"]:
+        print("Please open an issue in fdp's tracker with this summary and the results file attached "
+              f"({out}), and the output of `fdp info`.")
+    return 0 if result["passed"] else 1
 
 
 def _safe_globals() -> list:
@@ -320,6 +363,24 @@ def main(argv=None) -> int:
     p.add_argument("--refresh", action="store_true", help="ignore the cached decision: check and time again")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("selftest", help="check every backend against the torch reference in separate processes, "
+                                        "and time them side by side on CUDA: what to attach to a bug report",
+                       description="Correctness of every available backend on a grid of policies (MLP and a small "
+                                   "U-Net, K, batch, fp32/bf16/fp16, DDIM-10 and DDPM-100), each backend in its own "
+                                   "child process; on CUDA also the timing of eager, the CUDA-graph baseline and "
+                                   "each backend that passed (kernel-only, whole-call device time, host time). "
+                                   "Writes one JSON; exit status 1 if any backend failed or disagreed.")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (K 1,4; batch 1,7; DDIM-10 only)")
+    p.add_argument("--backends", default=None, help="comma-separated backends to check (default: every one "
+                                                    "available here but the torch reference)")
+    p.add_argument("--no-timing", action="store_true", help="correctness only")
+    p.add_argument("--timeout", type=_positive_float, default=None,
+                   help="seconds a case may run in its child before it counts as hung (default: FDP_ISOLATE_TIMEOUT "
+                        "or 300)")
+    p.add_argument("--out", default="fdp-selftest.json", help="results JSON (default: fdp-selftest.json)")
+    p.set_defaults(func=_selftest)
 
     p = sub.add_parser("export", help="write a policy's sampling loop to a file for other runtimes")
     formats = p.add_subparsers(dest="format", required=True)

@@ -71,6 +71,11 @@ class Sampler:
         verify: check a backend named in ``backend`` against the torch reference
             once, here, and raise :class:`fdp.backends.VerificationError` if it
             disagrees (``auto`` checks every candidate anyway).
+        isolate: run a backend that executes compiled device code (``Backend.native_code_on``)
+            for the first time in a separate process before this one runs it, when ``auto``
+            or ``verify=True`` checks it: a hang or a device fault there skips the backend
+            with a warning instead of taking this process down (:mod:`fdp.isolation`; the
+            verdict is cached). None: on unless the environment sets ``FDP_ISOLATE=0``.
         check_inputs: check that the inputs are finite on every call (a NaN or Inf
             raises ValueError). Each check reads a flag back from the device (a sync
             on CUDA). With False a call reads nothing back: shapes, dtypes and
@@ -109,7 +114,8 @@ class Sampler:
 
     def __init__(self, policy: FactorizedPolicy, scheduler, num_inference_steps: int | None = 10,
                  eta: float = 0.0, backend: str = "auto", dtype: torch.dtype | None = None,
-                 batch_size: int = 1, verify: bool = False, check_inputs: bool = True, watch_policy: bool = True):
+                 batch_size: int = 1, verify: bool = False, check_inputs: bool = True, watch_policy: bool = True,
+                 isolate: bool | None = None):
         if not isinstance(policy, FactorizedPolicy):
             raise InvalidArgumentType(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
         if not hasattr(scheduler, "step_table"):
@@ -131,7 +137,7 @@ class Sampler:
         self._backend_arg = backend
         self._follow_policy()
         be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
-                                              batch_size=batch_size, verify=verify)
+                                              batch_size=batch_size, verify=verify, isolate=isolate)
         self.backend = be.name
         if backend == "auto":
             log.info("fdp.Sampler: backend 'auto' picked %r on %s (%s)%s", be.name, self.device, self.selection.why,

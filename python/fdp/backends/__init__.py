@@ -13,6 +13,8 @@ trusting it, and takes the fastest on CUDA, the highest-priority one elsewhere
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +24,8 @@ from .._validation import InvalidArgument, check_device
 from .base import Backend, Prepared
 
 __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backend", "backend_names",
-           "available_backends", "resolve_backend", "Selection", "VerificationError"]
+           "available_backends", "disabled_backends", "DISABLE_ENV", "resolve_backend", "Selection",
+           "VerificationError"]
 
 # name -> module that defines it; imported lazily so that a backend needing
 # Triton or the CUDA extension costs nothing until it is asked for.
@@ -35,6 +38,36 @@ _MODULES: dict[str, str] = {
     "cuda-persistent": "fdp.backends.cuda_persistent_backend",
 }
 _LOADED: dict[str, Backend] = {}
+
+#: The kill switch: a comma-separated list of backend names or families (a family is a name's part before
+#: "-": "cuda" is cuda and cuda-persistent) that no code path may use, for a backend found broken on a
+#: machine. Read at every selection, so it covers Sampler, the integrations and the CLI alike.
+DISABLE_ENV = "FDP_DISABLE"
+#: Never disabled: every other backend is checked against it.
+_REFERENCE = "torch"
+_warned: set[tuple[str, str]] = set()  # (entry, value) pairs already warned about
+log = logging.getLogger("fdp")
+
+
+def disabled_backends() -> dict[str, str]:
+    """``{name: why}`` for the registered backends ``$FDP_DISABLE`` removes (a warning names an unknown entry)."""
+    value = os.environ.get(DISABLE_ENV, "")
+    out = {}
+    for item in dict.fromkeys(x.strip() for x in value.split(",") if x.strip()):
+        names = [n for n in _MODULES if item in (n, n.split("-")[0])]
+        if item == _REFERENCE:
+            names.remove(_REFERENCE)
+            if (item, value) not in _warned:
+                _warned.add((item, value))
+                log.warning("fdp: %s=%s names %r, the reference every backend is checked against, which cannot "
+                            "be disabled", DISABLE_ENV, value, item)
+        elif not names and (item, value) not in _warned:
+            _warned.add((item, value))
+            log.warning("fdp: %s=%s names %r, which is neither a backend nor a family of backends (%s); it is "
+                        "ignored", DISABLE_ENV, value, item, ", ".join(_MODULES))
+        for n in names:
+            out[n] = f"disabled by {DISABLE_ENV}={value}"
+    return out
 
 
 def register_backend(name: str, module: str) -> None:
@@ -68,16 +101,18 @@ def available_backends(device=None) -> dict[str, BackendInfo]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = check_device("device", device)
     out = {}
+    disabled = disabled_backends()
     for name in _MODULES:
         try:
-            reason = get_backend(name).unavailable_reason(device)
+            reason = disabled.get(name) or get_backend(name).unavailable_reason(device)
         except ImportError as exc:
             reason = str(exc)
         out[name] = BackendInfo(name, reason is None, reason or "")
     return out
 
 
-def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int = 1, verify: bool = False) -> Backend:
+def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int = 1, verify: bool = False,
+                    isolate: bool | None = None) -> Backend:
     """The backend to use: ``name`` checked, or the one ``"auto"`` selects.
 
     A backend asked for by name that cannot serve raises ValueError with its
@@ -85,7 +120,7 @@ def resolve_backend(name: str, policy, table, device, dtype, *, batch_size: int 
     ``torch``). The full record goes to ``resolve_backend.last_selection``;
     ``resolve_backend.last_reasons`` maps every backend not picked to why.
     """
-    be, _, sel = select(name, policy, table, device, dtype, batch_size=batch_size, verify=verify)
+    be, _, sel = select(name, policy, table, device, dtype, batch_size=batch_size, verify=verify, isolate=isolate)
     resolve_backend.last_selection = sel
     resolve_backend.last_reasons = sel.skipped()
     return be

@@ -33,6 +33,10 @@ class Backend:
     reads_live_weights: bool = False
     priority: int = 0  # auto tries the highest first (on CUDA it times them all)
     priority_note: str | None = None  # why the priority is what it is, when that depends on the environment
+    #: True for a backend whose calls run compiled code on the device (kernels, captured graphs): ``auto`` and
+    #: ``verify=True`` run it first in a separate process (:mod:`fdp.isolation`), where a hang or a device
+    #: fault cannot take the caller's process down. The torch reference and interpreted code do not need it.
+    runs_native_code: bool = False
 
     def default_weight_dtype(self, policy_dtype: torch.dtype) -> torch.dtype:
         """The weight dtype when this backend is named and the caller gives none: the policy's.
@@ -40,6 +44,10 @@ class Backend:
         ``backend="auto"`` never uses it: picking a backend must not change the numerics.
         """
         return policy_dtype
+
+    def native_code_on(self, device: torch.device) -> bool:
+        """Whether a call on ``device`` runs compiled device code (``runs_native_code``, refined per device)."""
+        return self.runs_native_code
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None if the backend can run on ``device``, else why not (and how to fix it)."""

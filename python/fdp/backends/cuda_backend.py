@@ -329,6 +329,7 @@ class CudaBackend(Backend):
     name = "cuda"
     priority = 40
     kind = KIND_STEP
+    runs_native_code = True
 
     def unavailable_reason(self, device):
         device = torch.device(device)

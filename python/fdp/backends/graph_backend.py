@@ -193,6 +193,7 @@ class GraphPrepared(CapturesCalls):
 class GraphBackend(Backend):
     name = "graph"
     priority = 10
+    runs_native_code = True  # captured graphs of compiled kernels
 
     def unavailable_reason(self, device):
         device = torch.device(device)

@@ -27,14 +27,16 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
 
-from .. import tolerances
+from .. import isolation, tolerances
 from .._validation import InvalidArgument, check_bool, check_int
-from . import _MODULES, get_backend
+from . import _MODULES, disabled_backends, get_backend
 
 log = logging.getLogger("fdp")
 
@@ -131,24 +133,31 @@ def weight_dtype(name: str, policy_dtype: torch.dtype, dtype: torch.dtype | None
 
 
 def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch_size: int = 1, verify: bool = False,
-           use_cache: bool = True):
+           use_cache: bool = True, isolate: bool | None = None):
     """Resolve ``name`` (``"auto"`` or a registered backend) for this policy.
 
-    ``dtype`` None: as :func:`weight_dtype` says.
+    ``dtype`` None: as :func:`weight_dtype` says. ``isolate`` None: ``$FDP_ISOLATE``
+    (default on): a candidate that runs native code is checked first in a child
+    process (:mod:`fdp.isolation`).
 
     Returns ``(backend, prepared, selection)``; ``prepared`` is the winner
     already packed when checking it required packing, else None.
     """
     batch_size = check_int("batch_size", batch_size, min_value=1)
     verify = check_bool("verify", verify)
+    isolate = isolation.enabled(isolate)
     device = torch.device(device)
     dtype = weight_dtype(name, next(policy.parameters()).dtype, dtype)
     if name != "auto":
-        return _explicit(name, policy, table, device, dtype, batch_size, verify)
+        return _explicit(name, policy, table, device, dtype, batch_size, verify, isolate)
 
     rows: dict[str, Candidate] = {}
     ranked = []
+    disabled = disabled_backends()
     for n in _MODULES:
+        if n in disabled:
+            rows[n] = Candidate(n, 0, "unavailable", disabled[n])
+            continue
         try:
             be = get_backend(n)
         except ImportError as exc:
@@ -184,7 +193,7 @@ def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch
         return ref, None, record(REFERENCE, "priority", "no faster backend can serve this policy here")
 
     key = _cache_key(policy, table, device, dtype, batch_size, ranked)
-    path = _cache_dir() / f"select-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
+    path = _cache_path("select", key)
     cached = _read_cache(path, key) if use_cache else None
     if cached is not None:
         for c in cached.candidates:
@@ -192,9 +201,10 @@ def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch
                 _warn(c, str(device), cached=True)
         return get_backend(cached.backend), None, cached
 
-    ctx = _Verifier(policy, table, device, dtype, batch_size)
+    ctx = _Verifier(policy, table, device, dtype, batch_size, isolate)
     timed = device.type in _TIMED_DEVICES
     prepared = {}
+    ctx.check_isolated(contenders, use_cache)
     for be in contenders:
         row, prep = ctx.check(be)
         rows[be.name] = row
@@ -241,15 +251,16 @@ def select(name: str, policy, table, device, dtype: torch.dtype | None, *, batch
     return ref, None, sel
 
 
-def _explicit(name, policy, table, device, dtype, batch_size, verify):
+def _explicit(name, policy, table, device, dtype, batch_size, verify, isolate):
     be = get_backend(name)
-    reason = be.unavailable_reason(device) or be.unsupported_reason(policy, table, dtype)
+    reason = disabled_backends().get(name) or be.unavailable_reason(device) or be.unsupported_reason(policy, table,
+                                                                                                     dtype)
     if reason:
         raise InvalidArgument(f"backend {name!r} cannot serve this policy on {device}: {reason}")
     row = Candidate(name, be.priority, "picked", "named explicitly")
     prep = None
     if verify and name != REFERENCE:
-        row, prep = _Verifier(policy, table, device, dtype, batch_size).check(be)
+        row, prep = _Verifier(policy, table, device, dtype, batch_size, isolate).check(be)
         if prep is None:
             raise VerificationError(f"backend {name!r} {_describe(row, device)}; pick another backend or "
                                     f"backend='auto' (which skips it), and {_REPORT}")
@@ -261,13 +272,19 @@ def _explicit(name, policy, table, device, dtype, batch_size, verify):
 class _Verifier:
     """Runs candidates on fixed inputs against the torch reference (computed once, on first need)."""
 
-    def __init__(self, policy, table, device, dtype, batch_size):
+    def __init__(self, policy, table, device, dtype, batch_size, isolate=False):
         self.policy, self.table, self.device, self.dtype = policy, table, device, dtype
         self.batch_size = batch_size
         self.policy_dtype = next(policy.parameters()).dtype
         self.tol = tolerances.tolerance(dtype, self.policy_dtype)
-        self._ref = None
+        self._refs = {}
         self.inputs = self._draw(min(batch_size, VERIFY_BATCH), seed=0)
+        self.isolate = isolate
+        self.isolated: dict[str, Candidate] = {}  # verdicts of the checks in a child process, by backend
+
+    @functools.cached_property
+    def timing_inputs(self):
+        return self._draw(self.batch_size, seed=1)
 
     def _draw(self, B, seed):
         g = torch.Generator().manual_seed(seed)
@@ -278,17 +295,29 @@ class _Verifier:
         noise = torch.randn((len(self.table), *shape), generator=g) if bool(self.table.adds_noise.any()) else None
         return tuple(None if t is None else t.to(self.device, self.policy_dtype) for t in (cond, x_T, noise))
 
-    def reference(self):
-        if self._ref is None:
+    def reference(self, inputs=None):
+        inputs = self.inputs if inputs is None else inputs
+        if id(inputs) not in self._refs:
             rdt = tolerances.reference_dtype(self.policy_dtype)
             pol = self.policy if rdt == self.policy_dtype else copy.deepcopy(self.policy).to(rdt)
             prep = get_backend(REFERENCE).prepare(pol, self.table, rdt)
             with _exact_float32(), torch.no_grad():
-                self._ref = prep.run(*(None if t is None else t.to(rdt) for t in self.inputs))
-        return self._ref
+                self._refs[id(inputs)] = prep.run(*(None if t is None else t.to(rdt) for t in inputs))
+        return self._refs[id(inputs)]
+
+    def check_isolated(self, bes, use_cache: bool = True) -> None:
+        """Run each backend of ``bes`` that needs it in a child process first (all at once), or take the
+        verdict an earlier process cached; ``check`` then skips the ones that failed there."""
+        todo = [be for be in bes if self.isolate and be.name not in self.isolated and be.native_code_on(self.device)]
+        if todo:
+            _isolated_checks(self, todo, use_cache)
 
     def check(self, be):
         """``(row, prepared)``: prepared is None when the backend raised or disagrees."""
+        self.check_isolated([be])
+        first = self.isolated.get(be.name)
+        if first is not None and first.status != "verified":
+            return first, None
         row = Candidate(be.name, be.priority, "verified", tolerance=self.tol)
         try:
             prep = be.prepare(self.policy, self.table, self.dtype)
@@ -305,6 +334,8 @@ class _Verifier:
             row.reason = f"relative error {row.rel_error:.1e} > {self.tol:.0e} against {REFERENCE!r}"
             return row, None
         row.reason = f"matches {REFERENCE!r} (relative error {row.rel_error:.1e} <= {self.tol:.0e})"
+        if first is not None:
+            row.reason += "; ran in a separate process first"
         return row, prep
 
     @torch.no_grad()
@@ -312,7 +343,7 @@ class _Verifier:
         """Median milliseconds per call of ``prep.run`` at the batch size asked for (CUDA events)."""
         from ..bench.timing import measure  # the benchmark's timing loop: warm-up, events, budget
 
-        args = self._draw(self.batch_size, seed=1)
+        args = self.timing_inputs
         with torch.cuda.device(self.device):
             m = measure(lambda _: prep.run(*args), self.device, n_sets=1, repeats=MAX_TIMED_CALLS,
                         warmup=WARMUP_CALLS, budget_s=budget_s, min_repeats=MIN_TIMED_CALLS)
@@ -340,6 +371,65 @@ def _describe(row: Candidate, device) -> str:
 def _warn(row: Candidate, device: str, cached: bool = False) -> None:
     log.warning("fdp: backend 'auto' skips %r, which %s%s; %s", row.name, _describe(row, device),
                 " (cached result of an earlier check)" if cached else "", _REPORT)
+
+
+# -- isolated first use (fdp.isolation) ----------------------------------------------------------------------
+
+
+def _isolated_checks(ctx: _Verifier, bes: list, use_cache: bool) -> None:
+    """Fill ``ctx.isolated`` for ``bes``: a cached verdict, else one from a child process per backend."""
+    pending = []
+    for be in bes:
+        key = dict(_cache_key(ctx.policy, ctx.table, ctx.device, ctx.dtype, ctx.batch_size, [be]), kind="isolated")
+        path = _cache_path("isolated", key)
+        data = _read_record(path, key) if use_cache else None
+        row = _candidate_from(data.get("verdict"), path) if data is not None else None
+        if row is not None and row.name == be.name:
+            if row.status != "verified":
+                row.reason += f" (cached verdict of an earlier process; delete {path} to check again)"
+            ctx.isolated[be.name] = row
+        else:
+            pending.append((be, key, path))
+    if not pending:
+        return
+    inputs = [ctx.inputs]
+    if ctx.batch_size > ctx.inputs[1].shape[0]:
+        inputs.append(ctx.timing_inputs)  # the batch size asked for runs other launch shapes
+    case = isolation.Case(0, ctx.table, ctx.dtype, inputs)
+    jobs = [isolation.Job(be.name, _MODULES[be.name], ctx.device, [ctx.policy], [case]) for be, _, _ in pending]
+    log.info("fdp: running %s for the first time on %s, each in a separate process (%s=0 skips this)",
+             ", ".join(repr(be.name) for be, _, _ in pending), ctx.device, isolation.ISOLATE_ENV)
+    for (be, key, path), (out,) in zip(pending, isolation.run_isolated(jobs)):
+        row = Candidate(be.name, be.priority, "verified", tolerance=ctx.tol)
+        ctx.isolated[be.name] = row
+        if out.setup_error:
+            # Not the candidate's fault, so not cached; but it stays unproven, hence unused.
+            row.status = "failed"
+            row.reason = (f"could not be checked in a separate process ({out.setup_error}); "
+                          f"{isolation.ISOLATE_ENV}=0 checks it in this process instead")[:500]
+            continue
+        if out.error:
+            row.status, row.reason = "failed", out.error[:500]
+        else:
+            _compare_isolated(ctx, row, out.outputs, inputs)
+        _write_record(path, {"key": key, "verdict": dataclasses.asdict(row)})
+
+
+def _compare_isolated(ctx: _Verifier, row: Candidate, outputs: list, inputs: list) -> None:
+    errors = []
+    for out, args in zip(outputs, inputs):
+        if tuple(out.shape) != tuple(args[1].shape):
+            row.status = "failed"
+            row.reason = f"returned shape {tuple(out.shape)}, expected {tuple(args[1].shape)} (in a separate process)"
+            return
+        errors.append(tolerances.rel_error(out, ctx.reference(args).cpu()))
+    row.rel_error = max(errors)
+    if not row.rel_error <= ctx.tol:
+        row.status = "disagrees"
+        row.reason = (f"relative error {row.rel_error:.1e} > {ctx.tol:.0e} against {REFERENCE!r} "
+                      "(in a separate process)")
+    else:
+        row.reason = f"matches {REFERENCE!r} in a separate process (relative error {row.rel_error:.1e})"
 
 
 # -- the cache -------------------------------------------------------------------------------------------------
@@ -402,28 +492,128 @@ def _cache_key(policy, table, device, dtype, batch_size, ranked) -> dict:
     }
 
 
-def _read_cache(path: Path, key: dict) -> Selection | None:
+def _cache_path(kind: str, key: dict) -> Path:
+    return _cache_dir() / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
+
+
+#: Largest cache file read (a record is a few KiB): anything bigger is not ours.
+MAX_CACHE_BYTES = 1 << 20
+_STATUSES = ("picked", "verified", "disagrees", "failed", "ranked below", "unavailable", "unsupported", "reference")
+_OPTIONAL_FLOAT = (float, int, type(None))
+
+
+def _candidate_from(d, path: Path) -> Candidate | None:
+    """A :class:`Candidate` from its stored dict, or None (with a warning naming ``path``) if it is not one."""
     try:
-        data = json.loads(path.read_text())
-        if data.get("key") != key:
-            return None
-        sel = Selection.from_dict(data["selection"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        if path.exists():
-            log.debug("fdp: ignoring unreadable backend cache %s (%s)", path, exc)
+        row = Candidate(**d)
+        ok = (isinstance(row.name, str) and type(row.priority) is int and row.status in _STATUSES
+              and isinstance(row.reason, str) and all(isinstance(getattr(row, f), _OPTIONAL_FLOAT)
+                                                      for f in ("rel_error", "tolerance", "time_ms")))
+    except TypeError as exc:
+        ok, why = False, str(exc)
+    else:
+        why = f"a field has the wrong type: {d}"
+    if not ok:
+        log.warning("fdp: ignoring the backend cache %s: it does not hold a backend's record (%s); checking again",
+                    path, why[:300])
         return None
-    sel.cached, sel.cache_file = True, str(path)
+    return row
+
+
+def _selection_from(d, path: Path) -> Selection | None:
+    """A :class:`Selection` from its stored dict, or None (with a warning naming ``path``) if it is not a valid
+    one for this registry: then the caller selects again and overwrites the file."""
+    fields = {f.name: f.type for f in dataclasses.fields(Selection)}
+    texts = ("backend", "requested", "device", "mode", "why")
+    if (not isinstance(d, dict) or set(d) != set(fields) or not all(isinstance(d[f], str) for f in texts)
+            or type(d["batch_size"]) is not int or not isinstance(d["candidates"], list)
+            or not all(isinstance(c, dict) for c in d["candidates"])):
+        log.warning("fdp: ignoring the backend cache %s: it is not a selection record of this fdp version; "
+                    "selecting again", path)
+        return None
+    candidates = [_candidate_from(c, path) for c in d["candidates"]]
+    if any(c is None for c in candidates):
+        return None
+    if d["backend"] not in _MODULES or d["backend"] not in [c.name for c in candidates]:
+        log.warning("fdp: ignoring the backend cache %s: it names backend %r, which is not registered here; "
+                    "selecting again", path, d["backend"])
+        return None
+    return Selection(**{**d, "candidates": candidates, "cached": False, "cache_file": None})
+
+
+def _read_record(path: Path, key: dict) -> dict | None:
+    """The record stored at ``path`` if it was stored under ``key``, else None.
+
+    Only a regular file of at most ``MAX_CACHE_BYTES`` is read, never through a symlink; it is opened
+    non-blocking, so that a FIFO planted at the path cannot stall the caller.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symlink; EACCES; ...
+        log.warning("fdp: ignoring the backend cache %s: cannot open it as a regular file (%s)", path, exc)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("fdp: ignoring the backend cache %s: it is not a regular file", path)
+            return None
+        if st.st_size > MAX_CACHE_BYTES:
+            log.warning("fdp: ignoring the backend cache %s: %d bytes, more than a record's %d at most", path,
+                        st.st_size, MAX_CACHE_BYTES)
+            return None
+        raw = os.read(fd, MAX_CACHE_BYTES + 1)
+    except OSError as exc:
+        log.warning("fdp: ignoring the backend cache %s: cannot read it (%s)", path, exc)
+        return None
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # a torn or foreign file: overwritten by the next decision
+        log.warning("fdp: ignoring the backend cache %s: not JSON (%s); checking again", path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.warning("fdp: ignoring the backend cache %s: it holds a JSON %s, not a record; checking again", path,
+                    type(data).__name__)
+        return None
+    if data.get("key") != key:  # another configuration (or fdp version) hashed to this name
+        return None
+    return data
+
+
+def _read_cache(path: Path, key: dict) -> Selection | None:
+    data = _read_record(path, key)
+    if data is None:
+        return None
+    sel = _selection_from(data.get("selection"), path)
+    if sel is not None:
+        sel.cached, sel.cache_file = True, str(path)
     return sel
 
 
 def _write_cache(path: Path, key: dict, sel: Selection) -> None:
-    sel.cache_file = str(path)
+    sel.cache_file = str(path) if _write_record(path, {"key": key, "selection": sel.to_dict()}) else None
+
+
+def _write_record(path: Path, data: dict) -> bool:
+    """Write ``data`` to ``path`` atomically: a temporary file created exclusively (O_EXCL, so never through a
+    planted symlink) under an unpredictable name in the same folder, then renamed over ``path`` (which
+    replaces a symlink there instead of following it)."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "selection": sel.to_dict()}, indent=1))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1))
         os.replace(tmp, path)  # atomic: concurrent processes never read half a file
     except OSError as exc:
-        sel.cache_file = None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         log.warning("fdp: could not write the backend cache %s (%s); set %s to a writable folder",
                     path, exc, CACHE_ENV)
+        return False
+    return True

@@ -160,6 +160,12 @@ class TritonBackendBase(Backend):
             return "TRITON_INTERPRET=1: the kernels are emulated on the host, slower than eager torch"
         return None
 
+    runs_native_code = True
+
+    def native_code_on(self, device):
+        # In the interpreter (TRITON_INTERPRET=1) the kernels are emulated in Python on the host.
+        return torch.device(device).type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
     def __init__(self, **tuning):
         # Kernel tuning knobs (block_b, h_in_registers, precision, skip_unused, num_warps, split), for benchmarks.
         self.tuning = tuning

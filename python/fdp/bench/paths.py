@@ -28,7 +28,11 @@ Every :class:`fdp.Sampler` here (``eager`` included) runs with
 finite, and a call then reads nothing back from the device.
 
 Every builder returns ``run(idx) -> x_0 [B, horizon, action_dim]`` for input
-set ``idx``, or raises :class:`Skip` with the reason it cannot run here.
+set ``idx``, or raises :class:`Skip` with the reason it cannot run here. A path
+whose call replays a captured CUDA graph (``cuda-graph`` and the library's
+CUDA backends) also gives ``run.kernel_only()``: after a first call, a function
+replaying that graph alone, which the runner times as the kernel-only device
+time (``kernel_gpu_us``), without the call's host work, input and output copies.
 """
 
 from __future__ import annotations
@@ -168,7 +172,19 @@ def build_library(name: str, ctx: Context):
                               dtype=ctx.config.torch_dtype, check_inputs=False)
     except (ValueError, TypeError) as exc:
         raise Skip(str(exc)) from None
-    return torch.no_grad()(_sampler_runner(sampler, ctx.inputs))
+    run = torch.no_grad()(_sampler_runner(sampler, ctx.inputs))
+    run.kernel_only = lambda: _replay_alone(sampler)
+    return run
+
+
+def _replay_alone(sampler):
+    """``fn(idx)`` replaying the graph the sampler captured for its last input signature and nothing else
+    (no input copies, no checks, no output copy): the kernels' own device time. None if it captured none."""
+    call = getattr(sampler._prepared, "_call", None)
+    if call is None or not call.replays() or not call.signatures:
+        return None
+    graph = call._entries[call.signatures[-1]].graph
+    return lambda _idx: call._replay(graph)
 
 
 # -- the batched paths ----------------------------------------------------------------------------------------
@@ -340,6 +356,7 @@ def build_cuda_graph(ctx: Context):
         return out
 
     run.graph = graph  # keep it alive with the runner
+    run.kernel_only = lambda: lambda _idx: graph.replay()
     return run
 
 

@@ -8,7 +8,8 @@ JSON (other tools read it; the key names are fixed)::
      "skipped_axes": [...],
      "cases": [{"component", "K", "batch", "steps", "scheduler", "dtype", "config", "backend", "kind",
                 "status", "skipped", "step_gpu_us", "call_wall_us", "raw_step_gpu_us", "raw_call_wall_us",
-                "host_us", "launches_per_call", "floor_us", "fraction_of_floor", ...extras}, ...]}
+                "host_us", "launches_per_call", "kernel_gpu_us", "step_kernel_us", "floor_us",
+                "fraction_of_floor", ...extras}, ...]}
 
 See benchmarks/README.md for every field.
 """
@@ -31,7 +32,7 @@ from .._optional import require
 #: Keys every case entry has (tests and readers rely on them).
 CASE_KEYS = ("component", "K", "batch", "steps", "scheduler", "dtype", "config", "backend", "step_gpu_us",
              "call_wall_us", "raw_step_gpu_us", "raw_call_wall_us", "floor_us", "fraction_of_floor", "host_us",
-             "launches_per_call")
+             "launches_per_call", "kernel_gpu_us", "step_kernel_us")
 #: Keys the top level has.
 TOP_KEYS = ("device", "driver", "cuda", "torch", "triton", "commit", "command", "date", "cases")
 

@@ -81,6 +81,7 @@ def _entry(cfg: Config, name: str, cost, floor, bound) -> dict:
         "status": "skipped", "skipped": None,
         "step_gpu_us": None, "call_wall_us": None, "raw_step_gpu_us": None, "raw_call_wall_us": [],
         "step_wall_us": None, "step_gpu_us_iqr": None, "step_gpu_us_min": None,
+        "kernel_gpu_us": None, "step_kernel_us": None,
         "call_wall_us_iqr": None, "call_wall_us_min": None, "call_gpu_us": None,
         "host_us": None, "launches_per_call": None, "copies_per_call": None,
         "repeats": 0, "warmup": 0,
@@ -115,6 +116,17 @@ def _fill_timing(e: dict, m, steps: int, batch: int) -> None:
     primary = e["step_gpu_us"] if e["step_gpu_us"] is not None else e["step_wall_us"]
     if e["floor_us"] is not None and primary:
         e["fraction_of_floor"] = e["floor_us"] / primary
+
+
+def _time_kernels(e: dict, fn, device, repeats: int, budget: float, steps: int) -> None:
+    """Kernel-only device time: the path's captured graph replayed alone (CUDA events), where it has one."""
+    make = getattr(fn, "kernel_only", None)
+    replay = make() if make is not None else None
+    if replay is None:
+        return
+    m = measure(replay, device, n_sets=1, repeats=repeats, warmup=1, budget_s=budget)
+    e["kernel_gpu_us"] = summarize(m.call_gpu_us)["median"]
+    e["step_kernel_us"] = e["kernel_gpu_us"] / steps
 
 
 def _primary(e: dict) -> float | None:
@@ -277,6 +289,7 @@ def _run_config(cfg, names, explicit, device, peaks, repeats, budget, opts, cach
                             budget_s=budget)
                 if device.type == "cuda":
                     e["launches_per_call"], e["copies_per_call"] = count_launches(fn, device)
+                    _time_kernels(e, fn, device, repeats, budget, cfg.steps)
             _fill_timing(e, m, cfg.steps, cfg.batch)
         except P.Skip as s:
             e["status"], e["skipped"] = "skipped", str(s)
@@ -300,7 +313,7 @@ def _run_config(cfg, names, explicit, device, peaks, repeats, budget, opts, cach
 
 
 def run_and_report(opts: Options) -> int:
-    """Run, print the table and where the files went; the exit status (1 if any path FAILED)."""
+    """Run, print the table and where the files went; the exit status (1 if any path FAILED or raised)."""
     result, out, pngs = run(opts)  # first: it checks that rich is installed
     from rich.console import Console
 
@@ -312,8 +325,11 @@ def run_and_report(opts: Options) -> int:
     for p in pngs:
         console.print(f"plot:    {p}")
     failed = [c for c in result["cases"] if c["status"] == "FAILED"]
+    errors = [c for c in result["cases"] if c["status"] == "error"]
     if failed:
         console.print(f"[bold red]{len(failed)} path(s) disagree with the eager result beyond their dtype's "
                       "tolerance (status FAILED)[/]")
-        return 1
-    return 0
+    if errors:
+        console.print(f"[bold red]{len(errors)} path(s) raised (status error): "
+                      + "; ".join(f"{c['backend']}: {c['skipped']}" for c in errors[:5]) + "[/]")
+    return 1 if failed or errors else 0
