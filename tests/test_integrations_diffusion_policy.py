@@ -152,3 +152,25 @@ def test_accelerate_rejects_what_it_cannot_serve():
     policy.model.extra = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="unexpected key 'extra.weight'"):
         diffusion_policy.accelerate(policy)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(backend="nonsense"), r"^`backend` must be 'auto' or one of"),
+                                      (dict(num_inference_steps=0), r"^`num_inference_steps` must be None or a "
+                                                                    r"positive int, got 0")])
+def test_accelerate_checks_its_arguments_before_patching(kw, match):
+    from fdp._validation import UserError
+
+    policy = _StandInPolicy()
+    original = policy.conditional_sample
+    with pytest.raises(UserError, match=match):
+        diffusion_policy.accelerate(policy, **kw)
+    assert policy.conditional_sample == original  # nothing patched
+
+
+def test_accelerate_checks_the_schedulers_config_strictly():
+    # diffusers keeps what it is given: a string where a bool belongs reaches fdp, which refuses it by name.
+    policy = _StandInPolicy()
+    policy.noise_scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, clip_sample="false")
+    with pytest.raises(TypeError, match=r"^the policy's noise scheduler \(DDPMScheduler\) config: `clip_sample` "
+                                        r"must be a bool, got 'false' \(str\)"):
+        diffusion_policy.accelerate(policy)

@@ -10,6 +10,7 @@ torchvision), run it with the stub the fixtures were made with::
 """
 
 import json
+import re
 import shutil
 import types
 from pathlib import Path
@@ -142,6 +143,131 @@ def test_load_pretrained_errors(tmp_path, monkeypatch):
         lerobot.load_pretrained(DATA / "ddpm_film_2stage")
 
 
+# -- untrusted files: every failure a named user error, naming the file (and the field or the tensor) ----------
+
+from fdp._validation import InvalidArgument, InvalidArgumentType, InvalidFile  # noqa: E402
+
+
+def _config_error(tmp_path, edit, cls, *message_parts):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(cls) as info:
+        lerobot.load_pretrained(folder, device="cpu")
+    text = str(info.value)
+    assert text.startswith(f"{folder / 'config.json'}: "), text
+    for part in message_parts:
+        assert part in text, text
+
+
+@pytest.mark.parametrize("field,value,cls,part", [
+    ("clip_sample", "false", InvalidArgumentType, "`clip_sample` must be a bool, got 'false' (str)"),
+    ("beta_end", 2.0, InvalidArgument, "`beta_end` must be a number in (0, 1), got 2.0"),
+    ("beta_start", -0.0001, InvalidArgument, "`beta_start` must be a number in (0, 1), got -0.0001"),
+    ("beta_start", 0.5, InvalidArgument, "`beta_start` (0.5) must be <= `beta_end`"),
+    ("num_train_timesteps", "100", InvalidArgumentType, "`num_train_timesteps` must be a positive int"),
+    ("clip_sample_range", None, InvalidArgumentType, "`clip_sample_range` must be a number >= 0"),
+    ("prediction_type", "eps", InvalidArgument, "`prediction_type` must be one of"),
+    ("horizon", 0, InvalidArgument, "`horizon` must be a positive int, got 0"),
+    ("horizon", 16.0, InvalidArgumentType, "`horizon` must be a positive int"),
+    ("n_groups", True, InvalidArgumentType, "`n_groups` must be a positive int, got True"),
+    ("noise_scheduler_type", ["DDPM"], InvalidArgument, "`noise_scheduler_type` must be one of ['DDPM', 'DDIM']"),
+    ("num_inference_steps", -1, InvalidArgument, "`num_inference_steps` must be None or a positive int"),
+    ("num_inference_steps", 101, InvalidFile, "`num_inference_steps` (101) cannot be larger than `num_train_timesteps` "
+                                              "(100)"),
+    ("horizon", 6, InvalidFile, "`horizon` (6) must be divisible by 4: the U-Net in model.safetensors halves the "
+                                "horizon 2 time(s)"),
+])
+def test_load_pretrained_refuses_a_bad_config_field_by_name(tmp_path, field, value, cls, part):
+    _config_error(tmp_path, lambda cfg: cfg.update({field: value}), cls, part)
+
+
+def test_load_pretrained_config_fields_reach_the_scheduler(tmp_path):
+    # Every field fdp reads changes what it builds (a field dropped on the way would leave the default).
+    folder = _copy(tmp_path, "ddpm_film_2stage")
+    cfg = json.loads((folder / "config.json").read_text())
+    changed = dict(num_train_timesteps=60, beta_start=0.0003, beta_end=0.03, beta_schedule="linear",
+                   clip_sample=not cfg["clip_sample"], clip_sample_range=0.5, prediction_type="sample")
+    (folder / "config.json").write_text(json.dumps({**cfg, **changed, "num_inference_steps": None}))
+    sampler = lerobot.load_pretrained(folder, device="cpu")
+    for key, value in changed.items():
+        assert sampler.scheduler.config[key] == value, key
+    assert sampler.num_inference_steps == 60
+
+
+@pytest.mark.parametrize("text,part", [
+    ("[1, 2, 3]", "holds a JSON array, expected a LeRobot policy config (a JSON object)"),
+    ('"diffusion"', "holds a JSON string"),
+    ("", "is not valid JSON (the file looks truncated)"),
+    (None, "is not valid JSON (the file looks truncated)"),  # the real file cut in half
+])
+def test_load_pretrained_names_a_config_that_is_not_a_json_object(tmp_path, text, part):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    file = folder / "config.json"
+    file.write_text(file.read_text()[: len(file.read_text()) // 2] if text is None else text)
+    with pytest.raises(InvalidFile) as info:
+        lerobot.load_pretrained(folder, device="cpu")
+    assert str(info.value).startswith(f"{file} {part}"), str(info.value)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 0.5, -16])
+def test_load_pretrained_names_a_truncated_safetensors_file(tmp_path, keep):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])  # -16: all but the end
+    with pytest.raises(InvalidFile) as info:
+        lerobot.load_pretrained(folder, device="cpu")
+    assert str(info.value).startswith(f"{file} cannot be read as a safetensors file"), str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.float64])
+def test_load_pretrained_refuses_non_float_or_mixed_dtype_tensors_naming_them(tmp_path, dtype):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    key = "diffusion.unet.final_conv.1.bias"
+    _rewrite_weights(folder, lambda t: t.update({key: t[key].to(dtype)}))
+    with pytest.raises(InvalidFile) as info:
+        lerobot.load_pretrained(folder, device="cpu")
+    text = str(info.value)
+    assert text.startswith(f"{folder / 'model.safetensors'}: the tensor ") and repr(key) in text, text
+    assert f"has dtype {dtype}" in text
+
+
+def test_load_pretrained_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    key = "diffusion.unet.mid_modules.0.conv1.block.0.weight"
+
+    def poison(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[[3, 5]] = torch.tensor([float("nan"), float("inf")])
+
+    _rewrite_weights(folder, poison)
+    with pytest.raises(InvalidFile, match=re.escape(f"the tensor {key!r} holds 2 NaN or Inf values")):
+        lerobot.load_pretrained(folder, device="cpu")
+
+
+def test_load_pretrained_names_a_tensor_of_the_wrong_rank(tmp_path):
+    folder = _copy(tmp_path, "ddim_film_3stage")
+    key = "diffusion.unet.down_modules.0.0.conv1.block.0.weight"
+    _rewrite_weights(folder, lambda t: t.update({key: t[key].flatten()}))
+    with pytest.raises(InvalidArgument, match=re.escape(f"{key}' has shape")):
+        lerobot.load_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize("kw,cls,part", [
+    (dict(backend="nonsense"), InvalidArgument, "`backend` must be 'auto' or one of"),
+    (dict(num_inference_steps=0), InvalidArgument, "`num_inference_steps` must be None or a positive int"),
+    (dict(dtype="int8"), InvalidArgument, "`dtype` must be a floating torch.dtype"),
+    (dict(device="banana"), InvalidArgument, "`device` must be a torch.device"),
+])
+def test_load_pretrained_checks_its_arguments_before_reading(tmp_path, kw, cls, part):
+    with pytest.raises(cls, match=re.escape(part)):
+        lerobot.load_pretrained(tmp_path / "absent", **kw)  # the argument is named, not the missing folder
+    with pytest.raises(InvalidArgumentType, match="`path` must be a str or a pathlib.Path"):
+        lerobot.load_pretrained(3)
+
+
 # -- accelerate, on a stand-in of LeRobot's DiffusionModel ---------------------------------------------------------
 
 diffusers = pytest.importorskip("diffusers")
@@ -249,6 +375,17 @@ def test_accelerate_sees_through_torch_compile():
         got = policy.diffusion.conditional_sample(3, global_cond=cond, noise=x_T)
         assert handle.sampler.policy.components[0].final_conv[1].weight is policy.diffusion.unet._orig_mod.final_conv[1].weight
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(backend="nonsense"), r"^`backend` must be 'auto' or one of"),
+                                      (dict(num_inference_steps=True), r"^`num_inference_steps` must be None or a "
+                                                                       r"positive int, got True")])
+def test_accelerate_checks_its_arguments_before_patching(kw, match):
+    policy = _standin()
+    original = policy.diffusion.conditional_sample
+    with pytest.raises((ValueError, TypeError), match=match):
+        lerobot.accelerate(policy, **kw)
+    assert policy.diffusion.conditional_sample == original  # nothing patched
 
 
 def test_accelerate_rejects_other_objects():

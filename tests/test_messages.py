@@ -66,3 +66,107 @@ def test_router_help_teaches_every_strategy_and_argument():
     init = fdp.Router.__init__.__doc__
     for arg in ("cond_dim", "num_components", "hidden_dim", "strategy", "topk", "fixed_weights"):
         assert f"{arg}:" in init
+
+
+# -- one rule for user errors: a UserError subclass of ValueError/TypeError/FileNotFoundError, named -----------
+
+from fdp._validation import (InvalidArgument, InvalidArgumentType, InvalidFile, MissingFile, UserError,  # noqa: E402
+                             check_number, check_output_path, read_json_object)
+
+
+def test_user_errors_are_the_builtin_errors_callers_catch():
+    for cls, builtin in ((InvalidArgument, ValueError), (InvalidArgumentType, TypeError), (InvalidFile, ValueError),
+                         (MissingFile, FileNotFoundError)):
+        assert issubclass(cls, UserError) and issubclass(cls, builtin)
+    assert not issubclass(ValueError, UserError)  # a plain ValueError (a bug) is not mistaken for one
+
+
+def _mlp(**kw):
+    return fdp.MLPDenoiser(**{**dict(input_dim=3, horizon=4, global_cond_dim=5, hidden_dim=8), **kw})
+
+
+CONSTRUCTOR_ERRORS = [
+    (lambda: fdp.Router(True, 2), InvalidArgumentType, "`cond_dim` must be a positive int, got True"),
+    (lambda: fdp.Router(5, 0), InvalidArgument, "`num_components` must be a positive int, got 0"),
+    (lambda: fdp.Router(5, 2, hidden_dim=2.0), InvalidArgumentType, "`hidden_dim` must be None or a positive int"),
+    (lambda: fdp.Router(5, 2, strategy="topk", topk="1"), InvalidArgumentType, "`topk` must be a positive int"),
+    (lambda: fdp.Router(5, 2, strategy="best"), InvalidArgument, "`strategy` must be one of"),
+    (lambda: _mlp(horizon=0), InvalidArgument, "`horizon` must be a positive int, got 0"),
+    (lambda: _mlp(hidden_dim=True), InvalidArgumentType, "`hidden_dim` must be a positive int, got True"),
+    (lambda: _mlp(global_cond_dim=-1), InvalidArgument, "`global_cond_dim` must be None or a non-negative int"),
+    (lambda: fdp.FactorizedPolicy([_mlp()], fdp.Router(5, 1), True, 3), InvalidArgumentType, "`horizon`"),
+    (lambda: fdp.FactorizedPolicy([_mlp()], fdp.Router(5, 1), 4, 0), InvalidArgument, "`action_dim`"),
+    (lambda: fdp.FactorizedPolicy([], fdp.Router(5, 1), 4, 3), InvalidArgument, "`components`"),
+    (lambda: fdp.FactorizedPolicy([fdp.ConditionalUnet1D(3, global_cond_dim=5, down_dims=[8, 16, 32], n_groups=4)],
+                                  fdp.Router(5, 1), 6, 3), InvalidArgument,
+     "`horizon` (6) must be divisible by 4 for component 0, whose U-Net halves it 2 time(s)"),
+    (lambda: fdp.ConditionalUnet1D(3, down_dims=[8, 10], n_groups=4), InvalidArgument, "`down_dims`"),
+    (lambda: fdp.ConditionalUnet1D(3, kernel_size=4), InvalidArgument, "`kernel_size` must be a positive odd int"),
+    (lambda: fdp.DDPMScheduler(clip_sample="false"), InvalidArgumentType, "`clip_sample` must be a bool"),
+    (lambda: fdp.DDPMScheduler(beta_end=2.0), InvalidArgument, r"`beta_end` must be a number in (0, 1), got 2.0"),
+    (lambda: fdp.DDIMScheduler(beta_start=-1e-4), InvalidArgument, "`beta_start` must be a number in (0, 1)"),
+]
+
+
+@pytest.mark.parametrize("make,cls,message", CONSTRUCTOR_ERRORS, ids=[m for _, _, m in CONSTRUCTOR_ERRORS])
+def test_constructors_raise_named_user_errors(make, cls, message):
+    with pytest.raises(cls) as info:
+        make()
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def _sampler(**kw):
+    return fdp.Sampler(make_mlp_policy(dtype=torch.float32), fdp.DDIMScheduler(num_train_timesteps=20), **kw)
+
+
+@pytest.mark.parametrize("kw,cls,message", [
+    (dict(backend="nonsense"), InvalidArgument, "`backend` must be 'auto' or one of"),
+    (dict(backend=["torch"]), InvalidArgument, "`backend` must be 'auto' or one of"),
+    (dict(num_inference_steps=0), InvalidArgument, "`num_inference_steps` must be a positive int"),
+    (dict(num_inference_steps=30), InvalidArgument, "`num_inference_steps` (30) cannot be larger"),
+    (dict(eta=2.0), InvalidArgument, "`eta` must be a number in [0, 1]"),
+    (dict(dtype="int8"), InvalidArgument, "`dtype` must be a floating torch.dtype"),
+    (dict(check_inputs="yes"), InvalidArgumentType, "`check_inputs` must be a bool"),
+])
+def test_sampler_arguments_are_user_errors(kw, cls, message):
+    with pytest.raises(cls) as info:
+        _sampler(**kw)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_number_check_names_the_interval():
+    assert check_number("x", 0.5, low=0, high=1, low_open=True, high_open=True) == 0.5
+    for bad, cls in ((0.0, InvalidArgument), (1.0, InvalidArgument), (float("nan"), InvalidArgument),
+                     ("0.5", InvalidArgumentType), (True, InvalidArgumentType)):
+        with pytest.raises(cls, match=r"^`x` must be a number in \(0, 1\), got "):
+            check_number("x", bad, low=0, high=1, low_open=True, high_open=True)
+
+
+def test_json_object_reader_names_the_file_and_the_problem(tmp_path):
+    f = tmp_path / "config.json"
+    with pytest.raises(MissingFile, match=f"^{re.escape(str(f))} does not exist"):
+        read_json_object(f)
+    f.write_text('{"a": 1, "b": "tru')
+    with pytest.raises(InvalidFile, match=f"^{re.escape(str(f))} is not valid JSON \\(the file looks truncated\\)"):
+        read_json_object(f)
+    f.write_text("[1, 2]")
+    with pytest.raises(InvalidFile, match=f"^{re.escape(str(f))} holds a JSON array, expected a JSON object"):
+        read_json_object(f)
+    f.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(InvalidFile, match=f"^{re.escape(str(f))} cannot be read"):
+        read_json_object(f)
+    f.write_text('{"a": 1}')
+    assert read_json_object(f) == {"a": 1}
+
+
+def test_output_path_check_runs_before_any_work(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    with pytest.raises(InvalidArgument, match=r"^`--out` is .*file, not a folder: no file can be written under it"):
+        check_output_path("--out", regular / "sub" / "r.json")
+    with pytest.raises(InvalidArgument, match=r"^`--out` must be a file to write, but .* is a folder"):
+        check_output_path("--out", tmp_path)
+    with pytest.raises(InvalidArgument, match=r"^`out_dir` must be a folder to write, but .* is a file"):
+        check_output_path("out_dir", regular, folder=True)
+    assert check_output_path("--out", tmp_path / "new" / "r.json") == tmp_path / "new" / "r.json"
+    assert not (tmp_path / "new").exists()  # checked, nothing created

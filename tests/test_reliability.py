@@ -391,7 +391,7 @@ def test_policy_with_an_empty_batch():
 def test_sampler_refuses_eta_outside_unit_interval(eta):
     with pytest.raises(ValueError, match="eta"):
         fdp.Sampler(make_policy("torch"), fdp.DDIMScheduler(num_train_timesteps=100), 5, eta=eta)
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(TypeError, match="eta"):  # a wrong type: TypeError, as every check of _validation
         fdp.Sampler(make_policy("torch"), fdp.DDIMScheduler(num_train_timesteps=100), 5, eta="0.5")
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -473,10 +474,11 @@ def test_ddim_eta_one_at_zero_snr():
 def test_ddim_eta_outside_unit_interval_is_refused(eta):
     # Past 1 the step's noise can exceed its variance: diffusers then takes sqrt of a negative (NaN).
     d = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
-    with pytest.raises(ValueError, match="eta"):
+    error = TypeError if isinstance(eta, (bool, str)) else ValueError  # a wrong type, or a number out of range
+    with pytest.raises(error, match="eta"):
         d.step_table(10, eta=eta)
     d.set_timesteps(10)
-    with pytest.raises(ValueError, match="eta"):
+    with pytest.raises(error, match="eta"):
         d.step(torch.zeros(SHAPE), int(d.timesteps[0]), torch.zeros(SHAPE), eta=eta)
 
 
@@ -486,3 +488,74 @@ def test_ddim_eta_bounds_are_accepted():
     d = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
     for eta in (0, 0.0, 1, 1.0, np.float32(0.5)):
         assert torch.isfinite(d.step_table(10, eta=eta).coef).all()
+
+
+# -- strict config types and ranges: a config read from a file is refused with the field's name, never coerced ----
+
+BAD_CONFIGS = [
+    (dict(clip_sample="false"), TypeError, "`clip_sample` must be a bool, got 'false' (str)"),
+    (dict(clip_sample=0), TypeError, "`clip_sample` must be a bool"),
+    (dict(rescale_betas_zero_snr="no"), TypeError, "`rescale_betas_zero_snr` must be a bool"),
+    (dict(thresholding="false"), TypeError, "`thresholding` must be a bool"),
+    (dict(beta_end=2.0), ValueError, "`beta_end` must be a number in (0, 1), got 2.0"),
+    (dict(beta_end=1.0), ValueError, "`beta_end` must be a number in (0, 1), got 1.0"),
+    (dict(beta_start=-0.0001), ValueError, "`beta_start` must be a number in (0, 1), got -0.0001"),
+    (dict(beta_start=0.0), ValueError, "`beta_start` must be a number in (0, 1), got 0.0"),
+    (dict(beta_start="0.0001"), TypeError, "`beta_start` must be a number in (0, 1), got '0.0001' (str)"),
+    (dict(beta_start=float("nan")), ValueError, "`beta_start` must be a number in (0, 1)"),
+    (dict(beta_start=0.03, beta_end=0.02), ValueError, "`beta_start` (0.03) must be <= `beta_end` (0.02)"),
+    (dict(num_train_timesteps=0), ValueError, "`num_train_timesteps` must be a positive int, got 0"),
+    (dict(num_train_timesteps=100.0), TypeError, "`num_train_timesteps` must be a positive int"),
+    (dict(steps_offset=-1), ValueError, "`steps_offset` must be a non-negative int, got -1"),
+    (dict(clip_sample_range=-1.0), ValueError, "`clip_sample_range` must be a number >= 0, got -1.0"),
+    (dict(clip_sample_range="1"), TypeError, "`clip_sample_range` must be a number >= 0"),
+    (dict(prediction_type="eps"), ValueError, "`prediction_type` must be one of"),
+    (dict(timestep_spacing=None), ValueError, "`timestep_spacing` must be one of"),
+    (dict(beta_schedule=1), TypeError, "`beta_schedule` must be a str"),
+    (dict(beta_schedule="cubic"), ValueError, "`beta_schedule` must be one of"),
+    (dict(trained_betas="0.1"), TypeError, "`trained_betas` must be None or a sequence of numbers"),
+    (dict(num_train_timesteps=3, trained_betas=[0.1, 0.0, 0.2]), ValueError,
+     "`trained_betas[1]` must be a number in (0, 1]"),
+    (dict(num_train_timesteps=3, trained_betas=[0.1, 1.5, 0.2]), ValueError,
+     "`trained_betas[1]` must be a number in (0, 1]"),
+    (dict(beta_start=1e-8), ValueError, "`beta_start` is too small for float32: 1 - beta rounds to 1 at timestep 0"),
+    (dict(num_train_timesteps=2, trained_betas=[1e-9, 0.5]), ValueError, "`trained_betas[0]` is too small"),
+    (dict(beta_end=0.5), ValueError, "`beta_end`=0.5 with beta_schedule='linear' over num_train_timesteps=1000 "
+                                     "drives alphas_cumprod to 0 (float32) from timestep"),
+    (dict(num_train_timesteps=3, trained_betas=[0.5, 1.0, 0.5]), ValueError, "`trained_betas` over "
+                                                                              "num_train_timesteps=3 drives"),
+    (dict(dynamic_thresholding_ratio="0.9"), TypeError, "`dynamic_thresholding_ratio` must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("kw,exc,message", BAD_CONFIGS, ids=[m.split(" must")[0] + str(i)
+                                                              for i, (_, _, m) in enumerate(BAD_CONFIGS)])
+def test_bad_config_field_is_refused_by_name(cls, kw, exc, message):
+    with pytest.raises(exc) as info:
+        cls(**kw)
+    assert str(info.value).startswith(message), str(info.value)
+    # The same through from_config, as configs read from other libraries' files arrive.
+    with pytest.raises(exc):
+        cls.from_config({**cls().config, **kw})
+
+
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_ddim_set_alpha_to_one_is_a_bool(value):
+    with pytest.raises(TypeError, match=r"^`set_alpha_to_one` must be a bool"):
+        DDIMScheduler(set_alpha_to_one=value)
+
+
+@pytest.mark.parametrize("value", ["learned", "fixed_small "])
+def test_ddpm_variance_type_is_named(value):
+    with pytest.raises(ValueError, match="`variance_type`"):
+        DDPMScheduler(variance_type=value)
+
+
+def test_valid_edge_configs_still_build_and_step_finitely():
+    # The bounds are strict only where the step breaks: the smallest and largest legal betas give finite tables.
+    for cls in (DDPMScheduler, DDIMScheduler):
+        for kw in (dict(beta_start=2.0 ** -23, beta_end=2.0 ** -23), dict(beta_start=0.5, beta_end=0.999),
+                   dict(clip_sample_range=0.0), dict(clip_sample=np.bool_(False))):
+            table = cls(num_train_timesteps=50, **kw).step_table(5)
+            assert bool(torch.isfinite(table.coef).all()), (cls, kw)

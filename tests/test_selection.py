@@ -355,7 +355,9 @@ def test_fdp_tune_shows_the_decision_and_refresh_checks_again(register, capsys, 
     register("off-by-1pct", 1000, offset=0.01)
     assert main(["tune", "--K", "2", "--backend", "off-by-1pct"]) == 1
     assert "'off-by-1pct' disagrees" in capsys.readouterr().err
-    assert main(["tune", "--batch", "0"]) == 1 and "`batch_size` must be a positive int" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a usage error: one line, exit status 2, before any work
+        main(["tune", "--batch", "0"])
+    assert refused.value.code == 2 and "argument --batch: expected an int >= 1" in capsys.readouterr().err
     torch.save({"not": "a policy"}, tmp_path / "p.pt")
     assert main(["tune", "--policy", str(tmp_path / "p.pt")]) == 2
     assert "FactorizedPolicy" in capsys.readouterr().err

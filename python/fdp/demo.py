@@ -123,7 +123,20 @@ def run(out_dir: str = "fdp-demo", train_steps: int | None = None, batch_size: i
     on a fresh batch of demonstrations per task.
     """
     from ._optional import require
+    from .backends import get_backend
+    from ._validation import check_bool, check_int, check_number, check_optional_int, check_output_path
 
+    # Every argument is checked here, before minutes of training.
+    check_output_path("out_dir", out_dir, folder=True)
+    train_steps = check_optional_int("train_steps", train_steps, min_value=1)
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    seed = check_int("seed", seed, min_value=0)
+    samples_per_task = check_optional_int("samples_per_task", samples_per_task, min_value=1)
+    progress, quick = check_bool("progress", progress), check_bool("quick", quick)
+    component_weight = check_number("component_weight", component_weight, low=0)
+    balance_weight = check_number("balance_weight", balance_weight, low=0)
+    if backend != "auto":
+        get_backend(backend)  # an unknown name, named
     require("matplotlib", "demo", "fdp demo's plot")  # fail now, not after training
     if train_steps is None:
         train_steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
@@ -157,6 +170,11 @@ def _run(out_dir, train_steps, batch_size, seed, samples_per_task, backend, prog
                   for _ in range(K)]
     router = fdp.Router(Dc, K, hidden_dim=32, strategy="soft")
     policy = fdp.FactorizedPolicy(components, router, HORIZON, ACTION_DIM)
+    scheduler = fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                                  clip_sample=True, prediction_type="epsilon")
+    # A backend named explicitly is resolved now, so that one that cannot run here fails before training
+    # (the Sampler repacks the trained weights by itself); "auto" picks for the trained policy.
+    sampler = None if backend == "auto" else fdp.Sampler(policy, scheduler, num_inference_steps=10, backend=backend)
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3, weight_decay=1e-4)
     sched_lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, train_steps)
 
@@ -184,9 +202,8 @@ def _run(out_dir, train_steps, batch_size, seed, samples_per_task, backend, prog
     train_s = time.perf_counter() - t0
 
     policy.eval()
-    scheduler = fdp.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                                  clip_sample=True, prediction_type="epsilon")
-    sampler = fdp.Sampler(policy, scheduler, num_inference_steps=10, backend=backend)
+    if sampler is None:
+        sampler = fdp.Sampler(policy, scheduler, num_inference_steps=10, backend=backend)
     print(f"[fdp demo] sampling {samples_per_task} action chunks per task (DDIM, 10 steps, backend "
           f"'{sampler.backend}')", flush=True)
     cond = torch.eye(Dc).repeat_interleave(samples_per_task, dim=0)

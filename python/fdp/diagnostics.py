@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._validation import check_tensor
+from ._validation import InvalidArgument, InvalidArgumentType, check_tensor
 from .policy import FactorizedPolicy, _weighted_sum
 
 __all__ = ["routing", "format_routing"]
@@ -54,7 +54,7 @@ def routing(policy, obs_by_task: Mapping, actions_by_task: Mapping | None = None
         ``uniform_mse`` and ``zero_mse``.
     """
     if not isinstance(policy, FactorizedPolicy):
-        raise TypeError(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
+        raise InvalidArgumentType(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
     _check_groups(policy, obs_by_task, actions_by_task)
     K = policy.num_components
     was_training = policy.training
@@ -92,17 +92,18 @@ def format_routing(report: dict) -> str:
 
 def _check_groups(policy, obs_by_task, actions_by_task) -> None:
     if not isinstance(obs_by_task, Mapping) or not obs_by_task:
-        raise TypeError("`obs_by_task` must be a non-empty mapping {task name: features [N, cond_dim]}")
+        raise InvalidArgumentType("`obs_by_task` must be a non-empty mapping {task name: features [N, cond_dim]}")
     if actions_by_task is not None:
         if not isinstance(actions_by_task, Mapping):
-            raise TypeError("`actions_by_task` must be None or a mapping {task name: actions [N, horizon, action_dim]}")
+            raise InvalidArgumentType("`actions_by_task` must be None or a mapping "
+                                      "{task name: actions [N, horizon, action_dim]}")
         if set(actions_by_task) != set(obs_by_task):
-            raise ValueError(f"`actions_by_task` must have the same task names as `obs_by_task`, got "
-                             f"{sorted(map(str, actions_by_task))} vs {sorted(map(str, obs_by_task))}")
+            raise InvalidArgument(f"`actions_by_task` must have the same task names as `obs_by_task`, got "
+                                  f"{sorted(map(str, actions_by_task))} vs {sorted(map(str, obs_by_task))}")
     for name, obs in obs_by_task.items():
         d = check_tensor(f"obs_by_task[{name!r}]", obs, shape=("N", policy.cond_dim), dtype="floating")
         if d["N"] == 0:
-            raise ValueError(f"`obs_by_task[{name!r}]` must hold at least one sample")
+            raise InvalidArgument(f"`obs_by_task[{name!r}]` must hold at least one sample")
         if actions_by_task is not None:
             check_tensor(f"actions_by_task[{name!r}]", actions_by_task[name],
                          shape=("N", policy.horizon, policy.action_dim), dtype="floating", dims=d)

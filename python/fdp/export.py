@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._validation import check_int
+from ._optional import MissingExtra
+from ._validation import InvalidArgument, InvalidArgumentType, MissingFile, check_bool, check_int, check_optional_int
 from .backends.torch_backend import TorchPrepared
 from .sampler import Sampler
 
@@ -59,7 +60,7 @@ def _require(dynamo: bool):
         if dynamo:
             import onnxscript  # noqa: F401  (torch.export's ONNX translation)
     except ImportError as exc:
-        raise ImportError(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
+        raise MissingExtra(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
                           "pip install 'fdp[onnx]'") from exc
     return onnxruntime
 
@@ -77,13 +78,23 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
     more than the dtype's tolerance on random inputs (seeded by ``seed``).
     """
     if not isinstance(sampler, Sampler):
-        raise TypeError(f"`sampler` must be an fdp.Sampler, got {type(sampler).__name__}")
+        raise InvalidArgumentType(f"`sampler` must be an fdp.Sampler, got {type(sampler).__name__}")
     batch_size = check_int("batch_size", batch_size, min_value=1)
-    if sampler.dtype != sampler.sample_dtype:
-        raise ValueError(f"`sampler` runs {sampler.dtype} weights, but the exported graph computes in the policy's "
-                         f"{sampler.sample_dtype}: export a sampler built without `dtype`")
-    ort = _require(dynamo)
+    opset = check_optional_int("opset", opset, min_value=1)
+    dynamo = check_bool("dynamo", dynamo)
+    seed = check_int("seed", seed)
+    if not isinstance(path, (str, Path)):
+        raise InvalidArgumentType(f"`path` must be a str or a pathlib.Path, got {type(path).__name__}")
     path = Path(path)
+    # Checked before the (long) export, not when the file is written.
+    if path.is_dir():
+        raise InvalidArgument(f"`path` must be a file to write, but {path} is a folder")
+    if not path.parent.is_dir():
+        raise MissingFile(f"`path`: the folder {path.parent} of {path} does not exist")
+    if sampler.dtype != sampler.sample_dtype:
+        raise InvalidArgument(f"`sampler` runs {sampler.dtype} weights, but the exported graph computes in the "
+                              f"policy's {sampler.sample_dtype}: export a sampler built without `dtype`")
+    ort = _require(dynamo)
     policy = sampler.policy
     dtype, device = sampler.sample_dtype, sampler.device
     shape = (batch_size, policy.horizon, policy.action_dim)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_finite, check_tensor
+from ._validation import InvalidArgument, check_finite, check_int, check_optional_int, check_tensor
 from .unet import SinusoidalPosEmb
 
 
@@ -79,12 +79,10 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         for name, v in (("input_dim", input_dim), ("horizon", horizon), ("hidden_dim", hidden_dim),
                         ("num_blocks", num_blocks), ("time_embed_dim", time_embed_dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+            check_int(name, v, min_value=1)
         if time_embed_dim % 2 or time_embed_dim < 4:
-            raise ValueError(f"`time_embed_dim` must be even and >= 4, got {time_embed_dim}")
-        if global_cond_dim is not None and (not isinstance(global_cond_dim, int) or global_cond_dim < 0):
-            raise ValueError(f"`global_cond_dim` must be None or a non-negative int, got {global_cond_dim!r}")
+            raise InvalidArgument(f"`time_embed_dim` must be even and >= 4, got {time_embed_dim}")
+        global_cond_dim = check_optional_int("global_cond_dim", global_cond_dim, min_value=0)
         self.input_dim = input_dim
         self.horizon = horizon
         self.global_cond_dim = global_cond_dim or 0
@@ -163,18 +161,18 @@ class MLPDenoiser(nn.Module):
         check_tensor("sample", sample, shape=(None, self.horizon, self.input_dim), dtype="floating")
         B = sample.shape[0]
         if local_cond is not None:
-            raise ValueError("`local_cond` is not supported by MLPDenoiser (pass None)")
+            raise InvalidArgument("`local_cond` is not supported by MLPDenoiser (pass None)")
         t = torch.as_tensor(timestep)
         if not (t.ndim == 0 or (t.ndim == 1 and t.shape[0] in (1, B))):
-            raise ValueError(f"`timestep` must be a scalar or have shape [{B}], got {list(t.shape)}")
+            raise InvalidArgument(f"`timestep` must be a scalar or have shape [{B}], got {list(t.shape)}")
         if self.global_cond_dim:
             if global_cond is None:
-                raise ValueError(f"`global_cond` is required: expected shape [{B}, {self.global_cond_dim}]")
+                raise InvalidArgument(f"`global_cond` is required: expected shape [{B}, {self.global_cond_dim}]")
             check_tensor("global_cond", global_cond, shape=(B, self.global_cond_dim),
                          dtype=sample.dtype, device=sample.device)
             check_finite("global_cond", global_cond)
         elif global_cond is not None and global_cond.numel():
-            raise ValueError("`global_cond` was given but this MLPDenoiser has global_cond_dim=0")
+            raise InvalidArgument("`global_cond` was given but this MLPDenoiser has global_cond_dim=0")
         return B
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_finite, check_tensor
+from ._validation import InvalidArgument, InvalidArgumentType, check_finite, check_int, check_tensor
 from .router import NEW_COMPONENT_LOGIT, Router
 
 ADAPT_MODES = ("router", "router+new", "full")
@@ -52,18 +52,17 @@ class FactorizedPolicy(nn.Module):
         super().__init__()
         components = list(components)
         if not components:
-            raise ValueError("`components` must hold at least one module")
+            raise InvalidArgument("`components` must hold at least one module")
         for i, comp in enumerate(components):
             if not isinstance(comp, nn.Module):
-                raise TypeError(f"`components[{i}]` must be an nn.Module, got {type(comp).__name__}")
+                raise InvalidArgumentType(f"`components[{i}]` must be an nn.Module, got {type(comp).__name__}")
         if not isinstance(router, Router):
-            raise TypeError(f"`router` must be an fdp.Router, got {type(router).__name__}")
+            raise InvalidArgumentType(f"`router` must be an fdp.Router, got {type(router).__name__}")
         if router.num_components != len(components):
-            raise ValueError(f"`router` has {router.num_components} outputs but {len(components)} "
-                             "components were given: K must match")
+            raise InvalidArgument(f"`router` has {router.num_components} outputs but {len(components)} "
+                                  "components were given: K must match")
         for name, v in (("horizon", horizon), ("action_dim", action_dim)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+            check_int(name, v, min_value=1)
         self.components = nn.ModuleList()
         self._takes_cond: list[bool] = []
         self.router = router
@@ -98,13 +97,17 @@ class FactorizedPolicy(nn.Module):
         for attr, want in (("input_dim", self.action_dim), ("horizon", self.horizon)):
             have = getattr(comp, attr, None)
             if have is not None and have != want:
-                raise ValueError(f"component {i} has {attr}={have}, but the policy expects {want}")
+                raise InvalidArgument(f"component {i} has {attr}={have}, but the policy expects {want}")
+        multiple = getattr(comp, "horizon_multiple", 1)  # a U-Net halves the horizon at each level
+        if self.horizon % multiple:
+            raise InvalidArgument(f"`horizon` ({self.horizon}) must be divisible by {multiple} for component {i}, "
+                                  f"whose U-Net halves it {multiple.bit_length() - 1} time(s)")
         # A component may ignore the observation (global_cond_dim 0 or None):
         # then only the router sees it, and the component gets global_cond=None.
         have = getattr(comp, "global_cond_dim", self.router.cond_dim)
         if have not in (0, None, self.router.cond_dim):
-            raise ValueError(f"component {i} has global_cond_dim={have}, but the router reads features of "
-                             f"size {self.router.cond_dim} (use the same, or 0/None for a component that ignores them)")
+            raise InvalidArgument(f"component {i} has global_cond_dim={have}, but the router reads features of "
+                                  f"size {self.router.cond_dim} (use the same, or 0/None for a component that ignores them)")
         self.components.append(comp)
         self._takes_cond.append(have not in (0, None))
         self.is_new = torch.cat([self.is_new, torch.tensor([new], device=self.is_new.device)])
@@ -123,7 +126,7 @@ class FactorizedPolicy(nn.Module):
         leaves it alone).
         """
         if not isinstance(module, nn.Module):
-            raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}")
+            raise InvalidArgumentType(f"`module` must be an nn.Module, got {type(module).__name__}")
         ref = next(self.router.parameters())
         self._append(module.to(device=ref.device, dtype=ref.dtype), new=True)
         self.router.add_output(initial_logit)
@@ -135,7 +138,7 @@ class FactorizedPolicy(nn.Module):
         indices = range(self.num_components) if indices is None else list(indices)
         for i in indices:
             if not isinstance(i, int) or not -self.num_components <= i < self.num_components:
-                raise ValueError(f"`indices` must hold component indices in [0, {self.num_components}), got {i!r}")
+                raise InvalidArgument(f"`indices` must hold component indices in [0, {self.num_components}), got {i!r}")
             self.components[i].requires_grad_(not frozen)
 
     def adapt(self, mode: str, start_logit: float = ADAPT_START_LOGIT) -> list[nn.Parameter]:
@@ -149,7 +152,7 @@ class FactorizedPolicy(nn.Module):
         outputs change from here on, as training changes them anyway.
         """
         if mode not in ADAPT_MODES:
-            raise ValueError(f"`mode` must be one of {ADAPT_MODES}, got {mode!r}")
+            raise InvalidArgument(f"`mode` must be one of {ADAPT_MODES}, got {mode!r}")
         if mode != "router":
             with torch.no_grad():
                 for i in torch.nonzero(self.awaits_start).flatten().tolist():
@@ -205,12 +208,12 @@ class FactorizedPolicy(nn.Module):
         check_tensor("actions", actions, shape=(None, self.horizon, self.action_dim), dtype="floating")
         param = next(self.components[0].parameters(), None)
         if param is not None and actions.dtype != param.dtype:
-            raise TypeError(f"`actions` must have the policy's parameter dtype {param.dtype}, got {actions.dtype} "
-                            f"(convert the actions, or the policy with .to({actions.dtype}))")
+            raise InvalidArgumentType(f"`actions` must have the policy's parameter dtype {param.dtype}, got {actions.dtype} "
+                                      f"(convert the actions, or the policy with .to({actions.dtype}))")
         check_tensor("cond", cond, shape=(actions.shape[0], self.cond_dim), dtype="floating", device=actions.device)
         if any(self._takes_cond) and cond.dtype != actions.dtype:
-            raise TypeError(f"`cond` must have the dtype of `actions` ({actions.dtype}): the components read it; "
-                            f"got {cond.dtype}")
+            raise InvalidArgumentType(f"`cond` must have the dtype of `actions` ({actions.dtype}): the components read it; "
+                                      f"got {cond.dtype}")
         sched = self.noise_scheduler.config
         if not getattr(self, "_warned_clip", False) and sched.get("clip_sample") and actions.numel():
             limit = sched["clip_sample_range"]
@@ -276,7 +279,7 @@ class FactorizedPolicy(nn.Module):
         self._check_training_inputs(actions, cond)
         self.check_inputs(actions, cond)
         if actions.shape[0] == 0:
-            raise ValueError("`actions` must hold at least one sample: the loss is a mean over the batch")
+            raise InvalidArgument("`actions` must hold at least one sample: the loss is a mean over the batch")
         component_weight = _check_loss_weight("component_weight", component_weight)
         balance_weight = _check_loss_weight("balance_weight", balance_weight)
         noisy, t, target = self.noised(actions, generator)
@@ -312,7 +315,7 @@ def _weighted_sum(weights, outputs):
 
 def _check_loss_weight(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a non-negative float, got {value!r} ({type(value).__name__})")
+        raise InvalidArgumentType(f"`{name}` must be a non-negative float, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}")
+        raise InvalidArgument(f"`{name}` must be a non-negative float, got {value!r}")
     return float(value)

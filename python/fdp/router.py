@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_finite, check_tensor
+from ._validation import InvalidArgument, check_finite, check_int, check_optional_int, check_tensor
 
 STRATEGIES = ("soft", "hard", "topk", "fixed")
 
@@ -79,13 +79,10 @@ class Router(nn.Module):
             fixed_weights: ``[K]`` non-negative weights summing to 1; required for ``"fixed"``.
         """
         super().__init__()
-        if not isinstance(cond_dim, int) or cond_dim < 1:
-            raise ValueError(f"`cond_dim` must be a positive int, got {cond_dim!r}")
-        if not isinstance(num_components, int) or num_components < 1:
-            raise ValueError(f"`num_components` must be a positive int, got {num_components!r}")
+        cond_dim = check_int("cond_dim", cond_dim, min_value=1)
+        num_components = check_int("num_components", num_components, min_value=1)
+        hidden_dim = check_optional_int("hidden_dim", hidden_dim, min_value=1)
         hidden_dim = cond_dim if hidden_dim is None else hidden_dim
-        if not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(f"`hidden_dim` must be None or a positive int, got {hidden_dim!r}")
         self.cond_dim = cond_dim
         self.net = nn.Sequential(nn.Linear(cond_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_components))
         self.register_buffer("fixed_weights", torch.full((num_components,), 1.0 / num_components))
@@ -100,23 +97,21 @@ class Router(nn.Module):
     def set_strategy(self, strategy: str, topk: int | None = None, fixed_weights=None) -> None:
         """Switch routing strategy (e.g. train ``soft``, deploy ``topk``)."""
         if strategy not in STRATEGIES:
-            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+            raise InvalidArgument(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
         K = self.num_components
         if topk is not None:
-            if not isinstance(topk, int) or not 1 <= topk:
-                raise ValueError(f"`topk` must be a positive int, got {topk!r}")
-            self.topk = topk
+            self.topk = topk = check_int("topk", topk, min_value=1)
         if strategy == "topk" and self.topk > K:
-            raise ValueError(f"`topk` must be <= num_components ({K}), got {self.topk}")
+            raise InvalidArgument(f"`topk` must be <= num_components ({K}), got {self.topk}")
         if fixed_weights is not None:
             w = torch.as_tensor(fixed_weights, dtype=self.fixed_weights.dtype).to(self.fixed_weights.device)
             if w.shape != (K,):
-                raise ValueError(f"`fixed_weights` must have shape [{K}], got {list(w.shape)}")
+                raise InvalidArgument(f"`fixed_weights` must have shape [{K}], got {list(w.shape)}")
             if not torch.isfinite(w).all() or (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-5:
-                raise ValueError(f"`fixed_weights` must be finite, non-negative and sum to 1, got {w.tolist()}")
+                raise InvalidArgument(f"`fixed_weights` must be finite, non-negative and sum to 1, got {w.tolist()}")
             self.fixed_weights.copy_(w)
         elif strategy == "fixed" and self.strategy != "fixed":
-            raise ValueError("strategy 'fixed' needs `fixed_weights` ([K], non-negative, summing to 1)")
+            raise InvalidArgument("strategy 'fixed' needs `fixed_weights` ([K], non-negative, summing to 1)")
         self.strategy = strategy
 
     def _check_cond(self, cond: torch.Tensor) -> None:

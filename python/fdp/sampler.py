@@ -20,7 +20,8 @@ import logging
 
 import torch
 
-from ._validation import check_bool, check_finite, check_float_dtype, check_int, check_tensor, inputs_already_checked
+from ._validation import (InvalidArgument, InvalidArgumentType, check_bool, check_finite, check_float_dtype, check_int,
+                          check_tensor, inputs_already_checked)
 from ._watch import PolicyWatch
 from .backends import select, weight_dtype
 from .policy import FactorizedPolicy
@@ -116,11 +117,11 @@ class Sampler:
                  batch_size: int = 1, verify: bool = False, check_inputs: bool = True, watch_policy: bool = True,
                  isolate: bool | None = None):
         if not isinstance(policy, FactorizedPolicy):
-            raise TypeError(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
+            raise InvalidArgumentType(f"`policy` must be an fdp.FactorizedPolicy, got {type(policy).__name__}")
         if not hasattr(scheduler, "step_table"):
-            raise TypeError(f"`scheduler` must be an fdp.DDPMScheduler or fdp.DDIMScheduler, got "
-                            f"{type(scheduler).__name__} (diffusers schedulers: use fdp.DDIMScheduler.from_config"
-                            "(s.config))")
+            raise InvalidArgumentType(f"`scheduler` must be an fdp.DDPMScheduler or fdp.DDIMScheduler, got "
+                                      f"{type(scheduler).__name__} (diffusers schedulers: use fdp.DDIMScheduler.from_config"
+                                      "(s.config))")
         _check_router_size(policy)
         if num_inference_steps is None:
             num_inference_steps = scheduler.num_inference_steps or scheduler.config["num_train_timesteps"]
@@ -178,9 +179,9 @@ class Sampler:
         self._follow_policy()
         reason = be.unavailable_reason(self.device) or be.unsupported_reason(policy, self.table, self.dtype)
         if reason:
-            raise ValueError(f"the policy changed since this Sampler packed it, and backend {be.name!r} cannot "
-                             f"serve it now: {reason}. Build a new fdp.Sampler for it (backend='auto' picks one "
-                             "that can)")
+            raise InvalidArgument(f"the policy changed since this Sampler packed it, and backend {be.name!r} cannot "
+                                  f"serve it now: {reason}. Build a new fdp.Sampler for it (backend='auto' picks one "
+                                  "that can)")
         self._pack(be)
 
     def invalidate(self) -> None:
@@ -247,9 +248,9 @@ class Sampler:
             if self.check_inputs:
                 check_finite("global_cond", global_cond)
             if generator is not None and not isinstance(generator, torch.Generator):
-                raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+                raise InvalidArgumentType(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
             if generator is not None and (x_T is not None or step_noise is not None):
-                raise ValueError("pass either `generator` or explicit `x_T`/`step_noise`, not both")
+                raise InvalidArgument("pass either `generator` or explicit `x_T`/`step_noise`, not both")
             shape = (B, policy.horizon, policy.action_dim)
             if x_T is not None:
                 check_tensor("x_T", x_T, shape=shape, dtype="floating", device=self.device)
@@ -287,8 +288,8 @@ class Sampler:
 
 def _check_router_size(policy: FactorizedPolicy) -> None:
     if policy.num_components != policy.router.num_components:
-        raise ValueError(f"policy has {policy.num_components} components but its router has "
-                         f"{policy.router.num_components} outputs: K must match")
+        raise InvalidArgument(f"policy has {policy.num_components} components but its router has "
+                              f"{policy.router.num_components} outputs: K must match")
 
 
 def sample(policy: FactorizedPolicy, global_cond: torch.Tensor, scheduler, num_inference_steps: int | None = None,

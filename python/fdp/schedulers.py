@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._validation import (InvalidArgument, InvalidArgumentType, check_bool, check_choice, check_int, check_number)
+
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "StepTable", "SchedulerOutput", "SchedulerConfig", "apply_step", "apply_coefficients",
     "COL_A_X", "COL_A_M", "COL_C_X0", "COL_C_X", "COL_C_M", "COL_SIGMA", "NUM_COLS",
@@ -100,7 +102,7 @@ class StepTable:
     def __post_init__(self):
         n = self.timesteps.shape[0] if self.timesteps.dim() == 1 else -1
         if n < 0 or tuple(self.coef.shape) != (n, NUM_COLS) or tuple(self.adds_noise.shape) != (n,):
-            raise ValueError(
+            raise InvalidArgument(
                 f"StepTable needs timesteps [T], coef [T, {NUM_COLS}] and adds_noise [T]; got "
                 f"{tuple(self.timesteps.shape)}, {tuple(self.coef.shape)} and {tuple(self.adds_noise.shape)}")
         object.__setattr__(self, "_rows", tuple(tuple(r) for r in self.coef.tolist()))
@@ -188,8 +190,8 @@ def _make_betas(cfg: dict, schedules: tuple[str, ...], owner: str) -> torch.Tens
     if cfg["trained_betas"] is not None:
         betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).to(torch.float32)
         if betas.dim() != 1 or betas.shape[0] != n:
-            raise ValueError(f"`trained_betas` must be a 1-D sequence of num_train_timesteps={n} betas, "
-                             f"got shape {tuple(betas.shape)}")
+            raise InvalidArgument(f"`trained_betas` must be a 1-D sequence of num_train_timesteps={n} betas, "
+                                  f"got shape {tuple(betas.shape)}")
         return betas
     sched, b0, b1 = cfg["beta_schedule"], cfg["beta_start"], cfg["beta_end"]
     if sched == "linear":
@@ -202,8 +204,8 @@ def _make_betas(cfg: dict, schedules: tuple[str, ...], owner: str) -> torch.Tens
         return _alpha_bar_betas(n, _laplace_alpha_bar)
     if sched == "sigmoid" and sched in schedules:
         return torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float32)) * (b1 - b0) + b0
-    raise ValueError(f"`beta_schedule` must be one of {list(schedules)} for {owner} (or pass `trained_betas`), "
-                     f"got {sched!r}")
+    raise InvalidArgument(f"`beta_schedule` must be one of {list(schedules)} for {owner} (or pass `trained_betas`), "
+                          f"got {sched!r}")
 
 
 def _spaced_timesteps(num_train: int, n: int, spacing: str, offset: int) -> list[int]:
@@ -365,14 +367,14 @@ def _timestep_int(timestep) -> int:
     # loops should iterate over a CPU ``timesteps`` (the default) or over ints.
     if isinstance(timestep, torch.Tensor):
         if timestep.numel() != 1 or timestep.is_floating_point() or timestep.is_complex():
-            raise ValueError(f"`timestep` must be a single integer, got a tensor of shape {tuple(timestep.shape)} "
-                             f"and dtype {timestep.dtype}")
+            raise InvalidArgument(f"`timestep` must be a single integer, got a tensor of shape {tuple(timestep.shape)} "
+                                  f"and dtype {timestep.dtype}")
         return int(timestep.reshape(()).item())
     if isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
         return int(timestep)
     if isinstance(timestep, float) and timestep.is_integer():
         return int(timestep)
-    raise ValueError(f"`timestep` must be an integer timestep, got {timestep!r}")
+    raise InvalidArgument(f"`timestep` must be an integer timestep, got {timestep!r}")
 
 
 def _draw_noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -387,12 +389,12 @@ def _draw_noise(shape, generator, device: torch.device, dtype: torch.dtype) -> t
     rand_device = device
     if gen_type != device.type:
         if gen_type != "cpu":
-            raise ValueError(f"cannot draw noise for a {device.type} tensor from a {gen_type} generator")
+            raise InvalidArgument(f"cannot draw noise for a {device.type} tensor from a {gen_type} generator")
         rand_device = torch.device("cpu")
     if len(gens) == 1:
         return torch.randn(shape, generator=gens[0], device=rand_device, dtype=dtype).to(device)
     if len(gens) != shape[0]:
-        raise ValueError(f"`generator` is a list of {len(gens)} generators but the batch has {shape[0]} rows")
+        raise InvalidArgument(f"`generator` is a list of {len(gens)} generators but the batch has {shape[0]} rows")
     row = (1, *shape[1:])
     return torch.cat([torch.randn(row, generator=g, device=rand_device, dtype=dtype) for g in gens]).to(device)
 
@@ -405,32 +407,40 @@ class _TableScheduler:
     _beta_schedules: tuple[str, ...] = ()
 
     def _setup(self, cfg: dict):
+        # Every field checked for type and range before any table is built: a config read from a file
+        # ("clip_sample": "false") is refused with the field's name, never coerced.
         name = type(self).__name__
-        n = cfg["num_train_timesteps"]
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"`num_train_timesteps` must be a positive int, got {n!r}")
-        cfg["num_train_timesteps"] = n = int(n)
-        if cfg["prediction_type"] not in _PREDICTION_TYPES:
-            raise ValueError(f"`prediction_type` must be one of {list(_PREDICTION_TYPES)}, "
-                             f"got {cfg['prediction_type']!r}")
-        if cfg["timestep_spacing"] not in _SPACINGS:
-            raise ValueError(f"`timestep_spacing` must be one of {list(_SPACINGS)}, got {cfg['timestep_spacing']!r}")
+        cfg["num_train_timesteps"] = n = check_int("num_train_timesteps", cfg["num_train_timesteps"], min_value=1)
+        check_choice("prediction_type", cfg["prediction_type"], _PREDICTION_TYPES)
+        check_choice("timestep_spacing", cfg["timestep_spacing"], _SPACINGS)
+        for flag in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one"):
+            if flag in cfg:
+                cfg[flag] = check_bool(flag, cfg[flag])
         if cfg["thresholding"]:
-            raise ValueError(f"`thresholding=True` (dynamic thresholding) is not supported by fdp.{name}: it is "
-                             "not an affine step; use clip_sample / clip_sample_range instead")
-        off = cfg["steps_offset"]
-        if isinstance(off, bool) or not isinstance(off, numbers.Integral) or off < 0:
-            raise ValueError(f"`steps_offset` must be a non-negative int, got {off!r}")
-        cfg["steps_offset"] = int(off)
-        rng = cfg["clip_sample_range"]
-        if not isinstance(rng, numbers.Real) or not rng >= 0:
-            raise ValueError(f"`clip_sample_range` must be a non-negative number, got {rng!r}")
-        cfg["clip_sample_range"] = float(rng)
-        cfg["clip_sample"] = bool(cfg["clip_sample"])
-        cfg["rescale_betas_zero_snr"] = bool(cfg["rescale_betas_zero_snr"])
+            raise InvalidArgument(f"`thresholding=True` (dynamic thresholding) is not supported by fdp.{name}: it is "
+                                  "not an affine step; use clip_sample / clip_sample_range instead")
+        cfg["steps_offset"] = check_int("steps_offset", cfg["steps_offset"], min_value=0)
+        cfg["clip_sample_range"] = check_number("clip_sample_range", cfg["clip_sample_range"], low=0)
+        # Only read with thresholding (refused above); still numbers, as in diffusers' configs.
+        cfg["dynamic_thresholding_ratio"] = check_number("dynamic_thresholding_ratio",
+                                                         cfg["dynamic_thresholding_ratio"])
+        cfg["sample_max_value"] = check_number("sample_max_value", cfg["sample_max_value"])
+        # A beta of 0 makes 1 - alphas_cumprod 0 at t = 0 (0/0 in the first coefficients); 1 or more, or a
+        # negative one, makes alphas_cumprod 0 or negative (NaN square roots).
+        cfg["beta_start"] = check_number("beta_start", cfg["beta_start"], low=0, high=1, low_open=True, high_open=True)
+        cfg["beta_end"] = check_number("beta_end", cfg["beta_end"], low=0, high=1, low_open=True, high_open=True)
+        if cfg["beta_start"] > cfg["beta_end"]:
+            raise InvalidArgument(f"`beta_start` ({cfg['beta_start']:g}) must be <= `beta_end` ({cfg['beta_end']:g})")
+        if not isinstance(cfg["beta_schedule"], str):
+            raise InvalidArgumentType(f"`beta_schedule` must be a str, got {cfg['beta_schedule']!r}")
         if cfg["trained_betas"] is not None:
             tb = cfg["trained_betas"]
-            cfg["trained_betas"] = tuple(float(b) for b in (tb.tolist() if hasattr(tb, "tolist") else tb))
+            tb = tb.tolist() if hasattr(tb, "tolist") else tb
+            if isinstance(tb, (str, bytes)) or not isinstance(tb, (list, tuple)):
+                raise InvalidArgumentType(f"`trained_betas` must be None or a sequence of numbers, got {tb!r}")
+            # A last beta of exactly 1 is a zero-SNR schedule: kept, its epsilon step refused where it runs.
+            cfg["trained_betas"] = tuple(check_number(f"trained_betas[{i}]", b, low=0, high=1, low_open=True)
+                                         for i, b in enumerate(tb))
 
         betas = _make_betas(cfg, self._beta_schedules, f"fdp.{name}")
         if cfg["rescale_betas_zero_snr"]:
@@ -439,6 +449,26 @@ class _TableScheduler:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        ac = self.alphas_cumprod
+        # alphas_cumprod underflowing to 0 in float32 before the last timestep (NaN after the zero-SNR rescale):
+        # from there on no signal is left and each step divides 0 by 0 (NaN actions, in diffusers too). A single
+        # 0 at the end (zero terminal SNR) is fine.
+        lost = ~torch.isfinite(ac) | (ac <= 0)
+        lost[-1] = not bool(torch.isfinite(ac[-1]))
+        if bool(lost.any()):
+            i = int(lost.nonzero()[0])
+            what = ("`trained_betas`" if cfg["trained_betas"] is not None
+                    else f"`beta_end`={cfg['beta_end']:g} with beta_schedule={cfg['beta_schedule']!r}")
+            raise InvalidArgument(f"{what} over num_train_timesteps={n} drives alphas_cumprod to 0 (float32) from "
+                                  f"timestep {i} on, where the steps divide 0 by 0; use smaller betas or fewer "
+                                  "training timesteps")
+        if bool((ac >= 1).any()):
+            # A beta below float32's resolution near 1 (~6e-8): 1 - beta rounds to 1, and every step at that
+            # timestep divides by 1 - alphas_cumprod = 0 (NaN actions, in diffusers too).
+            i = int((ac >= 1).nonzero()[0])
+            what = f"`trained_betas[{i}]`" if cfg["trained_betas"] is not None else "`beta_start`"
+            raise InvalidArgument(f"{what} is too small for float32: 1 - beta rounds to 1 at timestep {i}, where "
+                                  f"the step would divide by 1 - alphas_cumprod = 0; use betas >= {2.0 ** -23:.1e}")
         self._ac_cache: dict = {}
         self.num_inference_steps: int | None = None
         self._ts: list[int] = list(range(n - 1, -1, -1))
@@ -459,7 +489,7 @@ class _TableScheduler:
         if not isinstance(config, Mapping) and isinstance(getattr(config, "config", None), Mapping):
             config = config.config
         if not isinstance(config, Mapping):
-            raise TypeError(f"`config` must be a mapping (a scheduler's .config), got {type(config).__name__}")
+            raise InvalidArgumentType(f"`config` must be a mapping (a scheduler's .config), got {type(config).__name__}")
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         args = {k: v for k, v in config.items() if not k.startswith("_") and k in accepted}
         args.update(kwargs)
@@ -477,14 +507,13 @@ class _TableScheduler:
         cfg = self._config
         n_train = cfg["num_train_timesteps"]
         n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {n!r}")
+        n = check_int("num_inference_steps", n, min_value=1)
         if n > n_train:
-            raise ValueError(f"`num_inference_steps` ({n}) cannot be larger than num_train_timesteps ({n_train})")
+            raise InvalidArgument(f"`num_inference_steps` ({n}) cannot be larger than num_train_timesteps ({n_train})")
         ts = _spaced_timesteps(n_train, int(n), cfg["timestep_spacing"], cfg["steps_offset"])
         if ts[0] >= n_train or ts[-1] < 0:
-            raise ValueError(f"`steps_offset`={cfg['steps_offset']} with {n} '{cfg['timestep_spacing']}' steps gives "
-                             f"timesteps {ts[0]}..{ts[-1]}, outside [0, {n_train - 1}]")
+            raise InvalidArgument(f"`steps_offset`={cfg['steps_offset']} with {n} '{cfg['timestep_spacing']}' steps gives "
+                                  f"timesteps {ts[0]}..{ts[-1]}, outside [0, {n_train - 1}]")
         return ts
 
     def set_timesteps(self, num_inference_steps: int, device=None):
@@ -534,8 +563,8 @@ class _TableScheduler:
     def _build_table(self, ts, n, eta, use_clipped) -> StepTable:
         coef, adds = self._coefficients(ts, self._prev_timesteps(ts, n), eta, use_clipped)
         if self._config["prediction_type"] == "epsilon" and not bool(torch.isfinite(coef[:, COL_A_X]).all()):
-            raise ValueError("`prediction_type`='epsilon' is undefined where alphas_cumprod is 0 (the last training "
-                             "timestep with rescale_betas_zero_snr=True); use v_prediction or avoid that timestep")
+            raise InvalidArgument("`prediction_type`='epsilon' is undefined where alphas_cumprod is 0 (the last training "
+                                  "timestep with rescale_betas_zero_snr=True); use v_prediction or avoid that timestep")
         return StepTable(torch.tensor(ts, dtype=torch.long), coef, adds,
                          self._config["clip_sample"], self._config["clip_sample_range"])
 
@@ -567,16 +596,16 @@ class _TableScheduler:
 
     def _step(self, model_output, timestep, sample, eta, use_clipped, generator, noise, return_dict):
         if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("`model_output` and `sample` must be tensors")
+            raise InvalidArgumentType("`model_output` and `sample` must be tensors")
         if model_output.shape != sample.shape:
-            raise ValueError(f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, "
-                             f"got {tuple(model_output.shape)}")
+            raise InvalidArgument(f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, "
+                                  f"got {tuple(model_output.shape)}")
         if noise is not None:
             if generator is not None:
-                raise ValueError("pass either `generator` or `noise`, not both")
+                raise InvalidArgument("pass either `generator` or `noise`, not both")
             if not isinstance(noise, torch.Tensor) or noise.shape != sample.shape:
-                raise ValueError(f"`noise` must be a tensor of the shape of `sample` {tuple(sample.shape)}, "
-                                 f"got {getattr(noise, 'shape', type(noise).__name__)}")
+                raise InvalidArgument(f"`noise` must be a tensor of the shape of `sample` {tuple(sample.shape)}, "
+                                      f"got {getattr(noise, 'shape', type(noise).__name__)}")
         eta, use_clipped = self._check_step_options(eta, use_clipped)
         t = _timestep_int(timestep)
         table, index = self._cached_table(eta, use_clipped)
@@ -591,8 +620,8 @@ class _TableScheduler:
         return out if return_dict else out.to_tuple()
 
     def _table_off_schedule(self, t: int, eta, use_clipped) -> StepTable:
-        raise ValueError(f"`timestep` {t} is not one of this scheduler's timesteps; call set_timesteps first "
-                         f"or step with a value from `timesteps`")
+        raise InvalidArgument(f"`timestep` {t} is not one of this scheduler's timesteps; call set_timesteps first "
+                              f"or step with a value from `timesteps`")
 
 
 class DDPMScheduler(_TableScheduler):
@@ -612,11 +641,10 @@ class DDPMScheduler(_TableScheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
-        if variance_type in _UNSUPPORTED_VARIANCE_TYPES:
-            raise ValueError(f"`variance_type`={variance_type!r} is not supported by fdp.DDPMScheduler "
-                             f"({_UNSUPPORTED_VARIANCE_TYPES[variance_type]}); use one of {list(_VARIANCE_TYPES)}")
-        if variance_type not in _VARIANCE_TYPES:
-            raise ValueError(f"`variance_type` must be one of {list(_VARIANCE_TYPES)}, got {variance_type!r}")
+        if isinstance(variance_type, str) and variance_type in _UNSUPPORTED_VARIANCE_TYPES:
+            raise InvalidArgument(f"`variance_type`={variance_type!r} is not supported by fdp.DDPMScheduler "
+                                  f"({_UNSUPPORTED_VARIANCE_TYPES[variance_type]}); use one of {list(_VARIANCE_TYPES)}")
+        check_choice("variance_type", variance_type, _VARIANCE_TYPES)
         cfg = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                    beta_schedule=beta_schedule, trained_betas=trained_betas, variance_type=variance_type,
                    clip_sample=clip_sample, prediction_type=prediction_type, thresholding=thresholding,
@@ -628,7 +656,7 @@ class DDPMScheduler(_TableScheduler):
 
     def _check_step_options(self, eta, use_clipped):
         if eta != 0 or use_clipped:
-            raise ValueError("`eta` and `use_clipped_model_output` are DDIM options; DDPMScheduler takes neither")
+            raise InvalidArgument("`eta` and `use_clipped_model_output` are DDIM options; DDPMScheduler takes neither")
         return 0.0, False
 
     def _prev_timesteps(self, ts, n):
@@ -665,26 +693,25 @@ class DDIMScheduler(_TableScheduler):
                  rescale_betas_zero_snr: bool = False):
         cfg = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                    beta_schedule=beta_schedule, trained_betas=trained_betas, clip_sample=clip_sample,
-                   set_alpha_to_one=bool(set_alpha_to_one), steps_offset=steps_offset,
+                   set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
                    prediction_type=prediction_type, thresholding=thresholding,
                    dynamic_thresholding_ratio=dynamic_thresholding_ratio, clip_sample_range=clip_sample_range,
                    sample_max_value=sample_max_value, timestep_spacing=timestep_spacing,
                    rescale_betas_zero_snr=rescale_betas_zero_snr)
         self._setup(cfg)
         # alphas_cumprod "before" the first training step: 1, or that of step 0.
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.final_alpha_cumprod = torch.tensor(1.0) if self._config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
     def _check_step_options(self, eta, use_clipped):
         # Past 1, std^2 can exceed 1 - ab_p: d = sqrt(1 - ab_p - std^2) of a negative number, and
         # NaN actions (diffusers computes them silently; refused here, as outside DDIM's definition).
-        if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not 0 <= eta <= 1:
-            raise ValueError(f"`eta` must be a number in [0, 1], got {eta!r}")
-        return float(eta), bool(use_clipped)
+        return (check_number("eta", eta, low=0, high=1),
+                check_bool("use_clipped_model_output", use_clipped))
 
     def _default_run(self):
         if self.num_inference_steps is None:
-            raise ValueError("DDIMScheduler needs num_inference_steps: call set_timesteps(n) first "
-                             "or pass num_inference_steps")
+            raise InvalidArgument("DDIMScheduler needs num_inference_steps: call set_timesteps(n) first "
+                                  "or pass num_inference_steps")
         return self._ts, self.num_inference_steps
 
     def _prev_timesteps(self, ts, n):
@@ -698,7 +725,7 @@ class DDIMScheduler(_TableScheduler):
     def _table_off_schedule(self, t, eta, use_clipped):
         # DDIM's update depends only on t and the step gap, so any training timestep works.
         if not 0 <= t < self._config["num_train_timesteps"]:
-            raise ValueError(f"`timestep` must be in [0, {self._config['num_train_timesteps'] - 1}], got {t}")
+            raise InvalidArgument(f"`timestep` must be in [0, {self._config['num_train_timesteps'] - 1}], got {t}")
         return self._build_table([t], self.num_inference_steps, eta, use_clipped)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
@@ -709,7 +736,7 @@ class DDIMScheduler(_TableScheduler):
         draws it from ``generator``."""
         if variance_noise is not None:
             if noise is not None:
-                raise ValueError("pass `noise` or its alias `variance_noise`, not both")
+                raise InvalidArgument("pass `noise` or its alias `variance_noise`, not both")
             noise = variance_noise
         return self._step(model_output, timestep, sample, eta, use_clipped_model_output, generator, noise,
                           return_dict)

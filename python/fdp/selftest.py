@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from . import isolation, tolerances
+from ._validation import InvalidArgument
 
 SCHEMA = "fdp-selftest/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,7 +138,7 @@ def run(device=None, *, grid: dict | None = None, backends: list[str] | None = N
     ref_priority = get_backend("torch").priority
     for n in names:
         if n not in info:
-            raise ValueError(f"`--backends`: unknown backend {n!r}; registered: {list(info)}")
+            raise InvalidArgument(f"`--backends`: unknown backend {n!r}; registered: {list(info)}")
         status[n] = "checked" if info[n].available else info[n].reason
         be = get_backend(n) if info[n].available else None
         if backends is None and be is not None and be.priority <= ref_priority:

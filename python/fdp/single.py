@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._validation import InvalidArgument, InvalidArgumentType
 from .policy import FactorizedPolicy
 from .router import Router
 
@@ -21,14 +22,14 @@ def single_denoiser_policy(denoiser: nn.Module, horizon: int, action_dim: int, s
     ``denoiser.global_cond_dim`` must be set: the sampler's input is ``global_cond``.
     """
     if not isinstance(denoiser, nn.Module):
-        raise TypeError(f"`unet` must be an nn.Module denoiser, got {type(denoiser).__name__}")
+        raise InvalidArgumentType(f"`unet` must be an nn.Module denoiser, got {type(denoiser).__name__}")
     cond_dim = getattr(denoiser, "global_cond_dim", None)
     if not isinstance(cond_dim, int) or cond_dim < 1:
-        raise ValueError(f"`unet` must read global_cond (global_cond_dim a positive int), got "
-                         f"global_cond_dim={cond_dim!r}; the sampler's input is global_cond [B, global_cond_dim]")
+        raise InvalidArgument(f"`unet` must read global_cond (global_cond_dim a positive int), got "
+                              f"global_cond_dim={cond_dim!r}; the sampler's input is global_cond [B, global_cond_dim]")
     param = next(denoiser.parameters(), None)
     if param is None:
-        raise ValueError("`unet` has no parameters")
+        raise InvalidArgument("`unet` has no parameters")
     # The router's (never evaluated) net is initialised like any Linear: keep that
     # from advancing the global RNG, whose draws the caller may be reproducing.
     with torch.random.fork_rng(devices=[]):

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from ._validation import (
+    InvalidArgument,
+    InvalidArgumentType,
     check_bool,
     check_finite,
     check_int,
@@ -81,7 +83,7 @@ class SinusoidalPosEmb(nn.Module):
         super().__init__()
         dim = check_int("dim", dim, min_value=4)
         if dim % 2:
-            raise ValueError(f"`dim` must be even, got {dim}")
+            raise InvalidArgument(f"`dim` must be even, got {dim}")
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ class ConditionalUnet1D(nn.Module):
         global_cond_dim = check_optional_int("global_cond_dim", global_cond_dim, min_value=1)
         dsed = check_int("diffusion_step_embed_dim", diffusion_step_embed_dim, min_value=4)
         if dsed % 2:
-            raise ValueError(f"`diffusion_step_embed_dim` must be even, got {dsed}")
+            raise InvalidArgument(f"`diffusion_step_embed_dim` must be even, got {dsed}")
         kernel_size = check_int("kernel_size", kernel_size, min_value=1, odd=True)
         n_groups = check_int("n_groups", n_groups, min_value=1)
         cond_predict_scale = check_bool("cond_predict_scale", cond_predict_scale)
@@ -386,12 +388,12 @@ class ConditionalUnet1D(nn.Module):
         B, T = dims["B"], dims["T"]
         weight = self.final_conv[1].weight
         if sample.dtype != weight.dtype:
-            raise TypeError(f"`sample` must have the module's parameter dtype {weight.dtype}, got {sample.dtype}")
+            raise InvalidArgumentType(f"`sample` must have the module's parameter dtype {weight.dtype}, got {sample.dtype}")
         check_tensor("sample", sample, device=weight.device)
         if B == 0 or T == 0:
-            raise ValueError(f"`sample` must have a non-empty batch and horizon, got {format_shape(sample.shape)}")
+            raise InvalidArgument(f"`sample` must have a non-empty batch and horizon, got {format_shape(sample.shape)}")
         if T % self.horizon_multiple:
-            raise ValueError(
+            raise InvalidArgument(
                 f"`sample` horizon T={T} must be divisible by {self.horizon_multiple} "
                 f"(2 ** (len(down_dims) - 1) for down_dims={list(self.down_dims)})"
             )
@@ -402,11 +404,11 @@ class ConditionalUnet1D(nn.Module):
         ):
             if size is None:
                 if value is not None:
-                    raise ValueError(f"`{name}` must be None: this model was built with {name}_dim=None")
+                    raise InvalidArgument(f"`{name}` must be None: this model was built with {name}_dim=None")
                 continue
             if value is None:
                 known = f"B={B}, T={T}" if name == "local_cond" else f"B={B}"
-                raise ValueError(
+                raise InvalidArgument(
                     f"`{name}` is required (this model was built with {name}_dim={size}): "
                     f"expected shape {format_shape(shape)} ({known})"
                 )
@@ -425,20 +427,20 @@ class ConditionalUnet1D(nn.Module):
 
 def _check_down_dims(down_dims, n_groups: int) -> tuple[int, ...]:
     if isinstance(down_dims, (str, bytes)) or not isinstance(down_dims, Iterable):
-        raise TypeError(f"`down_dims` must be a sequence of positive ints, got {down_dims!r}")
+        raise InvalidArgumentType(f"`down_dims` must be a sequence of positive ints, got {down_dims!r}")
     dims = tuple(down_dims)
     if not dims:
-        raise ValueError("`down_dims` must contain at least one width, got an empty sequence")
+        raise InvalidArgument("`down_dims` must contain at least one width, got an empty sequence")
     for i, d in enumerate(dims):
         check_int(f"down_dims[{i}]", d, min_value=1)
     dims = tuple(int(d) for d in dims)
     bad = [d for d in dims if d % n_groups]
     if bad:
-        raise ValueError(
+        raise InvalidArgument(
             f"`down_dims` widths must be divisible by n_groups={n_groups}, got {list(dims)} ({bad} are not)"
         )
     if dims[0] % _FINAL_CONV_GROUPS:
-        raise ValueError(
+        raise InvalidArgument(
             f"`down_dims[0]` must be divisible by {_FINAL_CONV_GROUPS} (the output head's GroupNorm "
             f"always has {_FINAL_CONV_GROUPS} groups), got {dims[0]}"
         )
@@ -450,7 +452,7 @@ def _timesteps_tensor(timestep, batch: int, device: torch.device) -> torch.Tenso
     if isinstance(timestep, torch.Tensor):
         check_tensor("timestep", timestep, dtype="real")
         if not (timestep.ndim == 0 or (timestep.ndim == 1 and timestep.shape[0] in (1, batch))):
-            raise ValueError(
+            raise InvalidArgument(
                 f"`timestep` must be a number, a 0-d tensor or have shape [B] or [1] (B={batch}), "
                 f"got {format_shape(timestep.shape)}"
             )
@@ -458,10 +460,10 @@ def _timesteps_tensor(timestep, batch: int, device: torch.device) -> torch.Tenso
         t = timestep.to(device)
     elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
         if not math.isfinite(timestep):
-            raise ValueError(f"`timestep` must be finite, got {timestep!r}")
+            raise InvalidArgument(f"`timestep` must be finite, got {timestep!r}")
         t = torch.tensor(timestep, device=device)
     else:
-        raise TypeError(
+        raise InvalidArgumentType(
             f"`timestep` must be a number or a tensor, got {timestep!r} ({type(timestep).__name__})"
         )
     return t.reshape(-1).expand(batch)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .._validation import check_device
+from .._validation import InvalidArgument, check_device
 from .base import Backend, Prepared
 
 __all__ = ["Backend", "Prepared", "BackendInfo", "register_backend", "get_backend", "backend_names",
@@ -81,8 +81,8 @@ def backend_names() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    if name not in _MODULES:
-        raise ValueError(f"`backend` must be 'auto' or one of {backend_names()}, got {name!r}")
+    if not isinstance(name, str) or name not in _MODULES:
+        raise InvalidArgument(f"`backend` must be 'auto' or one of {backend_names()}, got {name!r}")
     if name not in _LOADED:
         _LOADED[name] = importlib.import_module(_MODULES[name]).BACKEND
     return _LOADED[name]

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .. import isolation, tolerances
-from .._validation import check_bool, check_int
+from .._validation import InvalidArgument, check_bool, check_int
 from . import _MODULES, disabled_backends, get_backend
 
 log = logging.getLogger("fdp")
@@ -256,7 +256,7 @@ def _explicit(name, policy, table, device, dtype, batch_size, verify, isolate):
     reason = disabled_backends().get(name) or be.unavailable_reason(device) or be.unsupported_reason(policy, table,
                                                                                                      dtype)
     if reason:
-        raise ValueError(f"backend {name!r} cannot serve this policy on {device}: {reason}")
+        raise InvalidArgument(f"backend {name!r} cannot serve this policy on {device}: {reason}")
     row = Candidate(name, be.priority, "picked", "named explicitly")
     prep = None
     if verify and name != REFERENCE:

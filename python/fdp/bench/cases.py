@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._validation import InvalidArgument
+
 # -- component families ---------------------------------------------------------------------------------------
 
 #: Shared by every family: an action chunk of 16 steps of a 2-D action (Push-T's shape).
@@ -111,11 +113,11 @@ def _parse_list(text: str | None, cast, name: str) -> list | None:
         return None
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
-        raise ValueError(f"`--{name}` must be a comma-separated list, got {text!r}")
+        raise InvalidArgument(f"`--{name}` must be a comma-separated list, got {text!r}")
     try:
         return [cast(t) for t in items]
     except ValueError:
-        raise ValueError(f"`--{name}` has a value that is not valid: {text!r}") from None
+        raise InvalidArgument(f"`--{name}` has a value that is not valid: {text!r}") from None
 
 
 def _restrict(name: str, default: list, asked: list | None) -> list:
@@ -147,23 +149,23 @@ def build_grid(quick: bool = False, *, components=None, K=None, batch=None, step
             elif c in COMPONENTS:
                 expanded.append(c)
             else:
-                raise ValueError(f"`--component` must name one of {['unet', *COMPONENTS]}, got {c!r}")
+                raise InvalidArgument(f"`--component` must name one of {['unet', *COMPONENTS]}, got {c!r}")
         comp = expanded
     comps = _restrict("component", base["components"], comp)
 
     ks = _restrict("K", base["K"], _parse_list(K, int, "K"))
     if any(k < 1 for k in ks):
-        raise ValueError(f"`--K` values must be positive, got {ks}")
+        raise InvalidArgument(f"`--K` values must be positive, got {ks}")
     bs = _restrict("batch", base["batch"], _parse_list(batch, int, "batch"))
     if any(b < 1 for b in bs):
-        raise ValueError(f"`--batch` values must be positive, got {bs}")
+        raise InvalidArgument(f"`--batch` values must be positive, got {bs}")
 
     sch = _parse_list(steps, str, "steps")
     if sch is not None:
         by_steps = {str(n): s for s, n in SCHEDULES.items()}
         bad = [s for s in sch if s.lower() not in SCHEDULES and s not in by_steps]
         if bad:
-            raise ValueError(f"`--steps` must name {list(SCHEDULES)} or {list(by_steps)}, got {bad}")
+            raise InvalidArgument(f"`--steps` must name {list(SCHEDULES)} or {list(by_steps)}, got {bad}")
         sch = [s.lower() if s.lower() in SCHEDULES else by_steps[s] for s in sch]
     schedules = _restrict("steps", base["schedules"], sch)
 
@@ -171,7 +173,7 @@ def build_grid(quick: bool = False, *, components=None, K=None, batch=None, step
     if dts is not None:
         bad = [d for d in dts if d.lower() not in _DTYPE_ALIASES]
         if bad:
-            raise ValueError(f"`--dtype` must name fp32 or bf16, got {bad}")
+            raise InvalidArgument(f"`--dtype` must name fp32 or bf16, got {bad}")
         dts = [_DTYPE_ALIASES[d.lower()] for d in dts]
     dts = _restrict("dtype", base["dtype"], dts)
 
@@ -207,7 +209,7 @@ def expand_backends(asked: list[str] | None, library: list[str]) -> tuple[list[s
             names.append(a)
             explicit.add(a)
         else:
-            raise ValueError(f"`--backends` must name paths from {[*NATIVE_PATHS, *library]} or the groups "
+            raise InvalidArgument(f"`--backends` must name paths from {[*NATIVE_PATHS, *library]} or the groups "
                              f"{[*PATH_GROUPS, 'fused']}, got {a!r}")
     order = list(NATIVE_PATHS) + list(library)
     names = sorted(set(names), key=order.index)

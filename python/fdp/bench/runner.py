@@ -24,6 +24,7 @@ import torch
 
 import fdp
 from fdp._optional import require
+from fdp._validation import InvalidArgument, check_device_usable, check_output_path
 from fdp.profiling import enable_nvtx, nvtx_range
 
 from . import paths as P
@@ -175,14 +176,17 @@ def run(opts: Options):
     require("rich", "bench", "fdp bench")
     if opts.plots:
         require("matplotlib", "bench", "fdp bench's plots (or pass --no-plots)")
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # So do bad options: before the benchmark runs, not when its results are written.
+    if opts.out:
+        check_output_path("--out", opts.out)
+    device = check_device_usable("--device", opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = opts.threads
     if threads is None and opts.quick and device.type == "cpu":
         # The quick cases are too small to gain from intra-op threads, and on a shared machine a thread
         # that has to wait for a busy core turns a 10 us matmul into milliseconds.
         threads = 1
     if threads is not None and threads < 1:
-        raise ValueError(f"`--threads` must be a positive int, got {threads}")
+        raise InvalidArgument(f"`--threads` must be a positive int, got {threads}")
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -205,7 +209,7 @@ def _run(opts: Options, device: torch.device):
     repeats = opts.repeats or (20 if opts.quick else 50)
     budget = opts.budget_s if opts.budget_s is not None else (3.0 if opts.quick else 10.0)
     if repeats < 1 or opts.warmup < 0 or opts.input_sets < 1:
-        raise ValueError("`--repeats` and `--input-sets` must be >= 1 and `--warmup` >= 0")
+        raise InvalidArgument("`--repeats` and `--input-sets` must be >= 1 and `--warmup` >= 0")
 
     when = now()
     env = environment(device)

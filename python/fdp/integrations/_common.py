@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import schedulers as _schedulers
+from .._validation import InvalidArgument, InvalidArgumentType, UserError
 from ..sampler import Sampler
 from ..unet import ConditionalUnet1D
 
@@ -36,41 +37,51 @@ def unet_from_tensors(tensors: Mapping[str, torch.Tensor], n_groups: int, *,
     Raises ValueError naming the first key that is missing, unexpected or of
     the wrong shape.
     """
-    def shape(key):
+    def shape(key, ndim):
         t = tensors.get(key)
         if t is None:
-            raise ValueError(f"{what} has no {source_name(key)!r}: not a diffusion-policy U-Net layout fdp can map")
+            raise InvalidArgument(f"{what} has no {source_name(key)!r}: not a diffusion-policy U-Net layout fdp "
+                                  "can map")
+        if t.ndim != ndim:
+            raise InvalidArgument(f"{what}: {source_name(key)!r} has shape {list(t.shape)}, expected a {ndim}-D "
+                                  "tensor")
         return tuple(t.shape)
 
     down_dims = []
     while f"down_modules.{len(down_dims)}.0.blocks.0.block.0.weight" in tensors:
-        down_dims.append(shape(f"down_modules.{len(down_dims)}.0.blocks.0.block.0.weight")[0])
-    first_conv = shape("down_modules.0.0.blocks.0.block.0.weight")
-    film = shape("down_modules.0.0.cond_encoder.1.weight")
-    dsed = shape("diffusion_step_encoder.1.weight")[1]
+        down_dims.append(shape(f"down_modules.{len(down_dims)}.0.blocks.0.block.0.weight", 3)[0])
+    first_conv = shape("down_modules.0.0.blocks.0.block.0.weight", 3)
+    film = shape("down_modules.0.0.cond_encoder.1.weight", 2)
+    dsed = shape("diffusion_step_encoder.1.weight", 2)[1]
     local = tensors.get("local_cond_encoder.0.blocks.0.block.0.weight")
-    with torch.device("meta"):  # no memory, no random initialisation
-        unet = ConditionalUnet1D(
-            input_dim=shape("final_conv.1.weight")[0],
-            local_cond_dim=None if local is None else local.shape[1],
-            global_cond_dim=(film[1] - dsed) or None,
-            diffusion_step_embed_dim=dsed,
-            down_dims=down_dims,
-            kernel_size=first_conv[2],
-            n_groups=n_groups,
-            cond_predict_scale=film[0] == 2 * down_dims[0],
-        )
+    if local is not None:
+        shape("local_cond_encoder.0.blocks.0.block.0.weight", 3)
+    try:
+        with torch.device("meta"):  # no memory, no random initialisation
+            unet = ConditionalUnet1D(
+                input_dim=shape("final_conv.1.weight", 3)[0],
+                local_cond_dim=None if local is None else local.shape[1],
+                global_cond_dim=(film[1] - dsed) or None,
+                diffusion_step_embed_dim=dsed,
+                down_dims=down_dims,
+                kernel_size=first_conv[2],
+                n_groups=n_groups,
+                cond_predict_scale=film[0] == 2 * down_dims[0],
+            )
+    except UserError as exc:
+        raise InvalidArgument(f"{what}: its tensor shapes describe no valid U-Net: {exc}") from None
     expected = dict(unet.named_parameters())
     for key, t in tensors.items():
         if key not in expected:
-            raise ValueError(f"{what} has the unexpected key {source_name(key)!r}: not a diffusion-policy U-Net "
-                             "layout fdp can map")
+            raise InvalidArgument(f"{what} has the unexpected key {source_name(key)!r}: not a diffusion-policy U-Net "
+                                  "layout fdp can map")
         if tuple(t.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{what}: {source_name(key)!r} has shape {list(t.shape)}, but a U-Net with these "
-                             f"dimensions needs {list(expected[key].shape)}")
+            raise InvalidArgument(f"{what}: {source_name(key)!r} has shape {list(t.shape)}, but a U-Net with these "
+                                  f"dimensions needs {list(expected[key].shape)}")
     for key in expected:
         if key not in tensors:
-            raise ValueError(f"{what} has no {source_name(key)!r}: not a diffusion-policy U-Net layout fdp can map")
+            raise InvalidArgument(f"{what} has no {source_name(key)!r}: not a diffusion-policy U-Net layout fdp "
+                                  "can map")
     for key, t in tensors.items():
         owner, _, attr = key.rpartition(".")
         param = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
@@ -83,16 +94,19 @@ def group_norm_groups(module: nn.Module) -> int:
     for name, m in module.named_modules():
         if isinstance(m, nn.GroupNorm) and not name.startswith("final_conv"):
             return m.num_groups
-    raise ValueError(f"{type(module).__name__} has no GroupNorm: not a diffusion-policy U-Net")
+    raise InvalidArgument(f"{type(module).__name__} has no GroupNorm: not a diffusion-policy U-Net")
 
 
 def fdp_scheduler(scheduler):
     """The fdp scheduler equal to a diffusers (or fdp) DDPM/DDIM scheduler, from its config."""
     for cls in (_schedulers.DDPMScheduler, _schedulers.DDIMScheduler):
         if type(scheduler).__name__ == cls.__name__:
-            return cls.from_config(scheduler.config)
-    raise ValueError(f"the policy's noise scheduler is a {type(scheduler).__name__}; fdp serves DDPMScheduler and "
-                     "DDIMScheduler")
+            try:
+                return cls.from_config(scheduler.config)
+            except UserError as exc:  # a field of the other library's config, checked as strictly as ours
+                raise type(exc)(f"the policy's noise scheduler ({type(scheduler).__name__}) config: {exc}") from None
+    raise InvalidArgument(f"the policy's noise scheduler is a {type(scheduler).__name__}; fdp serves DDPMScheduler and "
+                          "DDIMScheduler")
 
 
 class Patch:
@@ -113,10 +127,10 @@ class Patch:
                  build: Callable[..., Sampler], settings: Callable[[], tuple] = tuple,
                  shape_args: tuple | None = ()):
         if not callable(getattr(owner, method, None)):
-            raise TypeError(f"{type(owner).__name__} has no method {method!r}")
+            raise InvalidArgumentType(f"{type(owner).__name__} has no method {method!r}")
         if getattr(getattr(owner, method), "_fdp_patch", None) is not None:
-            raise ValueError(f"{type(owner).__name__}.{method} is already accelerated by fdp; restore() that handle "
-                             "first")
+            raise InvalidArgument(f"{type(owner).__name__}.{method} is already accelerated by fdp; restore() that "
+                                  "handle first")
         self.owner, self._method = owner, method
         self._network, self._build, self._settings = network, build, settings
         self._samplers: dict = {}

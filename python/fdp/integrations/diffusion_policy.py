@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import InvalidArgumentType, check_optional_int
+from ..backends import get_backend
 from ..sampler import Sampler
 from ..unet import ConditionalUnet1D
 from ._common import Patch, fdp_scheduler, group_norm_groups, unet_from_tensors
@@ -35,10 +37,13 @@ def accelerate(policy, *, backend: str = "auto", num_inference_steps: int | None
     and when ``policy.num_inference_steps`` changes (``num_inference_steps``
     here overrides it). ``handle.sampler`` is the sampler of the latest call.
     """
+    if backend != "auto":
+        get_backend(backend)  # names the known backends
+    num_inference_steps = check_optional_int("num_inference_steps", num_inference_steps, min_value=1)
     for attr in ("conditional_sample", "model", "noise_scheduler", "num_inference_steps"):
         if not hasattr(policy, attr):
-            raise TypeError(f"`policy` must be a diffusion_policy U-Net policy (policy.{attr} is missing), got "
-                            f"{type(policy).__name__}")
+            raise InvalidArgumentType(f"`policy` must be a diffusion_policy U-Net policy (policy.{attr} is missing), "
+                                      f"got {type(policy).__name__}")
 
     def network():
         return policy.model

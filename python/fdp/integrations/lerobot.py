@@ -16,12 +16,14 @@ has no local conditioning; ``global_cond`` is the output of its
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from .._validation import (InvalidArgument, InvalidArgumentType, InvalidFile, MissingFile, about_file, check_choice,
+                           check_device_usable, check_float_dtype, check_int, check_optional_int, read_json_object)
+from ..backends import get_backend
 from ..sampler import Sampler
 from ..schedulers import DDIMScheduler, DDPMScheduler
 from ._common import Patch, fdp_scheduler, group_norm_groups, unet_from_tensors
@@ -69,56 +71,108 @@ def load_pretrained(path, *, backend: str = "auto", num_inference_steps: int | N
         device: where the U-Net goes (default: CUDA if available, else the CPU).
         dtype: the U-Net's dtype (default: as saved).
     """
+    # Every argument and both files are checked before anything is built.
+    num_inference_steps = check_optional_int("num_inference_steps", num_inference_steps, min_value=1)
+    dtype = check_float_dtype("dtype", dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device_usable("device", device)
+    _check_backend(backend)
+    if not isinstance(path, (str, Path)):
+        raise InvalidArgumentType(f"`path` must be a str or a pathlib.Path (a LeRobot policy folder), got "
+                                  f"{type(path).__name__}")
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"`path` must be a LeRobot policy folder (config.json + model.safetensors), got "
-                                f"{str(path)!r}, which is not a folder; fetch a Hub repo first, e.g. with "
-                                "huggingface_hub.snapshot_download")
+        raise MissingFile(f"`path` must be a LeRobot policy folder (config.json + model.safetensors), got "
+                          f"{str(path)!r}, which is not a folder; fetch a Hub repo first, e.g. with "
+                          "huggingface_hub.snapshot_download")
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}: a LeRobot policy folder (save_pretrained) holds "
-                                    "config.json and model.safetensors")
-    cfg = json.loads((folder / "config.json").read_text())
+            raise MissingFile(f"{folder} has no {name}: a LeRobot policy folder (save_pretrained) holds "
+                              "config.json and model.safetensors")
+    config_file = folder / "config.json"
+    cfg = read_json_object(config_file, "a LeRobot policy config (a JSON object)")
+    with about_file(config_file):
+        horizon, n_groups, scheduler, config_steps = _read_config(cfg)
+
+    tensors = _read_unet_tensors(folder / "model.safetensors")
+    unet = unet_from_tensors(tensors, n_groups, source_name=lambda k: PREFIX + from_fdp_name(k),
+                             what=str(folder / "model.safetensors"))
+    n_train = scheduler.config["num_train_timesteps"]
+    with about_file(config_file):
+        if horizon % unet.horizon_multiple:
+            raise InvalidFile(f"`horizon` ({horizon}) must be divisible by {unet.horizon_multiple}: the U-Net in "
+                              f"model.safetensors halves the horizon {len(unet.down_modules) - 1} time(s)")
+        if config_steps is not None and config_steps > n_train:
+            raise InvalidFile(f"`num_inference_steps` ({config_steps}) cannot be larger than `num_train_timesteps` "
+                              f"({n_train})")
+    if num_inference_steps is not None and num_inference_steps > n_train:
+        raise InvalidArgument(f"`num_inference_steps` ({num_inference_steps}) cannot be larger than the policy's "
+                              f"num_train_timesteps ({n_train}, in {config_file})")
+    unet = unet.to(device=device, dtype=dtype)
+    steps = next(n for n in (num_inference_steps, config_steps, n_train) if n is not None)
+    return Sampler.for_unet(unet, scheduler, horizon, unet.input_dim, num_inference_steps=steps,
+                            backend=backend)
+
+
+def _check_backend(backend) -> None:
+    if backend != "auto":
+        get_backend(backend)  # names the known backends
+
+
+def _read_config(cfg: dict):
+    """``(horizon, n_groups, scheduler, num_inference_steps or None)`` from a LeRobot diffusion config, every
+    field fdp reads checked for type and range (a message names the field; the caller adds the file)."""
     kind = cfg.get("type")
     if kind != "diffusion":
         what = "has no \"type\" field" if kind is None else f"describes a {kind!r} policy"
-        raise ValueError(f"{folder / 'config.json'} {what}; load_pretrained reads LeRobot diffusion policies "
-                         "(\"type\": \"diffusion\", as save_pretrained writes)")
+        raise InvalidFile(f"the config {what}; load_pretrained reads LeRobot diffusion policies "
+                          "(\"type\": \"diffusion\", as save_pretrained writes)")
     missing = [k for k in ("horizon", "n_groups", "noise_scheduler_type", *_SCHEDULER_FIELDS) if k not in cfg]
     if missing:
-        raise ValueError(f"{folder / 'config.json'} lacks the diffusion policy field {missing[0]!r}")
-    sched_cls = _SCHEDULERS.get(cfg["noise_scheduler_type"])
-    if sched_cls is None:
-        raise ValueError(f"{folder / 'config.json'}: noise_scheduler_type must be one of {list(_SCHEDULERS)}, got "
-                         f"{cfg['noise_scheduler_type']!r}")
-    scheduler = sched_cls(**{k: cfg[k] for k in _SCHEDULER_FIELDS})
-
-    tensors = _read_unet_tensors(folder / "model.safetensors")
-    unet = unet_from_tensors(tensors, cfg["n_groups"], source_name=lambda k: PREFIX + from_fdp_name(k),
-                             what=str(folder / "model.safetensors"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = unet.to(device=device, dtype=dtype)
-    steps = next(n for n in (num_inference_steps, cfg.get("num_inference_steps"), cfg["num_train_timesteps"])
-                 if n is not None)
-    return Sampler.for_unet(unet, scheduler, cfg["horizon"], unet.input_dim, num_inference_steps=steps,
-                            backend=backend)
+        raise InvalidFile(f"the config lacks the diffusion policy field {missing[0]!r}")
+    horizon = check_int("horizon", cfg["horizon"], min_value=1)
+    n_groups = check_int("n_groups", cfg["n_groups"], min_value=1)
+    kind = check_choice("noise_scheduler_type", cfg["noise_scheduler_type"], list(_SCHEDULERS))
+    # The scheduler's constructor checks the type and range of each field it is given, by name.
+    scheduler = _SCHEDULERS[kind](**{k: cfg[k] for k in _SCHEDULER_FIELDS})
+    steps = check_optional_int("num_inference_steps", cfg.get("num_inference_steps"), min_value=1)
+    return horizon, n_groups, scheduler, steps
 
 
 def _read_unet_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
     except ImportError as exc:
         raise ImportError("fdp.integrations.lerobot.load_pretrained reads model.safetensors with the `safetensors` "
                           "package: pip install 'fdp[lerobot]'") from exc
-    tensors = {}
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            plain = key.replace("_orig_mod.", "")
-            if plain.startswith(PREFIX):
-                tensors[to_fdp_name(plain[len(PREFIX):])] = f.get_tensor(key)
+    tensors, names = {}, {}
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                plain = key.replace("_orig_mod.", "")
+                if plain.startswith(PREFIX):
+                    fdp_name = to_fdp_name(plain[len(PREFIX):])
+                    tensors[fdp_name], names[fdp_name] = f.get_tensor(key), key
+    except (SafetensorError, OSError) as exc:
+        raise InvalidFile(f"{file} cannot be read as a safetensors file (truncated or another format?): "
+                          f"{exc}") from None
     if not tensors:
-        raise ValueError(f"{file} holds no {PREFIX}* tensors: not a LeRobot diffusion policy")
+        raise InvalidFile(f"{file} holds no {PREFIX}* tensors: not a LeRobot diffusion policy")
+    # Weights are floating, of one dtype and finite: an integer tensor would fail deep inside a convolution,
+    # a mix of dtypes inside a kernel, a NaN would make every action NaN.
+    first = next(iter(tensors))
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise InvalidFile(f"{file}: the tensor {names[key]!r} has dtype {t.dtype}; U-Net weights must be "
+                              "floating point")
+        if t.dtype != tensors[first].dtype:
+            raise InvalidFile(f"{file}: the tensor {names[key]!r} has dtype {t.dtype} but {names[first]!r} has "
+                              f"{tensors[first].dtype}; all U-Net weights must have one dtype")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InvalidFile(f"{file}: the tensor {names[key]!r} holds {bad} NaN or Inf values of {t.numel()}; "
+                              "its actions would be NaN")
     return tensors
 
 
@@ -135,11 +189,13 @@ def accelerate(policy, *, backend: str = "auto", num_inference_steps: int | None
     ``policy.diffusion.num_inference_steps`` changes (``num_inference_steps``
     here overrides it). ``handle.sampler`` is the :class:`fdp.Sampler` in use.
     """
+    _check_backend(backend)
+    num_inference_steps = check_optional_int("num_inference_steps", num_inference_steps, min_value=1)
     model = getattr(policy, "diffusion", None)
     for attr in ("conditional_sample", "unet", "noise_scheduler", "config"):
         if not hasattr(model, attr):
-            raise TypeError(f"`policy` must be a LeRobot DiffusionPolicy (policy.diffusion.{attr} is missing), got "
-                            f"{type(policy).__name__}")
+            raise InvalidArgumentType(f"`policy` must be a LeRobot DiffusionPolicy (policy.diffusion.{attr} is "
+                                      f"missing), got {type(policy).__name__}")
 
     def network():
         return getattr(model.unet, "_orig_mod", model.unet)
