@@ -17,6 +17,30 @@ say() { printf '[setup %3ds] %s\n' "$((SECONDS - _fdp_t0))" "$*"; }
 # byte-compiling all of torch at install cost 3x the CPU time of installing
 # it (measured); Python compiles the modules it imports on first use.
 pipq() { python -m pip "$@" --no-compile --disable-pip-version-check 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+# pip -q prints nothing while it works: `ticking WHAT cmd...` runs cmd with a line every 20 s saying what
+# runs and for how long, and, once the CUDA extension compiles, how many of its objects are done.
+_fdp_objects=$(ls csrc/*.cu csrc/*.cpp 2>/dev/null | wc -l)
+ticking() {
+  local what=$1 stamp tick rc=0 start=$SECONDS
+  shift
+  stamp=$(mktemp)
+  (
+    while sleep 20; do
+      n=$(find build -path '*/fdp_ext/*' -name '*.o' -newer "$stamp" 2>/dev/null | wc -l)
+      if [ -d build ] && [ -n "$(find build -path '*/fdp_ext/*' -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
+        say "... $what: $((SECONDS - start)) s so far; CUDA extension: $n of $_fdp_objects objects compiled"
+      else
+        say "... $what: $((SECONDS - start)) s so far"
+      fi
+    done
+  ) &
+  tick=$!
+  "$@" || rc=$?
+  kill "$tick" 2>/dev/null || true
+  wait "$tick" 2>/dev/null || true
+  rm -f "$stamp"
+  return "$rc"
+}
 
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with ${PYTHON:-python3}"
@@ -36,11 +60,11 @@ if [ -n "$_fdp_torch" ]; then
   say "torch $_fdp_torch is already in .venv: keeping it"
 else
   say "installing ${FDP_TORCH:-torch==2.13.0} (set FDP_TORCH to pick another build)"
-  pipq install -q "${FDP_TORCH:-torch==2.13.0}"
+  ticking "installing torch" pipq install -q "${FDP_TORCH:-torch==2.13.0}"
 fi
 
-# With a GPU, build for the GPUs present (auto, see cmake/cuda_archs.cmake); without one, one
-# architecture is enough to prove the CUDA sources compile (the portable list takes 5x as long).
+# With a GPU, build for the GPUs present (auto, see cmake/cuda_archs.cmake); without one, test.sh builds
+# one architecture, enough to prove the CUDA sources compile (the portable list takes 5x as long).
 if nvidia-smi --query-gpu=compute_cap --format=csv,noheader >/dev/null 2>&1; then
   export FDP_CUDA_ARCHS="${FDP_CUDA_ARCHS:-auto}"
 else
@@ -68,7 +92,7 @@ if [ "$_fdp_ext" = ON ]; then
   fi
 fi
 say "installing fdp from this checkout with the extras [${FDP_EXTRAS}]"
-FDP_BUILD_EXTENSION=$_fdp_ext pipq install -q ".[${FDP_EXTRAS}]"
+FDP_BUILD_EXTENSION=$_fdp_ext ticking "installing fdp" pipq install -q ".[${FDP_EXTRAS}]"
 # Fails here, clearly, if the install did not work.
 _fdp_state=$(python -c 'import fdp; print("fdp", fdp.__version__, "with the CUDA extension"
                         if fdp.extension_status()["available"] else "without the CUDA extension")')

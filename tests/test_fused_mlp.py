@@ -839,7 +839,7 @@ def test_auto_ranks_interpreted_kernels_below_torch(monkeypatch):
     assert get_backend("triton").priority < get_backend("torch").priority
     # Able to serve, but emulated kernels are slower than eager torch: skipped for their rank, which auto says.
     sampler = fdp.Sampler(pol, sched, num_inference_steps=2)
-    assert sampler.backend == "torch"
+    assert sampler.backend not in ("triton", "triton-persistent")
     for name in ("triton", "triton-persistent"):
         assert sampler.selection.skipped()[name].startswith("ranked below") and "TRITON_INTERPRET=1" in \
             sampler.selection.skipped()[name]
@@ -855,7 +855,8 @@ def test_unavailable_without_interpreter_and_auto_falls_back(monkeypatch):
         info = available_backends("cpu")[name]
         assert not info.available and "TRITON_INTERPRET" in info.reason
     pol = make_mlp_policy(K=2, dtype=torch.float32)
-    assert fdp.Sampler(pol, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=2).backend == "torch"
+    assert fdp.Sampler(pol, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=2).backend not in \
+        ("triton", "triton-persistent")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         fdp.Sampler(pol, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=2, backend="triton")
 
@@ -902,7 +903,7 @@ def test_triton_unsupported_models_are_refused_with_a_reason(make, dtype, match)
             resolve_backend(name, pol, table, "cpu", dtype or next(pol.parameters()).dtype)
     if dtype is None:
         sampler = fdp.Sampler(pol, sched, num_inference_steps=2)
-        assert sampler.backend == "torch"
+        assert sampler.backend not in ("triton", "triton-persistent")
         for name in ("triton", "triton-persistent"):
             assert match in sampler.selection.skipped()[name]
 
