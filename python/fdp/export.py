@@ -87,7 +87,7 @@ def _require(dynamo: bool):
             import onnxscript  # noqa: F401  (torch.export's ONNX translation)
     except ImportError as exc:
         raise ImportError(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
-                          "pip install 'fdp[onnx]'") from exc
+                          "pip install '.[onnx]' in fdp's clone") from exc
     return onnxruntime
 
 

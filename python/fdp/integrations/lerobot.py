@@ -10,7 +10,7 @@ has no local conditioning; ``global_cond`` is the output of its
 
 * :func:`load_pretrained` reads a folder written by ``save_pretrained``
   (``config.json`` + ``model.safetensors``) with ``json`` and ``safetensors``
-  only (``pip install 'fdp[lerobot]'``; LeRobot itself is not imported).
+  only (``pip install '.[lerobot]'`` in fdp's clone; LeRobot itself is not imported).
 * :func:`accelerate` swaps fdp's sampler into a ``DiffusionPolicy`` instance.
 """
 
@@ -110,7 +110,7 @@ def _read_unet_tensors(file: Path) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
     except ImportError as exc:
         raise ImportError("fdp.integrations.lerobot.load_pretrained reads model.safetensors with the `safetensors` "
-                          "package: pip install 'fdp[lerobot]'") from exc
+                          "package: pip install '.[lerobot]' in fdp's clone") from exc
     tensors = {}
     with safe_open(str(file), framework="pt", device="cpu") as f:
         for key in f.keys():
