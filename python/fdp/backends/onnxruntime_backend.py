@@ -123,7 +123,12 @@ class OnnxRuntimePrepared:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             log.info("fdp: exporting the sampling loop to ONNX for batch %d (%s)", B, path)
-            export.write_unrolled(self.policy, self.table, example, tmp)
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            # The tracer records the policy's own ops: a dispatch mode the caller runs the call under
+            # (a profiler, an op counter) must not see them or wrap their results.
+            with _disable_current_modes():
+                export.write_unrolled(self.policy, self.table, tuple(t.detach().clone() for t in example), tmp)
             os.replace(tmp, path)  # atomic: a concurrent process never loads half a file
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: constant-folding notes are not for the user
