@@ -65,7 +65,8 @@ def load_pretrained(path, *, backend: str = "auto", num_inference_steps: int | N
     Args:
         path: the folder (download a Hub repo first, e.g. with
             ``huggingface_hub.snapshot_download``).
-        backend: as :class:`fdp.Sampler` (``auto``: ``graph`` on CUDA, else ``torch``).
+        backend: as :class:`fdp.Sampler` (``auto``: the fastest backend that matches ``torch`` here;
+            on a CPU, timed among ``torch`` and ``onnxruntime`` when it is installed).
         device: where the U-Net goes (default: CUDA if available, else the CPU).
         dtype: the U-Net's dtype (default: as saved).
     """
