@@ -70,9 +70,10 @@ def write_unrolled(policy, table, inputs: tuple, path, *, opset: int | None = No
             # dynamo=False is chosen on purpose (see onnx()); torch's notes that it is the legacy exporter
             # are not for the user of this function.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
-            torch.onnx.export(_Unrolled(policy, table), inputs, str(path), input_names=list(input_names(table)),
-                              output_names=["actions"], opset_version=opset, dynamo=dynamo,
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+            torch.onnx.export(_Unrolled(policy, table).eval(), inputs, str(path),
+                              input_names=list(input_names(table)), output_names=["actions"], opset_version=opset,
+                              dynamo=dynamo,
                               **({"external_data": False} if dynamo else {}))
     finally:
         policy.train(was_training)

@@ -289,7 +289,7 @@ def _print_wide(result: dict, console) -> None:
             status,
         ]
         table.add_row(*row)
-    console.print(table, width=max(console.width, 200))  # wide: let it take the columns it needs
+    console.print(table)
 
 
 def _print_notes(result: dict, console, wide: bool) -> None:
