@@ -26,7 +26,7 @@ ticking() {
   stamp=$(mktemp)
   (
     while sleep 20; do
-      n=$(find build -path '*/fdp_ext/*' -name '*.o' -newer "$stamp" 2>/dev/null | wc -l)
+      n=$(find build -path '*/fdp_ext/CMakeFiles/_C.dir/*' -name '*.o' -newer "$stamp" 2>/dev/null | wc -l)
       if [ -d build ] && [ -n "$(find build -path '*/fdp_ext/*' -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
         say "... $what: $((SECONDS - start)) s so far; CUDA extension: $n of $_fdp_objects objects compiled"
       else
