@@ -74,8 +74,6 @@ class _Signature:
     """One batch size: its session, the binding and the preallocated buffers it reads and writes."""
 
     def __init__(self, session, names, shapes, dtype):
-        import onnxruntime as ort
-
         self.session = session
         self.inputs = {n: torch.empty(s, dtype=dtype) for n, s in zip(names, shapes)}
         self.out = torch.empty(shapes[1], dtype=dtype)
@@ -84,7 +82,6 @@ class _Signature:
         for n, t in self.inputs.items():
             self.binding.bind_input(n, "cpu", 0, np_dtype, list(t.shape), t.data_ptr())
         self.binding.bind_output("actions", "cpu", 0, np_dtype, list(self.out.shape), self.out.data_ptr())
-        self._ort = ort
 
     def run(self, values):
         for t, v in zip(self.inputs.values(), values):
