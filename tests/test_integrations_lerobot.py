@@ -144,7 +144,7 @@ def test_load_pretrained_errors(tmp_path, monkeypatch):
         lerobot.load_pretrained(folder)
 
     monkeypatch.setitem(__import__("sys").modules, "safetensors", None)
-    with pytest.raises(ImportError, match=r"fdp\[lerobot\]"):
+    with pytest.raises(ImportError, match=r"pip install '\.\[lerobot\]' in fdp's clone"):
         lerobot.load_pretrained(DATA / "ddpm_film_2stage")
 
 
