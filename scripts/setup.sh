@@ -18,6 +18,30 @@ say() { printf '[setup %3ds] %s\n' "$((SECONDS - _fdp_t0))" "$*"; }
 # byte-compiling all of torch at install cost 3x the CPU time of installing
 # it (measured); Python compiles the modules it imports on first use.
 pipq() { python -m pip "$@" --no-compile --disable-pip-version-check 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+# pip -q prints nothing while it works: `ticking WHAT cmd...` runs cmd with a line every 20 s saying what
+# runs and for how long, and, once the CUDA extension compiles, how many of its objects are done.
+_fdp_objects=$(ls csrc/*.cu csrc/*.cpp 2>/dev/null | wc -l)
+ticking() {
+  local what=$1 stamp tick rc=0 start=$SECONDS
+  shift
+  stamp=$(mktemp)
+  (
+    while sleep 20; do
+      n=$(find build -path '*/fdp_ext/CMakeFiles/_C.dir/*' -name '*.o' -newer "$stamp" 2>/dev/null | wc -l)
+      if [ -d build ] && [ -n "$(find build -path '*/fdp_ext/*' -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
+        say "... $what: $((SECONDS - start)) s so far; CUDA extension: $n of $_fdp_objects objects compiled"
+      else
+        say "... $what: $((SECONDS - start)) s so far"
+      fi
+    done
+  ) &
+  tick=$!
+  "$@" || rc=$?
+  kill "$tick" 2>/dev/null || true
+  wait "$tick" 2>/dev/null || true
+  rm -f "$stamp"
+  return "$rc"
+}
 
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with ${PYTHON:-python3}"
@@ -37,11 +61,11 @@ if [ -n "$_fdp_torch" ]; then
   say "torch $_fdp_torch is already in .venv: keeping it"
 else
   say "installing ${FDP_TORCH:-torch==2.13.0} (set FDP_TORCH to pick another build)"
-  pipq install -q "${FDP_TORCH:-torch==2.13.0}"
+  ticking "installing torch" pipq install -q "${FDP_TORCH:-torch==2.13.0}"
 fi
 
-# With a GPU, build for the GPUs present (auto, see cmake/cuda_archs.cmake); without one, one
-# architecture is enough to prove the CUDA sources compile (the portable list takes 5x as long).
+# With a GPU, build for the GPUs present (auto, see cmake/cuda_archs.cmake); without one, test.sh builds
+# one architecture, enough to prove the CUDA sources compile (the portable list takes 5x as long).
 if nvidia-smi --query-gpu=compute_cap --format=csv,noheader >/dev/null 2>&1; then
   export FDP_CUDA_ARCHS="${FDP_CUDA_ARCHS:-auto}"
 else
@@ -69,7 +93,7 @@ if [ "$_fdp_ext" = ON ]; then
   fi
 fi
 say "installing fdp from this checkout with the extras [${FDP_EXTRAS}]"
-FDP_BUILD_EXTENSION=$_fdp_ext pipq install -q ".[${FDP_EXTRAS}]"
+FDP_BUILD_EXTENSION=$_fdp_ext ticking "installing fdp" pipq install -q ".[${FDP_EXTRAS}]"
 # LeRobot and the fdp policy type for it (integrations/lerobot_policy_fdp), with FDP_LEROBOT=1
 # (scripts/test.sh sets it: tests/test_lerobot_plugin.py trains with LeRobot's own trainer).
 # LeRobot 0.4.4 pins torch<2.11, so it and the packages its trainer imports whose pins would move
@@ -79,9 +103,9 @@ FDP_BUILD_EXTENSION=$_fdp_ext pipq install -q ".[${FDP_EXTRAS}]"
 # torchcodec, rerun, pynput.
 if [ "${FDP_LEROBOT:-0}" = 1 ]; then
   say "installing LeRobot 0.4.4 (--no-deps beside torch $(python -c 'import torch; print(torch.__version__)')), the packages its trainer imports, and the fdp policy type"
-  pipq install -q --no-warn-conflicts --no-deps lerobot==0.4.4 accelerate==1.16.0 av==18.1.0 imageio==2.38.2 \
+  ticking "installing LeRobot" pipq install -q --no-warn-conflicts --no-deps lerobot==0.4.4 accelerate==1.16.0 av==18.1.0 imageio==2.38.2 \
       pyserial==3.5 deepdiff==8.6.2 orderly-set==5.5.0 cachebox==6.2.10 "${FDP_TORCHVISION:-torchvision==0.28.0}"
-  pipq install -q --no-warn-conflicts draccus==0.10.0 einops==0.8.2 datasets==5.2.0 termcolor==3.3.0 gymnasium==1.4.0
+  ticking "installing what LeRobot's trainer imports" pipq install -q --no-warn-conflicts draccus==0.10.0 einops==0.8.2 datasets==5.2.0 termcolor==3.3.0 gymnasium==1.4.0
   pipq install -q --no-warn-conflicts --no-deps ./integrations/lerobot_policy_fdp
   say "LeRobot installed: lerobot-train --policy.type=fdp is available"
 fi

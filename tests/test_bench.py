@@ -251,3 +251,32 @@ def test_kernel_only_replays_the_captured_graph_alone():
     # The graph ran on its static inputs (those of the last call) and nothing else: no input copy.
     assert torch.equal(entry.output, _affine(*args)) and call.captures == 1
     assert paths._replay_alone(SimpleNamespace(_prepared=SimpleNamespace())) is None  # e.g. the torch backend
+
+
+def test_the_default_table_fits_100_columns_and_wide_has_every_column(quick_run):
+    import io
+
+    from rich.console import Console
+
+    from fdp.bench.report import print_table
+
+    _, _, out = quick_run
+    data = json.loads(out.read_text())
+    # A GPU run's columns too (step GPU time), on this run's rows, and the longest path name there is.
+    gpu = json.loads(json.dumps(data))
+    for c in gpu["cases"]:
+        c["step_gpu_us"] = c["call_wall_us"]
+    gpu["cases"].append(dict(gpu["cases"][0], backend="compile-reduce-overhead", call_wall_us=123456.7,
+                             call_wall_us_iqr=98765.4))
+    for result in (data, gpu):
+        buf = io.StringIO()
+        print_table(result, Console(file=buf, width=100, color_system=None))
+        text = buf.getvalue()
+        assert max(len(line) for line in text.splitlines()) <= 100
+        shown = {c["backend"] for c in result["cases"] if c["status"] != "skipped"}
+        for name in shown:
+            assert f"  {name} " in text, name  # whole names, not cut to fit
+        assert "…" not in text and "--wide" in text
+    buf = io.StringIO()
+    print_table(data, Console(file=buf, width=220, color_system=None), wide=True)  # fdp bench --wide | less
+    assert "chunks/s" in buf.getvalue() and "% floor" in buf.getvalue()

@@ -22,7 +22,7 @@ from helpers import KERNEL_SCHEDULERS, make_mlp_policy
 from fdp.backends.captured import CapturedCall
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-CPU_BACKENDS = ["torch", "triton", "triton-persistent"]
+CPU_BACKENDS = ["torch", "triton", "triton-persistent", "torch-batched", "onnxruntime"]
 
 
 class _Dispatched(TorchDispatchMode):

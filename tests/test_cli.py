@@ -77,7 +77,7 @@ def test_bench_without_its_extra_says_how_to_install_it(monkeypatch, capsys, tmp
     monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
     assert cli.main(["bench", "--quick", "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
-    assert "fdp bench: error:" in err and "pip install 'fdp[bench]'" in err and "'rich'" in err
+    assert "fdp bench: error:" in err and "pip install '.[bench]' in fdp's clone" in err and "'rich'" in err
     assert not (tmp_path / "r.json").exists()
 
 
@@ -85,7 +85,7 @@ def test_demo_without_its_extra_says_how_to_install_it_before_training(monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 2
     captured = capsys.readouterr()
-    assert "pip install 'fdp[demo]'" in captured.err and "'matplotlib'" in captured.err
+    assert "pip install '.[demo]' in fdp's clone" in captured.err and "'matplotlib'" in captured.err
     assert "training" not in captured.out
 
 

@@ -46,8 +46,10 @@ def _resolve_archs(tmp_path, archs, nvidia_smi_output=None):
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
-def test_auto_archs_are_the_gpus_present_else_the_portable_list(tmp_path):
+def test_auto_archs_are_the_gpus_present_else_none_and_portable_on_request(tmp_path):
     assert "the GPUs present are 86;90" in _resolve_archs(tmp_path / "a", "auto", "8.6\\n9.0\\n8.6\\n")
-    assert "no GPU visible (nvidia-smi), building the portable list 80;86;90" in _resolve_archs(tmp_path / "b", "auto")
-    assert "portable list" in _resolve_archs(tmp_path / "c", "auto", "")  # nvidia-smi without a GPU
+    none = "no GPU visible (nvidia-smi), so no CUDA extension is built; set FDP_CUDA_ARCHS to build it"
+    assert none in _resolve_archs(tmp_path / "b", "auto")
+    assert none in _resolve_archs(tmp_path / "c", "auto", "")  # nvidia-smi without a GPU
+    assert "FDP_CUDA_ARCHS=portable: building 80;86;90" in _resolve_archs(tmp_path / "e", "portable")
     assert "fdp:" not in _resolve_archs(tmp_path / "d", "87")  # an explicit list is used as given

@@ -83,7 +83,7 @@ def test_accelerate_matches_the_original_loop(scheduler, batch):
         got = policy.conditional_sample(data, mask, global_cond=cond, generator=torch.Generator().manual_seed(4))
         torch.testing.assert_close(got, ref_gen, rtol=0, atol=1e-5)
         sampler = handle.sampler
-        assert sampler.policy.horizon == HORIZON and sampler.backend == "torch"
+        assert sampler.policy.horizon == HORIZON and sampler.selection.requested == "auto"
         # the U-Net's parameters are shared, not copied
         assert {id(p) for p in sampler.policy.components[0].parameters()} == {id(p) for p in policy.model.parameters()}
     assert "conditional_sample" not in vars(policy)

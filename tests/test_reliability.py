@@ -18,8 +18,10 @@ from helpers import KERNEL_SCHEDULERS, make_mlp_policy
 from fdp.backends import get_backend
 
 NAN = float("nan")
-BACKENDS = ["torch", "triton", "triton-persistent", "graph"]
+BACKENDS = ["torch", "triton", "triton-persistent", "graph", "torch-batched", "onnxruntime"]
 TRITON = ("triton", "triton-persistent")
+#: Backends that serve float32 but not float64 policies.
+NO_FLOAT64 = TRITON + ("torch-batched", "onnxruntime")
 UNET_KW = dict(input_dim=3, global_cond_dim=5, diffusion_step_embed_dim=8, down_dims=(8, 16), kernel_size=3,
                n_groups=4, cond_predict_scale=True)
 
@@ -134,7 +136,7 @@ def test_dtype_change_after_packing(backend):
     sampler = make_sampler(policy, backend)
     sampler(cond())
     policy.double()
-    if backend in TRITON:
+    if backend in NO_FLOAT64:
         # ... else a clear error that says why, on this call and the next.
         for _ in range(2):
             with pytest.raises(ValueError, match=f"backend '{backend}' cannot serve it now.*float64"):

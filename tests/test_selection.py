@@ -53,8 +53,16 @@ class _Fake(Backend):
 
 @pytest.fixture
 def register(monkeypatch, tmp_path):
-    """Register fakes through fdp.backends.register_backend; the registry is restored afterwards."""
+    """Register fakes through fdp.backends.register_backend; the registry is restored afterwards.
+
+    The fakes are torch itself, as fast as the reference: these tests check the order by priority (what
+    ``auto`` does on a device it does not time), so the CPU is untimed here; the timed decision has its own
+    tests with fixed times."""
     monkeypatch.setenv(selection.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(selection, "_TIMED_DEVICES", ("cuda",))
+    # The real CPU backends would compete with the fakes: these tests are about the fakes alone.
+    for name in CPU_BACKENDS:
+        monkeypatch.delitem(backends._MODULES, name)
     saved_modules, saved_loaded = dict(backends._MODULES), dict(backends._LOADED)
 
     def add(name, priority, **kw):
@@ -70,6 +78,11 @@ def register(monkeypatch, tmp_path):
     backends._MODULES.update(saved_modules)
     backends._LOADED.clear()
     backends._LOADED.update(saved_loaded)
+
+
+#: Registered backends that run on the CPU above torch (tested against it in test_sampler.py and
+#: test_fused_mlp.py).
+CPU_BACKENDS = ("onnxruntime", "torch-batched")
 
 
 def _sched():

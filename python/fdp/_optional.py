@@ -21,4 +21,4 @@ def require(module: str, extra: str, needed_for: str):
     except ImportError as exc:
         package = module.split(".")[0]
         raise MissingExtra(f"{needed_for} needs the package '{package}', which is not installed: "
-                           f"pip install 'fdp[{extra}]' (or, in a checkout, pip install '.[{extra}]')") from exc
+                           f"pip install '.[{extra}]' in fdp's clone (fdp is not on PyPI)") from exc

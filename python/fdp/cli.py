@@ -129,7 +129,7 @@ def _bench(args, argv=None) -> int:
                    steps=args.steps, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
                    budget_s=args.budget, input_sets=args.input_sets, device=args.device, out=args.out,
                    plots=not args.no_plots, progress=not args.no_progress, nvtx=args.nvtx, seed=args.seed,
-                   threads=args.threads,
+                   threads=args.threads, wide=args.wide,
                    command=list(sys.argv) if argv is None else ["fdp", *argv])
     return run_and_report(opts)  # options are checked before the benchmark runs; a path's failure is a result
 
@@ -337,6 +337,8 @@ def main(argv=None) -> int:
                         "plots go beside it")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--wide", action="store_true",
+                   help="the full table (about 200 columns: floor, host time, chunks/s, launches); default: compact")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (as FDP_NVTX=1) for an Nsight trace")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU intra-op threads (default: torch's; 1 for --quick on a CPU)")

@@ -202,16 +202,24 @@ def _run(out_dir, train_steps, batch_size, seed, samples_per_task, backend, prog
     train_s = time.perf_counter() - t0
 
     policy.eval()
+    print(f"[fdp demo] choosing a sampling backend ('{backend}': each candidate checked against eager torch"
+          f"{' and timed' if backend == 'auto' else ''})", flush=True)
+    t0 = time.perf_counter()
     if sampler is None:
         sampler = fdp.Sampler(policy, scheduler, num_inference_steps=10, backend=backend)
+    choose_s = time.perf_counter() - t0
+    eager = fdp.Sampler(policy, scheduler, num_inference_steps=10, backend="torch")
     print(f"[fdp demo] sampling {samples_per_task} action chunks per task (DDIM, 10 steps, backend "
-          f"'{sampler.backend}')", flush=True)
+          f"'{sampler.backend}'), and timing it against eager torch", flush=True)
     cond = torch.eye(Dc).repeat_interleave(samples_per_task, dim=0)
-    t0 = time.perf_counter()
     with torch.no_grad():
         actions = sampler(cond, generator=torch.Generator().manual_seed(seed + 1))
+        reference = eager(cond, generator=torch.Generator().manual_seed(seed + 1))
         weights = policy.weights(torch.eye(Dc))
-    sample_s = time.perf_counter() - t0
+    timing = {"choose_seconds": round(choose_s, 2),
+              "agreement": fdp.tolerances.rel_error(actions, reference),
+              "batches": [_time_both(eager, sampler, cond[::samples_per_task][:1], seed, quick),
+                          _time_both(eager, sampler, cond, seed, quick)]}
     demo_actions, demo_cond, demo_task, _ = make_batch(samples_per_task * Dc, gen)
     routing = fdp.diagnostics.routing(policy, {n: demo_cond[demo_task == i] for i, n in enumerate(TASKS)},
                                       {n: demo_actions[demo_task == i] for i, n in enumerate(TASKS)}, generator=gen)
@@ -225,27 +233,61 @@ def _run(out_dir, train_steps, batch_size, seed, samples_per_task, backend, prog
     plot(samples, png)
     result = {
         "train_steps": train_steps, "train_seconds": round(train_s, 2), "final_loss": ema, "quick": quick,
-        "sampler_backend": sampler.backend, "sample_seconds": round(sample_s, 3),
+        "sampler_backend": sampler.backend, "selection": str(sampler.selection), "timing": timing,
         "tasks": [r.__dict__ for r in reports], "routing": routing, "plot": str(png),
     }
     (out / "report.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def _time_both(eager, sampler, cond, seed, quick) -> dict:
+    """Median wall time of the same sampling call with eager torch and with ``sampler``'s backend (the bench's
+    timing loop: a warm-up call, then calls until the repeats or the time budget run out)."""
+    from .bench.timing import measure, summarize
+
+    def timer(s):
+        def call(_):
+            with torch.no_grad():
+                return s(cond, generator=torch.Generator().manual_seed(seed + 1))
+        m = measure(call, "cpu", n_sets=1, repeats=3 if quick else 20, warmup=1, budget_s=0.5 if quick else 2.0,
+                    min_repeats=3)
+        return summarize(m.call_wall_us)
+
+    row = {"batch": int(cond.shape[0]), "eager_us": timer(eager), "picked_us": timer(sampler)}
+    row["speedup"] = row["eager_us"]["median"] / row["picked_us"]["median"]
+    return row
+
+
+def _ms(us: float) -> str:
+    return f"{us / 1e3:.2f} ms" if us < 1e5 else f"{us / 1e6:.2f} s"
+
+
 def print_report(result: dict) -> None:
     print(f"\ntrained {result['train_steps']} steps in {result['train_seconds']} s "
-          f"(final loss {result['final_loss']:.4f}); sampled with backend '{result['sampler_backend']}' "
-          f"in {result['sample_seconds']} s")
+          f"(final loss {result['final_loss']:.4f})")
+    t = result["timing"]
+    name = result["sampler_backend"]
+    print(f"\nsampling speed on this CPU (DDIM, 10 steps; median wall time per call, the same samples):\n"
+          f"{'chunks per call':>16}{'eager torch':>14}{name:>16}{'speedup':>10}")
+    for row in t["batches"]:
+        print(f"{row['batch']:>16}{_ms(row['eager_us']['median']):>14}{_ms(row['picked_us']['median']):>16}"
+              f"{row['speedup']:>9.2f}x")
+    print(f"'{name}' was picked by backend 'auto' in {t['choose_seconds']} s (checked against eager torch, "
+          f"relative difference of the samples {t['agreement']:.1e}); `fdp tune` shows why" if
+          result["selection"].startswith(f"backend '{name}' (auto") else f"backend '{name}' was named")
     K = len(result["tasks"][0]["weights"])
-    print(f"\n{'task':<7}{'on a mode':>10}{'left / right detour':>22}   router weights (k=0..{K - 1})   dominant")
+    print(f"\n{'task':<7}{'on a mode':>10}{'left / right detour':>22}   mean router weights (k=0..{K - 1})   leans on")
+    weights = torch.tensor([r["weights"] for r in result["tasks"]])
     for r in result["tasks"]:
         split = f"{r['mode_split'][0]:.0%} / {r['mode_split'][1]:.0%}"
         w = " ".join(f"{x:.2f}" for x in r["weights"])
-        print(f"{r['task']:<7}{r['on_mode']:>10.0%}{split:>22}   {w:<29}   k={r['dominant']}")
-    weights = torch.tensor([r["weights"] for r in result["tasks"]])
+        top = sorted(r["weights"], reverse=True)
+        leans = f"k={r['dominant']}" if top[0] - top[1] >= SAME_WEIGHTS else "no one"
+        print(f"{r['task']:<7}{r['on_mode']:>10.0%}{split:>22}   {w:<34}   {leans}")
     if float((weights - weights.mean(0)).abs().max()) < SAME_WEIGHTS:
         print(f"\nthe router gives every task about the same weights (within {SAME_WEIGHTS}): the components "
-              "are not specialised by task in this run")
+              "are not specialised by task in this run; every sample is a blend of all K of them (the paper's "
+              "loss does not push them apart on this task set)")
     if result.get("quick"):
         print("\nquick run: too short to cover the modes; without --quick the demo trains "
               f"{TRAIN_STEPS} steps")

@@ -27,7 +27,7 @@ from ._validation import InvalidArgument, InvalidArgumentType, MissingFile, chec
 from .backends.torch_backend import TorchPrepared
 from .sampler import Sampler
 
-__all__ = ["onnx", "OnnxExport"]
+__all__ = ["onnx", "OnnxExport", "write_unrolled", "input_names"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,41 @@ class OnnxExport:
 
 
 class _Unrolled(nn.Module):
-    def __init__(self, sampler: Sampler):
+    def __init__(self, policy, table):
         super().__init__()
-        self.policy = sampler.policy
-        self._loop = TorchPrepared(sampler.policy, sampler.table, None)
+        self.policy = policy
+        self._loop = TorchPrepared(policy, table, None)
 
     def forward(self, global_cond, x_T, step_noise=None):
         return self._loop.run(global_cond, x_T, step_noise)
+
+
+def input_names(table) -> tuple[str, ...]:
+    """The graph's inputs for a schedule: ``step_noise`` only when a step adds noise."""
+    return ("global_cond", "x_T", "step_noise") if bool(table.adds_noise.any()) else ("global_cond", "x_T")
+
+
+def write_unrolled(policy, table, inputs: tuple, path, *, opset: int | None = None, dynamo: bool = False) -> None:
+    """Trace the torch sampling loop of ``policy`` over ``table`` on example ``inputs`` (in
+    :func:`input_names` order) into the ONNX file ``path``: the graph behind :func:`onnx` and the
+    ``onnxruntime`` backend."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        with warnings.catch_warnings():
+            # The tracer warns where Python reads shapes and timesteps: constants of this fixed-size,
+            # fixed-schedule graph by design.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # dynamo=False is chosen on purpose (see onnx()); torch's notes that it is the legacy exporter
+            # are not for the user of this function.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+            torch.onnx.export(_Unrolled(policy, table).eval(), inputs, str(path),
+                              input_names=list(input_names(table)), output_names=["actions"], opset_version=opset,
+                              dynamo=dynamo,
+                              **({"external_data": False} if dynamo else {}))
+    finally:
+        policy.train(was_training)
 
 
 def _require(dynamo: bool):
@@ -61,7 +89,7 @@ def _require(dynamo: bool):
             import onnxscript  # noqa: F401  (torch.export's ONNX translation)
     except ImportError as exc:
         raise MissingExtra(f"fdp.export.onnx needs onnx, onnxruntime and, with dynamo=True, onnxscript ({exc}): "
-                          "pip install 'fdp[onnx]'") from exc
+                          "pip install '.[onnx]' in fdp's clone") from exc
     return onnxruntime
 
 
@@ -105,18 +133,7 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
         inputs["step_noise"] = torch.randn((sampler.num_steps, *shape), generator=gen, dtype=dtype)
     on_device = tuple(t.to(device) for t in inputs.values())
 
-    was_training = policy.training
-    policy.eval()
-    try:
-        with warnings.catch_warnings():
-            # The tracer warns where Python reads shapes and timesteps: constants of this fixed-size,
-            # fixed-schedule graph by design.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(_Unrolled(sampler), on_device, str(path), input_names=list(inputs),
-                              output_names=["actions"], opset_version=opset, dynamo=dynamo,
-                              **({"external_data": False} if dynamo else {}))
-    finally:
-        policy.train(was_training)
+    write_unrolled(policy, sampler.table, on_device, path, opset=opset, dynamo=dynamo)
 
     expected = sampler(*on_device).cpu()
     options = ort.SessionOptions()

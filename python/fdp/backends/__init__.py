@@ -6,8 +6,8 @@ other backend (the coefficient table, ``x_T`` and per-step noise) and
 returning the same ``x_0`` within its dtype's tolerance. Backends register
 here with a priority. ``backend="auto"`` considers every one that is available
 on the device and can serve the policy, checks each against ``torch`` before
-trusting it, and takes the fastest on CUDA, the highest-priority one elsewhere
-(:mod:`fdp.backends.selection`).
+trusting it, and takes the fastest on CUDA and on the CPU (timed), the
+highest-priority one elsewhere (:mod:`fdp.backends.selection`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ _MODULES: dict[str, str] = {
     "triton-persistent": "fdp.backends.triton_persistent_backend",
     "cuda": "fdp.backends.cuda_backend",
     "cuda-persistent": "fdp.backends.cuda_persistent_backend",
+    "onnxruntime": "fdp.backends.onnxruntime_backend",
+    "torch-batched": "fdp.backends.batched_backend",
 }
 _LOADED: dict[str, Backend] = {}
 

@@ -4,10 +4,10 @@ Every backend that is available on the device and can serve the policy is a
 candidate. A candidate is trusted only once it has run the actual policy on a
 small batch with fixed noise and matched the ``torch`` reference within its
 dtype's bound (:mod:`fdp.tolerances`); one that raises or disagrees is skipped
-with a warning. On CUDA the verified candidates and ``torch`` are then timed on
-the real call path (CUDA events, a warm-up, then a few calls within
-``TIME_BUDGET_S``) and the fastest wins. Elsewhere the order stays by priority:
-the highest verified candidate wins. Candidates ranked below ``torch`` (e.g. the
+with a warning. On CUDA and on the CPU the verified candidates and ``torch`` are
+then timed on the real call path (CUDA events on a GPU, wall-clock time on the
+CPU; a warm-up, then a few calls within ``TIME_BUDGET_S``) and the fastest
+wins. Elsewhere the order stays by priority: the highest verified candidate wins. Candidates ranked below ``torch`` (e.g. the
 Triton kernels in the interpreter) are never tried.
 
 The decision is cached on disk (``$FDP_CACHE_DIR``, default ``~/.cache/fdp``)
@@ -44,14 +44,15 @@ log = logging.getLogger("fdp")
 REFERENCE = "torch"
 #: Largest batch a candidate is verified on (the batch size asked for, if smaller).
 VERIFY_BATCH = 4
-#: Seconds of timed calls per new configuration on CUDA, shared among the timed backends.
+#: Seconds of timed calls per new configuration on a timed device, shared among the timed backends.
 TIME_BUDGET_S = 1.5
 #: Untimed calls before timing (the first one compiles kernels or captures graphs).
 WARMUP_CALLS = 1
 #: Timed calls per backend at most, and at least.
 MAX_TIMED_CALLS, MIN_TIMED_CALLS = 20, 1
-#: Device types where candidates are timed (elsewhere the order is by priority).
-_TIMED_DEVICES = ("cuda",)
+#: Device types where candidates are timed (elsewhere the order is by priority). The CPU too: which of
+#: torch, ONNX Runtime and the batched MLP is fastest depends on the policy's size, the batch and the threads.
+_TIMED_DEVICES = ("cuda", "cpu")
 #: Environment variable naming the cache folder.
 CACHE_ENV = "FDP_CACHE_DIR"
 #: Bumped whenever the cached record's meaning changes.
@@ -91,7 +92,7 @@ class Selection:
     backend: str  # the winner
     requested: str  # "auto" or the name asked for
     device: str
-    mode: str  # "timed" (fastest on CUDA), "priority" (highest verified), "explicit"
+    mode: str  # "timed" (fastest, on CUDA or the CPU), "priority" (highest verified), "explicit"
     why: str  # why the winner won, in words
     batch_size: int
     candidates: list[Candidate]
@@ -340,14 +341,16 @@ class _Verifier:
 
     @torch.no_grad()
     def time(self, prep, budget_s: float) -> float:
-        """Median milliseconds per call of ``prep.run`` at the batch size asked for (CUDA events)."""
+        """Median milliseconds per call of ``prep.run`` at the batch size asked for (CUDA events on a GPU,
+        wall-clock time elsewhere)."""
         from ..bench.timing import measure  # the benchmark's timing loop: warm-up, events, budget
 
         args = self.timing_inputs
-        with torch.cuda.device(self.device):
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             m = measure(lambda _: prep.run(*args), self.device, n_sets=1, repeats=MAX_TIMED_CALLS,
                         warmup=WARMUP_CALLS, budget_s=budget_s, min_repeats=MIN_TIMED_CALLS)
-        return statistics.median(m.call_gpu_us) / 1e3
+        return statistics.median(m.call_gpu_us if cuda else m.call_wall_us) / 1e3
 
 
 @contextlib.contextmanager

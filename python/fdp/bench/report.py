@@ -180,12 +180,64 @@ def _fmt_speed(x) -> str:
     return f"{x:.3g}×"
 
 
-def print_table(result: dict, console=None) -> None:
+def print_table(result: dict, console=None, wide: bool = False) -> None:
+    """The terminal table: compact (fits 100 columns: one title row per case, then a row per path) or,
+    with ``wide``, every column; the JSON has every field either way."""
     require("rich", "bench", "fdp bench's table")
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
+    if wide:
+        _print_wide(result, console)
+    else:
+        _print_compact(result, console)
+    _print_notes(result, console, wide)
+
+
+def _case_label(c) -> str:
+    return f"{c['config']['name']} K={c['K']} B={c['batch']} {c['scheduler']}{c['steps']} {c['dtype']}"
+
+
+_STATUS = {"ok": "[green]ok[/]", "FAILED": "[bold red]FAILED[/]", "error": "[red]error[/]"}
+
+
+def _print_compact(result: dict, console) -> None:
+    from rich import box
+    from rich.table import Table
+
+    cases = result["cases"]
+    gpu = any(c["step_gpu_us"] is not None for c in cases)
+    table = Table(title=f"fdp bench — {result['device']} (torch {result['torch']})", box=box.SIMPLE_HEAD,
+                  header_style="bold", pad_edge=False)
+    table.add_column("case / path", no_wrap=True)
+    if gpu:
+        table.add_column("step GPU", justify="right", no_wrap=True)
+    table.add_column("call wall (IQR)", justify="right", no_wrap=True)
+    table.add_column("vs eager", justify="right", no_wrap=True)
+    table.add_column("rel err", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    width = len(table.columns)
+    previous = None
+    for c in cases:
+        if c["status"] == "skipped":
+            continue
+        label = _case_label(c)
+        if label != previous:
+            table.add_row(f"[bold]{label}[/]", *[""] * (width - 1), end_section=False)
+            previous = label
+        row = [f"  {c['backend']}"]
+        if gpu:
+            row.append(_fmt_time(c["step_gpu_us"]))
+        iqr = c.get("call_wall_us_iqr")
+        row += [f"{_fmt_time(c['call_wall_us'])} ({_fmt_time(iqr)})" if c["call_wall_us"] is not None else "—",
+                _fmt_speed(c.get("speedup_vs_eager")), _fmt(c.get("rel_err"), ".1e"), _STATUS[c["status"]]]
+        table.add_row(*row)
+    console.print(table)
+
+
+def _print_wide(result: dict, console) -> None:
+    from rich.table import Table
+
     cases = result["cases"]
     gpu = any(c["step_gpu_us"] is not None for c in cases)
     table = Table(title=f"fdp bench — {result['device']} (torch {result['torch']})", show_lines=False,
@@ -207,19 +259,15 @@ def print_table(result: dict, console=None) -> None:
     table.add_column("% floor", justify="right", no_wrap=True)
     table.add_column("rel err", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    skipped: dict[tuple, int] = {}
     previous = None
     for c in cases:
-        if c["status"] in ("skipped", "error"):
-            key = (c["backend"], c["status"], c["skipped"])
-            skipped[key] = skipped.get(key, 0) + 1
-            if c["status"] == "skipped":
-                continue
+        if c["status"] == "skipped":
+            continue
         group = (c["config"]["name"], c["K"], c["batch"], c["scheduler"], c["dtype"])
         if previous is not None and group != previous:
             table.add_section()
         previous = group
-        status = {"ok": "[green]ok[/]", "FAILED": "[bold red]FAILED[/]", "error": "[red]error[/]"}[c["status"]]
+        status = _STATUS[c["status"]]
         row = [c["config"]["name"], str(c["K"]), str(c["batch"]), f"{c['scheduler']}{c['steps']}", c["dtype"],
                c["backend"]]
         if gpu:
@@ -243,12 +291,25 @@ def print_table(result: dict, console=None) -> None:
         ]
         table.add_row(*row)
     console.print(table)
+
+
+def _print_notes(result: dict, console, wide: bool) -> None:
+    cases = result["cases"]
+    gpu = any(c["step_gpu_us"] is not None for c in cases)
+    skipped: dict[tuple, int] = {}
+    for c in cases:
+        if c["status"] in ("skipped", "error"):
+            key = (c["backend"], c["status"], c["skipped"])
+            skipped[key] = skipped.get(key, 0) + 1
     peaks = result.get("peaks") or {}
     rates = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in (peaks.get("matmul_TFLOPS") or {}).items())
     bw = peaks.get("copy_GBps")
     console.print(f"device: copy {_fmt(bw, '.1f')} GB/s, matmul {rates or '—'}; floor = max(weight bytes / copy "
                   "bandwidth, FLOPs / matmul rate) per step; speedups on "
                   + ("GPU time" if gpu else "wall time") + " per step.")
+    if not wide:
+        console.print("[dim]call wall: median per sampling call (interquartile range); every column (floor, host "
+                      "time, chunks/s, launches) with --wide, every field in the JSON.[/]")
     if skipped:
         console.print("[dim]not timed:[/]")
         for (backend, status, reason), n in sorted(skipped.items(), key=lambda kv: (kv[0][0], str(kv[0][2]))):

@@ -58,6 +58,7 @@ class Options:
     nvtx: bool = False
     seed: int = 0
     threads: int | None = None       # CPU intra-op threads; default: torch's, or 1 for --quick on a CPU
+    wide: bool = False               # the full terminal table (about 200 columns) instead of the compact one
     command: list = field(default_factory=lambda: list(sys.argv))
 
 
@@ -319,8 +320,8 @@ def run_and_report(opts: Options) -> int:
 
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
-        console = Console(width=max(console.width, 200))
-    print_table(result, console)
+        console = Console(width=max(console.width, 200 if opts.wide else 100))
+    print_table(result, console, wide=opts.wide)
     console.print(f"results: {out}")
     for p in pngs:
         console.print(f"plot:    {p}")

@@ -10,7 +10,7 @@ has no local conditioning; ``global_cond`` is the output of its
 
 * :func:`load_pretrained` reads a folder written by ``save_pretrained``
   (``config.json`` + ``model.safetensors``) with ``json`` and ``safetensors``
-  only (``pip install 'fdp[lerobot]'``; LeRobot itself is not imported).
+  only (``pip install '.[lerobot]'`` in fdp's clone; LeRobot itself is not imported).
 * :func:`accelerate` swaps fdp's sampler into a ``DiffusionPolicy`` instance.
 """
 
@@ -67,7 +67,8 @@ def load_pretrained(path, *, backend: str = "auto", num_inference_steps: int | N
     Args:
         path: the folder (download a Hub repo first, e.g. with
             ``huggingface_hub.snapshot_download``).
-        backend: as :class:`fdp.Sampler` (``auto``: ``graph`` on CUDA, else ``torch``).
+        backend: as :class:`fdp.Sampler` (``auto``: the fastest backend that matches ``torch`` here;
+            on a CPU, timed among ``torch`` and ``onnxruntime`` when it is installed).
         device: where the U-Net goes (default: CUDA if available, else the CPU).
         dtype: the U-Net's dtype (default: as saved).
     """
@@ -145,7 +146,7 @@ def _read_unet_tensors(file: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError, safe_open
     except ImportError as exc:
         raise ImportError("fdp.integrations.lerobot.load_pretrained reads model.safetensors with the `safetensors` "
-                          "package: pip install 'fdp[lerobot]'") from exc
+                          "package: pip install '.[lerobot]' in fdp's clone") from exc
     tensors, names = {}, {}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
