@@ -99,6 +99,15 @@ def test_adapt_starts_a_tanh_component_where_it_trains():
     assert float(policy.router.net[2].bias[-1].detach()) == -0.5
 
 
+def test_specialisation_terms_are_refused_under_tanh():
+    policy = make_mlp_policy(K=2, dtype=torch.float32, strategy="tanh")
+    a, c = torch.rand(4, 4, 3) * 2 - 1, torch.randn(4, 5)
+    for kw in ({"component_weight": 1.0}, {"balance_weight": 0.1}):
+        with pytest.raises(ValueError, match="under the router strategy 'tanh'"):
+            policy.loss(a, c, **kw)
+    assert torch.isfinite(policy.loss(a, c))  # the composed MSE alone is the authors' objective
+
+
 def test_add_component_as_the_authors_do_it_copies_and_resets_the_router():
     policy = make_mlp_policy(K=3, dtype=torch.float32, strategy="tanh")
     policy.components[1].requires_grad_(False)

@@ -307,7 +307,10 @@ class FactorizedPolicy(nn.Module):
         gradients reach the router through those k logits only (the others
         get none in that step). With ``topk=1`` or ``"hard"`` every weight is a
         constant 0 or 1, so none of these terms gives the router a gradient:
-        train those soft or with ``topk >= 2``.
+        train those soft or with ``topk >= 2``. Both terms read the weights as a
+        distribution, so they are refused under ``"tanh"``: a negative weight
+        would reward a component's error, and the balance term's 0 means a
+        uniform distribution.
 
         ``actions [B, horizon, action_dim]`` must have the components'
         parameter dtype, and ``cond [B, Dc]`` the same dtype where a component
@@ -323,6 +326,10 @@ class FactorizedPolicy(nn.Module):
             raise ValueError("`actions` must hold at least one sample: the loss is a mean over the batch")
         component_weight = _check_loss_weight("component_weight", component_weight)
         balance_weight = _check_loss_weight("balance_weight", balance_weight)
+        if (component_weight or balance_weight) and self.router.strategy == "tanh":
+            raise ValueError("`component_weight` and `balance_weight` must be 0 under the router strategy 'tanh': "
+                             "they read the weights as a distribution (non-negative, summing to 1), which signed, "
+                             "unnormalised tanh weights are not")
         noisy, t, target = self.noised(actions, generator)
         weights = self.weights(cond)
         if component_weight or balance_weight:
