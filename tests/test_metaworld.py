@@ -120,7 +120,8 @@ def _synthetic_result(cfg):
                     continue
                 bump = 0.05 if (arm == "factorized-tanh") == (lr == 3e-3) else 0.0
                 succ = {n: float(np.clip(base[arm] + bump + rng.normal(0, 0.05), 0, 1)) for n in cfg.tasks}
-                r = {"arm": arm, "lr": lr, "seed": s, "success": succ, "mean_success": float(np.mean(list(succ.values())))}
+                r = {"arm": arm, "lr": lr, "seed": s, "success": succ,
+                     "mean_success": float(np.mean(list(succ.values())))}
                 if up.ARMS[arm]:
                     r["ablated_success"] = {n: v - 0.08 for n, v in succ.items()}
                     r["ablated_mean_success"] = r["mean_success"] - 0.08
@@ -156,6 +157,56 @@ def test_summary_report_and_plot_from_runs(tmp_path):
     assert not res["criteria"]["complete"] and res["criteria"]["factorization_pays"] is None
 
 
+def test_adaptation_methods_and_the_monolithic_budget():
+    cfg = up.Config(K=3, hidden=32, num_blocks=2)
+    budget = up.factorized_budget(cfg)
+    torch.manual_seed(0)
+    fact = up.build_policy("factorized-tanh", cfg)
+    mono = up.build_policy("monolithic", cfg)
+    # last-layers: the trailing layers whose count is closest to the factorized budget
+    modules, count = up.trailing_layers(mono.components[0], budget)
+    c = mono.components[0]
+    order = [c.out, c.blocks_b[1], c.blocks_a[1], c.blocks_b[0], c.blocks_a[0]]
+    sums = np.cumsum([mw.num_params(m) for m in order])
+    k = int(np.argmin(abs(sums - budget)))
+    assert modules == order[:k + 1] and count == sums[k]
+    p = copy.deepcopy(mono)
+    params = up.prepare_adaptation(p, "last-layers", cfg)
+    assert sum(q.numel() for q in params) == count
+    mine, _ = up.trailing_layers(p.components[0], budget)
+    assert {id(q) for q in params} == {id(q) for m in mine for q in m.parameters()}
+    assert all(q.requires_grad == any(q is r for r in params) for q in p.parameters())
+    assert sum(q.numel() for q in up.prepare_adaptation(copy.deepcopy(mono), "full", cfg)) == mw.num_params(mono)
+    # new-logit: fdp's, outputs unchanged at first (tanh: weight 0), trains a component and the router
+    p = copy.deepcopy(fact)
+    x, cond, t = torch.randn(4, mw.HORIZON, mw.ACTION_DIM), torch.randn(4, mw.COND_DIM), torch.tensor(30)
+    before = p(x, t, global_cond=cond)
+    params = up.prepare_adaptation(copy.deepcopy(fact), "new-logit", cfg)
+    assert sum(q.numel() for q in params) == budget
+    p.add_component(mw.make_component(cfg.hidden, cfg.num_blocks))
+    assert torch.all(p.weights(cond)[:, -1] == 0)
+    torch.testing.assert_close(p(x, t, global_cond=cond), before, rtol=1e-6, atol=1e-7)  # float32 rounding
+    # copy-reset: the authors', a copy of component 0 and a fresh router
+    p = copy.deepcopy(fact)
+    params = up.prepare_adaptation(p, "copy-reset", cfg)
+    assert p.num_components == cfg.K + 1 and sum(q.numel() for q in params) == budget
+    assert all(torch.equal(a, b) for a, b in zip(p.components[-1].parameters(), p.components[0].parameters()))
+    assert not torch.equal(p.router.net[0].weight, fact.router.net[0].weight)
+
+
+def test_adaptation_summary():
+    cfg = up.Config(seeds=(0, 1))
+    res = {"runs": {up._key("factorized-tanh", 1e-3, s): {"mean_success": 0.6} for s in (0, 1)},
+           "adaptation_runs": {up._key("factorized-tanh", 1e-3, s): {
+               "arm": "factorized-tanh", "lr": 1e-3, "seed": s, "methods": {"copy-reset": {
+                   "new": {"door-close-v3": 0.8 + 0.1 * s}, "old": {"hammer-v3": 0.5, "push-wall-v3": 0.3},
+                   "trainable_params": 7}}} for s in (0, 1)}}
+    up.summarize_adaptation(res, cfg)
+    d = res["adaptation"]["factorized-tanh"]["copy-reset"]
+    assert d["new_points"]["mean"] == pytest.approx(85.0) and d["new_points"]["n"] == 2
+    assert d["forgetting_points"]["mean"] == pytest.approx(20.0) and d["forgetting_points"]["sd"] == 0
+
+
 # -- with the simulator ----------------------------------------------------------------------------------------
 
 def test_unsaturated_protocol_quick(tmp_path, simulator):
@@ -164,7 +215,7 @@ def test_unsaturated_protocol_quick(tmp_path, simulator):
 
     out, png = tmp_path / "quick.json", tmp_path / "quick.png"
     run_all.main(["--quick", "--jobs", "1", "--no-progress", "--cache-dir", str(tmp_path), "--out", str(out),
-                  "--plot", str(png)])
+                  "--plot", str(png), "--adapt"])
     r = json.loads(out.read_text())
     q = up.QUICK
     assert r["protocol"] == "unsaturated" and r["quick"] and r["config"]["task_id"] is False
@@ -176,7 +227,16 @@ def test_unsaturated_protocol_quick(tmp_path, simulator):
         assert run["eval_weights"]["samples"] > 0 and set(run["ablated_success"]) == set(q["tasks"])
         assert run["diagnostics"]["num_components"] == q["K"]
     assert r["params"]["monolithic"]["K"] == 1 and r["wall_time_s"]["total"] > 0
+    assert r["normalizer"]["action"] == {"lo": [-1.0] * mw.ACTION_DIM, "hi": [1.0] * mw.ACTION_DIM}
     assert png.stat().st_size > 1000
+    # --adapt: every arm, every method of its kind, every seed; new-task success and forgetting
+    for arm, methods in r["adaptation"].items():
+        assert set(methods) == set(up.ADAPT_METHODS[arm != "monolithic"])
+        for d in methods.values():
+            assert d["new_points"]["n"] == len(q["seeds"]) and d["forgetting_points"]["n"] == len(q["seeds"])
+    assert set(r["adaptation"]) == set(up.ARMS)
+    budget = r["config"]["adapt"]["factorized_trainable_budget"]
+    assert r["adaptation"]["factorized-tanh"]["copy-reset"]["trainable_params"] == budget
 
 
 def test_metaworld_end_to_end(tmp_path, simulator):

@@ -9,6 +9,7 @@ The MT6 protocol (``run_all.py --protocol mt6``) saturates: three of its six tas
 - **tasks**: ``TASKS``, the MT10 of the FDP authors' later code, goal-observable state, **no task id**
   (the 10 task-id features of mw_common stay 0, so routing has to come from the state);
 - **data**: ``n_demos`` (20) scripted-expert demos per task; **training**: ``steps`` (10k) at batch 256;
+  observations min/max-normalised on the demos, actions by the action space's [-1, 1];
 - **calibration gate**, before the arms: the monolithic policy, seed 0, lr ``lrs[0]``, must land in
   ``GATE`` (35-70 % mean success). Above it, the demos drop to ``fallback_demos`` (10) per task and
   the gate is measured again; the JSON records which count the arms use and both gate results. Below
@@ -28,6 +29,15 @@ The MT6 protocol (``run_all.py --protocol mt6``) saturates: three of its six tas
 - **criteria** (``CRITERIA``): factorization pays for an arm when its paired difference is at least
   +5 points with the interval's lower bound above 0 **and** the mean-weight ablation costs at least
   5 points (the gain comes through routing).
+
+With ``--adapt`` (off by default: it is not in the 75-minute budget), each arm's checkpoints at its
+chosen lr then learn the held-out tasks ``ADAPT_TASKS`` from their demos alone, ``adapt_steps``
+steps, with each method of ``ADAPT_METHODS``: factorized ``new-logit`` (fdp's: a new component whose
+router output starts where the outputs do not move, ``adapt("router+new")``) and ``copy-reset``
+(the FDP authors': a copy of component 0 and a freshly drawn router, ``adapt("router+new")``);
+monolithic ``full`` (everything fine-tuned) and ``last-layers`` (the trailing layers whose parameter
+count is closest to what the factorized methods train: the same trainable budget). Recorded: new-task
+success and forgetting (old-task mean success before - after), per seed and with 95 % t-intervals.
 
 The JSON (default ``benchmarks/results/metaworld-<date>-unsaturated.json``) is rewritten after every
 finished job, and records wall time per stage and in total (the budget is measured, not assumed).
@@ -58,6 +68,9 @@ TASKS = ["hammer-v3", "peg-insert-side-v3", "push-wall-v3", "box-close-v3", "cof
 ARMS = {"monolithic": None, "factorized-soft": "soft", "factorized-tanh": "tanh"}
 MONOLITHIC = "monolithic"
 GATE = (0.35, 0.70)
+# Held-out tasks for --adapt: outside MT10, scripted experts that succeed (the MT6 protocol's adaptation set).
+ADAPT_TASKS = ["door-close-v3", "drawer-close-v3", "window-open-v3"]
+ADAPT_METHODS = {True: ("new-logit", "copy-reset"), False: ("full", "last-layers")}
 CRITERIA = {"min_gain_points": 5.0, "min_ablation_cost_points": 5.0}
 
 # Two-sided 95 % quantiles of Student's t (0.975 quantile) for 1..30 degrees of freedom.
@@ -82,6 +95,8 @@ class Config:
     max_steps: int = 500
     envs_per_task: int = 5
     tasks: tuple = tuple(TASKS)
+    adapt_tasks: tuple = tuple(ADAPT_TASKS)
+    adapt_steps: int = 2000
     cache_dir: str = mw.DEFAULT_CACHE
     progress: bool = False
     gate: tuple = GATE
@@ -89,7 +104,8 @@ class Config:
 
 # The smoke path: every stage, three tasks (most of a cold run is building MetaWorld's task variations).
 QUICK = dict(n_demos=2, fallback_demos=1, steps=20, batch_size=32, seeds=(0, 1), K=2, hidden=16, episodes=1,
-             max_steps=24, envs_per_task=1, tasks=("hammer-v3", "push-wall-v3", "coffee-push-v3"))
+             max_steps=24, envs_per_task=1, tasks=("hammer-v3", "push-wall-v3", "coffee-push-v3"),
+             adapt_tasks=("door-close-v3",), adapt_steps=10)
 
 
 # -- statistics (no simulator) --------------------------------------------------------------------------
@@ -186,13 +202,21 @@ class WeightRecorder:
 
 # -- data, training, one job -----------------------------------------------------------------------------
 
+# Actions are normalised by MetaWorld's action space, [-1, 1] per dimension (the scripted experts' actions are
+# clipped to it), not by the demos' min/max: the held-out tasks of --adapt then fit the same map.
+ACTION_RANGE = (-1.0, 1.0)
+
+
 class Data:
-    """The protocol's demos (``n_demos`` per task), normalisers fit on them, and the dataset without task id."""
+    """The protocol's demos (``n_demos`` per task), the observation normaliser fit on them (actions: the
+    action space's range), and the dataset without task id."""
 
     def __init__(self, cfg: Config, n_demos: int, log=print):
         self.n_demos = n_demos
         self.demos = mw.get_demos(cfg.cache_dir, list(cfg.tasks), n_demos, log=log)
-        self.obs_norm, self.act_norm = mw.fit_normalizers(self.demos)
+        self.obs_norm, _ = mw.fit_normalizers(self.demos)
+        self.act_norm = mw.Normalizer(np.full(mw.ACTION_DIM, ACTION_RANGE[0], np.float32),
+                                      np.full(mw.ACTION_DIM, ACTION_RANGE[1], np.float32))
         self.vecs = {n: d["rand_vecs"] for n, d in self.demos.items()}
         self.cond, self.actions = mw.build_dataset(self.demos, list(cfg.tasks), self.obs_norm, self.act_norm,
                                                    task_id=False)
@@ -222,6 +246,8 @@ def run_job(job: dict) -> dict:
     ema, curve = mw.train(policy, data.cond, data.actions, policy.parameters(), cfg.steps, cfg.batch_size, lr, seed,
                           desc=f"{arm} lr{lr:g} s{seed}", ema_decay=cfg.ema_decay, progress=cfg.progress)
     out["wall_s"]["train"], out["loss_curve"] = t(), curve
+    os.makedirs(os.path.dirname(ckpt_path(cfg, arm, lr, seed, job["n_demos"])), exist_ok=True)
+    torch.save(ema, ckpt_path(cfg, arm, lr, seed, job["n_demos"]))
     ev = dict(n_episodes=cfg.episodes, max_steps=cfg.max_steps, envs_per_task=cfg.envs_per_task,
               obs_norm=data.obs_norm, act_norm=data.act_norm, exclude_vecs=data.vecs, progress=cfg.progress,
               task_id=False, seed=seed)
@@ -253,6 +279,104 @@ def run_job(job: dict) -> dict:
             obs[task], acts[task] = c[idx], a[idx]
         out["diagnostics"] = fdp.diagnostics.routing(ema, obs, acts, generator=torch.Generator().manual_seed(seed))
     return out
+
+
+# -- adaptation (--adapt) ----------------------------------------------------------------------------------
+
+def ckpt_path(cfg: Config, arm: str, lr: float, seed: int, n_demos: int) -> str:
+    return os.path.join(cfg.cache_dir, "ckpt", f"unsat-{arm}-lr{lr:g}-s{seed}-{n_demos}demos-{cfg.steps}steps-"
+                        f"K{cfg.K}h{cfg.hidden}b{cfg.num_blocks}.pt")
+
+
+def trailing_layers(component, budget: int) -> tuple[list, int]:
+    """The component's last layers, from the output back (``out``, then each residual block's second
+    and first linear), whose parameter count is closest to ``budget``; returns (modules, count)."""
+    order = [component.out]
+    for a, b in zip(reversed(component.blocks_a), reversed(component.blocks_b)):
+        order += [b, a]
+    best, total, taken = ([], 0), 0, []
+    for m in order:
+        taken.append(m)
+        total += mw.num_params(m)
+        if abs(total - budget) < abs(best[1] - budget) or not best[0]:
+            best = (list(taken), total)
+    return best
+
+
+def factorized_budget(cfg: Config) -> int:
+    """What a factorized arm's adaptation trains: one new component and the grown router."""
+    p = build_policy("factorized-soft", cfg)
+    p.add_component(mw.make_component(cfg.hidden, cfg.num_blocks))
+    return sum(q.numel() for q in p.adapt("router+new"))
+
+
+def prepare_adaptation(policy, method: str, cfg: Config) -> list:
+    """Grow or unfreeze ``policy`` (a copy: changed in place) as ``method`` says; returns what trains."""
+    policy.requires_grad_(True)
+    if method == "new-logit":
+        policy.add_component(mw.make_component(cfg.hidden, cfg.num_blocks))
+        return policy.adapt("router+new")
+    if method == "copy-reset":
+        policy.add_component(source=0, reset_router=True)
+        return policy.adapt("router+new")
+    if method == "full":
+        return policy.adapt("full")
+    if method == "last-layers":
+        policy.requires_grad_(False)
+        modules, _ = trailing_layers(policy.components[0], factorized_budget(cfg))
+        for m in modules:
+            m.requires_grad_(True)
+        return [q for q in policy.parameters() if q.requires_grad]
+    raise ValueError(f"unknown adaptation method {method!r}")
+
+
+def run_adapt_job(job: dict) -> dict:
+    """Adapt one (arm, seed) checkpoint with each of its methods; evaluate new and old tasks."""
+    torch.set_num_threads(1)
+    cfg, arm, lr, seed = job["cfg"], job["arm"], job["lr"], job["seed"]
+    data = Data(cfg, job["n_demos"], log=lambda *a: None)
+    new = mw.get_demos(cfg.cache_dir, list(cfg.adapt_tasks), job["n_demos"], log=lambda *a: None)
+    cond, actions = mw.build_dataset(new, list(cfg.adapt_tasks), data.obs_norm, data.act_norm, task_id=False)
+    trained = torch.load(ckpt_path(cfg, arm, lr, seed, job["n_demos"]), weights_only=False)
+    out = {"arm": arm, "lr": lr, "seed": seed, "methods": {}}
+    names = list(cfg.tasks) + list(cfg.adapt_tasks)
+    for method in ADAPT_METHODS[ARMS[arm] is not None]:
+        torch.manual_seed(10_000 + seed)
+        policy = copy.deepcopy(trained)
+        params = prepare_adaptation(policy, method, cfg)
+        t = mw.timer()
+        ema, curve = mw.train(policy, cond, actions, params, cfg.adapt_steps, cfg.batch_size, lr, 10_000 + seed,
+                              desc=f"{arm} s{seed} adapt {method}", ema_decay=cfg.ema_decay, progress=cfg.progress)
+        train_s = t()
+        t = mw.timer()
+        r = mw.evaluate(ema, names, n_episodes=cfg.episodes, max_steps=cfg.max_steps, envs_per_task=cfg.envs_per_task,
+                        obs_norm=data.obs_norm, act_norm=data.act_norm,
+                        exclude_vecs={**data.vecs, **{n: d["rand_vecs"] for n, d in new.items()}},
+                        progress=cfg.progress, task_id=False, seed=seed, desc=f"{arm} s{seed} adapted {method}")
+        out["methods"][method] = {
+            "new": {n: r[n]["success_rate"] for n in cfg.adapt_tasks},
+            "old": {n: r[n]["success_rate"] for n in cfg.tasks},
+            "trainable_params": sum(q.numel() for q in params), "params": mw.num_params(policy),
+            "wall_s": {"train": train_s, "eval": t()}, "loss_curve": curve}
+    return out
+
+
+def summarize_adaptation(res: dict, cfg: Config) -> None:
+    """New-task success and forgetting per arm and method, over the seeds done (points, 95 % t-intervals)."""
+    summary = {}
+    for key, r in res.get("adaptation_runs", {}).items():
+        arm, seed = r["arm"], r["seed"]
+        before = res["runs"][_key(arm, r["lr"], seed)]["mean_success"]
+        for method, m in r["methods"].items():
+            d = summary.setdefault(arm, {}).setdefault(method, {"new_by_seed": {}, "forgetting_by_seed": {},
+                                                                "trainable_params": m["trainable_params"]})
+            d["new_by_seed"][str(seed)] = float(np.mean(list(m["new"].values())))
+            d["forgetting_by_seed"][str(seed)] = 100 * (before - float(np.mean(list(m["old"].values()))))
+    for arm, methods in summary.items():
+        for d in methods.values():
+            d["new_points"] = t_interval([100 * v for v in d["new_by_seed"].values()])
+            d["forgetting_points"] = t_interval(list(d["forgetting_by_seed"].values()))
+    res["adaptation"] = summary
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -292,8 +416,9 @@ def summarize(res: dict, cfg: Config) -> None:
         mono_by_seed = {int(s): v for s, v in mono["mean_success_by_seed"].items()}
         for arm, a in arms.items():
             if ARMS[arm]:
-                res["metrics"][arm] = arm_metrics(mono_by_seed, {int(s): v for s, v in a["mean_success_by_seed"].items()},
-                                                  {int(s): v for s, v in a["ablated_mean_success_by_seed"].items()})
+                fact = {int(s): v for s, v in a["mean_success_by_seed"].items()}
+                ablated = {int(s): v for s, v in a["ablated_mean_success_by_seed"].items()}
+                res["metrics"][arm] = arm_metrics(mono_by_seed, fact, ablated)
     paying = [a for a, m in res["metrics"].items() if m["factorization_pays"]]
     complete = mono is not None and all(len(a["seeds"]) == len(cfg.seeds) for a in arms.values()) \
         and len(arms) == len(ARMS)
@@ -313,6 +438,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the protocol's tasks (smoke runs)")
     ap.add_argument("--plot", default=None, help="also write the per-task success plot (PNG) here")
+    ap.add_argument("--adapt", action="store_true", help="then adapt each arm to the held-out tasks with each "
+                    "method of ADAPT_METHODS (not in the 75-minute budget)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     kw = dict(QUICK) if args.quick else {}
@@ -351,6 +478,7 @@ def main(argv=None):
 
     def write():
         summarize(res, cfg)
+        summarize_adaptation(res, cfg)
         res["wall_time_s"]["total"] = total()
         with open(out + ".tmp", "w") as fh:
             json.dump(res, fh, indent=1)
@@ -374,7 +502,8 @@ def main(argv=None):
         n_demos = attempt
         t = mw.timer()
         log(f"== demos: {n_demos} per task ({len(cfg.tasks)} tasks)")
-        Data(cfg, n_demos, log=log)
+        d = Data(cfg, n_demos, log=log)
+        res["normalizer"] = {"obs": d.obs_norm.state(), "action": d.act_norm.state()}
         res["wall_time_s"]["demos"][str(n_demos)] = t()
         log(f"== calibration gate: {MONOLITHIC}, seed {cfg.seeds[0]}, lr {cfg.lrs[0]:g}, {n_demos} demos per task")
         r = run_job({"cfg": cfg, "arm": MONOLITHIC, "lr": cfg.lrs[0], "seed": cfg.seeds[0], "n_demos": n_demos})
@@ -393,16 +522,25 @@ def main(argv=None):
     def jobs_for(pairs):
         return [{"cfg": cfg, "arm": a, "lr": lr, "seed": s, "n_demos": n_demos} for a, lr, s in pairs]
 
-    def run_all_jobs(jobs):
+    def run_all_jobs(jobs, fn=run_job, done=record):
         if args.jobs == 1 or len(jobs) == 1:
             for j in jobs:
-                record(run_job(j))
+                done(fn(j))
             return
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs)), maxtasksperchild=1) as pool:
-            for r in pool.imap_unordered(run_job, jobs):
-                record(r)
+            for r in pool.imap_unordered(fn, jobs):
+                done(r)
+
+    def record_adaptation(r):
+        res.setdefault("adaptation_runs", {})[_key(r["arm"], r["lr"], r["seed"])] = r
+        res["wall_time_s"].setdefault("adaptation", {})[_key(r["arm"], r["lr"], r["seed"])] = {
+            m: v["wall_s"] for m, v in r["methods"].items()}
+        log(f"   adapted {_key(r['arm'], r['lr'], r['seed'])}: " + ", ".join(
+            f"{m} new {np.mean(list(v['new'].values())):.3f} old {np.mean(list(v['old'].values())):.3f}"
+            for m, v in r["methods"].items()))
+        write()
 
     s0 = cfg.seeds[0]
     log("== seed 0: every arm at every lr")
@@ -411,6 +549,15 @@ def main(argv=None):
     log("== chosen lr per arm (seed 0): " + ", ".join(f"{a} {lr:g}" for a, lr in res["chosen_lr"].items()))
     run_all_jobs(jobs_for([(a, res["chosen_lr"][a], s) for s in cfg.seeds[1:] for a in ARMS]))
     write()
+    if args.adapt:
+        log(f"== adaptation to {', '.join(cfg.adapt_tasks)}")
+        res["config"]["adapt"] = {"tasks": list(cfg.adapt_tasks), "steps": cfg.adapt_steps,
+                                  "methods": {a: list(ADAPT_METHODS[ARMS[a] is not None]) for a in ARMS},
+                                  "factorized_trainable_budget": factorized_budget(cfg)}
+        Data(cfg, n_demos, log=log)
+        mw.get_demos(cfg.cache_dir, list(cfg.adapt_tasks), n_demos, log=log)
+        run_all_jobs(jobs_for([(a, res["chosen_lr"][a], s) for s in cfg.seeds for a in ARMS]), run_adapt_job,
+                     record_adaptation)
     if args.plot:
         import report
 

@@ -182,6 +182,15 @@ def tables_unsaturated(r: dict) -> str:
         lines.append(f"| {a} | {_interval(m['difference_points'])} | {num(m['failure_rate_ratio'], '.2f')} | "
                      f"{_interval(m['mean_weight_ablation_cost_points'])} | {m['gain_met']} | "
                      f"{m['through_routing_met']} | **{m['factorization_pays']}** |")
+    if r.get("adaptation"):
+        ad = r["config"].get("adapt", {})
+        lines += ["", f"**Adaptation** to {', '.join(ad.get('tasks', []))} ({ad.get('steps')} steps on their demos "
+                  "alone; new-task success %, forgetting = old-task mean before − after, points; 95 % t-intervals)",
+                  "", "| arm | method | trainable parameters | new tasks | forgetting |", "|---|---|---|---|---|"]
+        for a, methods in r["adaptation"].items():
+            for m, d in methods.items():
+                lines.append(f"| {a} | {m} | {d['trainable_params']} | {_interval(d['new_points'], '.1f')} | "
+                             f"{_interval(d['forgetting_points'], '.1f')} |")
     c = r["criteria"]
     lines += ["", f"Factorization pays (some factorized arm meets both criteria): **{c.get('factorization_pays')}**"
               + ("" if c.get("complete") else " (the run is incomplete)") + ".", "",

@@ -128,8 +128,8 @@ class FactorizedPolicy(nn.Module):
           router grows one output whose logit is the constant
           ``initial_logit``, by default one that leaves the policy's outputs
           for existing inputs unchanged (``soft``: -20, a weight of about
-          e^-20 of the others', unchanged to float32 rounding; ``tanh``: 0,
-          a weight of exactly 0, unchanged exactly). Such a weight is too
+          e^-20 of the others'; ``tanh``: 0, a weight of exactly 0), to the
+          rounding of the router's grown last layer. Such a weight is too
           small to train from (under softmax the gradients fall under Adam's
           epsilon; a weight of exactly 0 passes none), so :meth:`adapt` then
           lifts the logit to its ``start_logit``; pass another

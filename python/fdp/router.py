@@ -40,8 +40,10 @@ STRATEGIES = ("soft", "tanh", "hard", "topk", "fixed")
 # there (gradients that small fall under Adam's epsilon): FactorizedPolicy.adapt
 # lifts it first.
 NEW_COMPONENT_LOGIT = -20.0
-# The same for ``tanh``: tanh(0) is exactly 0, so the composed outputs are
-# unchanged exactly (a zero weight leaves a component out). A weight of exactly
+# The same for ``tanh``: tanh(0) is exactly 0, so the new component adds
+# nothing (a zero weight leaves a component out); the old logits may differ by
+# a rounding, since the grown last layer's matmul can sum in another order. A
+# weight of exactly
 # 0 passes no gradient either (to the component or to its logit), so here too
 # FactorizedPolicy.adapt lifts it first.
 NEW_COMPONENT_LOGIT_TANH = 0.0
@@ -182,10 +184,12 @@ class Router(nn.Module):
 
         The new logit starts as the constant ``initial_logit`` (default:
         :attr:`new_output_logit`). Under ``tanh`` the default 0 gives the new
-        component a weight of exactly 0, so the composed outputs do not move
-        at all. Under ``soft`` the old components' weights change by a factor
+        component a weight of exactly 0: it adds nothing to the composition.
+        Under ``soft`` the old components' weights change by a factor
         ``1 / (1 + exp(initial_logit - logsumexp(old)))``, which rounds to 1 in
-        float32 for the default -20. Fixed weights get a 0 for the new one.
+        float32 for the default -20. Either way the old logits are the same
+        numbers up to rounding (the grown layer's matmul may sum in another
+        order). Fixed weights get a 0 for the new one.
         """
         if initial_logit is None:
             initial_logit = self.new_output_logit
