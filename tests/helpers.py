@@ -62,6 +62,32 @@ def make_mlp_policy(K=3, horizon=4, action_dim=3, cond_dim=5, hidden=16, blocks=
     return policy
 
 
+def signed_tanh_routing(policy, zero_comp=None):
+    """Give a ``"tanh"`` router the weights the FDP authors' trained routers settle at: magnitudes up to
+    about 0.9, alternating signs (logit biases 0.4 .. 1.4, the first component positive), so rows neither
+    sum to 1 nor stay non-negative (with two or more components in use). ``zero_comp``: that component's
+    logit row is zeroed, so its weight is exactly 0 on every row (tanh(0) = 0), the case fused kernels
+    skip."""
+    K = policy.num_components
+    live = [k for k in range(K) if k != zero_comp]  # the signs alternate over the components in use
+    with torch.no_grad():
+        last = policy.router.net[2]
+        signs = torch.ones(K, dtype=last.bias.dtype)
+        signs[live[1::2]] = -1
+        last.bias.copy_(torch.linspace(0.4, 1.4, K, dtype=last.bias.dtype) * signs)
+        if zero_comp is not None:
+            last.weight[zero_comp] = 0
+            last.bias[zero_comp] = 0
+    return policy
+
+
+def assert_signed_unnormalised(weights):
+    """The routing weights of a tanh kernel case hold what the case is for: a negative weight and rows
+    that do not sum to 1 (so a kernel that clamps, skips ``w <= 0`` or renormalises fails it)."""
+    assert (weights < 0).any(), "no negative weight: the case does not test signed routing"
+    assert ((weights.sum(-1) - 1).abs() > 0.1).all(), "a row sums to ~1: the case does not test unnormalised routing"
+
+
 def kernel_policy(K, H, L, horizon, action_dim, strategy="soft", seed=0, dtype=torch.float64):
     """A random MLP policy for kernel tests, with routing parameters that suit ``strategy``."""
     kw = {}
@@ -70,8 +96,9 @@ def kernel_policy(K, H, L, horizon, action_dim, strategy="soft", seed=0, dtype=t
     if strategy == "fixed":
         w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
         kw["fixed_weights"] = (w / w.sum()).tolist()
-    return make_mlp_policy(K=K, horizon=horizon, action_dim=action_dim, cond_dim=KERNEL_COND_DIM, hidden=H,
-                           blocks=L, strategy=strategy, seed=seed, dtype=dtype, **kw)
+    policy = make_mlp_policy(K=K, horizon=horizon, action_dim=action_dim, cond_dim=KERNEL_COND_DIM, hidden=H,
+                             blocks=L, strategy=strategy, seed=seed, dtype=dtype, **kw)
+    return signed_tanh_routing(policy) if strategy == "tanh" else policy
 
 
 def rounded_reference(policy, dtype):

@@ -64,9 +64,15 @@ def strided_eps(K, B, S, dtype=torch.float32, seed=0):
     return view, view.to(F64)
 
 
-def router_weights(B, K, dtype=torch.float32, seed=1):
+def router_weights(B, K, dtype=torch.float32, seed=1, signed=False):
+    """Softmax weights, or (``signed``) tanh weights as the "tanh" router gives: signed, rows not summing
+    to 1, one weight of exactly 0 per row (left out, as a zero weight always is)."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.softmax(torch.randn(B, K, generator=g, dtype=F64), -1)
+    if signed:
+        w = torch.tanh(2 * torch.randn(B, K, generator=g, dtype=F64))
+        w[torch.arange(B), torch.arange(B) % K] = 0.0
+    else:
+        w = torch.softmax(torch.randn(B, K, generator=g, dtype=F64), -1)
     buf = torch.full((B, K + 2), NAN, dtype=dtype)
     view = buf[:, 1:K + 1]
     view.copy_(w)
@@ -82,13 +88,15 @@ def rel(a, b):
     return float((a.to(F64) - b).abs().max() / b.abs().max())
 
 
-def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True):
+def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True, signed=False):
     factory, n, eta = SCHEDULES[schedule]
     table = factory().step_table(n, eta=eta)
     dev = table.to("cpu")
     clip = table.clip_range if table.clip_sample else None
     eps, eps64 = strided_eps(K, B, S, dtype)
-    w, w64 = router_weights(B, K, dtype)
+    w, w64 = router_weights(B, K, dtype, signed=signed)
+    if signed and K > 1:
+        assert (w64 < 0).any() and ((w64.sum(1) - 1).abs() > 1e-3).all()
     g = torch.Generator().manual_seed(2)
     x = torch.randn(B, *S, generator=g)
     noise = torch.randn(n, B, *S, generator=g).to(dtype)
@@ -110,6 +118,13 @@ def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True):
 @pytest.mark.parametrize("K", range(1, 9))
 def test_matches_apply_step_of_the_weighted_sum(schedule, K):
     run_case(schedule, K, B=3 if K % 2 else 1, S=(5, 3) if K < 5 else (16, 2))
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("K", [2, 5])
+def test_signed_unnormalised_weights(schedule, K):
+    """tanh routing: negative weights and rows that do not sum to 1 are composed as given."""
+    run_case(schedule, K, B=7, S=(5, 3), signed=True)
 
 
 @pytest.mark.parametrize("B,S", [(1, (1,)), (7, (13,)), (2, (8, 7)), (1, (16, 10))])

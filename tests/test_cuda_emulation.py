@@ -37,7 +37,8 @@ from fdp import packing
 from fdp.backends import get_backend
 from fdp.backends import cuda_backend
 
-from helpers import KERNEL_PROBLEMS, KERNEL_SCHEDULERS, KERNEL_TOL, make_mlp_policy, rel_err, rounded_reference
+from helpers import (KERNEL_PROBLEMS, KERNEL_SCHEDULERS, KERNEL_TOL, assert_signed_unnormalised, make_mlp_policy,
+                     rel_err, rounded_reference, signed_tanh_routing)
 
 HERE = Path(__file__).resolve().parent
 EMU = HERE / "cuda_emulation"
@@ -83,6 +84,12 @@ PROBLEMS = {
     # Split over 4 ranks, the last rank owns no column of H (24 = 3 x 8) nor of D (3): it pushes tokens.
     "narrow": dict(K=2, H=24, L=1, horizon=1, action_dim=3, B=2, sched="ddim_eta", strategy="soft", T=3,
                    dtype=torch.float32),
+    # tanh routing (the FDP authors'): signed weights, rows that do not sum to 1, component 1 at weight
+    # exactly 0 on every row (logit 0) so it is skipped (helpers.signed_tanh_routing).
+    "tanh": dict(K=3, H=24, L=1, horizon=4, action_dim=3, B=11, sched="ddpm_clip", strategy="tanh", T=2,
+                 dtype=torch.float32, zero_comp=1),
+    "tanh_bf16": dict(K=3, H=48, L=2, horizon=5, action_dim=3, B=5, sched="ddim_eta", strategy="tanh", T=3,
+                      dtype=torch.bfloat16),
 }
 
 # (problem, kind, bt, mma, ranks, groups, groups per cluster, shared-memory limit).
@@ -100,6 +107,9 @@ CONFIGS = [
     ("narrow", STEP, 8, 0, 4, 1, 1, SMEM_H100),         # both components in one team (hs/us swap roles), S=4
     ("bf16_fma", STEP, 8, 0, 1, 1, 1, SMEM_H100),       # bf16 FMA, 8 rows (two sums per lane), partial tile
     ("bf16_fma", PERSISTENT, 4, 0, 2, 1, 1, SMEM_H100), # bf16 FMA, 4 rows, two tiles, S=2
+    ("tanh", STEP, 8, 0, 1, 3, 1, SMEM_H100),           # signed weights, global combine, 2 tiles, one skipped
+    ("tanh", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),     # signed weights, local combine
+    ("tanh_bf16", PERSISTENT, 16, 1, 2, 3, 3, 18000),   # signed weights, tensor cores, S=6
 ]
 
 
@@ -212,6 +222,8 @@ def _problem(name, d: Path):
         kw["fixed_weights"] = (w / w.sum()).tolist()
     policy = make_mlp_policy(K=K, horizon=p["horizon"], action_dim=p["action_dim"], cond_dim=5, hidden=p["H"],
                              blocks=p["L"], strategy=p["strategy"], seed=0, **kw)
+    if p["strategy"] == "tanh":
+        signed_tanh_routing(policy, p.get("zero_comp"))
     make_sched, eta = SCHEDULERS[p["sched"]]
     table = make_sched().step_table(T, eta=eta)
     g = torch.Generator().manual_seed(1)
@@ -226,6 +238,10 @@ def _problem(name, d: Path):
     packed = packing.pack_policy(p32, dtype)
     steps = packing.step_terms(p32, table.timesteps)
     call = packing.call_terms(p32, cond.float(), p32.weights(cond.float()))
+    if p["strategy"] == "tanh":
+        assert_signed_unnormalised(call.weights)
+        if "zero_comp" in p:
+            assert (call.weights[:, p["zero_comp"]] == 0).all()
     coef = cuda_backend.kernel_coef(table)
     x = x_T.reshape(B, D).float().contiguous()
     noise32 = noise.reshape(T, B, D).float().contiguous() if adds else None
@@ -331,11 +347,14 @@ def test_wrong_expected_byte_count_is_caught(driver, problems, cfg, skew):
 
 
 @pytest.mark.parametrize("cfg", [("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),
-                                 ("fixed", STEP, 8, 0, 1, 3, 1, SMEM_H100)], ids=["pers-bt1-local", "step-bt8-global"])
+                                 ("fixed", STEP, 8, 0, 1, 3, 1, SMEM_H100),
+                                 ("tanh", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),
+                                 ("tanh", STEP, 8, 0, 1, 3, 1, SMEM_H100)],
+                         ids=["pers-bt1-local", "step-bt8-global", "tanh-pers-bt1-local", "tanh-step-bt8-global"])
 def test_nan_router_weight_gives_nan_in_its_row_only(driver, problems, tmp_path, cfg):
     """A NaN router weight makes its row NaN, as in torch, also for a component every other row gives
-    weight 0 ("fixed" routes nothing to component 1: the NaN alone makes it used); the other rows
-    are unaffected."""
+    weight 0 ("fixed" and "tanh" route nothing to component 1: the NaN alone makes it used; "tanh"'s
+    other weights are signed and unnormalised); the other rows are unaffected."""
     name, kind, *plan = cfg
     src, ref, dims_args = problems(name)
     for f in src.glob("*.bin"):
@@ -353,7 +372,10 @@ def test_nan_router_weight_gives_nan_in_its_row_only(driver, problems, tmp_path,
 
 
 @pytest.mark.parametrize("cfg", [("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),
-                                 ("fixed", STEP, 8, 0, 1, 3, 1, SMEM_H100)], ids=["pers-bt1-local", "step-bt8-global"])
+                                 ("fixed", STEP, 8, 0, 1, 3, 1, SMEM_H100),
+                                 ("tanh", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),
+                                 ("tanh", STEP, 8, 0, 1, 3, 1, SMEM_H100)],
+                         ids=["pers-bt1-local", "step-bt8-global", "tanh-pers-bt1-local", "tanh-step-bt8-global"])
 def test_nan_component_output_reaches_only_rows_that_use_it(driver, problems, tmp_path, cfg):
     """Component 1 outputs NaN and one row of the tile gives it a weight: that row is NaN, and every
     other row, whose weight for it is 0, leaves it out (as fdp.FactorizedPolicy.compose does) and
@@ -369,7 +391,7 @@ def test_nan_component_output_reaches_only_rows_that_use_it(driver, problems, tm
     weights = torch.from_numpy(np.fromfile(src / "weights.bin", dtype=np.float32)).reshape(ref.shape[0], -1)
     assert (weights[:, 1] == 0).all()
     bad = 1
-    weights[bad, 1] = 0.25
+    weights[bad, 1] = -0.25 if PROBLEMS[name]["strategy"] == "tanh" else 0.25
     _write(tmp_path, "weights", weights)
     out, _ = _launch(driver, tmp_path, kind, torch.float32, dims_args, plan)
     assert torch.isnan(out[bad]).all(), out[bad]

@@ -112,3 +112,50 @@ def test_bad_inputs_are_named():
         fdp.diagnostics.routing(policy, obs, {"a": act["a"]})
     with pytest.raises(ValueError, match=r"`actions_by_task\['b'\]` must have shape \[N, 4, 3\] \(N=3\)"):
         fdp.diagnostics.routing(policy, obs, {"a": act["a"], "b": act["b"][:2]})
+
+
+@torch.no_grad()
+def test_tanh_routing_reports_shares_row_sums_and_the_mean_weight_ablation():
+    # Signed, unnormalised weights: entropy and top weight describe the shares |w_k| / sum_j |w_j|.
+    policy = make_mlp_policy(K=3, strategy="tanh")
+    policy.router.net[2].bias.copy_(torch.tensor([1.2, -0.9, 0.3], dtype=torch.float64))
+    obs, act = _data(policy)
+    r = fdp.diagnostics.routing(policy, obs, act, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    for name in ("a", "b"):
+        w = policy.weights(obs[name])
+        assert (w < 0).any()
+        share = w.abs() / w.abs().sum(1, keepdim=True)
+        row = r["tasks"][name]
+        assert row["entropy"] == pytest.approx(float((-(share * share.log()).sum(1) / math.log(3)).mean()), rel=1e-10)
+        assert row["top_weight"] == pytest.approx(float(share.max(1).values.mean()), rel=1e-12)
+        assert row["weight_sum"] == pytest.approx(float(w.sum(1).mean()), rel=1e-12)
+        assert row["mean_weights"] == pytest.approx(w.mean(0).tolist(), rel=1e-12)
+        assert row["dominant"] == int(share.mean(0).argmax())
+        noisy, t, target = policy.noised(act[name], g)
+        eps = [c(noisy, t, global_cond=obs[name]) for c in policy.components]
+        wbar = w.mean(0)
+        ablated = sum(wbar[k] * eps[k] for k in range(3))
+        assert row["mean_weight_mse"] == pytest.approx(float(((ablated - target) ** 2).mean()), rel=1e-10)
+        assert row["composed_mse"] != pytest.approx(row["mean_weight_mse"], rel=1e-6)
+
+
+def test_distribution_strategies_sum_to_1_and_constant_weights_lose_nothing_to_the_mean_ablation():
+    policy = make_mlp_policy(K=4, strategy="fixed", fixed_weights=[0.1, 0.2, 0.3, 0.4])
+    obs, act = _data(policy)
+    r = fdp.diagnostics.routing(policy, obs, act, generator=torch.Generator().manual_seed(1))
+    for row in list(r["tasks"].values()) + [r["overall"]]:
+        # The fixed weights are a float32 buffer: each rounded there (half an ulp), summed in float64.
+        assert row["weight_sum"] == pytest.approx(1.0, abs=4 * torch.finfo(torch.float32).eps / 2)
+        assert row["dominant"] == 3
+        assert row["mean_weight_mse"] == pytest.approx(row["composed_mse"], rel=1e-12)
+
+
+def test_all_zero_tanh_row_has_shares_0():
+    policy = make_mlp_policy(K=3, strategy="tanh")
+    with torch.no_grad():
+        policy.router.net[2].weight.zero_()
+        policy.router.net[2].bias.zero_()
+    obs, _ = _data(policy)
+    r = fdp.diagnostics.routing(policy, obs)
+    assert r["overall"]["entropy"] == 0.0 and r["overall"]["top_weight"] == 0.0 and r["overall"]["weight_sum"] == 0.0

@@ -9,6 +9,7 @@ import fdp
 import fdp.export
 from fdp import cli
 from fdp.integrations import lerobot
+from helpers import signed_tanh_routing
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -27,10 +28,12 @@ def _unet_sampler(kind):
     return fdp.Sampler.for_unet(unet, sched, 8, 2, num_inference_steps=3, eta=0.5 if kind == "ddim-eta" else 0.0)
 
 
-def _mlp_sampler():
+def _mlp_sampler(strategy="soft"):
     torch.manual_seed(1)
     comps = [fdp.MLPDenoiser(2, 8, global_cond_dim=5, hidden_dim=16) for _ in range(2)]
-    policy = fdp.FactorizedPolicy(comps, fdp.Router(5, 2), 8, 2)
+    policy = fdp.FactorizedPolicy(comps, fdp.Router(5, 2, strategy=strategy), 8, 2)
+    if strategy == "tanh":
+        signed_tanh_routing(policy)  # the router's tanh and non-finite check go into the graph
     return fdp.Sampler(policy, fdp.DDPMScheduler(num_train_timesteps=20), num_inference_steps=4, backend="torch")
 
 
@@ -41,7 +44,8 @@ def _run(path, feeds):
 
 
 @pytest.mark.parametrize("make, batch", [(lambda: _unet_sampler("ddpm"), 1), (lambda: _unet_sampler("ddim"), 3),
-                                         (lambda: _unet_sampler("ddim-eta"), 2), (_mlp_sampler, 3)])
+                                         (lambda: _unet_sampler("ddim-eta"), 2), (_mlp_sampler, 3),
+                                         (lambda: _mlp_sampler("tanh"), 2)])
 def test_onnx_round_trip(tmp_path, make, batch):
     sampler = make()
     result = fdp.export.onnx(sampler, tmp_path / "policy.onnx", batch)

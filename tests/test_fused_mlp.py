@@ -34,7 +34,8 @@ import triton.language as tl  # noqa: E402
 
 import fdp  # noqa: E402
 from helpers import (KERNEL_COND_DIM, KERNEL_PROBLEMS, KERNEL_SCHEDULERS, KERNEL_TOL,  # noqa: E402
-                     kernel_policy, make_mlp_policy, rel_err, replaced, rounded_reference)
+                     assert_signed_unnormalised, kernel_policy, make_mlp_policy, rel_err, replaced, rounded_reference,
+                     signed_tanh_routing)
 from fdp import packing  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
 from fdp.backends import cuda_backend as cb  # noqa: E402
@@ -266,6 +267,12 @@ KERNEL_CASES = [
     (2, 64, 2, 4, 3, 33, "ddim", "soft", 2, F32, {"triton": {"block_b": 32, "precision": "tf32"}}),
     (1, 512, 1, 2, 2, 1, "ddim_eta", "soft", 1, BF16, TRITON),      # the widest H
     (2, 16, 1, 32, 16, 3, "ddpm_clip", "topk", 2, F32, TRITON),     # the largest D = 512
+    # tanh routing (the FDP authors'): signed weights whose rows do not sum to 1 (helpers.signed_tanh_routing).
+    (4, 48, 2, 7, 16, 17, "ddim_eta", "tanh", 3, F32, BOTH),        # several tiles
+    (2, 40, 1, 4, 3, 1, "ddpm_v", "tanh", 2, F32, BOTH),            # batch 1
+    (3, 24, 1, 5, 3, 5, "ddpm_clip", "tanh", 3, BF16, BOTH),        # bf16, clipping
+    (5, 96, 2, 8, 4, 70, "ddim", "tanh", 3, BF16, CUDA),            # tensor cores, several tiles
+    (3, 24, 2, 3, 5, 5, "ddim_eta", "tanh", 3, F32, {"triton": {"h_in_registers": False}}),  # forced scratch
 ]
 
 
@@ -291,6 +298,8 @@ def test_kernels_match_float64_reference(family, case, tuning):
         c = CudaCase(*case)
         step_out = c.run(cb.KIND_STEP, **tuning)
         pers_out = c.run(cb.KIND_PERSISTENT, **tuning)
+    if case[7] == "tanh":
+        assert_signed_unnormalised(c.call.weights)
     e_step, e_pers = rel_err(step_out, c.ref), rel_err(pers_out, c.ref)
     print(f"[{family}-{_case_id(case, tuning)}] rel err: {BACKENDS[family][0]} {e_step:.2e}, "
           f"{BACKENDS[family][1]} {e_pers:.2e}")
@@ -300,16 +309,30 @@ def test_kernels_match_float64_reference(family, case, tuning):
         torch.testing.assert_close(step_out, pers_out, rtol=0, atol=0)
 
 
+def _route_nothing_to_1(policy, strategy):
+    """Component 1 gets weight exactly 0 on every row: fixed [0.6, 0, 0.4], or tanh with its logit row zeroed
+    (the others signed, unnormalised)."""
+    if strategy == "fixed":
+        policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+    else:
+        signed_tanh_routing(policy, zero_comp=1)
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "tanh"])
 @pytest.mark.parametrize("family", _families())
-def test_skips_components_no_row_uses(family):
+def test_skips_components_no_row_uses(family, strategy):
     """Weight 0 for every row of a tile: skipping the component changes nothing (a NaN component stays
     out either way: a zero weight leaves it out per row, as fdp.FactorizedPolicy.compose does); the
-    result is bit-equal, skipped or not."""
+    result is bit-equal, skipped or not. Under tanh the other weights are signed and unnormalised: only a
+    weight of exactly 0 is skipped."""
     if family == "cuda":
-        c = CudaCase(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2, torch.float32)
-        c.pol32.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+        c = CudaCase(3, 24, 1, 4, 3, 5, "ddim", strategy, 2, torch.float32)
+        _route_nothing_to_1(c.pol32, strategy)
         cond = c.cond.float().cuda()
         c.call = packing.call_terms(c.pol32, cond, c.pol32.weights(cond))
+        assert (c.call.weights[:, 1] == 0).all()
+        if strategy == "tanh":
+            assert_signed_unnormalised(c.call.weights)
         expect = c.run(cb.KIND_PERSISTENT)
         for attr in ("w_in", "w_a", "w_b", "w_out"):
             getattr(c.packed, attr)[1] = NAN
@@ -318,11 +341,18 @@ def test_skips_components_no_row_uses(family):
         # Evaluated without the skip, its NaN output stays out of every row too.
         torch.testing.assert_close(c.run(cb.KIND_PERSISTENT, skip_unused=0), expect, rtol=0, atol=0)
         return
-    c = TritonCase(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2)
-    c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+    c = TritonCase(3, 24, 1, 4, 3, 5, "ddim", strategy, 2)
+    _route_nothing_to_1(c.policy, strategy)
     c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
+    assert (c.call.weights[:, 1] == 0).all()
+    if strategy == "tanh":
+        assert_signed_unnormalised(c.call.weights)
+        # The components' weights are not what made the result: the skip-free float64 reference agrees.
+        ref = get_backend("torch").prepare(c.policy, c.table).run(c.cond, c.x_T, None)
     packed = c.packed(torch.float32)
     expect = c.run_persistent(packed)
+    if strategy == "tanh":
+        assert rel_err(expect, ref) < TOL[torch.float32]
     for attr in ("w_in", "w_a", "w_b", "w_out"):
         getattr(packed, attr)[1] = NAN
     torch.testing.assert_close(c.run_steps(packed), expect, rtol=0, atol=0)
@@ -363,9 +393,10 @@ def test_in_place_output(family):
 
 # Per family: weight dtype, H, scheduler, strategy, B.
 SAMPLER_CASES = {
-    "triton": [(F32, 40, "ddpm_clip", "topk", 1), (BF16, 24, "ddim_eta", "soft", 17)],
+    "triton": [(F32, 40, "ddpm_clip", "topk", 1), (BF16, 24, "ddim_eta", "soft", 17), (F32, 24, "ddpm_v", "tanh", 5)],
     "cuda": [(F32, 40, "ddpm_clip", "topk", 1), (F32, 40, "ddim", "hard", 9), (F32, 40, "ddim_eta", "soft", 4),
-             (BF16, 40, "ddim_eta", "soft", 17), (F16, 40, "ddpm_clip", "soft", 2)],
+             (BF16, 40, "ddim_eta", "soft", 17), (F16, 40, "ddpm_clip", "soft", 2), (F32, 40, "ddpm_clip", "tanh", 3),
+             (BF16, 40, "ddim_eta", "tanh", 17)],
 }
 
 
@@ -552,15 +583,17 @@ def test_kernels_run_in_the_interpreter():
     assert type(mlp_persistent_kernel).__name__ == "InterpretedFunction"
 
 
-@pytest.mark.parametrize("sched,strategy", [("ddpm_clip", "soft"), ("ddim", "fixed")])
+@pytest.mark.parametrize("sched,strategy", [("ddpm_clip", "soft"), ("ddim", "fixed"), ("ddpm_clip", "tanh")])
 def test_nan_router_weight_gives_nan_in_its_row_only(sched, strategy):
     """As in torch, a NaN weight makes its row NaN, also when the tile's other rows give the component
-    weight 0 (fixed [0.6, 0, 0.4]: component 1 is used by the NaN alone) and through clipping.
-    The other rows are computed exactly as without the NaN."""
+    weight 0 (fixed [0.6, 0, 0.4], or tanh with component 1's logit 0 and signed weights elsewhere:
+    component 1 is used by the NaN alone) and through clipping. The other rows are computed exactly as
+    without the NaN."""
     c = TritonCase(3, 24, 1, 4, 3, 5, sched, strategy, 2)
-    if strategy == "fixed":
-        c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+    if strategy in ("fixed", "tanh"):
+        _route_nothing_to_1(c.policy, strategy)
         c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
+        assert (c.call.weights[:, 1] == 0).all()
     packed = c.packed(torch.float32)
     clean_step, clean_pers = c.run_steps(packed), c.run_persistent(packed)
     bad = 3
@@ -579,11 +612,11 @@ def test_nan_router_weight_gives_nan_in_its_row_only(sched, strategy):
 
 
 @pytest.mark.parametrize("name", ["triton", "triton-persistent", "torch-batched", "onnxruntime"])
-@pytest.mark.parametrize("sched", ["ddpm_clip", "ddim_eta"])
-def test_backends_nan_router_logit_gives_nan_actions(name, sched):
+@pytest.mark.parametrize("sched,strategy", [("ddpm_clip", "soft"), ("ddim_eta", "soft"), ("ddim_eta", "tanh")])
+def test_backends_nan_router_logit_gives_nan_actions(name, sched, strategy):
     """A NaN router logit (here a NaN bias of the router's last layer: every row's weights are NaN)
     gives NaN actions, as on backend="torch"."""
-    pol = kernel_policy(2, 16, 1, 4, 3).float()
+    pol = kernel_policy(2, 16, 1, 4, 3, strategy).float()
     with torch.no_grad():
         pol.router.net[-1].bias[0] = NAN
     factory, eta = SCHEDULERS[sched]
@@ -607,6 +640,7 @@ SPLIT_CASES = [
     (3, 20, 1, 5, 3, 13, "ddpm_v", "hard", 3, F32, {}),                        # hard routing: components skipped
     (3, 24, 1, 4, 3, 21, "ddim_eta", "hard", 2, F32, {"skip_unused": False}),  # two tiles, zero weights evaluated
     (2, 48, 1, 7, 3, 3, "ddpm_clip", "soft", 2, BF16, {"h_in_registers": False}),
+    (3, 20, 1, 5, 3, 7, "ddim_eta", "tanh", 2, F32, {}),                       # signed, unnormalised weights
 ]
 
 
@@ -657,12 +691,13 @@ def test_split_result_does_not_depend_on_arrival_order(monkeypatch, order):
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("strategy", ["fixed", "tanh"])
 @pytest.mark.parametrize("skip_unused", [True, False])
-def test_split_zero_and_nan_weights(skip_unused):
+def test_split_zero_and_nan_weights(skip_unused, strategy):
     """The NaN rule of docs/design.md on the split path: a component with weight exactly 0 stays out of a row
     whatever it outputs (here NaN weights: skipped or evaluated), a NaN weight gives NaN in its row only."""
-    c = TritonCase(3, 24, 1, 4, 3, 5, "ddim", "fixed", 2)
-    c.policy.router.set_strategy("fixed", fixed_weights=[0.6, 0.0, 0.4])
+    c = TritonCase(3, 24, 1, 4, 3, 5, "ddim", strategy, 2)
+    _route_nothing_to_1(c.policy, strategy)
     c.call = packing.call_terms(c.policy, c.cond, c.policy.weights(c.cond))
     packed = c.packed(torch.float32)
     expect = c.run_steps(packed, split=False)

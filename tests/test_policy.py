@@ -43,7 +43,7 @@ def test_bad_inputs(mlp_policy):
         mlp_policy(torch.randn(4, 4, 3, dtype=torch.float64), 3, global_cond=bad)
 
 
-@pytest.mark.parametrize("strategy", ["soft", "hard", "topk"])
+@pytest.mark.parametrize("strategy", ["soft", "tanh", "hard", "topk"])
 def test_add_component_leaves_outputs_unchanged(strategy):
     policy = make_mlp_policy(K=3, dtype=torch.float32, strategy=strategy)
     x = torch.randn(6, 4, 3)
@@ -52,7 +52,11 @@ def test_add_component_leaves_outputs_unchanged(strategy):
     idx = policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
     assert idx == 3 and policy.num_components == 4 and policy.router.num_components == 4
     assert policy.is_new.tolist() == [False, False, False, True]
-    # exp(-20) relative weight: unchanged to float32 rounding.
+    if strategy == "tanh":
+        # tanh(0) = 0: the new component is left out of every row.
+        assert torch.all(policy.weights(c)[:, 3] == 0)
+    # exp(-20) relative weight, or 0 under tanh: unchanged to float32 rounding (the grown router layer's matmul
+    # may sum the old logits in another order).
     torch.testing.assert_close(policy(x, 42, global_cond=c), before, rtol=1e-6, atol=1e-7)
 
 
@@ -78,6 +82,90 @@ def test_adapt_starts_the_new_component_where_adam_can_train_it():
         policy.router.net[2].bias[-1] = 0.5
     policy.adapt("router+new")
     assert float(policy.router.net[2].bias[-1].detach()) == 0.5
+
+
+def test_adapt_starts_a_tanh_component_where_it_trains():
+    policy = make_mlp_policy(K=2, dtype=torch.float32, strategy="tanh")
+    policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16))
+    policy.requires_grad_(True)
+    # Weight exactly 0: the composition leaves the component out, so nothing reaches it or its logit.
+    assert _new_component_grads(policy) == (0.0, 0.0)
+    policy.adapt("router+new")
+    assert float(policy.router.net[2].bias[-1].detach()) == pytest.approx(fdp.policy.ADAPT_START_LOGIT_TANH)
+    assert min(_new_component_grads(policy)) > 1e-5
+    # A chosen logit counts as the caller's decision, under tanh too.
+    policy.add_component(fdp.MLPDenoiser(3, 4, global_cond_dim=5, hidden_dim=16), initial_logit=-0.5)
+    policy.adapt("router+new")
+    assert float(policy.router.net[2].bias[-1].detach()) == -0.5
+
+
+def test_specialisation_terms_are_refused_under_tanh():
+    policy = make_mlp_policy(K=2, dtype=torch.float32, strategy="tanh")
+    a, c = torch.rand(4, 4, 3) * 2 - 1, torch.randn(4, 5)
+    for kw in ({"component_weight": 1.0}, {"balance_weight": 0.1}):
+        with pytest.raises(ValueError, match="under the router strategy 'tanh'"):
+            policy.loss(a, c, **kw)
+    assert torch.isfinite(policy.loss(a, c))  # the composed MSE alone is the authors' objective
+
+
+def test_add_component_as_the_authors_do_it_copies_and_resets_the_router():
+    policy = make_mlp_policy(K=3, dtype=torch.float32, strategy="tanh")
+    policy.components[1].requires_grad_(False)
+    router_before = {k: v.clone() for k, v in policy.router.state_dict().items()}
+    torch.manual_seed(5)
+    idx = policy.add_component(source=1, reset_router=True)
+    assert idx == 3 and policy.is_new.tolist() == [False, False, False, True]
+    new, src = policy.components[3], policy.components[1]
+    assert new is not src
+    for (n, p), (_, q) in zip(new.state_dict().items(), src.state_dict().items()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), n
+    assert not any(p.requires_grad for p in new.parameters())  # copied with its source's flags
+    # The router's whole net is drawn afresh (4 outputs now), from the global generator.
+    assert policy.router.net[2].out_features == 4 and policy.router.strategy == "tanh"
+    for k in ("net.0.weight", "net.0.bias"):
+        assert not torch.equal(policy.router.state_dict()[k], router_before[k]), k
+    assert not torch.equal(policy.router.net[2].weight[:3], router_before["net.2.weight"])
+    torch.manual_seed(5)
+    again = make_mlp_policy(K=3, dtype=torch.float32, strategy="tanh")
+    torch.manual_seed(5)
+    again.add_component(source=1, reset_router=True)
+    assert all(torch.equal(a, b) for a, b in zip(again.router.state_dict().values(),
+                                                  policy.router.state_dict().values()))
+    # Nothing awaits a start logit: adapt leaves the fresh router as drawn, and trains the copy.
+    bias = policy.router.net[2].bias.detach().clone()
+    params = policy.adapt("router+new")
+    assert torch.equal(policy.router.net[2].bias.detach(), bias)
+    assert all(p.requires_grad for p in new.parameters())
+    assert not any(p.requires_grad for c in list(policy.components)[:3] for p in c.parameters())
+    assert {id(p) for p in params} == {id(p) for p in list(new.parameters()) + list(policy.router.parameters())}
+    # The copy trains apart from its source.
+    opt = torch.optim.Adam(params, lr=1e-2)
+    policy.loss(torch.rand(8, 4, 3) * 2 - 1, torch.randn(8, 5), generator=torch.Generator().manual_seed(0)).backward()
+    opt.step()
+    assert not torch.equal(new.out.weight, src.out.weight)
+
+
+def test_add_component_copy_without_reset_keeps_outputs_and_the_default_source_is_0():
+    policy = make_mlp_policy(K=2, dtype=torch.float32, strategy="soft")
+    x, c = torch.randn(6, 4, 3), torch.randn(6, 5)
+    before = policy(x, 42, global_cond=c)
+    policy.add_component()
+    assert all(torch.equal(p, q) for p, q in zip(policy.components[2].parameters(),
+                                                  policy.components[0].parameters()))
+    torch.testing.assert_close(policy(x, 42, global_cond=c), before, rtol=1e-6, atol=1e-7)
+    policy.adapt("router+new")  # fdp's start logit, as for any new component at the default logit
+    assert float(policy.router.net[2].bias[-1].detach()) == fdp.policy.ADAPT_START_LOGIT
+
+
+def test_add_component_copy_arguments_are_checked(mlp_policy):
+    for bad in (3, -4, 1.0, True):
+        with pytest.raises(ValueError, match="`source`"):
+            mlp_policy.add_component(source=bad)
+    with pytest.raises(ValueError, match="`initial_logit` must be None with `reset_router=True`"):
+        mlp_policy.add_component(initial_logit=-3.0, reset_router=True)
+    with pytest.raises(TypeError, match="`reset_router`"):
+        mlp_policy.add_component(reset_router=1)
+    assert mlp_policy.num_components == 3  # nothing was added by a refused call
 
 
 def test_adapt_keeps_a_chosen_initial_logit_and_router_mode_keeps_outputs():

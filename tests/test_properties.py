@@ -32,7 +32,7 @@ def bounded(n):
 
 @st.composite
 def router_setups(draw, K):
-    strategy = draw(st.sampled_from(["soft", "hard", "topk", "fixed"]))
+    strategy = draw(st.sampled_from(["soft", "tanh", "hard", "topk", "fixed"]))
     kw = {}
     if strategy == "topk":
         kw["topk"] = draw(st.integers(1, K))
@@ -101,7 +101,8 @@ def test_torch_backend_is_the_diffusers_loop(policy, schedule, B, seed):
 @bounded(10)
 @given(K=st.integers(1, 4), H=st.sampled_from([16, 24, 40]), L=st.integers(1, 2), horizon=st.integers(1, 4),
        action_dim=st.integers(1, 4), B=st.sampled_from([1, 2, 5, 17]),
-       strategy=st.sampled_from(["soft", "hard", "topk", "fixed"]), sched=st.sampled_from(list(KERNEL_SCHEDULERS)),
+       strategy=st.sampled_from(["soft", "tanh", "hard", "topk", "fixed"]),
+       sched=st.sampled_from(list(KERNEL_SCHEDULERS)),
        name=st.sampled_from(["triton", "triton-persistent"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2**16))
 def test_triton_backends_match_torch(K, H, L, horizon, action_dim, B, strategy, sched, name, dtype, seed):

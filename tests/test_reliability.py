@@ -114,7 +114,9 @@ MUTATIONS = {
     "load_state_dict": _load_other,
     "data_swap": lambda p, be: _swap_data(p),
     "strategy": lambda p, be: p.router.set_strategy("topk", topk=2),
+    "strategy_tanh": lambda p, be: p.router.set_strategy("tanh"),  # same tensors, signed weights now
     "add_component": lambda p, be: p.add_component(new_component(be), initial_logit=0.0),
+    "add_component_copy": lambda p, be: p.add_component(source=1, reset_router=True),  # the authors' adaptation
 }
 
 

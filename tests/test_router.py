@@ -113,3 +113,60 @@ def test_minus_inf_logit_masks_a_component():
         r.net[2].bias[0] = -float("inf")
     w = r(c)
     assert torch.isfinite(w).all() and torch.all(w[:, 0] == 0)
+
+
+def test_tanh_is_signed_and_unnormalised():
+    # The FDP authors' composition: w = tanh(logits), no normalisation.
+    r = _router("tanh")
+    with torch.no_grad():
+        r.net[2].bias.copy_(torch.tensor([1.5, -1.5, 0.7, -0.2], dtype=torch.float64))
+    c = torch.randn(9, 6, dtype=torch.float64)
+    w = r(c)
+    torch.testing.assert_close(w, torch.tanh(r.logits(c)), rtol=0, atol=0)
+    assert (w < 0).any() and (w > 0).any()
+    assert ((w.sum(1) - 1).abs() > 0.1).all()  # no row is a distribution
+    assert (w.abs() < 1).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_tanh_non_finite_logits_give_nan_rows(bad):
+    # tanh would turn an overflowed logit into a confident +-1 (and a NaN into one NaN weight).
+    r = _router("tanh")
+    c = torch.randn(4, 6, dtype=torch.float64)
+    logits = r.logits(c)
+    logits[1, 3] = bad
+    r.logits = lambda cond: logits
+    w = r(c)
+    assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("strategy", ["soft", "tanh"])
+def test_add_output_default_logit_follows_the_strategy(strategy):
+    r = _router(strategy)
+    c = torch.randn(5, 6, dtype=torch.float64)
+    before = r(c)
+    r.add_output()
+    w = r(c)
+    if strategy == "tanh":
+        # tanh(0) = 0 exactly: the new weight is exactly 0, the old ones the same up to the grown layer's rounding.
+        assert torch.all(r.logits(c)[:, 4] == fdp.router.NEW_COMPONENT_LOGIT_TANH)
+        assert torch.all(w[:, 4] == 0)
+        eps = torch.finfo(torch.float64).eps
+        torch.testing.assert_close(w[:, :4], before, rtol=4 * eps, atol=4 * eps)  # logits of size ~1
+    else:
+        assert torch.all(r.logits(c)[:, 4] == fdp.router.NEW_COMPONENT_LOGIT)
+        assert (w[:, 4] < 1e-8).all()
+    r.add_output(initial_logit=0.3)
+    assert torch.all(r.logits(c)[:, 5] == 0.3)
+
+
+def test_reset_parameters_draws_a_new_net_and_keeps_the_strategy():
+    r = _router("tanh")
+    old = {k: v.clone() for k, v in r.state_dict().items()}
+    torch.manual_seed(1)
+    r.reset_parameters()
+    assert r.strategy == "tanh"
+    for k in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
+        assert not torch.equal(r.state_dict()[k], old[k]), k
+    # nn.Linear's initialisation bound 1/sqrt(fan_in)
+    assert r.net[2].weight.abs().max() <= 1 / 12 ** 0.5

@@ -166,6 +166,17 @@ def test_the_cache_is_written_reused_and_invalidated_by_new_weight_shapes(regist
         selection._cache_key(_policy(), _sched().step_table(4), torch.device("cpu"), torch.float32, 1, [good, off])
 
 
+def test_the_routing_strategy_is_part_of_the_cache_key():
+    # tanh gives signed, unnormalised weights: a backend verified under softmax is checked again.
+    keys = []
+    for strategy in ("soft", "tanh", "hard"):
+        p = _policy()
+        p.router.set_strategy(strategy)
+        keys.append(json.dumps(selection._cache_key(p, _sched().step_table(4), torch.device("cpu"), torch.float32, 1,
+                                                    [])))
+    assert len(set(keys)) == 3
+
+
 def test_an_unreadable_cache_file_is_checked_again_and_rewritten(register):
     good = register("good", 500)
     s = fdp.Sampler(_policy(), _sched(), num_inference_steps=4)

@@ -21,6 +21,7 @@ import torch
 import fdp
 from fdp.backends import available_backends, backend_names, get_backend
 from fdp.backends.graph_backend import GraphPrepared, compose_step_torch
+from helpers import signed_tanh_routing
 from fdp.schedulers import apply_step
 from fdp.unet_fused import FusedUnets, fusion_mismatch
 
@@ -227,9 +228,14 @@ def test_graph_loop_matches_torch_backend(schedule, B):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10 * max(1.0, float(ref.abs().max())))
 
 
-@pytest.mark.parametrize("strategy", ["hard", "topk"])
+@pytest.mark.parametrize("strategy", ["hard", "topk", "tanh"])
 def test_graph_loop_other_routers(strategy):
-    _, out, ref = run_both(make_policy(K=3, name="2lvl_k3_g4_scale", strategy=strategy), "ddpm_clip", 3)
+    policy = make_policy(K=3, name="2lvl_k3_g4_scale", strategy=strategy)
+    if strategy == "tanh":
+        signed_tanh_routing(policy)
+        w = policy.weights(torch.randn(3, policy.cond_dim, dtype=F64))
+        assert (w < 0).any() and ((w.sum(1) - 1).abs() > 0.1).all()
+    _, out, ref = run_both(policy, "ddpm_clip", 3)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 

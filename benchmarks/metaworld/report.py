@@ -2,9 +2,10 @@
 
     python benchmarks/metaworld/report.py benchmarks/results/metaworld-<date>.json
 
-Reads both layouts: the first run's (factorized vs monolithic) and the per-variant one that
-run_all.py writes now (``"schema": 2``: variants, uniform-weight ablation, routing diagnostics,
-adaptation methods).
+Reads every layout: the first run's (factorized vs monolithic), the MT6 protocol's per-variant one
+(``"schema": 2``: variants, uniform-weight ablation, routing diagnostics, adaptation methods) and the
+unsaturated protocol's (``"protocol": "unsaturated"``, protocol.py; ``--plot PNG`` also draws the
+per-task success of each arm).
 """
 
 from __future__ import annotations
@@ -133,7 +134,103 @@ def tables_v2(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _interval(d, fmt="+.1f"):
+    if not d or d.get("mean") is None:
+        return "–"
+    if d.get("low") is None:
+        return format(d["mean"], fmt)
+    return f"{format(d['mean'], fmt)} [{format(d['low'], fmt)}, {format(d['high'], fmt)}]"
+
+
+def tables_unsaturated(r: dict) -> str:
+    """The unsaturated protocol's tables: gate, lr choice, per-task success, paired metrics, criteria."""
+    cfg, arms = r["config"], r["arms"]
+    names = list(arms)
+    g = r["gate"]
+    lines = [f"Tasks: {len(cfg['tasks'])} ({', '.join(t.removesuffix('-v3') for t in cfg['tasks'])}), no task id; "
+             f"{cfg.get('n_demos_used')} demos per task, {cfg['steps']} steps at batch {cfg['batch_size']}; "
+             f"{cfg['episodes']} unseen variations per task, episodes capped at {cfg['max_steps']} steps.", "",
+             "**Calibration gate** (monolithic, seed 0, lr "
+             f"{cfg['lrs'][0]:g}; range {100 * g['range'][0]:.0f}–{100 * g['range'][1]:.0f} %): "
+             + "; ".join(f"{k} demos: {pct(v['mean_success'])} % ({v['verdict']})"
+                         for k, v in g.items() if isinstance(v, dict) and "verdict" in v)
+             + f". Arms run on {g.get('demos_used')} demos per task: {g.get('note')}.", "",
+             "**Learning rate** (seed-0 mean success, %; the higher is kept)", "",
+             "| arm | " + " | ".join(f"lr {lr:g}" for lr in cfg["lrs"]) + " | chosen |",
+             "|---|" + "---|" * (len(cfg["lrs"]) + 1)]
+    for a, by_lr in r["seed0_by_lr"].items():
+        lines.append(f"| {a} | " + " | ".join(pct(by_lr.get(f"{lr:g}")) for lr in cfg["lrs"])
+                     + f" | {num(r['chosen_lr'].get(a), 'g')} |")
+    lines += ["", "**Success rate** (%, mean ± std over seeds " + ", ".join(map(str, cfg["seeds"])) + ")", "",
+              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for n in cfg["tasks"]:
+        lines.append(f"| {n} | " + " | ".join(cell(arms[a], n) for a in names) + " |")
+    def in_pct(d):
+        return {k: None if d.get(k) is None else 100 * d[k] for k in ("mean", "low", "high")}
+
+    def mean_of(by_seed):
+        return sum(by_seed.values()) / len(by_seed) if by_seed else None
+
+    lines.append("| **mean** [95 % t-interval] | "
+                 + " | ".join(f"**{_interval(in_pct(arms[a]['mean_success']), '.1f')}**" for a in names) + " |")
+    lines.append("| mean-weight ablation | "
+                 + " | ".join(pct(mean_of(arms[a].get("ablated_mean_success_by_seed"))) for a in names) + " |")
+    lines += ["", "**Paired over seeds** (points; 95 % t-interval)", "",
+              "| arm | factorized − monolithic | failure-rate ratio (mono / fact) | mean-weight ablation cost | "
+              "gain ≥ 5, low > 0 | ablation ≥ 5 | pays |", "|---|---|---|---|---|---|---|"]
+    for a, m in r["metrics"].items():
+        lines.append(f"| {a} | {_interval(m['difference_points'])} | {num(m['failure_rate_ratio'], '.2f')} | "
+                     f"{_interval(m['mean_weight_ablation_cost_points'])} | {m['gain_met']} | "
+                     f"{m['through_routing_met']} | **{m['factorization_pays']}** |")
+    if r.get("adaptation"):
+        ad = r["config"].get("adapt", {})
+        lines += ["", f"**Adaptation** to {', '.join(ad.get('tasks', []))} ({ad.get('steps')} steps on their demos "
+                  "alone; new-task success %, forgetting = old-task mean before − after, points; 95 % t-intervals)",
+                  "", "| arm | method | trainable parameters | new tasks | forgetting |", "|---|---|---|---|---|"]
+        for a, methods in r["adaptation"].items():
+            for m, d in methods.items():
+                lines.append(f"| {a} | {m} | {d['trainable_params']} | {_interval(d['new_points'], '.1f')} | "
+                             f"{_interval(d['forgetting_points'], '.1f')} |")
+    c = r["criteria"]
+    lines += ["", f"Factorization pays (some factorized arm meets both criteria): **{c.get('factorization_pays')}**"
+              + ("" if c.get("complete") else " (the run is incomplete)") + ".", "",
+              f"Wall time: {r['wall_time_s']['total']} s ({r['wall_time_s']['total'] / 60:.1f} min) with "
+              f"{r['hardware']['parallel_jobs']} parallel jobs on {r['hardware']['cpu_count']} CPUs."]
+    return "\n".join(lines)
+
+
+def plot_unsaturated(r: dict, path: str) -> None:
+    """Grouped bars: each arm's per-task success (mean over seeds, std as error bars), and its mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms, tasks = r["arms"], r["config"]["tasks"]
+    labels = [t.removesuffix("-v3") for t in tasks] + ["mean"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 3.6))
+    width = 0.8 / max(1, len(arms))
+    for i, (a, d) in enumerate(arms.items()):
+        m = [100 * d["per_task_mean"].get(t, float("nan")) for t in tasks] + [100 * d["mean_success"]["mean"]]
+        e = [100 * d["per_task_std"].get(t, 0.0) for t in tasks] + [100 * (d["mean_success"].get("sd") or 0.0)]
+        x = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(x, m, width, yerr=e, capsize=2, label=f"{a} (lr {d['lr']:g})")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"MetaWorld, no task id: per-task success over seeds {', '.join(map(str, r['config']['seeds']))}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as fh:
         res = json.load(fh)
-    print(tables_v2(res) if res.get("schema") == 2 else tables(res))
+    if res.get("protocol") == "unsaturated":
+        print(tables_unsaturated(res))
+        if "--plot" in sys.argv:
+            plot_unsaturated(res, sys.argv[sys.argv.index("--plot") + 1])
+    else:
+        print(tables_v2(res) if res.get("schema") == 2 else tables(res))

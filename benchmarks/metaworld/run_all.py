@@ -1,9 +1,14 @@
-"""MetaWorld end to end: demos, multitask training, evaluation, diagnostics, adaptation, results JSON.
+"""MetaWorld end to end: two protocols, results JSON.
 
-    python benchmarks/metaworld/run_all.py            # the full protocol (docs/metaworld.md): hours on 2 cores
-    python benchmarks/metaworld/run_all.py --quick    # a tiny dry run of every stage (minutes)
+    python benchmarks/metaworld/run_all.py [--quick]                  # the unsaturated protocol (protocol.py)
+    python benchmarks/metaworld/run_all.py --protocol mt6 [--quick]   # the MT6 protocol (below)
 
-For every training seed and variant (train.py: factorized with the paper's loss, factorized with
+The default is the unsaturated protocol of ``protocol.py`` (MT10 tasks without task id, a calibration
+gate, monolithic / factorized soft / factorized tanh over 5 paired seeds, the mean-weight ablation):
+``python benchmarks/metaworld/protocol.py --help`` lists its options, which run_all.py passes on.
+
+The MT6 protocol (``--protocol mt6``; docs/metaworld.md, hours on 2 cores; ``--quick``: a tiny dry run
+of every stage, minutes): for every training seed and variant (train.py: factorized with the paper's loss, factorized with
 the specialisation loss, the parameter-matched monolithic policy, and without the task id):
 train on the 6 multitask tasks, evaluate, and for factorized variants also evaluate with the
 router's weights fixed to 1/K (does routing matter?) and record fdp.diagnostics.routing on the
@@ -159,7 +164,22 @@ def _mean(x):
     return None if not x else float(np.mean(x))
 
 
+PROTOCOLS = ("unsaturated", "mt6")
+
+
 def main(argv=None):
+    """Run the protocol ``--protocol`` names (default: the unsaturated one) with the other arguments."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--protocol", choices=PROTOCOLS, default=PROTOCOLS[0])
+    args, rest = ap.parse_known_args(argv)
+    if args.protocol == "mt6":
+        return main_mt6(rest)
+    import protocol
+
+    return protocol.main(rest)
+
+
+def main_mt6(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--episodes", type=int, default=50, help="evaluation episodes (unseen variations) per task per seed")

@@ -7,11 +7,15 @@ Training minimises the MSE between the composed prediction and its target
 with no auxiliary loss by default (the paper's objective). ``loss`` can add a
 per-component term and a load-balance term that make the components
 specialise (see :meth:`FactorizedPolicy.loss`). Adaptation to a new task adds a component (the router
-grows one output), freezes the old ones and trains the new one and the router.
+grows one output), freezes the old ones and trains the new one and the router. Two ways to start it
+(:meth:`FactorizedPolicy.add_component`): fdp's own, a new component whose router output starts where
+the policy's outputs do not move; or the FDP authors', the new component a copy of an existing one and
+the router re-initialised (``add_component(source=0, reset_router=True)``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -22,13 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import InvalidArgument, InvalidArgumentType, check_finite, check_int, check_tensor
-from .router import NEW_COMPONENT_LOGIT, Router
+from .router import Router
 
 ADAPT_MODES = ("router", "router+new", "full")
 # Where adapt() starts a new component's router logit: measured on MetaWorld
 # adaptation (docs/metaworld.md), -4 learns the new tasks well; -8 forgets
 # less of the old ones but learns the new ones unreliably.
 ADAPT_START_LOGIT = -4.0
+# The same under the "tanh" strategy: a weight of tanh(0.05) ~ 0.05. Unlike softmax's
+# start, the logit's own gradient is not damped here (d tanh / d logit ~ 1 near 0), so a
+# small weight is enough for the router to move it. Not tuned on MetaWorld.
+ADAPT_START_LOGIT_TANH = 0.05
 
 
 class FactorizedPolicy(nn.Module):
@@ -113,24 +121,55 @@ class FactorizedPolicy(nn.Module):
         self.is_new = torch.cat([self.is_new, torch.tensor([new], device=self.is_new.device)])
         self.awaits_start = torch.cat([self.awaits_start, torch.tensor([False], device=self.is_new.device)])
 
-    def add_component(self, module: nn.Module, initial_logit: float = NEW_COMPONENT_LOGIT) -> int:
+    def add_component(self, module: nn.Module | None = None, initial_logit: float | None = None, *,
+                      source: int = 0, reset_router: bool = False) -> int:
         """Add a component for a new task; returns its index.
 
-        The router grows one output whose logit is the constant
-        ``initial_logit``. With the default (-20) its weight is about e^-20 of
-        the others', so the policy's output for existing inputs is unchanged to
-        float32 rounding right after adding. That weight is also too small to
-        train from (the new component's gradients fall under Adam's epsilon),
-        so :meth:`adapt` then lifts the logit to ``start_logit``; pass another
-        ``initial_logit`` to choose the starting point yourself (``adapt``
-        leaves it alone).
+        Two ways to start it, which :meth:`adapt` then trains the same way:
+
+        - fdp's (the default): ``module`` is the new component and the
+          router grows one output whose logit is the constant
+          ``initial_logit``, by default one that leaves the policy's outputs
+          for existing inputs unchanged (``soft``: -20, a weight of about
+          e^-20 of the others'; ``tanh``: 0, a weight of exactly 0), to the
+          rounding of the router's grown last layer. Such a weight is too
+          small to train from (under softmax the gradients fall under Adam's
+          epsilon; a weight of exactly 0 passes none), so :meth:`adapt` then
+          lifts the logit to its ``start_logit``; pass another
+          ``initial_logit`` to choose the starting point yourself (``adapt``
+          leaves it alone).
+        - the FDP authors': ``module=None`` adds a copy of component
+          ``source`` (0 by default; its parameters, buffers and
+          ``requires_grad`` flags), and ``reset_router=True`` draws the whole
+          router afresh (:meth:`fdp.Router.reset_parameters`, from torch's
+          global generator). The outputs change at once: the router's old
+          routing is gone and the copy starts where its source was, so
+          adaptation re-learns the routing from the components it has.
+
+        The two options combine freely (a copy with fdp's new logit, or a
+        module of your own with a fresh router). ``initial_logit`` is refused
+        with ``reset_router=True``: the reset overwrites it.
         """
-        if not isinstance(module, nn.Module):
-            raise InvalidArgumentType(f"`module` must be an nn.Module, got {type(module).__name__}")
+        if module is None:
+            n = self.num_components
+            if isinstance(source, bool) or not isinstance(source, int) or not -n <= source < n:
+                raise InvalidArgument(f"`source` must be a component index in [0, {n}), got {source!r}")
+            module = copy.deepcopy(self.components[source])
+        elif not isinstance(module, nn.Module):
+            raise InvalidArgumentType(f"`module` must be an nn.Module or None (a copy of component `source`), "
+                            f"got {type(module).__name__}")
+        if not isinstance(reset_router, bool):
+            raise InvalidArgumentType(f"`reset_router` must be a bool, got {reset_router!r}")
+        if reset_router and initial_logit is not None:
+            raise InvalidArgument("`initial_logit` must be None with `reset_router=True`: the reset draws the "
+                             "router's outputs afresh")
         ref = next(self.router.parameters())
         self._append(module.to(device=ref.device, dtype=ref.dtype), new=True)
+        default = self.router.new_output_logit
         self.router.add_output(initial_logit)
-        self.awaits_start[-1] = initial_logit == NEW_COMPONENT_LOGIT
+        if reset_router:
+            self.router.reset_parameters()
+        self.awaits_start[-1] = not reset_router and (initial_logit is None or initial_logit == default)
         return self.num_components - 1
 
     def freeze_components(self, indices: Iterable[int] | None = None, frozen: bool = True) -> None:
@@ -141,7 +180,7 @@ class FactorizedPolicy(nn.Module):
                 raise InvalidArgument(f"`indices` must hold component indices in [0, {self.num_components}), got {i!r}")
             self.components[i].requires_grad_(not frozen)
 
-    def adapt(self, mode: str, start_logit: float = ADAPT_START_LOGIT) -> list[nn.Parameter]:
+    def adapt(self, mode: str, start_logit: float | None = None) -> list[nn.Parameter]:
         """Set what trains for adaptation and return those parameters (for the optimiser).
 
         ``"router"``: the router only; ``"router+new"``: the router and the
@@ -149,10 +188,15 @@ class FactorizedPolicy(nn.Module):
         In the modes that train new components, a new component still at the
         default output-preserving logit gets its logit bias set to
         ``start_logit`` (once), so that it receives gradients Adam can follow;
-        outputs change from here on, as training changes them anyway.
+        outputs change from here on, as training changes them anyway. The
+        default ``start_logit`` follows the router's strategy: -4 under
+        ``soft`` (measured on MetaWorld, docs/metaworld.md), 0.05 under
+        ``tanh`` (a weight of about 0.05; not tuned).
         """
         if mode not in ADAPT_MODES:
             raise InvalidArgument(f"`mode` must be one of {ADAPT_MODES}, got {mode!r}")
+        if start_logit is None:
+            start_logit = ADAPT_START_LOGIT_TANH if self.router.strategy == "tanh" else ADAPT_START_LOGIT
         if mode != "router":
             with torch.no_grad():
                 for i in torch.nonzero(self.awaits_start).flatten().tolist():
@@ -266,7 +310,10 @@ class FactorizedPolicy(nn.Module):
         gradients reach the router through those k logits only (the others
         get none in that step). With ``topk=1`` or ``"hard"`` every weight is a
         constant 0 or 1, so none of these terms gives the router a gradient:
-        train those soft or with ``topk >= 2``.
+        train those soft or with ``topk >= 2``. Both terms read the weights as a
+        distribution, so they are refused under ``"tanh"``: a negative weight
+        would reward a component's error, and the balance term's 0 means a
+        uniform distribution.
 
         ``actions [B, horizon, action_dim]`` must have the components'
         parameter dtype, and ``cond [B, Dc]`` the same dtype where a component
@@ -282,6 +329,10 @@ class FactorizedPolicy(nn.Module):
             raise InvalidArgument("`actions` must hold at least one sample: the loss is a mean over the batch")
         component_weight = _check_loss_weight("component_weight", component_weight)
         balance_weight = _check_loss_weight("balance_weight", balance_weight)
+        if (component_weight or balance_weight) and self.router.strategy == "tanh":
+            raise InvalidArgument("`component_weight` and `balance_weight` must be 0 under the router strategy 'tanh': "
+                             "they read the weights as a distribution (non-negative, summing to 1), which signed, "
+                             "unnormalised tanh weights are not")
         noisy, t, target = self.noised(actions, generator)
         weights = self.weights(cond)
         if component_weight or balance_weight:

@@ -2,7 +2,11 @@
 
 ``logits = net(c)`` with ``net = Linear(Dc, H) -> ReLU -> Linear(H, K)``, then
 
-- ``soft``  (the paper's default): ``w = softmax(logits)``;
+- ``soft``  (the default): ``w = softmax(logits)``, as the Policy Consensus
+  code composes its policies;
+- ``tanh``:  ``w = tanh(logits)``, signed and not normalised, as the FDP
+  authors' code composes its components (its router ends in ``Tanh`` and the
+  prediction is ``sum_k tanh(logit_k) * eps_k``);
 - ``hard``:  one-hot of ``argmax(logits)`` (ties go to the lowest index);
 - ``topk``:  softmax over the ``topk`` largest logits, 0 elsewhere;
 - ``fixed``: user-given weights ``fixed_weights`` ([K], non-negative, summing
@@ -12,7 +16,10 @@
 A row whose logits hold NaN or +Inf gets NaN weights under ``soft``, ``hard``
 and ``topk`` alike (softmax does so by itself; an argmax or top-k would
 otherwise turn a NaN into a confident choice), so a broken router shows as
-NaN actions on every backend rather than as finite ones.
+NaN actions on every backend rather than as finite ones. ``tanh`` gives NaN
+rows for any non-finite logit, -Inf included: ``tanh`` would turn an
+overflowed logit into a confident weight of +-1, while under softmax -Inf is
+a legitimate "never this component" (weight 0).
 
 The router runs once per sampling call, never per denoising step.
 """
@@ -25,7 +32,7 @@ from torch import nn
 
 from ._validation import InvalidArgument, check_finite, check_int, check_optional_int, check_tensor
 
-STRATEGIES = ("soft", "hard", "topk", "fixed")
+STRATEGIES = ("soft", "tanh", "hard", "topk", "fixed")
 
 # Logit given to a freshly added component (see Router.add_output): small
 # enough that its weight, about exp(-20) of the others', leaves every
@@ -33,6 +40,13 @@ STRATEGIES = ("soft", "hard", "topk", "fixed")
 # there (gradients that small fall under Adam's epsilon): FactorizedPolicy.adapt
 # lifts it first.
 NEW_COMPONENT_LOGIT = -20.0
+# The same for ``tanh``: tanh(0) is exactly 0, so the new component adds
+# nothing (a zero weight leaves a component out); the old logits may differ by
+# a rounding, since the grown last layer's matmul can sum in another order. A
+# weight of exactly
+# 0 passes no gradient either (to the component or to its logit), so here too
+# FactorizedPolicy.adapt lifts it first.
+NEW_COMPONENT_LOGIT_TANH = 0.0
 
 
 def _nan_where_softmax_is(w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -41,15 +55,25 @@ def _nan_where_softmax_is(w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return w.masked_fill(bad, float("nan"))
 
 
+def _nan_where_not_finite(w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return w.masked_fill(~torch.isfinite(logits).all(dim=-1, keepdim=True), float("nan"))
+
+
 class Router(nn.Module):
     """Weights ``[B, K]`` over K components from observation features ``[B, Dc]``.
 
     A two-layer MLP gives one logit per component,
     ``logits = Linear(H, K)(ReLU(Linear(Dc, H)(c)))``, and the strategy turns
-    the logits into weights (every row non-negative, summing to 1):
+    the logits into weights (every row non-negative and summing to 1, except
+    under ``"tanh"``):
 
-    - ``"soft"`` (default, the paper's): ``softmax(logits)``; every component
-      contributes, and the weights train with the components.
+    - ``"soft"`` (default): ``softmax(logits)``; every component contributes,
+      and the weights train with the components. This is how the Policy
+      Consensus code composes policies; the FDP authors' code uses ``"tanh"``.
+    - ``"tanh"``: ``tanh(logits)``, each weight in (-1, 1), signed, the row
+      not normalised (``sum_k w_k`` is free): the FDP authors' composition.
+      A weight of exactly 0 (logit 0) leaves its component out, as under the
+      other strategies.
     - ``"hard"``: all weight on the largest logit (ties: the lowest index),
       one component per observation.
     - ``"topk"``: softmax over the ``topk`` largest logits, 0 elsewhere.
@@ -73,7 +97,7 @@ class Router(nn.Module):
             cond_dim: size ``Dc`` of the observation features (the policy's ``global_cond``).
             num_components: K, one output per component.
             hidden_dim: width H of the hidden layer; ``None`` uses ``cond_dim``.
-            strategy: ``"soft"``, ``"hard"``, ``"topk"`` or ``"fixed"`` (see the class docstring).
+            strategy: ``"soft"``, ``"tanh"``, ``"hard"``, ``"topk"`` or ``"fixed"`` (see the class docstring).
             topk: how many components ``"topk"`` keeps per observation (1 <= topk <= K);
                 ignored by the other strategies, kept for a later :meth:`set_strategy`.
             fixed_weights: ``[K]`` non-negative weights summing to 1; required for ``"fixed"``.
@@ -124,7 +148,7 @@ class Router(nn.Module):
         return self.net(cond.to(self.net[0].weight.dtype))
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        """Routing weights ``[B, K]``; each row is non-negative and sums to 1."""
+        """Routing weights ``[B, K]``; each row is non-negative and sums to 1 (``"tanh"``: each weight in [-1, 1])."""
         if self.strategy == "fixed":
             # The weights do not depend on the observation, so the net is not evaluated
             # (a single-denoiser sampler does no router work per call).
@@ -133,6 +157,8 @@ class Router(nn.Module):
         logits = self.logits(cond)
         if self.strategy == "soft":
             return torch.softmax(logits, dim=-1)
+        if self.strategy == "tanh":
+            return _nan_where_not_finite(torch.tanh(logits), logits)
         if self.strategy == "hard":
             w = F.one_hot(logits.argmax(dim=-1), self.num_components).to(logits.dtype)
             return _nan_where_softmax_is(w, logits)
@@ -140,15 +166,28 @@ class Router(nn.Module):
         w = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
         return _nan_where_softmax_is(w, logits)
 
+    @property
+    def new_output_logit(self) -> float:
+        """The logit :meth:`add_output` gives a new component by default: one that leaves the
+        composed outputs unchanged under the current strategy (``tanh``: 0, a weight of exactly 0;
+        the others: -20, a softmax weight of about e^-20 of the others')."""
+        return NEW_COMPONENT_LOGIT_TANH if self.strategy == "tanh" else NEW_COMPONENT_LOGIT
+
     @torch.no_grad()
-    def add_output(self, initial_logit: float = NEW_COMPONENT_LOGIT) -> None:
+    def add_output(self, initial_logit: float | None = None) -> None:
         """Grow one output for a new component; existing outputs are unchanged.
 
-        The new logit starts as the constant ``initial_logit`` (zero weights),
-        so right after adding, the soft weights of the old components change by
-        a factor ``1 / (1 + exp(initial_logit - logsumexp(old)))``, which rounds
-        to 1 in float32 for the default. Fixed weights get a 0 for the new one.
+        The new logit starts as the constant ``initial_logit`` (default:
+        :attr:`new_output_logit`). Under ``tanh`` the default 0 gives the new
+        component a weight of exactly 0: it adds nothing to the composition.
+        Under ``soft`` the old components' weights change by a factor
+        ``1 / (1 + exp(initial_logit - logsumexp(old)))``, which rounds to 1 in
+        float32 for the default -20. Either way the old logits are the same
+        numbers up to rounding (the grown layer's matmul may sum in another
+        order). Fixed weights get a 0 for the new one.
         """
+        if initial_logit is None:
+            initial_logit = self.new_output_logit
         old = self.net[2]
         new = nn.Linear(old.in_features, old.out_features + 1, device=old.weight.device, dtype=old.weight.dtype)
         new.weight.zero_()
@@ -159,6 +198,13 @@ class Router(nn.Module):
         new.bias.requires_grad_(old.bias.requires_grad)
         self.net[2] = new
         self.fixed_weights = torch.cat([self.fixed_weights, self.fixed_weights.new_zeros(1)])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the net's parameters afresh (``nn.Linear``'s initialisation, from torch's global
+        generator, as constructing a Router does); the strategy and fixed weights stay."""
+        self.net[0].reset_parameters()
+        self.net[2].reset_parameters()
 
     def extra_repr(self) -> str:
         s = f"strategy={self.strategy!r}"
