@@ -31,6 +31,12 @@ def register(monkeypatch, tmp_path):
     monkeypatch.setenv(isolation.TIMEOUT_ENV, RUN_TIMEOUT_S)
     monkeypatch.delenv(isolation.ISOLATE_ENV, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Candidates win by priority, as on a device auto does not time: on the CPU auto times the verified ones, and
+    # whether fake-good, onnxruntime or torch is fastest on this machine is not what these tests are about.
+    monkeypatch.setattr(selection, "_TIMED_DEVICES", ("cuda",))
+    # Only the fakes and the reference compete: the real CPU backends (which run no native code of fdp's) would
+    # take the place a test expects the reference or a fake in.
+    monkeypatch.setenv(backends.DISABLE_ENV, "onnxruntime,torch-batched")
     saved_modules, saved_loaded = dict(backends._MODULES), dict(backends._LOADED)
     added = []
 
