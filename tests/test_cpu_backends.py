@@ -131,3 +131,31 @@ def test_auto_on_the_cpu_times_the_verified_cpu_backends(cache, caplog):
     c = torch.randn(2, 5)
     ref = _sampler(policy, "torch", sched="ddim")(c, generator=torch.Generator().manual_seed(1))
     assert rel_err(again(c, generator=torch.Generator().manual_seed(1)), ref) < KERNEL_TOL[torch.float32]
+
+
+def test_onnxruntime_bounds_its_files_and_sessions(cache, monkeypatch):
+    """Every batch size and every weight change writes a graph file: at most MAX_FILES stay (the least recently
+    used go), and at most MAX_SIGNATURES sessions stay live per prepared policy."""
+    from fdp.backends import onnxruntime_backend as ortb
+
+    monkeypatch.setattr(ortb, "MAX_FILES", 2)
+    monkeypatch.setattr(ortb, "MAX_SIGNATURES", 2)
+    s = _sampler(make_mlp_policy(K=2, hidden=16, dtype=torch.float32), "onnxruntime")
+    for B in (1, 2, 3):
+        s(torch.randn(B, 5), generator=torch.Generator().manual_seed(0))
+        assert len(s._prepared._signatures) <= 2
+    names = sorted(p.name[-8:] for p in (cache / "onnx").glob("*.onnx"))
+    assert names == ["-b2.onnx", "-b3.onnx"]  # b1, the least recently used, was removed
+    assert list(s._prepared._signatures) == [2, 3]
+    assert not list((cache / "onnx").glob("*.tmp"))  # no temporary file left behind
+
+
+def test_onnxruntime_replaces_a_planted_symlink_instead_of_writing_through_it(cache):
+    s = _sampler(make_mlp_policy(K=2, hidden=16, dtype=torch.float32), "onnxruntime")
+    victim = cache / "victim.txt"
+    victim.write_text("keep me")
+    path = s._prepared._path(1)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(victim)
+    s(torch.randn(1, 5), generator=torch.Generator().manual_seed(0))
+    assert victim.read_text() == "keep me" and path.is_file() and not path.is_symlink()

@@ -7,7 +7,10 @@ values, schedule); each batch size seen by ``run`` is one input signature, and
 its graph is exported once and kept on disk beside the backend-selection cache
 (``$FDP_CACHE_DIR/onnx/<hash>-b<B>.onnx``), so that a later process with the
 same policy loads it instead of tracing again. The first call at a new batch
-size pays the export (seconds for a U-Net) unless the file is there.
+size pays the export (seconds for a U-Net) unless the file is there. The file is
+written through an exclusively created temporary file (never through a symlink)
+and renamed into place; the folder keeps the :data:`MAX_FILES` most recently used
+graphs, and a prepared policy at most :data:`MAX_SIGNATURES` live sessions.
 
 Each signature gets one ``InferenceSession`` (CPU execution provider, all graph
 optimisations, ``intra_op_num_threads`` = ``torch.get_num_threads()`` when it
@@ -28,10 +31,13 @@ the components use).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,6 +48,11 @@ log = logging.getLogger("fdp")
 
 #: Bumped when what a cached graph file means changes (the export, its inputs).
 FILE_FORMAT = 1
+#: At most this many graph files stay in ``$FDP_CACHE_DIR/onnx`` (the least recently used go first): every new
+#: weight value and batch size writes one, and a policy evaluated during training changes at every step.
+MAX_FILES = 16
+#: At most this many batch sizes keep a live session per prepared policy (the least recently used is dropped).
+MAX_SIGNATURES = 8
 
 
 def _import_error() -> str | None:
@@ -100,7 +111,7 @@ class OnnxRuntimePrepared:
         self.dtype = next(policy.parameters()).dtype
         self.names = export.input_names(table)
         self.hash = _policy_hash(policy, table)
-        self._signatures: dict[int, _Signature] = {}
+        self._signatures: collections.OrderedDict[int, _Signature] = collections.OrderedDict()
 
     def _path(self, B: int) -> Path:
         from .selection import _cache_dir
@@ -110,23 +121,16 @@ class OnnxRuntimePrepared:
     def _signature(self, B: int, example) -> _Signature:
         sig = self._signatures.get(B)
         if sig is not None:
+            self._signatures.move_to_end(B)
             return sig
         import onnxruntime as ort
 
-        from .. import export
-
         path = self._path(B)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            log.info("fdp: exporting the sampling loop to ONNX for batch %d (%s)", B, path)
-            from torch.utils._python_dispatch import _disable_current_modes
-
-            # The tracer records the policy's own ops: a dispatch mode the caller runs the call under
-            # (a profiler, an op counter) must not see them or wrap their results.
-            with _disable_current_modes():
-                export.write_unrolled(self.policy, self.table, tuple(t.detach().clone() for t in example), tmp)
-            os.replace(tmp, path)  # atomic: a concurrent process never loads half a file
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last to be pruned
+        else:
+            self._export(path, example)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: constant-folding notes are not for the user
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -135,12 +139,49 @@ class OnnxRuntimePrepared:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         shapes = [tuple(t.shape) for t in example]
         sig = self._signatures[B] = _Signature(session, self.names, shapes, self.dtype)
+        while len(self._signatures) > MAX_SIGNATURES:
+            self._signatures.popitem(last=False)
         return sig
+
+    def _export(self, path: Path, example) -> None:
+        """Trace the loop into ``path``: through a temporary file created exclusively under an unpredictable name
+        in the cache folder (never through a planted symlink), renamed into place, then the folder pruned."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from .. import export
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+        os.close(fd)
+        log.info("fdp: exporting the sampling loop to ONNX for batch %d (%s)", example[1].shape[0], path)
+        try:
+            # The tracer records the policy's own ops: a dispatch mode the caller runs the call under
+            # (a profiler, an op counter) must not see them or wrap their results.
+            with _disable_current_modes():
+                export.write_unrolled(self.policy, self.table, tuple(t.detach().clone() for t in example), tmp)
+            os.replace(tmp, path)  # atomic: a concurrent process never loads half a file
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _prune(path.parent, keep=path)
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise):
         values = (global_cond, x_T) if len(self.names) == 2 else (global_cond, x_T, step_noise)
         return self._signature(x_T.shape[0], values).run(values)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove the least recently used graph files beyond :data:`MAX_FILES` (never ``keep``, just written)."""
+    try:
+        files = [(f.stat().st_mtime, f) for f in folder.glob("*.onnx") if f.is_file() and f != keep]
+    except OSError:
+        return
+    files.sort()
+    for _, f in files[:max(0, len(files) + 1 - MAX_FILES)]:
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 class OnnxRuntimeBackend(Backend):
