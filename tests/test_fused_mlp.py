@@ -533,6 +533,19 @@ BAD_INPUTS = [
      {"triton": "hidden widths"}),
     ("scratch-small", lambda a: a.update(h_in_registers=False, scratch=torch.empty(10)), ValueError,
      {"triton": "`scratch`"}),
+    # Inpainting (B = 5, D = 12, T = 3 in both families' arguments).
+    ("known-alone", lambda a: a.update(known=torch.randn(5, 12)), ValueError,
+     {"triton": "both `known` and `known_mask`", "cuda": "both `known` and `known_mask`"}),
+    ("known-shape", lambda a: a.update(known=torch.randn(5, 11), known_mask=torch.ones(5, 12, dtype=torch.bool)),
+     ValueError, {"triton": r"`known` must have shape \[5, 12\]", "cuda": r"`known` must have shape \[5, 12\]"}),
+    ("known-T", lambda a: a.update(known=torch.randn(2, 5, 12), known_mask=torch.ones(5, 12, dtype=torch.bool)),
+     ValueError, {"triton": "`known` must have shape", "cuda": "`known` must have shape"}),
+    ("known-f64", lambda a: a.update(known=torch.randn(5, 12).double(), known_mask=torch.ones(5, 12, dtype=torch.bool)),
+     TypeError, {"triton": "`known` must have dtype", "cuda": "`known` must have dtype"}),
+    ("known_mask-float", lambda a: a.update(known=torch.randn(5, 12), known_mask=torch.ones(5, 12)), TypeError,
+     {"triton": "`known_mask` must have one of the dtypes", "cuda": "`known_mask` must have one of the dtypes"}),
+    ("known_mask-shape", lambda a: a.update(known=torch.randn(3, 5, 12), known_mask=torch.ones(5, 11, dtype=torch.bool)),
+     ValueError, {"triton": "`known_mask` must have shape", "cuda": "`known_mask` must have shape"}),
 ]
 LAUNCHERS = {"mlp_step": "triton", "mlp_sample": "triton", "check_launch": "cuda"}
 
@@ -544,8 +557,10 @@ def test_launchers_reject_bad_inputs(launch_args, launcher, mutate, exc, match):
     if launcher == "check_launch":
         a = _cpu_launch_args()
         mutate(a)
+        known = [a.pop(k, None) for k in ("known", "known_mask")]
         with pytest.raises(exc, match=match):
-            cb.check_launch(**a, require_cuda=False)
+            dims = cb.check_launch(**a, require_cuda=False)
+            cb.check_known(*known, dict(dims, device=a["x"].device))
         return
     a = dict(launch_args)
     mutate(a)
