@@ -175,8 +175,8 @@ def plot(trajectories, results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("independent", 0), ("continue-clean", DELAY)]
-    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    keys = [("independent", 0), ("continue-clean", DELAY), ("continue-clean", DELAY + 4)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 9.5), sharex=True)
     for ax, key in zip(axes, keys):
         row = next(r for r in results if (r["mode"], r["overlap"]) == key)
         ax.text(0.01, 0.02, f"step at chunk boundaries: median {row['boundary_step_median']:.3f}, max "
