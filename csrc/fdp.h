@@ -28,8 +28,10 @@ RuntimeInfo runtime_info();
   X(coef)                    /* [T, abi::kCoefWidth] float32 (abi.h) */                             \
   X(noise)                   /* [T, B, D] float32, or 0 when no step adds noise */                  \
   X(x_in) X(x_out)           /* [B, D] float32 (may alias) */                                       \
-  X(scratch) X(counters)     /* global combine only: [groups, B, D] f32, [tiles] i32 zeroed */
-#define FDP_MLP_DIMS(X) X(B) X(D) X(H) X(L) X(K) X(T)
+  X(scratch) X(counters)     /* global combine only: [groups, B, D] f32, [tiles] i32 zeroed */     \
+  X(known) X(known_mask)     /* inpainting, both or neither: [B, D] or [known_steps, B, D] f32, [B, D] u8 */
+// known_steps: 0 when `known` is [B, D] (the same replacement after every step), else T (one slice per step).
+#define FDP_MLP_DIMS(X) X(B) X(D) X(H) X(L) X(K) X(T) X(known_steps)
 
 struct MlpPointers {
 #define FDP_POINTER_FIELD(name) std::uintptr_t name = 0;

@@ -585,6 +585,14 @@ __device__ __forceinline__ float sched_update(float x, float e, float z, const f
   return c[kColCX0] * x0 + c[kColCX] * x + c[kColCM] * e + c[kColSigma] * z;
 }
 
+// The inpainting epilogue of step `step` for element (row, d): the known value where the mask is set.
+// Unmasked entries of `known` are never read.
+__device__ __forceinline__ float inpaint(const Args& a, int step, size_t row, int d, float x) {
+  if (a.known == nullptr) return x;
+  const size_t i = row * static_cast<size_t>(a.D) + d;
+  return __ldg(a.known_mask + i) ? __ldg(a.known + static_cast<size_t>(step) * a.known_stride + i) : x;
+}
+
 }  // namespace mlp
 }  // namespace fdp
 

@@ -447,6 +447,14 @@ inline Args make_args(const MlpPointers& q, const MlpDims& d, bool clip, float c
   a.x_out = reinterpret_cast<float*>(q.x_out);
   a.scratch = reinterpret_cast<float*>(q.scratch);
   a.counters = reinterpret_cast<int*>(q.counters);
+  if ((q.known == 0) != (q.known_mask == 0))
+    throw std::invalid_argument("inpainting needs both `known` and `known_mask`, or neither");
+  if (d.known_steps != 0 && d.known_steps != d.T)
+    throw std::invalid_argument("`known_steps` must be 0 (one [B, D] replacement for every step) or T = " +
+                                std::to_string(d.T) + ", got " + std::to_string(d.known_steps));
+  a.known = reinterpret_cast<const float*>(q.known);
+  a.known_mask = reinterpret_cast<const unsigned char*>(q.known_mask);
+  a.known_stride = d.known_steps != 0 ? static_cast<size_t>(d.B * d.D) : 0;
   a.B = static_cast<int>(d.B);
   a.D = static_cast<int>(d.D);
   a.H = static_cast<int>(d.H);

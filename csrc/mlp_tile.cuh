@@ -369,7 +369,8 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         float z = 0.f;
         if (noisy)
           z = p.stage ? nz[b * lay.dp + d] : __ldg(a.noise + (static_cast<size_t>(step) * a.B + row0 + b) * D + d);
-        const float xn = sched_update(xs[b * lay.xst + d], e, z, coef, a.clip, a.clip_range);
+        const float xn = inpaint(a, step, static_cast<size_t>(row0 + b), d,
+                                 sched_update(xs[b * lay.xst + d], e, z, coef, a.clip, a.clip_range));
         xs[b * lay.xst + d] = xn;
         if (last && crank == 0) a.x_out[static_cast<size_t>(row0 + b) * D + d] = xn;
       }
@@ -393,7 +394,8 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
           float e = 0.f;
           for (int gg = 0; gg < p.groups; ++gg) e += __ldcg(a.scratch + (gg * static_cast<size_t>(a.B) + row) * D + d);
           const float z = noisy ? __ldg(a.noise + (static_cast<size_t>(step) * a.B + row) * D + d) : 0.f;
-          a.x_out[row * D + d] = sched_update(xs[b * lay.xst + d], e, z, coef, a.clip, a.clip_range);
+          a.x_out[row * D + d] = inpaint(a, step, row, d, sched_update(xs[b * lay.xst + d], e, z, coef, a.clip,
+                                                                        a.clip_range));
         }
         if (tid == 0) a.counters[tile] = 0;  // ready for the next launch
       }

@@ -63,6 +63,10 @@ struct Args {
   float* x_out;        // may alias x_in
   float* scratch;      // [groups, B, D], global combine only
   int* counters;       // [tiles], zero before the first launch; kernels leave them zero
+  // Inpainting (fdp.inpainting), null: none. After step s's update x = known_mask ? known[s * known_stride] : x.
+  const float* known;                 // [B, D], known_stride 0, or [T, B, D], known_stride B * D
+  const unsigned char* known_mask;    // [B, D]
+  size_t known_stride;
   int B, D, H, L, K, T;
   int clip;
   float clip_range;

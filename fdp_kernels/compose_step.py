@@ -21,6 +21,9 @@ Layout:
                              read before it is written, by the same program)
     noise       [B, *S] or [T, B, *S] (row ``i`` is read), contiguous, float32 /
                 bfloat16 / float16, or None
+    known       [B, *S] or [T, B, *S] (row ``i`` is read) float32, contiguous, with
+    known_mask  [B, *S] bool, contiguous: inpainting, x_out = where(known_mask, known, x_out)
+                (both or neither)
     coef        [T, 6]       float32, contiguous (``StepTable.to(device).coef``)
     adds_noise  [T]          bool or int8
 
@@ -42,16 +45,16 @@ import triton
 import triton.language as tl
 
 from .abi import NUM_COLS
-from .schedule import _scheduler_update
+from .schedule import _inpaint, _scheduler_update
 
 __all__ = ["compose_step", "compose_step_kernel"]
 
 
 @triton.jit(do_not_specialize=["step", "noise_offset"])
-def compose_step_kernel(eps_ptr, w_ptr, x_ptr, noise_ptr, out_ptr, coef_ptr, adds_ptr,
-                        step, noise_offset, clip_range, total, R, C,
+def compose_step_kernel(eps_ptr, w_ptr, x_ptr, noise_ptr, out_ptr, coef_ptr, adds_ptr, known_ptr, mask_ptr,
+                        step, noise_offset, clip_range, known_stride, total, R, C,
                         s_ek, s_eb, s_er, s_ec, s_wb, s_wk,
-                        K: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr,
+                        K: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, INPAINT: tl.constexpr,
                         BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     # int64 offsets: B * prod(S) * K can pass 2**31 at large batches.
@@ -81,6 +84,7 @@ def compose_step_kernel(eps_ptr, w_ptr, x_ptr, noise_ptr, out_ptr, coef_ptr, add
     else:
         z = 0.0
     prev = _scheduler_update(x, m, z, coef_ptr, adds_ptr, step, clip_range, CLIP, HAS_NOISE)
+    prev = _inpaint(prev, known_ptr, mask_ptr, known_stride, step, offs, mask, INPAINT)
     tl.store(out_ptr + offs, prev, mask=mask)
 
 
@@ -106,6 +110,25 @@ def _contiguous(name, t):
 def _shape(name, t, want, known=""):
     if tuple(t.shape) != tuple(want):
         raise ValueError(f"`{name}` must have shape {list(want)}{known}, got {list(t.shape)}")
+
+
+def _validate_known(known, known_mask, x, T):
+    if (known is None) != (known_mask is None):
+        raise ValueError("inpainting needs both `known` and `known_mask`, or neither")
+    if known is None:
+        return
+    B, S = x.shape[0], tuple(x.shape[1:])
+    for name, t in (("known", known), ("known_mask", known_mask)):
+        _tensor(name, t)
+        _contiguous(name, t)
+        if t.device != x.device:
+            raise ValueError(f"`{name}` must be on `x`'s device {x.device}, got {t.device}")
+    _dtype("known", known, (torch.float32,))
+    _dtype("known_mask", known_mask, (torch.bool, torch.uint8))
+    if tuple(known.shape) not in ((B, *S), (T, B, *S)):
+        raise ValueError(f"`known` must have shape {[B, *S]} (every step's) or {[T, B, *S]} (one per step), "
+                         f"got {list(known.shape)}")
+    _shape("known_mask", known_mask, x.shape)
 
 
 def _validate(eps, weights, coef, adds_noise, step, x, noise, clip_range, out):
@@ -163,7 +186,7 @@ def _validate(eps, weights, coef, adds_noise, step, x, noise, clip_range, out):
 
 
 def compose_step(eps, weights, coef, adds_noise, step, x, noise=None, *, clip_range=None, out=None,
-                 block=1024, num_warps=4, validate=True):
+                 known=None, known_mask=None, block=1024, num_warps=4, validate=True):
     """Compose K predictions with the router weights and apply step ``step`` of the schedule; returns ``out``.
 
     Args:
@@ -177,6 +200,8 @@ def compose_step(eps, weights, coef, adds_noise, step, x, noise=None, *, clip_ra
         clip_range: clamp x0 to ``[-clip_range, clip_range]`` (None: no clipping;
             ``table.clip_range if table.clip_sample else None``).
         out: float32 result buffer like ``x`` (default: new); may be ``x`` itself.
+        known, known_mask: inpainting (both or neither): the result's entries where ``known_mask`` is set are
+            ``known``'s (float32 like ``x``, or ``[T, B, *S]``: row ``step``), fdp.inpainting's epilogue.
         block, num_warps: launch tuning (``block`` a power of 2).
         validate: check the arguments (a loop may check its first step only).
 
@@ -186,6 +211,7 @@ def compose_step(eps, weights, coef, adds_noise, step, x, noise=None, *, clip_ra
     """
     if validate:
         _validate(eps, weights, coef, adds_noise, step, x, noise, clip_range, out)
+        _validate_known(known, known_mask, x, coef.shape[0])
         if not isinstance(block, int) or block < 16 or block & (block - 1):
             raise ValueError(f"`block` must be a power of 2 >= 16, got {block!r}")
     from .ops import compose_launch
@@ -195,5 +221,6 @@ def compose_step(eps, weights, coef, adds_noise, step, x, noise=None, *, clip_ra
     if adds_noise.dtype == torch.bool:
         adds_noise = adds_noise.view(torch.int8)
     compose_launch(eps, weights, x, noise, out, coef, adds_noise, step, float(clip_range or 0.0),
-                   clip_range is not None, block, num_warps)
+                   clip_range is not None, block, num_warps, known,
+                   None if known_mask is None else known_mask.view(torch.uint8))
     return out

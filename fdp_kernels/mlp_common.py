@@ -442,7 +442,21 @@ def check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_rang
     if K * L * H * H >= 2**31 or T * K * L * H >= 2**31:
         raise ValueError(f"fused MLP kernels index weights with 32-bit offsets: K * L * H * H = {K * L * H * H} "
                          f"and T * K * L * H = {T * K * L * H} must be < 2**31")
-    return dict(B=B, D=D, H=H, L=L, K=K, T=T)
+    return dict(B=B, D=D, H=H, L=L, K=K, T=T, device=dev)
+
+
+def check_known(known, known_mask, dims) -> None:
+    """Validate a launch's inpainting tensors against ``check_launch``'s ``dims``: both None, or float32
+    ``known`` ``[B, D]`` / ``[T, B, D]`` and bool or uint8 ``known_mask`` ``[B, D]``, contiguous, on x's device."""
+    if (known is None) != (known_mask is None):
+        raise ValueError("inpainting needs both `known` and `known_mask`, or neither")
+    if known is None:
+        return
+    B, D, T = dims["B"], dims["D"], dims["T"]
+    dev = dims["device"]
+    shape = tuple(known.shape) if isinstance(known, torch.Tensor) else None
+    _check("known", known, shape if shape in ((B, D), (T, B, D)) else (B, D), torch.float32, dev)
+    _check("known_mask", known_mask, (B, D), (torch.bool, torch.uint8), dev)
 
 
 #: Multiprocessors the split rule assumes off CUDA (the interpreter runs programs one at a time): an H100's, so

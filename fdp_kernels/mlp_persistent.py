@@ -42,8 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mlp_common import _compose, _step_noise, _tile, check_launch, launch_setup
-from .schedule import _scheduler_update
+from .mlp_common import _compose, _step_noise, _tile, check_known, check_launch, launch_setup
+from .schedule import _inpaint, _scheduler_update
 
 __all__ = ["mlp_sample", "mlp_persistent_kernel"]
 
@@ -52,12 +52,13 @@ __all__ = ["mlp_sample", "mlp_persistent_kernel"]
 def mlp_persistent_kernel(x_ptr, out_ptr,
                           w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
                           t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr,
-                          coef_ptr, adds_ptr, noise_ptr, scratch_ptr,
-                          T, seed, clip_range, B, D, H, L, K,
+                          coef_ptr, adds_ptr, noise_ptr, scratch_ptr, known_ptr, mask_ptr,
+                          T, seed, clip_range, known_stride, B, D, H, L, K,
                           BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
                           H_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_HD: tl.constexpr, H_IN_REGS: tl.constexpr, SKIP_UNUSED: tl.constexpr,
-                          PRECISION: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
+                          PRECISION: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr,
+                          INPAINT: tl.constexpr):
     x, xp, xm, rows64, rmask, dcols, dmask, h_buf, y_buf = _tile(x_ptr, scratch_ptr, B, D, BLOCK_B, D_PAD, H_STRIDE)
     for step in range(T):
         eps = _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
@@ -67,25 +68,28 @@ def mlp_persistent_kernel(x_ptr, out_ptr,
                        PRECISION)
         z = _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, NOISE_MODE)
         x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE != 0)
+        x = _inpaint(x, known_ptr, mask_ptr, known_stride, step, xp, xm, INPAINT)
         # Keep the padding rows of a partial tile at 0 (they never reach memory, but stay tame over T steps).
         x = tl.where(xm, x, 0.0)
     tl.store(out_ptr + xp, x, mask=xm)
 
 
 def mlp_sample(packed, steps, call, coef, adds_noise, x_T, noise=None, *, seed=None, clip_range=None, out=None,
-               scratch=None, block_b=None, h_in_registers=None, precision=None, skip_unused=True, num_warps=None):
+               scratch=None, known=None, known_mask=None, block_b=None, h_in_registers=None, precision=None,
+               skip_unused=True, num_warps=None):
     """All T denoising steps from ``x_T [B, D]`` (float32) in one launch; returns x_0 in ``out``.
 
     Arguments as :func:`fdp_kernels.mlp_step.mlp_step` (without ``step``): ``noise``
     is the whole step-noise tensor ``[T, B, D]``, or None; ``seed`` generates the
     noise in the kernel instead (not bit-equal to torch's generator). ``out``
-    may be ``x_T`` itself.
+    may be ``x_T`` itself; ``known`` / ``known_mask`` inpaint after every step, as there.
     """
-    check_launch(packed, steps, call, coef, adds_noise, x_T, noise, out, clip_range, seed)
+    check_known(known, known_mask, check_launch(packed, steps, call, coef, adds_noise, x_T, noise, out, clip_range,
+                                                seed))
     cfg, out, scratch, _, mode = launch_setup(packed, x_T, noise, seed, out, scratch, None, True, block_b,
                                               h_in_registers, precision, num_warps, False)
     from .ops import launch_mlp  # here: fdp_kernels.ops imports this module's kernel
 
     launch_mlp(True, x_T, out, packed, steps, call, coef, adds_noise, noise, scratch, None, 0, seed, clip_range, mode,
-               skip_unused, cfg)
+               skip_unused, cfg, known, known_mask)
     return out

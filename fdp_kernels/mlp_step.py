@@ -57,20 +57,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mlp_common import (_compose, _partials, _step_noise, _sum_partials, _tile, _used, _weighted, check_launch,
-                         launch_setup)
-from .schedule import _scheduler_update
+from .mlp_common import (_compose, _partials, _step_noise, _sum_partials, _tile, _used, _weighted, check_known,
+                         check_launch, launch_setup)
+from .schedule import _inpaint, _scheduler_update
 
 __all__ = ["mlp_step", "mlp_step_kernel"]
 
 
 @triton.jit
-def _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, step, seed, clip_range,
-            rows64, rmask, dcols, dmask, B, D,
-            BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
-    """The scheduler update of the tile's rows from the composed eps, stored to ``out``."""
+def _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, known_ptr, mask_ptr, known_stride, step, seed,
+            clip_range, rows64, rmask, dcols, dmask, B, D,
+            BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr,
+            INPAINT: tl.constexpr):
+    """The scheduler update of the tile's rows from the composed eps (and the inpainting epilogue), stored to
+    ``out``."""
     z = _step_noise(noise_ptr, seed, step, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, NOISE_MODE)
     x = _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP, NOISE_MODE != 0)
+    x = _inpaint(x, known_ptr, mask_ptr, known_stride, step, xp, xm, INPAINT)
     tl.store(out_ptr + xp, x, mask=xm)
 
 
@@ -78,12 +81,13 @@ def _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, step, seed, 
 def mlp_step_kernel(x_ptr, out_ptr,
                     w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
                     t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr,
-                    coef_ptr, adds_ptr, noise_ptr, scratch_ptr, count_ptr,
-                    step, seed, clip_range, B, D, H, L, K,
+                    coef_ptr, adds_ptr, noise_ptr, scratch_ptr, count_ptr, known_ptr, mask_ptr,
+                    step, seed, clip_range, known_stride, B, D, H, L, K,
                     BLOCK_B: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, H_STRIDE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
                     H_IN_REGS: tl.constexpr, SPLIT: tl.constexpr, SKIP_UNUSED: tl.constexpr,
-                    PRECISION: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr):
+                    PRECISION: tl.constexpr, CLIP: tl.constexpr, NOISE_MODE: tl.constexpr,
+                    INPAINT: tl.constexpr):
     x, xp, xm, rows64, rmask, dcols, dmask, h_buf, y_buf = _tile(x_ptr, scratch_ptr, B, D, BLOCK_B, D_PAD, H_STRIDE)
     if SPLIT:
         k = tl.program_id(1)
@@ -101,21 +105,21 @@ def mlp_step_kernel(x_ptr, out_ptr,
         if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == K - 1:
             tl.store(count_ptr + tile, 0)  # the next launch on the stream starts from 0
             eps = _sum_partials(part_ptr, wts_ptr, xp, xm, rows64, rmask, B, D, K, BLOCK_B, D_PAD, SKIP_UNUSED)
-            _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, step, seed, clip_range,
-                    rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, CLIP, NOISE_MODE)
+            _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, known_ptr, mask_ptr, known_stride, step,
+                    seed, clip_range, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, CLIP, NOISE_MODE, INPAINT)
     else:
         eps = _compose(x, step, rows64, rmask, dcols, dmask, D, H, L, K,
                        w_in_ptr, w_a_ptr, w_b_ptr, b_b_ptr, w_out_ptr, b_out_ptr,
                        t_in_ptr, t_shift_ptr, wts_ptr, c_in_ptr, scale_ptr, shift_ptr, h_buf, y_buf,
                        BLOCK_B, D_PAD, H_PAD, H_STRIDE, BLOCK_N, BLOCK_K, BLOCK_HD, H_IN_REGS, SKIP_UNUSED,
                        PRECISION)
-        _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, step, seed, clip_range,
-                rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, CLIP, NOISE_MODE)
+        _finish(x, eps, out_ptr, xp, xm, noise_ptr, coef_ptr, adds_ptr, known_ptr, mask_ptr, known_stride, step,
+                seed, clip_range, rows64, rmask, dcols, dmask, B, D, BLOCK_B, D_PAD, CLIP, NOISE_MODE, INPAINT)
 
 
 def mlp_step(packed, steps, call, coef, adds_noise, step, x, noise=None, *, seed=None, clip_range=None,
-             out=None, scratch=None, counters=None, block_b=None, h_in_registers=None, precision=None,
-             skip_unused=True, num_warps=None, split=None, validate=True):
+             out=None, scratch=None, counters=None, known=None, known_mask=None, block_b=None, h_in_registers=None,
+             precision=None, skip_unused=True, num_warps=None, split=None, validate=True):
     """Run denoising step ``step`` (0-based, sampling order) for every row of ``x``; returns ``out``.
 
     Args:
@@ -135,10 +139,14 @@ def mlp_step(packed, steps, call, coef, adds_noise, step, x, noise=None, *, seed
             Launches that share them must be ordered (one stream).
         block_b, h_in_registers, precision (``mlp_common.PRECISIONS``), skip_unused, num_warps, split: tuning
             (defaults from :func:`fdp_kernels.mlp_common.block_config`, which decides the split).
+        known, known_mask: inpainting (both or neither): after the update, ``out = where(known_mask, known_s, out)``
+            with ``known_s`` = ``known`` (float32 ``[B, D]``) or its row ``step`` (``[T, B, D]``); ``known_mask``
+            bool or uint8 ``[B, D]``.
         validate: check every argument (the sampler validates once and skips it on later steps).
     """
     if validate:
         dims = check_launch(packed, steps, call, coef, adds_noise, x, noise, out, clip_range, seed)
+        check_known(known, known_mask, dims)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < dims["T"]:
             raise ValueError(f"`step` must be an int in [0, {dims['T']}), got {step!r}")
     cfg, out, scratch, counters, mode = launch_setup(packed, x, noise, seed, out, scratch, counters, validate,
@@ -146,5 +154,5 @@ def mlp_step(packed, steps, call, coef, adds_noise, step, x, noise=None, *, seed
     from .ops import launch_mlp  # here: fdp_kernels.ops imports this module's kernel
 
     launch_mlp(False, x, out, packed, steps, call, coef, adds_noise, noise, scratch, counters, step, seed,
-               clip_range, mode, skip_unused, cfg)
+               clip_range, mode, skip_unused, cfg, known, known_mask)
     return out

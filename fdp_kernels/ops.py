@@ -36,12 +36,14 @@ __all__ = ["mlp_launch", "compose_launch", "launch_mlp"]
 
 
 def launch_mlp(persistent: bool, x, out, packed, steps, call, coef, adds_noise, noise, scratch, counters, step: int,
-               seed: int | None, clip_range: float | None, noise_mode: int, skip_unused: bool, cfg: dict) -> None:
+               seed: int | None, clip_range: float | None, noise_mode: int, skip_unused: bool, cfg: dict,
+               known=None, known_mask=None) -> None:
     """:func:`mlp_launch` from the launchers' objects (``packed``, ``steps``, ``call``) and ``block_config``'s ``cfg``."""
     mlp_launch(persistent, x, out, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
                steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift, coef, adds_noise, noise,
                scratch, counters, step, seed or 0, float(clip_range or 0.0), clip_range is not None, noise_mode,
-               bool(skip_unused), **{k.lower(): v for k, v in cfg.items()})
+               bool(skip_unused), **{k.lower(): v for k, v in cfg.items()}, known=known,
+               known_mask=None if known_mask is None else known_mask.view(torch.uint8))
 
 
 @triton_op("fdp::mlp_launch", mutates_args={"out", "scratch", "counters"})
@@ -52,11 +54,13 @@ def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch
                scratch: Optional[torch.Tensor], counters: Optional[torch.Tensor], step: int, seed: int,
                clip_range: float, clip: bool, noise_mode: int, skip_unused: bool, block_b: int, d_pad: int,
                h_pad: int, h_stride: int, block_n: int, block_k: int, block_hd: int, h_in_regs: bool, split: bool,
-               precision: str, num_warps: int, maxnreg: Optional[int]) -> None:
+               precision: str, num_warps: int, maxnreg: Optional[int], known: Optional[torch.Tensor] = None,
+               known_mask: Optional[torch.Tensor] = None) -> None:
     """One launch of the fused MLP kernel (``persistent``: all T steps, else step ``step``) on validated tensors.
 
     The block sizes are :func:`fdp_kernels.mlp_common.block_config`'s; ``scratch`` is None when the launch needs
-    none, ``counters`` (the split per-step kernel's) None unless ``split``.
+    none, ``counters`` (the split per-step kernel's) None unless ``split``. ``known`` (float32 ``[B, D]``, or
+    ``[T, B, D]`` one slice per step) and ``known_mask`` (uint8 ``[B, D]``), both or neither: inpainting.
     """
     B, D = x.shape
     K, _, H = w_in.shape
@@ -64,25 +68,31 @@ def mlp_launch(persistent: bool, x: torch.Tensor, out: torch.Tensor, w_in: torch
     # x stands in for unused pointer arguments.
     tensors = (x, out, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, weights, c_in, scale, shift, coef,
                adds_noise, noise if noise is not None else x, scratch if scratch is not None else x)
-    sizes = (seed, clip_range, B, D, H, L, K)
+    inpaint = known is not None
+    known_stride = B * D if inpaint and known.ndim == 3 else 0
+    inpaint_ptrs = (known, known_mask) if inpaint else (x, x)
+    sizes = (seed, clip_range, known_stride, B, D, H, L, K)
     blocks = dict(BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, H_STRIDE=h_stride, BLOCK_N=block_n, BLOCK_K=block_k,
                   BLOCK_HD=block_hd, H_IN_REGS=h_in_regs, SKIP_UNUSED=skip_unused, PRECISION=precision, CLIP=clip,
-                  NOISE_MODE=noise_mode, num_warps=num_warps)
+                  NOISE_MODE=noise_mode, INPAINT=inpaint, num_warps=num_warps)
     if maxnreg is not None:  # a backend without the option (ROCm) rejects the keyword even when None
         blocks["maxnreg"] = maxnreg
     if persistent:
         # The loop bound takes the step argument's place.
-        wrap_triton(mlp_persistent_kernel)[grid(B, K, block_b, False)](*tensors, coef.shape[0], *sizes, **blocks)
+        wrap_triton(mlp_persistent_kernel)[grid(B, K, block_b, False)](*tensors, *inpaint_ptrs, coef.shape[0], *sizes,
+                                                                       **blocks)
     else:
         wrap_triton(mlp_step_kernel)[grid(B, K, block_b, split)](
-            *tensors, counters if counters is not None else x, step, *sizes, SPLIT=split, **blocks)
+            *tensors, counters if counters is not None else x, *inpaint_ptrs, step, *sizes, SPLIT=split, **blocks)
 
 
 @triton_op("fdp::compose_launch", mutates_args={"out"})
 def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor],
                    out: torch.Tensor, coef: torch.Tensor, adds_noise: torch.Tensor, step: int, clip_range: float,
-                   clip: bool, block: int, num_warps: int) -> None:
-    """One launch of the compose-and-step kernel on validated tensors (``adds_noise`` int8)."""
+                   clip: bool, block: int, num_warps: int, known: Optional[torch.Tensor] = None,
+                   known_mask: Optional[torch.Tensor] = None) -> None:
+    """One launch of the compose-and-step kernel on validated tensors (``adds_noise`` int8; ``known_mask``
+    uint8)."""
     K = eps.shape[0]
     # Views of eps as [K, B, R, C]: a [K, B, N] tensor is R = 1.
     if x.ndim == 2:
@@ -95,11 +105,14 @@ def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, no
     has_noise = noise is not None
     # Row ``step`` of an all-steps noise tensor, as an element offset computed here in Python ints.
     noise_offset = step * x.numel() if has_noise and noise.ndim == x.ndim + 1 else 0
+    inpaint = known is not None
+    known_stride = x.numel() if inpaint and known.ndim == x.ndim + 1 else 0
     wrap_triton(compose_step_kernel)[(triton.cdiv(x.numel(), block),)](
         eps, weights, x, noise if has_noise else x, out, coef, adds_noise,
-        step, noise_offset, clip_range, x.numel(), R, C,
+        known if inpaint else x, known_mask if inpaint else x,
+        step, noise_offset, clip_range, known_stride, x.numel(), R, C,
         s_ek, s_eb, s_er, s_ec, weights.stride(0), weights.stride(1),
-        K=K, CLIP=clip, HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps)
+        K=K, CLIP=clip, HAS_NOISE=has_noise, INPAINT=inpaint, BLOCK=block, num_warps=num_warps)
 
 
 # Both ops only write buffers they are given, so their fake (meta) kernels have nothing to do. triton_op's

@@ -6,6 +6,10 @@ is :func:`fdp.schedulers.apply_step`:
 
     x0 = a_x x + a_m eps;  x0 = clamp(x0, +-clip_range) if CLIP
     x' = c_x0 x0 + c_x x + c_m eps + [adds_noise[step]] sigma z
+
+and the inpainting epilogue that may follow it (:func:`_inpaint`, fdp.inpainting):
+
+    x' = where(mask, known[step], x')
 """
 
 from __future__ import annotations
@@ -44,3 +48,16 @@ def _scheduler_update(x, eps, z, coef_ptr, adds_ptr, step, clip_range, CLIP: tl.
         adds = tl.load(adds_ptr + step)
         prev += tl.where(adds != 0, sigma * z, 0.0)
     return prev
+
+
+@triton.jit
+def _inpaint(x, known_ptr, mask_ptr, known_stride, step, xp, xm, INPAINT: tl.constexpr):
+    """x with the entries where ``mask`` (uint8 ``[B, D]``) is set replaced by ``known[step]``: the ``[B, D]``
+    float32 rows at ``known_ptr + step * known_stride`` (stride 0: the same values after every step). ``xp`` /
+    ``xm`` are the tile's element offsets into ``[B, D]`` and their mask; unmasked entries of known are never
+    read (a NaN there cannot leak)."""
+    if INPAINT:
+        keep = tl.load(mask_ptr + xp, mask=xm, other=0) != 0
+        r = tl.load(known_ptr + tl.cast(step, tl.int64) * known_stride + xp, mask=xm & keep, other=0.0)
+        x = tl.where(keep, r, x)
+    return x

@@ -338,6 +338,32 @@ def test_sampler_invalidate_drops_the_captured_graphs():
     _sampler("torch").invalidate()  # nothing captured: a no-op
 
 
+def test_captured_call_takes_the_inpainting_tensors_as_static_inputs():
+    """known / known_mask are copied into the graph's static buffers like x_T: a replay follows new values, and
+    the two replacement layouts ([B, Ta, Da] for every step, [T, B, Ta, Da] per step) are two signatures."""
+    s = _sampler("triton-persistent")
+    emulated = _Emulated(s._prepared._call.fn)
+    s._prepared._call = emulated
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 5)
+    mask = torch.zeros(x_T.shape, dtype=torch.bool)
+    mask[:, :2] = True
+    for value in (0.5, -0.25):
+        known = torch.full(x_T.shape, value)
+        out = s(cond, x_T=x_T, step_noise=noise, known=known, known_mask=mask)
+        assert torch.equal(out[mask], known[mask]) and torch.isfinite(out).all()
+    assert emulated.captures == 1
+    mask2 = mask.clone()
+    mask2[0] = False
+    out = s(cond, x_T=x_T, step_noise=noise, known=known, known_mask=mask2)
+    assert torch.equal(out[mask2], known[mask2]) and not torch.equal(out[0, :2], known[0, :2])
+    assert emulated.captures == 1  # a new mask is a new value, not a new signature
+    s(cond, known=known, known_mask=mask, inpaint="noised", generator=torch.Generator().manual_seed(1))
+    assert emulated.captures == 2
+    s(cond, x_T=x_T, step_noise=noise)
+    assert emulated.captures == 3
+
+
 # -- torch.library ops -------------------------------------------------------------------------------------------
 
 

@@ -88,7 +88,18 @@ def rel(a, b):
     return float((a.to(F64) - b).abs().max() / b.abs().max())
 
 
-def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True, signed=False):
+def inpainting(T, B, S, per_step, seed=3):
+    """``(known, known_mask)`` for the inpainting epilogue: a random mask (about half the entries, and
+    never none), known values NaN wherever unmasked (they must never be read), one slice per step or one."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, *S, generator=g) < 0.5
+    mask.view(-1)[0] = True
+    known = torch.randn(T if per_step else 1, B, *S, generator=g)
+    known[:, ~mask] = NAN
+    return (known if per_step else known[0]), mask
+
+
+def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True, inpaint=None, signed=False):
     factory, n, eta = SCHEDULES[schedule]
     table = factory().step_table(n, eta=eta)
     dev = table.to("cpu")
@@ -102,13 +113,17 @@ def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True, signed=Fals
     noise = torch.randn(n, B, *S, generator=g).to(dtype)
     # Steps that add no noise must ignore their slice, whatever it holds.
     noise[~table.adds_noise] = NAN
+    known, mask = inpainting(n, B, S, per_step=inpaint == "per_step") if inpaint else (None, None)
     for i in range(n):
         out, buf = poisoned_out(x.shape)
         step_noise = noise if all_noise else noise[i].contiguous()
-        res = compose_step(eps, w, dev.coef, dev.adds_noise, i, x, step_noise, clip_range=clip, out=out)
+        res = compose_step(eps, w, dev.coef, dev.adds_noise, i, x, step_noise, clip_range=clip, out=out,
+                           known=known, known_mask=mask)
         assert res is out and canaries_intact(buf)
         assert torch.isfinite(out).all(), (schedule, i)
         ref = reference(table, i, x.to(F64), eps64, w64, noise[i].to(F64))
+        if inpaint:
+            ref = torch.where(mask, (known if known.ndim == x.ndim else known[i]).to(F64), ref)
         err = rel(out, ref)
         assert err < (1e-5 if dtype == torch.float32 else 1e-5), (schedule, K, B, i, err)
         x = out.clone()
@@ -130,6 +145,12 @@ def test_signed_unnormalised_weights(schedule, K):
 @pytest.mark.parametrize("B,S", [(1, (1,)), (7, (13,)), (2, (8, 7)), (1, (16, 10))])
 def test_odd_sizes_and_flat_samples(B, S):
     run_case("ddpm_clip", 3, B, S, all_noise=False)
+
+
+@pytest.mark.parametrize("schedule,B,S,inpaint", [("ddpm_clip", 1, (5, 3), "same"), ("ddim_eta", 3, (7,), "per_step"),
+                                                  ("ddpm_v_noclip", 2, (16, 2), "same"), ("ddpm_clip", 5, (3, 3), "per_step")])
+def test_inpainting_epilogue(schedule, B, S, inpaint):
+    run_case(schedule, 3, B, S, inpaint=inpaint)
 
 
 def test_more_than_one_block():
@@ -168,8 +189,10 @@ def test_in_place_and_no_noise():
     assert rel(compose_step(eps, w, dev.coef, dev.adds_noise, 0, x, clip_range=1.0), ref) < 1e-5
 
 
-def test_graph_backend_loop_with_the_kernel():
-    """backend="graph" on the CPU with the kernel (interpreted) composing, against backend="torch"."""
+@pytest.mark.parametrize("per_step", [False, True])
+def test_graph_backend_loop_with_the_kernel(per_step):
+    """backend="graph" on the CPU with the kernel (interpreted) composing, against backend="torch",
+    inpainting too (the torch composition of the graph backend included)."""
     torch.manual_seed(0)
     comps = [fdp.ConditionalUnet1D(3, global_cond_dim=5, diffusion_step_embed_dim=8, down_dims=(16, 32),
                                    kernel_size=3, n_groups=4, cond_predict_scale=True) for _ in range(3)]
@@ -183,6 +206,13 @@ def test_graph_backend_loop_with_the_kernel():
     out = prepared.run(gc, x_T, noise)
     ref = get_backend("torch").prepare(policy, table, torch.float32).run(gc, x_T, noise)
     assert rel(out, ref.to(F64)) < 1e-5
+    known, mask = inpainting(n, 2, (8, 3), per_step)
+    for compose in ("triton", "torch"):
+        prep = get_backend("graph").prepare(policy, table, capture=False, compose=compose)
+        out = prep.run(gc, x_T, noise, known=known, known_mask=mask)
+        ref = get_backend("torch").prepare(policy, table, torch.float32).run(gc, x_T, noise, known, mask)
+        assert torch.isfinite(out).all() and torch.equal(out[mask], ref[mask])
+        assert rel(out, ref.to(F64)) < 1e-5
 
 
 # -- bad inputs -------------------------------------------------------------------------------------------------
@@ -229,6 +259,14 @@ def call(good, **change):
     (dict(clip_range="1"), TypeError, "`clip_range`"),
     (dict(weights=torch.full((3, 2), 0.5, device="meta")), ValueError, "`weights` must be on `x`'s device"),
     (dict(block=100), ValueError, "`block`"),
+    (dict(known=torch.randn(3, 4, 5)), ValueError, "both `known` and `known_mask`"),
+    (dict(known=torch.randn(3, 4, 5), known_mask=torch.ones(3, 4, 4, dtype=torch.bool)), ValueError,
+     r"`known_mask` must have shape \[3, 4, 5\]"),
+    (dict(known=torch.randn(9, 3, 4, 5), known_mask=torch.ones(3, 4, 5, dtype=torch.bool)), ValueError,
+     "`known` must have shape"),
+    (dict(known=torch.randn(3, 4, 5, dtype=F64), known_mask=torch.ones(3, 4, 5, dtype=torch.bool)), TypeError,
+     "`known` must have dtype"),
+    (dict(known=torch.randn(3, 4, 5), known_mask=torch.ones(3, 4, 5)), TypeError, "`known_mask` must have dtype"),
 ])
 def test_bad_inputs_raise(good, change, exc, match):
     with pytest.raises(exc, match=match):

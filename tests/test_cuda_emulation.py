@@ -91,6 +91,11 @@ PROBLEMS = {
     "tanh_bf16": dict(K=3, H=48, L=2, horizon=5, action_dim=3, B=5, sched="ddim_eta", strategy="tanh", T=3,
                       dtype=torch.bfloat16),
 }
+# Inpainting (fdp.inpainting): the same problems with the epilogue, one replacement for every step ("same") or
+# one per step ("per_step"); unmasked known values are NaN, so reading one shows.
+PROBLEMS["odd_inpaint"] = dict(PROBLEMS["odd"], inpaint="same")
+PROBLEMS["narrow_inpaint"] = dict(PROBLEMS["narrow"], inpaint="per_step")
+PROBLEMS["bf16_inpaint"] = dict(PROBLEMS["bf16"], inpaint="per_step")
 
 # (problem, kind, bt, mma, ranks, groups, groups per cluster, shared-memory limit).
 # Cluster size S = ranks * gpc; groups > gpc means global combine (step kernel only).
@@ -110,6 +115,11 @@ CONFIGS = [
     ("tanh", STEP, 8, 0, 1, 3, 1, SMEM_H100),           # signed weights, global combine, 2 tiles, one skipped
     ("tanh", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100),     # signed weights, local combine
     ("tanh_bf16", PERSISTENT, 16, 1, 2, 3, 3, 18000),   # signed weights, tensor cores, S=6
+    # The inpainting epilogue on each update site: the global combine, the in-cluster combine of both kernels.
+    ("odd_inpaint", STEP, 8, 0, 1, 3, 1, SMEM_H100),
+    ("odd_inpaint", STEP, 8, 0, 1, 2, 2, 26000),
+    ("narrow_inpaint", PERSISTENT, 1, 0, 4, 2, 2, SMEM_H100),
+    ("bf16_inpaint", PERSISTENT, 16, 1, 2, 3, 3, 18000),
 ]
 
 
@@ -232,7 +242,13 @@ def _problem(name, d: Path):
     x_T = torch.randn(B, p["horizon"], p["action_dim"], generator=g, dtype=torch.float64)
     adds = bool(table.adds_noise.any())
     noise = torch.randn(T, B, p["horizon"], p["action_dim"], generator=g, dtype=torch.float64) if adds else None
-    ref = get_backend("torch").prepare(rounded_reference(policy, dtype), table).run(cond, x_T, noise)
+    known = mask = None
+    if p.get("inpaint"):
+        mask = torch.rand(x_T.shape, generator=g) < 0.5
+        known = torch.randn((T, *x_T.shape) if p["inpaint"] == "per_step" else x_T.shape, generator=g,
+                            dtype=torch.float64)
+        known[..., ~mask] = float("nan")
+    ref = get_backend("torch").prepare(rounded_reference(policy, dtype), table).run(cond, x_T, noise, known, mask)
 
     p32 = copy.deepcopy(policy).float()
     packed = packing.pack_policy(p32, dtype)
@@ -261,6 +277,9 @@ def _problem(name, d: Path):
     if noise32 is not None:
         _write(d, "noise", noise32)
     _write(d, "x", x)
+    if known is not None:
+        _write(d, "known", known.reshape(-1, B, D).squeeze(0).float())
+        _write(d, "known_mask", mask.reshape(B, D).to(torch.uint8))
     args = [dims[k] for k in ("B", "D", "H", "L", "K", "T")]
     args += [int(clip_range is not None), clip_range or 0.0]
     return ref.reshape(B, D), args

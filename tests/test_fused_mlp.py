@@ -88,7 +88,7 @@ class _Draws:
     """A float64 policy, a scheduler table, x_T, step noise and the float64 reference on the policy with its
     matrices rounded to ``ref_dtype`` (None: the policy as it is)."""
 
-    def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, seed=0, ref_dtype=None):
+    def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, seed=0, ref_dtype=None, inpaint=None):
         self.policy = kernel_policy(K, H, L, horizon, action_dim, strategy, seed)
         factory, eta = SCHEDULERS[sched]
         self.table = factory().step_table(T, eta=eta)
@@ -100,9 +100,27 @@ class _Draws:
         self.noise = torch.randn((T, *self.shape), generator=g, dtype=torch.float64)
         self.noise[~self.table.adds_noise] = NAN
         self.adds = bool(self.table.adds_noise.any())
+        # Inpainting (fdp.inpainting): a random mask and known values, one set for every step ("same") or one per
+        # step ("per_step"); NaN where unmasked, so a kernel that reads one there fails.
+        self.known = self.known_mask = None
+        if inpaint is not None:
+            self.known_mask = torch.rand(self.shape, generator=g) < 0.5
+            self.known_mask.view(-1)[0] = True
+            self.known = torch.randn((T, *self.shape) if inpaint == "per_step" else self.shape, generator=g,
+                                     dtype=torch.float64)
+            self.known[..., ~self.known_mask] = NAN
         ref_policy = self.policy if ref_dtype is None else rounded_reference(self.policy, ref_dtype)
         self.ref = get_backend("torch").prepare(ref_policy, self.table).run(
-            self.cond, self.x_T, self.noise if self.adds else None)
+            self.cond, self.x_T, self.noise if self.adds else None, self.known, self.known_mask)
+
+    def kernel_known(self, device="cpu"):
+        """``(known, known_mask)`` as the kernels take them: float32 ``[B, D]`` / ``[T, B, D]``, bool ``[B, D]``."""
+        if self.known is None:
+            return {}
+        known = self.known.reshape(-1, self.B, self.D).squeeze(0) if self.known.ndim == 3 else \
+            self.known.reshape(self.T, self.B, self.D)
+        return dict(known=known.float().contiguous().to(device),
+                    known_mask=self.known_mask.reshape(self.B, self.D).to(device))
 
 
 def _poisoned(numel):
@@ -128,8 +146,8 @@ def _assert_counters(buf, what):
 class TritonCase(_Draws):
     """A problem's Triton kernel inputs (CPU, float32), poisoned outputs and canary checks."""
 
-    def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, seed=0):
-        super().__init__(K, H, L, horizon, action_dim, B, sched, strategy, T, seed)
+    def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, seed=0, inpaint=None):
+        super().__init__(K, H, L, horizon, action_dim, B, sched, strategy, T, seed, inpaint=inpaint)
         self.steps = packing.step_terms(self.policy, self.table.timesteps)
         self.call = packing.call_terms(self.policy, self.cond, self.policy.weights(self.cond))
         tbl = self.table.to("cpu", torch.float32)
@@ -164,7 +182,7 @@ class TritonCase(_Draws):
             buf, out = _poisoned(self.B * self.D)
             res = mlp_step(packed, self.steps, self.call, self.coef, self.adds_noise, i, x, noise,
                            clip_range=self.clip, out=out.view(self.B, self.D), scratch=scratch, counters=counters,
-                           **tuning)
+                           **self.kernel_known(), **tuning)
             _assert_canaries(buf, f"mlp_step out (step {i})")
             assert res.data_ptr() == out.data_ptr()
             assert torch.isfinite(res).all(), f"step {i} left elements unwritten"
@@ -179,7 +197,7 @@ class TritonCase(_Draws):
         sbuf, scratch, _, _ = self.workspace(packed, persistent=True, **tuning)
         res = mlp_sample(packed, self.steps, self.call, self.coef, self.adds_noise,
                          self.x_T.reshape(self.B, self.D).float(), self.kernel_noise(), clip_range=self.clip,
-                         out=out.view(self.B, self.D), scratch=scratch, **tuning)
+                         out=out.view(self.B, self.D), scratch=scratch, **self.kernel_known(), **tuning)
         _assert_canaries(buf, "mlp_sample out")
         if sbuf is not None:
             _assert_canaries(sbuf, "mlp_sample scratch")
@@ -190,8 +208,8 @@ class TritonCase(_Draws):
 class CudaCase(_Draws):
     """A problem's CUDA kernel inputs on the GPU (the reference's matrices rounded to the weight dtype)."""
 
-    def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, dtype, seed=0):
-        super().__init__(K, H, L, horizon, action_dim, B, sched, strategy, T, seed, ref_dtype=dtype)
+    def __init__(self, K, H, L, horizon, action_dim, B, sched, strategy, T, dtype, seed=0, inpaint=None):
+        super().__init__(K, H, L, horizon, action_dim, B, sched, strategy, T, seed, ref_dtype=dtype, inpaint=inpaint)
         dev = torch.device("cuda")
         pol32 = copy.deepcopy(self.policy).float().to(dev)
         self.pol32 = pol32
@@ -208,7 +226,7 @@ class CudaCase(_Draws):
     def run(self, kind, **options):
         out = torch.full((self.B, self.D), NAN, device="cuda")
         res = cb.launch(kind, self.packed, self.steps, self.call, self.coef, self.x, self.knoise, out, self.clip,
-                        options=options)
+                        options=options, **self.kernel_known("cuda"))
         assert res is out
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "elements left unwritten (NaN poison survived)"
@@ -273,6 +291,13 @@ KERNEL_CASES = [
     (3, 24, 1, 5, 3, 5, "ddpm_clip", "tanh", 3, BF16, BOTH),        # bf16, clipping
     (5, 96, 2, 8, 4, 70, "ddim", "tanh", 3, BF16, CUDA),            # tensor cores, several tiles
     (3, 24, 2, 3, 5, 5, "ddim_eta", "tanh", 3, F32, {"triton": {"h_in_registers": False}}),  # forced scratch
+    # Inpainting (the "inpaint" entry: one replacement for every step, or one per step): batch 1, D = 2; odd
+    # D = 15; the split per-step kernel over a partial second tile; tensor cores.
+    (1, 16, 1, 2, 1, 1, "ddpm_clip", "soft", 3, F32, {"triton": {"inpaint": "same"}, "cuda": {"inpaint": "same"}}),
+    (3, 24, 2, 5, 3, 5, "ddim_eta", "soft", 4, F32, {"triton": {"inpaint": "per_step"},
+                                                     "cuda": {"inpaint": "per_step"}}),
+    (4, 48, 1, 7, 3, 17, "ddim", "hard", 2, F32, {"triton": {"inpaint": "per_step"}, "cuda": {"inpaint": "same"}}),
+    (4, 64, 2, 4, 3, 16, "ddim_eta", "topk", 3, F16, {"cuda": {"inpaint": "per_step"}}),
 ]
 
 
@@ -287,15 +312,17 @@ def _case_id(case, tuning=()):
 def test_kernels_match_float64_reference(family, case, tuning):
     dtype = case[9]
     tol = TOL[dtype]
+    tuning = dict(tuning)
+    inpaint = tuning.pop("inpaint", None)
     if family == "triton":
-        c = TritonCase(*case[:9])
+        c = TritonCase(*case[:9], inpaint=inpaint)
         packed = c.packed(dtype)
         if tuning.get("precision") == "tf32" and dtype == torch.float32:
             tol = 2e-3  # what tf32 (activations and weights rounded to 10 bits) allows on a GPU
         step_out = c.run_steps(packed, **tuning)
         pers_out = c.run_persistent(packed, **tuning)
     else:
-        c = CudaCase(*case)
+        c = CudaCase(*case, inpaint=inpaint)
         step_out = c.run(cb.KIND_STEP, **tuning)
         pers_out = c.run(cb.KIND_PERSISTENT, **tuning)
     if case[7] == "tanh":
@@ -304,6 +331,11 @@ def test_kernels_match_float64_reference(family, case, tuning):
     print(f"[{family}-{_case_id(case, tuning)}] rel err: {BACKENDS[family][0]} {e_step:.2e}, "
           f"{BACKENDS[family][1]} {e_pers:.2e}")
     assert e_step < tol and e_pers < tol
+    if inpaint is not None:
+        # The masked entries are the known values themselves (float32's rounding of them), on every backend.
+        want = c.known if c.known.ndim == 3 else c.known[-1]
+        for out in (step_out, pers_out):
+            torch.testing.assert_close(out[c.known_mask], want[c.known_mask].float(), rtol=0, atol=0)
     if family == "triton":
         # The two Triton kernels do the same float32 arithmetic in the same order.
         torch.testing.assert_close(step_out, pers_out, rtol=0, atol=0)
@@ -548,6 +580,19 @@ BAD_INPUTS = [
      {"triton": "hidden widths"}),
     ("scratch-small", lambda a: a.update(h_in_registers=False, scratch=torch.empty(10)), ValueError,
      {"triton": "`scratch`"}),
+    # Inpainting (B = 5, D = 12, T = 3 in both families' arguments).
+    ("known-alone", lambda a: a.update(known=torch.randn(5, 12)), ValueError,
+     {"triton": "both `known` and `known_mask`", "cuda": "both `known` and `known_mask`"}),
+    ("known-shape", lambda a: a.update(known=torch.randn(5, 11), known_mask=torch.ones(5, 12, dtype=torch.bool)),
+     ValueError, {"triton": r"`known` must have shape \[5, 12\]", "cuda": r"`known` must have shape \[5, 12\]"}),
+    ("known-T", lambda a: a.update(known=torch.randn(2, 5, 12), known_mask=torch.ones(5, 12, dtype=torch.bool)),
+     ValueError, {"triton": "`known` must have shape", "cuda": "`known` must have shape"}),
+    ("known-f64", lambda a: a.update(known=torch.randn(5, 12).double(), known_mask=torch.ones(5, 12, dtype=torch.bool)),
+     TypeError, {"triton": "`known` must have dtype", "cuda": "`known` must have dtype"}),
+    ("known_mask-float", lambda a: a.update(known=torch.randn(5, 12), known_mask=torch.ones(5, 12)), TypeError,
+     {"triton": "`known_mask` must have one of the dtypes", "cuda": "`known_mask` must have one of the dtypes"}),
+    ("known_mask-shape", lambda a: a.update(known=torch.randn(3, 5, 12), known_mask=torch.ones(5, 11, dtype=torch.bool)),
+     ValueError, {"triton": "`known_mask` must have shape", "cuda": "`known_mask` must have shape"}),
 ]
 LAUNCHERS = {"mlp_step": "triton", "mlp_sample": "triton", "check_launch": "cuda"}
 
@@ -559,8 +604,10 @@ def test_launchers_reject_bad_inputs(launch_args, launcher, mutate, exc, match):
     if launcher == "check_launch":
         a = _cpu_launch_args()
         mutate(a)
+        known = [a.pop(k, None) for k in ("known", "known_mask")]
         with pytest.raises(exc, match=match):
-            cb.check_launch(**a, require_cuda=False)
+            dims = cb.check_launch(**a, require_cuda=False)
+            cb.check_known(*known, dict(dims, device=a["x"].device))
         return
     a = dict(launch_args)
     mutate(a)

@@ -111,13 +111,36 @@ def test_accelerate_follows_horizon_weights_and_steps():
     handle.restore()
 
 
-@pytest.mark.parametrize("case", ["inpainting", "local_cond", "step_kwargs", "no_global_cond"])
-def test_fallbacks_run_the_original_and_log_once(case, caplog):
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inpainting_is_served_with_the_originals_rule(scheduler, batch):
+    """A condition_mask that selects entries (continuing a chunk: the first actions; a random pattern) is
+    inpainted by fdp, not by the original: same draws, same rule, same numbers."""
+    policy = _StandInPolicy(scheduler)
+    data, mask, cond = _inputs(batch)
+    g = torch.Generator().manual_seed(8)
+    data = torch.randn(data.shape, generator=g)
+    mask[:, :3] = True
+    mask |= torch.rand(mask.shape, generator=g) < 0.2
+    original = policy.conditional_sample
+    ref = original(data, mask, global_cond=cond, generator=torch.Generator().manual_seed(4))
+    with diffusion_policy.accelerate(policy) as handle:
+        got = policy.conditional_sample(data, mask, global_cond=cond, generator=torch.Generator().manual_seed(4))
+        assert handle.sampler is not None  # fdp sampled
+    assert torch.equal(got[mask], data[mask])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["inpainting_unsupported", "local_cond", "step_kwargs", "no_global_cond"])
+def test_fallbacks_run_the_original_and_log_once(case, caplog, monkeypatch):
     unet_kw = {"local_cond_dim": 2} if case == "local_cond" else {}
     policy = _StandInPolicy("ddim", **unet_kw)
     data, mask, cond = _inputs(2)
     kwargs = {"global_cond": cond}
-    if case == "inpainting":
+    if case == "inpainting_unsupported":
+        # A backend that cannot inpaint (the torch one, pretending): the original serves the call.
+        from fdp.backends import get_backend
+        monkeypatch.setattr(type(get_backend("torch")), "supports_inpainting", False)
         mask[:, 0] = True
         data[:, 0] = 0.5
     elif case == "local_cond":
@@ -136,7 +159,8 @@ def test_fallbacks_run_the_original_and_log_once(case, caplog):
                                        rtol=0, atol=0)
     notes = [r.getMessage() for r in caplog.records if "original sampler" in r.getMessage()]
     assert len(notes) == 1, notes
-    assert handle.sampler is None  # fdp never sampled
+    if case != "inpainting_unsupported":  # there the sampler was built, then found unable to inpaint
+        assert handle.sampler is None  # fdp never sampled
     handle.restore()
 
 

@@ -8,6 +8,7 @@ needs Triton or the CUDA extension: both load on first use.
 
 from . import diagnostics
 from ._extension import extension_status
+from .async_sampler import AsyncSampler
 from .backends import available_backends
 from .mlp import MLPDenoiser
 from .policy import FactorizedPolicy
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConditionalUnet1D", "MLPDenoiser", "Router", "FactorizedPolicy",
     "DDPMScheduler", "DDIMScheduler", "StepTable", "apply_step",
-    "Sampler", "sample", "available_backends", "extension_status", "diagnostics",
+    "Sampler", "sample", "AsyncSampler", "available_backends", "extension_status", "diagnostics",
 ]

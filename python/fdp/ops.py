@@ -29,11 +29,13 @@ __all__ = ["mlp_cuda", "mlp_cuda_call"]
 def mlp_cuda(kind: int, x: torch.Tensor, w_in: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
              b_b: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, t_in: torch.Tensor, t_shift: torch.Tensor,
              weights: torch.Tensor, c_in: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, coef: torch.Tensor,
-             noise: Optional[torch.Tensor], clip_range: Optional[float], options: list[int]) -> torch.Tensor:
+             noise: Optional[torch.Tensor], clip_range: Optional[float], options: list[int],
+             known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x_0 ``[B, D]`` float32 from ``x`` (x_T) by the fused CUDA kernel ``kind`` (0 per-step, 1 persistent).
 
     Tensors as :func:`fdp.backends.cuda_backend.launch` takes them, flattened; ``options`` are the five
-    kernel options in ``cuda_backend``'s order (0 / -1: automatic). Validates before launching.
+    kernel options in ``cuda_backend``'s order (0 / -1: automatic); ``known`` / ``known_mask`` inpaint
+    (:func:`fdp.backends.cuda_backend.check_known`). Validates before launching.
     """
     from .backends import cuda_backend as cb
 
@@ -41,12 +43,12 @@ def mlp_cuda(kind: int, x: torch.Tensor, w_in: torch.Tensor, w_a: torch.Tensor, 
     packed = PackedMLP(w_in, w_a, w_b, b_b, w_out, b_out, horizon=1, action_dim=w_in.shape[1])
     out = torch.empty_like(x)
     return cb.launch(kind, packed, StepTerms(t_in, t_shift), CallTerms(weights, c_in, scale, shift), coef, x, noise,
-                     out, clip_range, options=dict(zip(cb._OPTION_KEYS, options)))
+                     out, clip_range, options=dict(zip(cb._OPTION_KEYS, options)), known=known, known_mask=known_mask)
 
 
 @mlp_cuda.register_fake
 def _mlp_cuda_fake(kind, x, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, weights, c_in, scale, shift, coef,
-                   noise, clip_range, options):
+                   noise, clip_range, options, known=None, known_mask=None):
     if x.ndim != 2 or w_in.ndim != 3 or x.shape[1] != w_in.shape[1]:
         raise ValueError(f"`x` must be [B, D] with D = w_in.shape[1], got {list(x.shape)} and w_in "
                          f"{list(w_in.shape)}")
@@ -54,8 +56,9 @@ def _mlp_cuda_fake(kind, x, w_in, w_a, w_b, b_b, w_out, b_out, t_in, t_shift, we
 
 
 def mlp_cuda_call(kind: int, packed: PackedMLP, steps: StepTerms, call: CallTerms, coef: torch.Tensor,
-                  x: torch.Tensor, noise: torch.Tensor | None, clip_range: float | None, options) -> torch.Tensor:
+                  x: torch.Tensor, noise: torch.Tensor | None, clip_range: float | None, options, known=None,
+                  known_mask=None) -> torch.Tensor:
     """:func:`mlp_cuda` from the packing objects (``options``: ``cuda_backend``'s tuple)."""
     return mlp_cuda(kind, x, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
                     steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift, coef, noise,
-                    clip_range, list(options))
+                    clip_range, list(options), known, known_mask)

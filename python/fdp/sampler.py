@@ -24,6 +24,7 @@ from ._validation import (InvalidArgument, InvalidArgumentType, check_bool, chec
                           check_tensor, inputs_already_checked)
 from ._watch import PolicyWatch
 from .backends import select, weight_dtype
+from .inpainting import RULES, replacements
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
 from .schedulers import _draw_noise
@@ -237,8 +238,17 @@ class Sampler:
             start += n
 
     def __call__(self, global_cond: torch.Tensor, x_T: torch.Tensor | None = None,
-                 step_noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample action chunks ``[B, horizon, action_dim]`` for features ``global_cond [B, Dc]``."""
+                 step_noise: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
+                 known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                 inpaint: str = "clean") -> torch.Tensor:
+        """Sample action chunks ``[B, horizon, action_dim]`` for features ``global_cond [B, Dc]``.
+
+        ``known`` ``[B, horizon, action_dim]`` and the bool ``known_mask`` of the same shape inpaint:
+        the masked entries are set to ``known`` before every step's model call and once more after the
+        last step (diffusion_policy's ``conditional_sample``; ``inpaint="noised"``: to ``known`` noised
+        to each step's level, RePaint's rule, drawn after all other noise from ``generator``). See
+        :mod:`fdp.inpainting`; :func:`fdp.inpainting.continuation` builds both from a previous chunk.
+        """
         with nvtx_range("fdp.sample"):
             self._ensure_fresh()
             policy = self.policy
@@ -258,6 +268,9 @@ class Sampler:
                     check_finite("x_T", x_T)
             if step_noise is not None:
                 self._check_step_noise(step_noise, shape)
+            inpainting = known is not None or known_mask is not None
+            if inpainting:
+                self._check_known(known, known_mask, inpaint, shape)
             dt = self.sample_dtype
             if B == 0:
                 # No backend runs, so all of them agree on an empty batch.
@@ -265,13 +278,36 @@ class Sampler:
             if x_T is None:
                 x_T = _draw(shape, generator, self.device, dt)
             if step_noise is None:
-                step_noise = self._drawn_step_noise(shape, generator, dt,
-                                                    per_step=getattr(self._prepared, "noise_per_step", False))
+                # The noised rule draws after the step noise: all of it up front, so that every backend
+                # consumes the generator in the same order.
+                per_step = getattr(self._prepared, "noise_per_step", False) and not (inpainting and inpaint != "clean")
+                step_noise = self._drawn_step_noise(shape, generator, dt, per_step=per_step)
             else:
                 step_noise = step_noise.to(dt)
+            extra = {}
+            x_T = x_T.to(dt)
+            if inpainting:
+                x_T, R = replacements(inpaint, known.to(dt), known_mask, x_T, self.scheduler, self.table.timesteps,
+                                      lambda s: _draw(s, generator, self.device, dt))
+                extra = dict(known=R, known_mask=known_mask)
             # Without checks, neither may the modules the backend calls (router, components) read a flag back.
             with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
-                return self._prepared.run(global_cond.to(dt), x_T.to(dt), step_noise)
+                return self._prepared.run(global_cond.to(dt), x_T, step_noise, **extra)
+
+    def _check_known(self, known, known_mask, inpaint, shape) -> None:
+        if known is None or known_mask is None:
+            raise ValueError("inpainting needs both `known` and `known_mask` (got only "
+                             f"`{'known' if known is not None else 'known_mask'}`)")
+        if not self._backend_impl.supports_inpainting:
+            raise ValueError(f"backend {self.backend!r} does not support inpainting (`known`/`known_mask`); "
+                             "build the Sampler with a backend that does (e.g. 'torch')")
+        if inpaint not in RULES:
+            raise ValueError(f"`inpaint` must be one of {RULES}, got {inpaint!r}")
+        check_tensor("known", known, shape=shape, dtype="floating", device=self.device)
+        check_tensor("known_mask", known_mask, shape=shape, dtype=torch.bool, device=self.device)
+        if self.check_inputs:
+            # Only the masked entries are ever read.
+            check_finite("known", torch.where(known_mask, known, 0))
 
     @classmethod
     def for_unet(cls, unet, scheduler, horizon: int, action_dim: int, **options) -> "Sampler":

@@ -19,7 +19,8 @@
 //   driver --query    (commands on stdin, one per line; see run_query)
 // kind 0: per-step kernel, 1: persistent kernel. wtype 0/1/2: float32 / bfloat16 /
 // float16 weights. DIR holds <name>.bin raw little-endian arrays in the layout of
-// fdp.packing (names below; noise.bin only when some step adds noise); the result
+// fdp.packing (names below; noise.bin only when some step adds noise; known.bin, float32
+// [B, D] or [T, B, D], and known_mask.bin, uint8 [B, D], only when inpainting); the result
 // x [B, D] float32 is written to DIR/out.bin. The first form gives the plan (tile
 // rows, tensor cores, cluster ranks, component groups, groups per cluster, shared
 // memory for the plan) explicitly, to reach paths a GPU only takes on particular
@@ -322,8 +323,8 @@ int main(int argc, char** argv) {
   }
   const std::string dir = argv[1];
   const int kind = std::atoi(argv[2]), wtype = std::atoi(argv[3]);
-  const MlpDims d{std::atol(argv[4]), std::atol(argv[5]), std::atol(argv[6]),
-                  std::atol(argv[7]), std::atol(argv[8]), std::atol(argv[9])};
+  MlpDims d{std::atol(argv[4]), std::atol(argv[5]), std::atol(argv[6]),
+            std::atol(argv[7]), std::atol(argv[8]), std::atol(argv[9])};
   const int clip = std::atoi(argv[10]);
   const float clip_range = static_cast<float>(std::atof(argv[11]));
   const int skip_unused = std::atoi(argv[argc - 1]);
@@ -397,9 +398,20 @@ int main(int argc, char** argv) {
     counters = reinterpret_cast<int*>(bufs.make(static_cast<size_t>(p.tiles) * 4));
     std::memset(counters, 0, static_cast<size_t>(p.tiles) * 4);
   }
-  const MlpPointers q{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11],
-                      ptr[12], ptr[13], ptr[14], reinterpret_cast<std::uintptr_t>(out),
-                      reinterpret_cast<std::uintptr_t>(scratch), reinterpret_cast<std::uintptr_t>(counters)};
+  MlpPointers q{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11],
+                ptr[12], ptr[13], ptr[14], reinterpret_cast<std::uintptr_t>(out),
+                reinterpret_cast<std::uintptr_t>(scratch), reinterpret_cast<std::uintptr_t>(counters)};
+  // Inpainting: known [B, D] (known_steps 0) or [T, B, D] (known_steps T), from its size.
+  const std::vector<char> known = slurp(dir + "/known.bin"), known_mask = slurp(dir + "/known_mask.bin");
+  if (!known.empty()) {
+    char* k = bufs.make(known.size());
+    std::memcpy(k, known.data(), known.size());
+    char* m = bufs.make(known_mask.size());
+    std::memcpy(m, known_mask.data(), known_mask.size());
+    q.known = reinterpret_cast<std::uintptr_t>(k);
+    q.known_mask = known_mask.empty() ? 0 : reinterpret_cast<std::uintptr_t>(m);
+    d.known_steps = known.size() == nx * 4 ? 0 : d.T;
+  }
   const Args a = make_args(q, d, clip != 0, clip_range, skip_unused);
 
   // As mlp_step_launch / mlp_persistent_launch: one launch per step, or one for all.

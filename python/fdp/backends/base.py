@@ -19,9 +19,18 @@ class Prepared(Protocol):
     sets ``noise_per_step = True`` reads ``step_noise[i]`` only while step ``i``
     runs, in step order, and may be given an indexable source that draws it
     then (None for a step that adds none) instead of a tensor.
+
+    A backend whose class sets ``supports_inpainting = True`` also takes
+    ``known`` and ``known_mask`` (both None, or both given): ``known_mask``
+    is a bool ``[B, Ta, Da]``, ``known`` ``[B, Ta, Da]`` (the same after every
+    step) or ``[T, B, Ta, Da]`` (``known[i]`` after step ``i``), in ``x_T``'s
+    dtype; after every step's update the masked entries of x are replaced,
+    ``x = where(known_mask, known[i], x)`` (:mod:`fdp.inpainting`). The
+    sampler applies the replacement before the first step to ``x_T`` itself.
     """
 
-    def run(self, global_cond: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor | None) -> torch.Tensor: ...
+    def run(self, global_cond: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor | None,
+            known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class Backend:
@@ -37,6 +46,9 @@ class Backend:
     #: ``verify=True`` run it first in a separate process (:mod:`fdp.isolation`), where a hang or a device
     #: fault cannot take the caller's process down. The torch reference and interpreted code do not need it.
     runs_native_code: bool = False
+    #: True for a backend whose prepared ``run`` takes ``known`` / ``known_mask`` (inpainting, see
+    #: :class:`Prepared`); a Sampler refuses inpainting on any other with a ValueError naming it.
+    supports_inpainting: bool = False
 
     def default_weight_dtype(self, policy_dtype: torch.dtype) -> torch.dtype:
         """The weight dtype when this backend is named and the caller gives none: the policy's.

@@ -122,6 +122,21 @@ def check_call(call, x, noise, out, dims: dict, *, require_cuda: bool = True) ->
     return B
 
 
+def check_known(known, known_mask, dims: dict) -> int:
+    """Validate the inpainting tensors against ``dims``: both None, or float32 ``known`` ``[B, D]`` /
+    ``[T, B, D]`` and bool or uint8 ``known_mask`` ``[B, D]``, contiguous, on x's device. Returns the
+    kernels' ``known_steps``: 0 for ``[B, D]`` (one replacement for every step), else T."""
+    if (known is None) != (known_mask is None):
+        raise ValueError("inpainting needs both `known` and `known_mask`, or neither")
+    if known is None:
+        return 0
+    B, D, T, dev = dims["B"], dims["D"], dims["T"], dims["device"]
+    shape = tuple(known.shape) if isinstance(known, torch.Tensor) else None
+    _check("known", known, shape if shape in ((B, D), (T, B, D)) else (B, D), torch.float32, dev)
+    _check("known_mask", known_mask, (B, D), (torch.bool, torch.uint8), dev)
+    return T if known.ndim == 3 else 0
+
+
 def check_launch(packed, steps, call, coef, x, noise, out, clip_range, *, require_cuda: bool = True) -> dict:
     """Validate every tensor of a launch before any pointer is taken; returns ``dict(B, D, H, L, K, T)``.
 
@@ -212,7 +227,7 @@ class _on_device:
 
 
 def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims, options, step_begin, step_end,
-                stream, plan_info):
+                stream, plan_info, known=None, known_mask=None):
     """Pointers + sizes + stream into the extension; inputs already validated."""
     ext = extension()
     B, D = dims["B"], dims["D"]
@@ -230,6 +245,8 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
                    b_out=packed.b_out, t_in=steps.t_in, t_shift=steps.t_shift, weights=call.weights, c_in=call.c_in,
                    scale=call.scale, shift=call.shift, coef=coef, noise=noise, x_in=x, x_out=out, scratch=scratch,
                    counters=counters)
+    if known is not None:  # named only when used: an extension built before inpainting still serves the rest
+        tensors.update(known=known, known_mask=known_mask)
     ptrs = _named(ext.MlpPointers, **{name: 0 if t is None else t.data_ptr() for name, t in tensors.items()})
     sizes = _named(ext.MlpDims, **dims)
     opts = _ext_options(ext, options)
@@ -246,17 +263,19 @@ def _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims
 
 
 def launch(kind: int, packed, steps, call, coef, x, noise, out, clip_range, *, options=None, step_begin: int = 0,
-           step_end: int | None = None, stream=None) -> torch.Tensor:
+           step_end: int | None = None, stream=None, known=None, known_mask=None) -> torch.Tensor:
     """Run the fused kernel ``kind`` (KIND_STEP: one launch per step in [step_begin, step_end);
     KIND_PERSISTENT: all steps in one launch) on validated tensors; returns ``out``.
 
     ``stream`` is a raw ``cudaStream_t`` integer (default: the current torch stream of ``x``'s device);
     the inputs must be ready on it (the caller orders it after the work that produced them).
     ``options`` may set ``block_rows``, ``ranks``, ``groups``, ``mma`` and ``skip_unused`` (tuning, tests).
+    ``known`` / ``known_mask`` (both or neither; :func:`check_known`) inpaint after every step.
     """
     if kind not in (KIND_STEP, KIND_PERSISTENT):
         raise ValueError(f"`kind` must be KIND_STEP (0) or KIND_PERSISTENT (1), got {kind!r}")
     dims = check_launch(packed, steps, call, coef, x, noise, out, clip_range)
+    known_steps = check_known(known, known_mask, dict(dims, device=x.device))
     T = dims["T"]
     if step_end is None:
         step_end = T
@@ -270,8 +289,10 @@ def launch(kind: int, packed, steps, call, coef, x, noise, out, clip_range, *, o
                 device=x.device)
     if not info["ok"]:
         raise ValueError(f"the CUDA kernel cannot serve this model: {info['reason']}")
+    if known is not None:
+        dims = dict(dims, known_steps=known_steps)
     return _raw_launch(kind, packed, steps, call, coef, x, noise, out, clip_range, dims, opts, step_begin, step_end,
-                       stream, info)
+                       stream, info, known, known_mask)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -300,12 +321,12 @@ class CudaPrepared(CapturesCalls):
         self._call = CapturedCall(self._sample, self.device)
 
     @torch.no_grad()
-    def run(self, global_cond, x_T, step_noise):
+    def run(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         if not self.adds_noise:
             step_noise = None  # the kernel ignores it: no copy into a static buffer
-        return self._call(global_cond, x_T, step_noise)
+        return self._call(global_cond, x_T, step_noise, known, known_mask)
 
-    def _sample(self, global_cond, x_T, step_noise):
+    def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         """The whole call: per-call terms and the kernel launch(es). Capturable (on CUDA, replayed per batch size)."""
         B = x_T.shape[0]
         D, T = self.dims["D"], self.dims["T"]
@@ -318,9 +339,12 @@ class CudaPrepared(CapturesCalls):
             noise = step_noise.reshape(T, B, D)
             if noise.dtype != torch.float32 or not noise.is_contiguous():
                 noise = noise.to(torch.float32).contiguous()
+        if known_mask is not None:
+            known = known.reshape(*known.shape[:-3], B, D).to(torch.float32).contiguous()
+            known_mask = known_mask.reshape(B, D).contiguous().view(torch.uint8)
         # Through the torch.library op, so torch.compile and torch.export see the launch.
         out = mlp_cuda_call(self.kind, self.packed, self.steps, call, self.coef, x, noise, self.clip_range,
-                            _options_tuple(self.options))
+                            _options_tuple(self.options), known, known_mask)
         out = out.view(B, self.horizon, self.action_dim)
         return out if x_T.dtype == torch.float32 else out.to(x_T.dtype)
 
@@ -328,6 +352,7 @@ class CudaPrepared(CapturesCalls):
 class CudaBackend(Backend):
     name = "cuda"
     priority = 40
+    supports_inpainting = True
     kind = KIND_STEP
     runs_native_code = True
 

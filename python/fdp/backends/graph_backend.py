@@ -151,7 +151,7 @@ class GraphPrepared(CapturesCalls):
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
-    def _loop(self, global_cond, x_T, step_noise):
+    def _loop(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         """Router once, call terms once, T fused steps; returns x_0 in the state dtype. Capturable."""
         policy, fused = self.policy, self.fused
         weights = policy.weights(global_cond).to(self.state_dtype)
@@ -165,35 +165,41 @@ class GraphPrepared(CapturesCalls):
             eps = fused.trunk(x.to(self.dtype), film)
             if self._compose_step is not None:
                 self._compose_step(eps, weights, self.coef, self.adds_noise, i, x, noise,
-                                   clip_range=self.clip_range, out=x, validate=(i == 0))
+                                   clip_range=self.clip_range, out=x, known=known, known_mask=known_mask,
+                                   validate=(i == 0))
             else:
                 x = compose_step_torch(eps, weights, self.table, i, x, noise[i] if noise is not None else None)
+                if known_mask is not None:  # inpainting: the step's epilogue, as the kernel's
+                    x = torch.where(known_mask, known if known.ndim == x.ndim else known[i], x)
         return x
 
-    def _inputs(self, global_cond, x_T, step_noise):
+    def _inputs(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         global_cond = global_cond.to(next(self.policy.parameters()).dtype)
         x_T = x_T.to(self.state_dtype)
         if step_noise is not None and self.adds_any:
             step_noise = step_noise.to(self.state_dtype).contiguous()
         else:
             step_noise = None
-        return global_cond, x_T, step_noise
+        if known_mask is not None:
+            known, known_mask = known.to(self.state_dtype).contiguous(), known_mask.contiguous()
+        return global_cond, x_T, step_noise, known, known_mask
 
-    def _sample(self, global_cond, x_T, step_noise):
+    def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         """The whole call, from the sampler's inputs to x_0 in ``x_T``'s dtype. Capturable."""
-        return self._loop(*self._inputs(global_cond, x_T, step_noise)).to(x_T.dtype)
+        return self._loop(*self._inputs(global_cond, x_T, step_noise, known, known_mask)).to(x_T.dtype)
 
     @torch.no_grad()
-    def run(self, global_cond, x_T, step_noise):
+    def run(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         if self.adds_any and step_noise is None:
             raise ValueError("this schedule adds noise: `step_noise` [T, B, Ta, Da] is required")
-        return self._call(global_cond, x_T, step_noise if self.adds_any else None)
+        return self._call(global_cond, x_T, step_noise if self.adds_any else None, known, known_mask)
 
 
 class GraphBackend(Backend):
     name = "graph"
     priority = 10
     runs_native_code = True  # captured graphs of compiled kernels
+    supports_inpainting = True
 
     def unavailable_reason(self, device):
         device = torch.device(device)

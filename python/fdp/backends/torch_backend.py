@@ -28,7 +28,7 @@ class TorchPrepared:
         self.timesteps = tuple(int(t) for t in table.timesteps.tolist())
 
     @torch.no_grad()
-    def run(self, global_cond, x_T, step_noise):
+    def run(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         policy, table = self.policy, self.table
         with nvtx_range("fdp.router"):
             weights = policy.weights(global_cond)
@@ -41,12 +41,15 @@ class TorchPrepared:
                     eps = policy.compose(x, t, global_cond, weights)
                     noise = step_noise[i] if step_noise is not None else None
                     x = apply_step(table, i, x, eps, noise)
+                    if known_mask is not None:  # inpainting (fdp.inpainting): the step's epilogue
+                        x = torch.where(known_mask, known if known.ndim == x.ndim else known[i], x)
         return x
 
 
 class TorchBackend(Backend):
     name = "torch"
     reads_live_weights = True
+    supports_inpainting = True
     priority = 0
 
     def unavailable_reason(self, device):

@@ -101,6 +101,14 @@ class TritonPrepared(CapturesCalls):
             counters = self._counters[:tiles].zero_()
         return (self._scratch if need else None), counters
 
+    @staticmethod
+    def _known(known, known_mask, B, D):
+        """The inpainting tensors as the kernels read them: float32 ``[B, D]`` or ``[T, B, D]``, uint8 ``[B, D]``."""
+        if known_mask is None:
+            return None, None
+        known = known.reshape(*known.shape[:-3], B, D).to(torch.float32).contiguous()
+        return known, known_mask.reshape(B, D).contiguous().view(torch.uint8)
+
     def _inputs(self, global_cond, x_T, step_noise, seed):
         cond = global_cond.to(self.param_dtype)
         call = packing.call_terms(self.policy, cond, self.policy.weights(cond))
@@ -117,28 +125,30 @@ class TritonPrepared(CapturesCalls):
         return call, x, noise, seed
 
     @torch.no_grad()
-    def run(self, global_cond, x_T, step_noise, seed: int | None = None):
+    def run(self, global_cond, x_T, step_noise, known=None, known_mask=None, seed: int | None = None):
         """x_0 ``[B, horizon, action_dim]`` in ``x_T``'s dtype (``seed``: draw the step noise in the kernel).
 
-        On CUDA a call replays the graph of its batch size (:class:`~fdp.backends.captured.CapturedCall`);
-        with ``seed`` it launches directly (a graph would freeze the seed).
+        On CUDA a call replays the graph of its batch size (:class:`~fdp.backends.captured.CapturedCall`;
+        ``known`` / ``known_mask`` are static inputs of it too); with ``seed`` it launches directly (a graph
+        would freeze the seed).
         """
         if not self.adds_any:
             step_noise = None  # the kernels ignore it: no copy into a static buffer
         if seed is None:
-            return self._call(global_cond, x_T, step_noise)
-        return self._sample(global_cond, x_T, step_noise, seed)
+            return self._call(global_cond, x_T, step_noise, known, known_mask)
+        return self._sample(global_cond, x_T, step_noise, known, known_mask, seed)
 
-    def _sample(self, global_cond, x_T, step_noise, seed=None):
+    def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None, seed=None):
         """The whole call: per-call terms, then T launches in place on one float32 buffer. Capturable."""
         from fdp_kernels.mlp_step import mlp_step
 
         call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
+        known, known_mask = self._known(known, known_mask, *x.shape)
         scratch, counters = self._workspace_for(x.shape[0])
         for i in range(self.T):
             mlp_step(self.packed, self.steps, call, self.coef, self.adds_noise, i, x, noise, seed=seed,
-                     clip_range=self.clip_range, out=x, scratch=scratch, counters=counters, validate=(i == 0),
-                     **self.tuning)
+                     clip_range=self.clip_range, out=x, scratch=scratch, counters=counters, known=known,
+                     known_mask=known_mask, validate=(i == 0), **self.tuning)
         return x.reshape(x_T.shape).to(x_T.dtype)
 
 
@@ -147,6 +157,7 @@ class TritonBackendBase(Backend):
 
     prepared_class = TritonPrepared
     base_priority = 0
+    supports_inpainting = True
 
     @property
     def priority(self) -> int:

@@ -16,14 +16,16 @@ from .triton_backend import TritonBackendBase, TritonPrepared
 
 
 class TritonPersistentPrepared(TritonPrepared):
-    def _sample(self, global_cond, x_T, step_noise, seed=None):
+    def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None, seed=None):
         """The whole call: per-call terms, then one launch for all T steps. Capturable."""
         from fdp_kernels.mlp_persistent import mlp_sample
 
         call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
+        known, known_mask = self._known(known, known_mask, *x.shape)
         scratch, _ = self._workspace_for(x.shape[0], persistent=True)
         mlp_sample(self.packed, self.steps, call, self.coef, self.adds_noise, x, noise, seed=seed,
-                   clip_range=self.clip_range, out=x, scratch=scratch, **self.tuning)
+                   clip_range=self.clip_range, out=x, scratch=scratch, known=known, known_mask=known_mask,
+                   **self.tuning)
         return x.reshape(x_T.shape).to(x_T.dtype)
 
 

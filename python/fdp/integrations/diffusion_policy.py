@@ -8,9 +8,11 @@ scheduler; ``num_inference_steps``; and
 global_cond=None, generator=None, **kwargs)``), without importing that code.
 
 fdp samples when the observation conditions the U-Net globally
-(``obs_as_global_cond=True``): nothing to inpaint, no local conditioning, no
-extra scheduler arguments. Other calls run the original method, and the
-reason is logged once.
+(``obs_as_global_cond=True``), with no local conditioning and no extra
+scheduler arguments; a ``condition_mask`` that selects entries is inpainted
+with the original's rule (``known=condition_data``, ``known_mask=condition_mask``:
+:mod:`fdp.inpainting`), on every backend that supports it. Other calls run
+the original method, and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -77,17 +79,22 @@ def _conditional_sample(handle: Patch, condition_data, condition_mask, local_con
         return handle.fallback("local_cond was given (fdp samples with global conditioning only)", *args, **call)
     if global_cond is None:
         return handle.fallback("no global_cond was given", *args, **call)
-    if bool(condition_mask.any()):
-        return handle.fallback("condition_mask selects entries to inpaint", *args, **call)
+    if not isinstance(condition_mask, torch.Tensor) or condition_mask.dtype != torch.bool:
+        return handle.fallback("condition_mask is not a bool tensor", *args, **call)
+    inpaint = bool(condition_mask.any())  # the original indexes with the mask anyway (a device read there too)
     policy = handle.owner
     width = policy.model.final_conv[1].weight.shape[0]
     if condition_data.ndim != 3 or condition_data.shape[-1] != width:
         return handle.fallback(f"condition_data {list(condition_data.shape)} is not [B, T, {width}]", *args, **call)
     B, T, D = condition_data.shape
     sampler = handle.sampler_for(T, D)
+    if inpaint and not sampler._backend_impl.supports_inpainting:
+        return handle.fallback(f"backend {sampler.backend!r} cannot inpaint (condition_mask selects entries)", *args,
+                               **call)
     param = next(sampler.policy.components[0].parameters())
     # The draws of the original loop, in its order: the trajectory, then diffusers' step noise.
     x_T = torch.randn(size=condition_data.shape, dtype=condition_data.dtype, device=condition_data.device,
                       generator=generator)
     step_noise = sampler._drawn_step_noise((B, T, D), generator, param.dtype, per_step=False)
-    return sampler(global_cond, x_T=x_T, step_noise=step_noise)
+    known = dict(known=condition_data, known_mask=condition_mask) if inpaint else {}
+    return sampler(global_cond, x_T=x_T, step_noise=step_noise, **known)
