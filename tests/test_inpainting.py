@@ -3,8 +3,10 @@
 The kernels' epilogue is tested on the kernel case tables (tests/test_fused_mlp.py, test_compose_kernel.py,
 the CUDA emulation); here: the semantics against diffusion_policy's ``conditional_sample`` (its algorithm,
 re-implemented from its description: the package is not on PyPI) and a float64 loop, the noised rule, the
-argument checks, the refusal by a backend without support, and :func:`fdp.inpainting.continuation`.
+argument checks, the reference serving a backend without support, and :func:`fdp.inpainting.continuation`.
 """
+
+import logging
 
 import pytest
 import torch
@@ -78,7 +80,7 @@ def _float64_loop(policy, table, cond, x_T, noise, known, mask):
     return torch.where(mask, known.to(F64), x)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-persistent"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-persistent", "torch-batched", "onnxruntime"])
 @pytest.mark.parametrize("B", [1, 3])
 def test_backends_match_a_float64_loop(backend, B):
     import copy
@@ -172,17 +174,38 @@ def test_nan_where_unmasked_is_never_read():
     assert torch.isfinite(out).all() and (out[mask] == 0.25).all()
 
 
-def test_a_backend_without_inpainting_refuses_it_by_name():
+def test_a_backend_without_inpainting_has_its_inpainting_calls_run_by_the_reference(caplog):
     class NoInpainting(TorchBackend):
         name = "no-inpainting"
         supports_inpainting = False
 
+        def prepare(self, policy, table, dtype=None):
+            inner = super().prepare(policy, table, dtype)
+
+            class Prepared:  # what such a backend's run takes: no known/known_mask
+                noise_per_step = False
+
+                def run(self, global_cond, x_T, step_noise):
+                    return inner.run(global_cond, x_T, step_noise)
+
+            return Prepared()
+
     assert get_backend("torch").supports_inpainting and not fdp.backends.Backend.supports_inpainting
-    s = _sampler()
-    s._backend_impl, s.backend = NoInpainting(), "no-inpainting"
-    s(torch.randn(2, 5))  # without inpainting it serves as before
-    with pytest.raises(ValueError, match="backend 'no-inpainting' does not support inpainting"):
-        s(torch.randn(2, 5), known=torch.zeros(2, 4, 3), known_mask=torch.zeros(2, 4, 3, dtype=torch.bool))
+    assert get_backend("torch-batched").supports_inpainting and not get_backend("onnxruntime").supports_inpainting
+    s, ref = _sampler(), _sampler()
+    s._pack(NoInpainting())
+    s.backend = "no-inpainting"
+    cond = torch.randn(2, 5)
+    x_T = torch.randn(2, 4, 3)
+    known, mask = torch.randn(2, 4, 3), torch.rand(2, 4, 3) < 0.5
+    torch.testing.assert_close(s(cond, x_T=x_T), ref(cond, x_T=x_T), rtol=0, atol=0)  # serves as before
+    with caplog.at_level(logging.WARNING, logger="fdp"):
+        for _ in range(2):
+            out = s(cond, x_T=x_T, known=known, known_mask=mask)
+            torch.testing.assert_close(out, ref(cond, x_T=x_T, known=known, known_mask=mask), rtol=0, atol=0)
+    assert torch.equal(out[mask], known[mask])
+    warnings = [r.getMessage() for r in caplog.records if "cannot inpaint" in r.getMessage()]
+    assert len(warnings) == 1 and "'no-inpainting'" in warnings[0]  # named, once
 
 
 # -- continuation ----------------------------------------------------------------------------------------------

@@ -131,19 +131,13 @@ def test_inpainting_is_served_with_the_originals_rule(scheduler, batch):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["inpainting_unsupported", "local_cond", "step_kwargs", "no_global_cond"])
+@pytest.mark.parametrize("case", ["local_cond", "step_kwargs", "no_global_cond"])
 def test_fallbacks_run_the_original_and_log_once(case, caplog, monkeypatch):
     unet_kw = {"local_cond_dim": 2} if case == "local_cond" else {}
     policy = _StandInPolicy("ddim", **unet_kw)
     data, mask, cond = _inputs(2)
     kwargs = {"global_cond": cond}
-    if case == "inpainting_unsupported":
-        # A backend that cannot inpaint (the torch one, pretending): the original serves the call.
-        from fdp.backends import get_backend
-        monkeypatch.setattr(type(get_backend("torch")), "supports_inpainting", False)
-        mask[:, 0] = True
-        data[:, 0] = 0.5
-    elif case == "local_cond":
+    if case == "local_cond":
         kwargs["local_cond"] = torch.randn(2, HORIZON, 2)
     elif case == "step_kwargs":
         kwargs["eta"] = 0.5

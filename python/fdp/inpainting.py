@@ -35,10 +35,16 @@ import torch
 
 from ._validation import check_int, check_tensor
 
-__all__ = ["RULES", "replacements", "continuation"]
+__all__ = ["RULES", "replacements", "epilogue", "continuation"]
 
 #: The replacement rules, by the name ``Sampler.__call__(inpaint=...)`` takes.
 RULES = ("clean", "noised")
+
+
+def epilogue(x: torch.Tensor, known: torch.Tensor, known_mask: torch.Tensor, i: int) -> torch.Tensor:
+    """Step ``i``'s inpainting epilogue in torch (what the kernels do in their update):
+    ``where(known_mask, R[i], x)`` for a per-step ``R``, ``where(known_mask, R, x)`` for one ``[B, Ta, Da]``."""
+    return torch.where(known_mask, known if known.ndim == x.ndim else known[i], x)
 
 
 def replacements(rule: str, known: torch.Tensor, known_mask: torch.Tensor, x_T: torch.Tensor, scheduler,

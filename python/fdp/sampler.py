@@ -163,6 +163,7 @@ class Sampler:
                 prepared = be.prepare(self.policy, self.table, self.dtype)
         self._prepared = prepared
         self._watch, self._backend_impl = watch, be
+        self._inpainting_fallback = None  # prepared on the first inpainting call that needs it
 
     def _ensure_fresh(self) -> None:
         """Pack again if the policy changed since it was packed (host metadata only)."""
@@ -272,6 +273,7 @@ class Sampler:
             if inpainting:
                 self._check_known(known, known_mask, inpaint, shape)
             dt = self.sample_dtype
+            prepared = self._inpainting_prepared() if inpainting else self._prepared
             if B == 0:
                 # No backend runs, so all of them agree on an empty batch.
                 return torch.empty(shape, device=self.device, dtype=dt)
@@ -280,7 +282,7 @@ class Sampler:
             if step_noise is None:
                 # The noised rule draws after the step noise: all of it up front, so that every backend
                 # consumes the generator in the same order.
-                per_step = getattr(self._prepared, "noise_per_step", False) and not (inpainting and inpaint != "clean")
+                per_step = getattr(prepared, "noise_per_step", False) and not (inpainting and inpaint != "clean")
                 step_noise = self._drawn_step_noise(shape, generator, dt, per_step=per_step)
             else:
                 step_noise = step_noise.to(dt)
@@ -292,17 +294,29 @@ class Sampler:
                 extra = dict(known=R, known_mask=known_mask)
             # Without checks, neither may the modules the backend calls (router, components) read a flag back.
             with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
-                return self._prepared.run(global_cond.to(dt), x_T, step_noise, **extra)
+                return prepared.run(global_cond.to(dt), x_T, step_noise, **extra)
+
+    def _inpainting_prepared(self):
+        """What runs an inpainting call: the backend's own prepared call, or, for a backend that cannot inpaint
+        (``onnxruntime``: its exported graph has no mask input), the torch reference, prepared once per pack
+        and named in a warning once (same numbers within the backend's tolerance, eager speed)."""
+        if self._backend_impl.supports_inpainting:
+            return self._prepared
+        if self._inpainting_fallback is None:
+            from .backends import get_backend
+
+            log.warning("fdp.Sampler: backend %r cannot inpaint; calls with `known`/`known_mask` run on the torch "
+                        "reference (name a backend that inpaints, e.g. 'torch-batched' or a GPU backend, to avoid "
+                        "this)", self.backend)
+            self._inpainting_fallback = get_backend("torch").prepare(self.policy, self.table, self.sample_dtype)
+        return self._inpainting_fallback
 
     def _check_known(self, known, known_mask, inpaint, shape) -> None:
         if known is None or known_mask is None:
-            raise ValueError("inpainting needs both `known` and `known_mask` (got only "
+            raise InvalidArgument("inpainting needs both `known` and `known_mask` (got only "
                              f"`{'known' if known is not None else 'known_mask'}`)")
-        if not self._backend_impl.supports_inpainting:
-            raise ValueError(f"backend {self.backend!r} does not support inpainting (`known`/`known_mask`); "
-                             "build the Sampler with a backend that does (e.g. 'torch')")
         if inpaint not in RULES:
-            raise ValueError(f"`inpaint` must be one of {RULES}, got {inpaint!r}")
+            raise InvalidArgument(f"`inpaint` must be one of {RULES}, got {inpaint!r}")
         check_tensor("known", known, shape=shape, dtype="floating", device=self.device)
         check_tensor("known_mask", known_mask, shape=shape, dtype=torch.bool, device=self.device)
         if self.check_inputs:

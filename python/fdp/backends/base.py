@@ -47,7 +47,7 @@ class Backend:
     #: fault cannot take the caller's process down. The torch reference and interpreted code do not need it.
     runs_native_code: bool = False
     #: True for a backend whose prepared ``run`` takes ``known`` / ``known_mask`` (inpainting, see
-    #: :class:`Prepared`); a Sampler refuses inpainting on any other with a ValueError naming it.
+    #: :class:`Prepared`); a Sampler runs inpainting calls for any other on the torch reference (with a warning).
     supports_inpainting: bool = False
 
     def default_weight_dtype(self, policy_dtype: torch.dtype) -> torch.dtype:

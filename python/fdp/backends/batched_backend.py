@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import inpainting
 from .. import packing
 from ..schedulers import apply_coefficients
 from .base import Backend
@@ -48,7 +49,7 @@ class BatchedPrepared:
         self.D = policy.horizon * policy.action_dim
 
     @torch.no_grad()
-    def run(self, global_cond, x_T, step_noise):
+    def run(self, global_cond, x_T, step_noise, known=None, known_mask=None):
         cond = global_cond.to(self.param_dtype)
         call = packing.call_terms(self.policy, cond, self.policy.weights(cond))
         B = x_T.shape[0]
@@ -57,12 +58,15 @@ class BatchedPrepared:
             eps = packing.reference_eps(self.packed, self.steps.t_in[i], self.steps.t_shift[i], call, x)
             noise = step_noise[i].reshape(B, self.D).float() if adds and step_noise is not None else None
             x = apply_coefficients(self.coef[i], x, eps, noise, self.clip, self.clip_range)[0]
+            if known_mask is not None:  # inpainting: the step's epilogue, on the flat [B, D] state
+                x = inpainting.epilogue(x.view(x_T.shape), known.float(), known_mask, i).reshape(B, self.D)
         return x.reshape(x_T.shape).to(x_T.dtype)
 
 
 class BatchedBackend(Backend):
     name = "torch-batched"
     priority = 5
+    supports_inpainting = True
 
     def unavailable_reason(self, device):
         return None

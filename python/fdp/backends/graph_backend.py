@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import inpainting
 from ..schedulers import apply_step
 from ..unet import ConditionalUnet1D
 from ..unet_fused import FusedUnets, fusion_mismatch
@@ -170,7 +171,7 @@ class GraphPrepared(CapturesCalls):
             else:
                 x = compose_step_torch(eps, weights, self.table, i, x, noise[i] if noise is not None else None)
                 if known_mask is not None:  # inpainting: the step's epilogue, as the kernel's
-                    x = torch.where(known_mask, known if known.ndim == x.ndim else known[i], x)
+                    x = inpainting.epilogue(x, known, known_mask, i)
         return x
 
     def _inputs(self, global_cond, x_T, step_noise, known=None, known_mask=None):

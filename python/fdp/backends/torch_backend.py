@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import inpainting
 from .._validation import inputs_already_checked
 from ..profiling import nvtx_range
 from ..schedulers import apply_step
@@ -42,7 +43,7 @@ class TorchPrepared:
                     noise = step_noise[i] if step_noise is not None else None
                     x = apply_step(table, i, x, eps, noise)
                     if known_mask is not None:  # inpainting (fdp.inpainting): the step's epilogue
-                        x = torch.where(known_mask, known if known.ndim == x.ndim else known[i], x)
+                        x = inpainting.epilogue(x, known, known_mask, i)
         return x
 
 

@@ -88,9 +88,6 @@ def _conditional_sample(handle: Patch, condition_data, condition_mask, local_con
         return handle.fallback(f"condition_data {list(condition_data.shape)} is not [B, T, {width}]", *args, **call)
     B, T, D = condition_data.shape
     sampler = handle.sampler_for(T, D)
-    if inpaint and not sampler._backend_impl.supports_inpainting:
-        return handle.fallback(f"backend {sampler.backend!r} cannot inpaint (condition_mask selects entries)", *args,
-                               **call)
     param = next(sampler.policy.components[0].parameters())
     # The draws of the original loop, in its order: the trajectory, then diffusers' step noise.
     x_T = torch.randn(size=condition_data.shape, dtype=condition_data.dtype, device=condition_data.device,
