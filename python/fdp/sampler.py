@@ -21,6 +21,7 @@ import logging
 import torch
 
 from ._validation import check_bool, check_finite, check_float_dtype, check_int, check_tensor, inputs_already_checked
+from ._state import state_mode
 from ._watch import PolicyWatch
 from .backends import select, weight_dtype
 from .policy import FactorizedPolicy
@@ -129,8 +130,9 @@ class Sampler:
         self._dtype_arg = check_float_dtype("dtype", dtype)
         self._backend_arg = backend
         self._follow_policy()
-        be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
-                                              batch_size=batch_size, verify=verify)
+        with state_mode():  # the packed state serves calls in any mode (fdp._state)
+            be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
+                                                  batch_size=batch_size, verify=verify)
         self.backend = be.name
         if backend == "auto":
             log.info("fdp.Sampler: backend 'auto' picked %r on %s (%s)%s", be.name, self.device, self.selection.why,
@@ -151,7 +153,7 @@ class Sampler:
         # packing succeeded (a failed repack is tried again at the next call).
         watch = PolicyWatch(self.policy, weights=not be.reads_live_weights)
         if prepared is None:
-            with nvtx_range("fdp.pack"):
+            with nvtx_range("fdp.pack"), state_mode():
                 prepared = be.prepare(self.policy, self.table, self.dtype)
         self._prepared = prepared
         self._watch, self._backend_impl = watch, be
