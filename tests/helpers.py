@@ -98,3 +98,73 @@ def replaced(obj, **kw):
     for k, v in kw.items():
         setattr(new, k, v)
     return new
+
+
+# -- float32 error bounds derived from the computation (issue 28: never tuned to one machine) --------------------
+
+
+def _reduction_length(module) -> int | None:
+    """How many terms one output element of a leaf module sums (None: not a leaf to perturb)."""
+    if isinstance(module, torch.nn.Conv1d):
+        return module.in_channels // module.groups * module.kernel_size[0]
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    if isinstance(module, torch.nn.GroupNorm):
+        return module.num_channels // module.num_groups  # per position; the length factor is in `extent`
+    if not list(module.children()):
+        return 1  # elementwise (activations, identity): one rounding
+    return None
+
+
+def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int = 0, coverage: float = 4.0):
+    """``(x64, bound)``: the float64 result of a computation and a bound on how far any float32 evaluation
+    of it (any kernel order, any CPU) may be from it, elementwise.
+
+    Monte Carlo arithmetic: ``run64()`` is run ``runs`` times in float64 with every leaf module's output
+    (of ``modules``) multiplied by ``1 + d``, ``d`` uniform in ``[-s, s]`` with ``s = sqrt(n) u32``: the
+    probabilistic rounding error of a float32 sum of ``n`` terms (Higham and Mary 2019: ``lambda sqrt(n) u``
+    with probability ``1 - 2 exp(-lambda^2 / 2)``), ``n`` the module's reduction length (times ``extent``
+    for normalisations, which reduce over the sequence too). The perturbations travel through the whole
+    loop, T steps of the scheduler included, so the spread measures the float32 error growth of this
+    computation on these inputs at these magnitudes. The bound is ``coverage`` times the largest deviation
+    seen (elementwise max over the runs), plus float64 rounding of the result; ``coverage = 4`` covers the
+    tail beyond ``runs`` samples of a sum of many independent roundings (4 standard deviations).
+    """
+    x64 = run64()
+    u32 = torch.finfo(torch.float32).eps / 2
+    gen = torch.Generator().manual_seed(seed)
+    hooks = []
+
+    def perturb(scale):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            d = (torch.rand(out.shape, generator=gen, dtype=out.dtype) * 2 - 1).to(out.device)
+            return out * (1 + scale * d)
+        return hook
+
+    for mod in modules:
+        for m in mod.modules():
+            n = _reduction_length(m)
+            if n is None:
+                continue
+            if isinstance(m, torch.nn.GroupNorm):
+                n *= extent
+            hooks.append(m.register_forward_hook(perturb(n ** 0.5 * u32)))
+    try:
+        spread = torch.zeros_like(x64, dtype=torch.float64)
+        for _ in range(runs):
+            spread = torch.maximum(spread, (run64().double() - x64.double()).abs())
+    finally:
+        for h in hooks:
+            h.remove()
+    eps64 = torch.finfo(torch.float64).eps
+    return x64, coverage * spread.max() + 64 * eps64 * x64.double().abs().max()
+
+
+def assert_within_float32_bound(got, x64, bound, what: str):
+    """Every element of the float32 result ``got`` within ``bound`` of the float64 ``x64``."""
+    err = (got.double().cpu() - x64.double().cpu()).abs()
+    assert bool(torch.isfinite(got).all()), f"{what}: not finite"
+    assert float(err.max()) <= float(bound), (f"{what}: max |float32 - float64| {float(err.max()):.3g} exceeds the "
+                                              f"derived float32 bound {float(bound):.3g}")
