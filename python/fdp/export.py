@@ -94,7 +94,8 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
         inputs["step_noise"] = torch.randn((sampler.num_steps, *shape), generator=gen, dtype=dtype)
     on_device = tuple(t.to(device) for t in inputs.values())
 
-    was_training = policy.training
+    # Every module's own mode, restored as it was (a caller may keep, e.g., one component in train mode).
+    modes = [(m, m.training) for m in policy.modules()]
     policy.eval()
     try:
         with warnings.catch_warnings():
@@ -105,7 +106,8 @@ def onnx(sampler: Sampler, path, batch_size: int = 1, *, opset: int | None = Non
                               output_names=["actions"], opset_version=opset, dynamo=dynamo,
                               **({"external_data": False} if dynamo else {}))
     finally:
-        policy.train(was_training)
+        for m, training in modes:
+            m.training = training
 
     expected = sampler(*on_device).cpu()
     options = ort.SessionOptions()
