@@ -120,7 +120,8 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
     """``(x64, bound)``: the float64 result of a computation and a bound on how far any float32 evaluation
     of it (any kernel order, any CPU) may be from it, elementwise.
 
-    Monte Carlo arithmetic: ``run64()`` is run ``runs`` times in float64 with every leaf module's output
+    Monte Carlo arithmetic: ``run64()`` is run ``runs`` times in float64 with the scheduler's update
+    (:func:`fdp.schedulers.apply_coefficients`) rounded likewise relative to its terms, and every leaf module's output
     (of ``modules``) multiplied by ``1 + d``, ``d`` uniform in ``[-s, s]`` with ``s = sqrt(n) u32``: the
     probabilistic rounding error of a float32 sum of ``n`` terms (Higham and Mary 2019: ``lambda sqrt(n) u``
     with probability ``1 - 2 exp(-lambda^2 / 2)``), ``n`` the module's reduction length (times ``extent``
@@ -143,6 +144,28 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
             return out * (1 + scale * d)
         return hook
 
+    import fdp.schedulers as schedulers
+
+    exact = schedulers.apply_coefficients
+
+    def rounded_update(coef, x, m, noise, clip_sample, clip_range):
+        # The scheduler's update in float32 rounds each of its two sums (x0: 2 terms, prev: up to 4) relative
+        # to the sum of the terms' magnitudes, not to the result (they may cancel).
+        a_x, a_m, c_x0, c_x, c_m, sigma = (coef[j] for j in range(6))
+        x0 = a_x * x + a_m * m
+        x0 = x0 + _noise_like(x0) * 2 ** 0.5 * u32 * (abs(a_x) * x.abs() + abs(a_m) * m.abs())
+        x0c = x0.clamp(-clip_range, clip_range) if clip_sample else x0
+        prev = c_x0 * x0c + c_x * x + c_m * m
+        size = abs(c_x0) * x0c.abs() + abs(c_x) * x.abs() + abs(c_m) * m.abs()
+        if noise is not None:
+            prev = prev + sigma * noise
+            size = size + abs(sigma) * noise.abs()
+        return prev + _noise_like(prev) * 2 * u32 * size, x0c
+
+    def _noise_like(t):
+        return (torch.rand(t.shape, generator=gen, dtype=t.dtype) * 2 - 1).to(t.device)
+
+    schedulers.apply_coefficients = rounded_update
     for mod in modules:
         for m in mod.modules():
             n = _reduction_length(m)
@@ -156,6 +179,7 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
         for _ in range(runs):
             spread = torch.maximum(spread, (run64().double() - x64.double()).abs())
     finally:
+        schedulers.apply_coefficients = exact
         for h in hooks:
             h.remove()
     eps64 = torch.finfo(torch.float64).eps
