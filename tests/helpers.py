@@ -192,3 +192,19 @@ def assert_within_float32_bound(got, x64, bound, what: str):
     assert bool(torch.isfinite(got).all()), f"{what}: not finite"
     assert float(err.max()) <= float(bound), (f"{what}: max |float32 - float64| {float(err.max()):.3g} exceeds the "
                                               f"derived float32 bound {float(bound):.3g}")
+
+
+def assert_matches_in_float32(results: dict, sampler, cond, x_T, step_noise=None):
+    """Each float32 result in ``results`` (name -> actions) and ``sampler``'s own within the derived float32
+    bound (:func:`float32_loop_bound`) of the same loop in float64 on the same inputs."""
+    import fdp
+
+    p64 = copy.deepcopy(sampler.policy).double()
+    s64 = fdp.Sampler(p64, sampler.scheduler, num_inference_steps=sampler.num_steps, eta=sampler.eta,
+                      backend="torch")
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    x64, bound = float32_loop_bound(lambda: s64(d(cond), x_T=d(x_T), step_noise=d(step_noise)), [p64],
+                                    extent=p64.horizon)
+    results = dict(results, sampler=sampler(cond, x_T=x_T, step_noise=step_noise))
+    for name, got in results.items():
+        assert_within_float32_bound(got, x64, bound, name)
