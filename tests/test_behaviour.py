@@ -109,6 +109,19 @@ def test_freeze_components_freezes_and_unfreezes_exactly_the_given_ones():
             policy.freeze_components([bad])
 
 
+def test_default_noise_scheduler_is_the_documented_one():
+    """The paper's DDPM: 100 steps, squaredcos_cap_v2, clipped, epsilon prediction (FactorizedPolicy's docs)."""
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    comps = list(policy.components)
+    sched = fdp.FactorizedPolicy(comps, fdp.Router(5, 2), 4, 3).noise_scheduler
+    assert isinstance(sched, fdp.DDPMScheduler)
+    cfg = sched.config
+    assert (cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["clip_sample"], cfg["prediction_type"]) == (
+        100, "squaredcos_cap_v2", True, "epsilon")
+    assert torch.equal(sched.alphas_cumprod, fdp.DDPMScheduler(
+        num_train_timesteps=100, beta_schedule="squaredcos_cap_v2").alphas_cumprod)
+
+
 # -- router.py: growing and fixed weights ----------------------------------------------------------------------
 
 
@@ -174,6 +187,29 @@ def test_selection_cache_key_changes_with_every_input():
     assert _key(policy, ranked=[be])["candidates"] != base["candidates"]
 
 
+def test_selection_cache_key_changes_with_every_environment_field(monkeypatch):
+    """Device name, driver, CUDA, torch, Triton and fdp versions, and the cache format: each is in the key."""
+    import fdp.backends.selection as selection
+
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    monkeypatch.setattr(selection, "_device_versions", lambda device: ("GPU A", "driver 1"))
+    base = _key(policy)
+    edits = {
+        "device": lambda m: m.setattr(selection, "_device_versions", lambda device: ("GPU B", "driver 1")),
+        "driver": lambda m: m.setattr(selection, "_device_versions", lambda device: ("GPU A", "driver 2")),
+        "cuda": lambda m: m.setattr(torch.version, "cuda", "99.9"),
+        "torch": lambda m: m.setattr(torch, "__version__", "0.0.1"),
+        "triton": lambda m: m.setattr(selection, "_version", lambda dist: "0.0.1-" + dist),
+        "fdp": lambda m: m.setattr(fdp, "__version__", "0.0.1"),
+        "format": lambda m: m.setattr(selection, "CACHE_FORMAT", selection.CACHE_FORMAT + 1),
+    }
+    for field, edit in edits.items():
+        with monkeypatch.context() as m:
+            edit(m)
+            assert _key(policy)[field] != base[field], field
+        assert _key(policy) == base, field
+
+
 def test_policy_signature_routing_fields():
     policy = make_mlp_policy(K=3, dtype=torch.float32)
     sig = policy_signature(policy)
@@ -209,6 +245,23 @@ def test_policy_watch_sees_every_watched_change():
     watch = PolicyWatch(policy)
     policy.router.set_strategy("soft")  # the same strategy and topk: no change
     assert not watch.changed()
+
+
+def test_policy_watch_sees_a_module_replaced_by_one_sharing_its_tensors():
+    """The same parameters in a new module (e.g. a wrapper that computes something else) is a change for a
+    backend that packed the policy (the torch backend, weights=False, calls the live modules anyway)."""
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    watch = PolicyWatch(policy)
+    old = policy.components[0].out
+    new = Doubled(old.in_features, old.out_features)
+    new.weight, new.bias = old.weight, old.bias
+    policy.components[0].out = new
+    assert watch.changed()
 
 
 def test_policy_watch_without_weights_ignores_updates_but_not_structure():
