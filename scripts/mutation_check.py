@@ -17,7 +17,7 @@ Mutations (one per mutant):
 - ``dict-key``: one entry removed from a dict literal;
 - ``arith``: ``+`` <-> ``-``, ``*`` <-> ``/``.
 
-Docstrings, ``__all__``, logging calls and ``raise`` statements' arguments are not mutated (messages are
+Docstrings, annotations, ``__all__``, logging calls and ``raise`` statements' arguments are not mutated (messages are
 tested by the error tests; a changed message is no behaviour change). Equivalent mutants exist (e.g. a
 bound that no input reaches): a survivor is a lead to read, not always a missing test.
 
@@ -85,7 +85,7 @@ class Site:
 
 
 def _skipped_nodes(tree: ast.AST) -> set[int]:
-    """ids of nodes not to mutate: docstrings, __all__, logging calls, raise arguments."""
+    """ids of nodes not to mutate: docstrings, annotations, __all__, logging calls, raise arguments."""
     skip: set[int] = set()
 
     def drop(node):
@@ -102,6 +102,12 @@ def _skipped_nodes(tree: ast.AST) -> set[int]:
             drop(node)
         elif isinstance(node, ast.Raise) and node.exc is not None:
             drop(node.exc)
+        elif isinstance(node, ast.arg) and node.annotation is not None:
+            drop(node.annotation)  # annotations are not evaluated (from __future__ import annotations)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            drop(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            drop(node.annotation)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                 and isinstance(node.func.value, ast.Name) and node.func.value.id in ("log", "logging", "warnings"):
             drop(node)

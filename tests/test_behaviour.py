@@ -287,6 +287,34 @@ def test_sampler_steps_none_follows_set_timesteps():
     assert fdp.Sampler(policy, sched, num_inference_steps=3, backend="torch").num_steps == 3
 
 
+def test_sampler_noise_is_drawn_in_the_policys_dtype():
+    policy = make_mlp_policy(K=2, dtype=torch.float64)
+    s = fdp.Sampler(policy, fdp.DDPMScheduler(num_train_timesteps=20), num_inference_steps=3, backend="torch")
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
+    assert x_T.dtype == noise.dtype == torch.float64
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0), dtype=torch.float32)
+    assert x_T.dtype == noise.dtype == torch.float32
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_sampler_checks_step_noise_of_the_steps_that_add_noise(check_inputs):
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    s = fdp.Sampler(policy, fdp.DDPMScheduler(num_train_timesteps=20), num_inference_steps=3, backend="torch",
+                    check_inputs=check_inputs)
+    cond = torch.randn(2, 5)
+    x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
+    last = noise.clone()
+    last[-1] = float("nan")  # DDPM's last step adds no noise: its slice is ignored
+    assert torch.isfinite(s(cond, x_T=x_T, step_noise=last)).all()
+    first = noise.clone()
+    first[0, 1, 2, 0] = float("nan")
+    if check_inputs:
+        with pytest.raises(ValueError, match="step_noise"):
+            s(cond, x_T=x_T, step_noise=first)
+    else:
+        assert torch.isnan(s(cond, x_T=x_T, step_noise=first)).any()
+
+
 # -- integrations/lerobot.py: every field fdp reads from LeRobot's config.json --------------------------------
 
 LEROBOT = Path(__file__).parent / "data" / "lerobot"
