@@ -140,6 +140,20 @@ def test_add_output_grows_fixed_weights_and_keeps_the_others():
     assert float(router.logits(cond)[0, 4]) == -1.0 and router.fixed_weights.shape == (5,)
 
 
+def test_router_refuses_bad_topk_and_fixed_weights():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="topk"):
+            fdp.Router(5, 3, strategy="topk", topk=bad)
+    with pytest.raises(ValueError, match="topk"):
+        fdp.Router(5, 3, strategy="topk", topk=4)
+    # Sums to 1 within float rounding of the user's numbers (1e-5), not beyond.
+    fdp.Router(5, 2, strategy="fixed", fixed_weights=[0.5, 0.5 + 1e-6])
+    with pytest.raises(ValueError, match="sum to 1"):
+        fdp.Router(5, 2, strategy="fixed", fixed_weights=[0.5, 0.5 + 1.5e-5])
+    with pytest.raises(ValueError, match="non-negative"):
+        fdp.Router(5, 2, strategy="fixed", fixed_weights=[1.5, -0.5])
+
+
 def test_add_output_keeps_trainability():
     router = fdp.Router(5, 2, hidden_dim=8)
     router.net[2].requires_grad_(False)

@@ -103,7 +103,7 @@ class Router(nn.Module):
             raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
         K = self.num_components
         if topk is not None:
-            if not isinstance(topk, int) or not 1 <= topk:
+            if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk:
                 raise ValueError(f"`topk` must be a positive int, got {topk!r}")
             self.topk = topk
         if strategy == "topk" and self.topk > K:
