@@ -93,6 +93,8 @@ def _skipped_nodes(tree: ast.AST) -> set[int]:
             skip.add(id(sub))
 
     for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            drop(node.returns)  # annotations are not evaluated (from __future__ import annotations)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
@@ -103,9 +105,7 @@ def _skipped_nodes(tree: ast.AST) -> set[int]:
         elif isinstance(node, ast.Raise) and node.exc is not None:
             drop(node.exc)
         elif isinstance(node, ast.arg) and node.annotation is not None:
-            drop(node.annotation)  # annotations are not evaluated (from __future__ import annotations)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
-            drop(node.returns)
+            drop(node.annotation)
         elif isinstance(node, ast.AnnAssign):
             drop(node.annotation)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \

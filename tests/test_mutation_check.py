@@ -61,10 +61,11 @@ def test_every_site_gives_a_different_valid_program():
     assert changed >= len(sites) // 2
 
 
-def test_sites_skip_messages_docstrings_and_logging():
+def test_sites_skip_messages_docstrings_annotations_and_logging():
     mc = _load()
-    src = 'import logging\nlog = logging.getLogger()\ndef g(x):\n    log.info("x %d", 1)\n    raise ValueError(x == 1)\n'
-    assert mc.sites(src) == []
+    src = ('import logging\nlog = logging.getLogger()\ndef g(x: int | None = None) -> int | None:\n    """Doc."""\n'
+           '    log.info("x %d", 1)\n    y: int | None = x\n    raise ValueError(y == 1)\n')
+    assert [s.what for s in mc.sites(src)] == ["None -> 0"]  # the default only
 
 
 def test_the_modules_listed_exist_with_their_tests():
