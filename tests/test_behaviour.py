@@ -224,6 +224,20 @@ def test_selection_cache_key_changes_with_every_environment_field(monkeypatch):
         assert _key(policy) == base, field
 
 
+def test_auto_on_the_cpu_samples_with_the_reference(tmp_path, monkeypatch):
+    """backend='auto' with no other candidate here: the torch reference, ready to sample."""
+    from fdp.backends.selection import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    sched = fdp.DDIMScheduler(num_train_timesteps=20)
+    s = fdp.Sampler(policy, sched, num_inference_steps=3)
+    assert s.backend == "torch" and s.selection.backend == "torch" and s.selection.requested == "auto"
+    cond, x_T = torch.randn(2, 5), torch.randn(2, 4, 3)
+    ref = fdp.Sampler(policy, sched, num_inference_steps=3, backend="torch")
+    assert torch.equal(s(cond, x_T=x_T), ref(cond, x_T=x_T))
+
+
 def test_policy_signature_routing_fields():
     policy = make_mlp_policy(K=3, dtype=torch.float32)
     sig = policy_signature(policy)
