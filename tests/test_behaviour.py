@@ -292,6 +292,17 @@ def test_policy_watch_sees_a_module_replaced_by_one_sharing_its_tensors():
     assert watch.changed()
 
 
+def test_fused_optimizer_steps_count_for_the_weight_watch_only():
+    """A fused optimizer step updates parameters without bumping versions: the full watch must see it; the
+    torch backend's watch (weights=False, live weights) must not repack for it."""
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    full, live = PolicyWatch(policy), PolicyWatch(policy, weights=False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, fused=True)
+    policy.components[0].out.bias.sum().backward()
+    opt.step()
+    assert full.changed() and not live.changed()
+
+
 def test_policy_watch_without_weights_ignores_updates_but_not_structure():
     policy = make_mlp_policy(K=2, dtype=torch.float32)
     watch = PolicyWatch(policy, weights=False)
