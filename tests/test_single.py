@@ -1,10 +1,13 @@
 """``fdp.Sampler.for_unet``: one denoiser (K = 1), no router work, every U-Net backend."""
 
+import copy
+
 import pytest
 import torch
 
 import fdp
 from fdp.backends.graph_backend import GraphPrepared
+from helpers import assert_within_float32_bound, float32_loop_bound
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,7 +46,16 @@ def test_for_unet_matches_a_diffusers_loop(kind, steps, film, batch):
     cond = torch.randn(batch, COND_DIM)
     expected = _diffusers_loop(unet, ref_sched, steps, cond, torch.Generator().manual_seed(7))
     got = sampler(cond, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Both float32 loops within the float32 error of this computation of the float64 loop on the same noise.
+    x_T, noise = sampler.noise(batch, torch.Generator().manual_seed(7))
+    unet64 = copy.deepcopy(unet).double()
+    s64 = fdp.Sampler.for_unet(unet64, sampler.scheduler, HORIZON, ACTION_DIM, num_inference_steps=steps,
+                               backend="torch")
+    x64, bound = float32_loop_bound(
+        lambda: s64(cond.double(), x_T=x_T.double(), step_noise=None if noise is None else noise.double()),
+        [unet64], extent=HORIZON)
+    assert_within_float32_bound(expected, x64, bound, "diffusers loop")
+    assert_within_float32_bound(got, x64, bound, "fdp")
 
 
 def test_for_unet_runs_no_router_work_and_draws_no_global_randomness():

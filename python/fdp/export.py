@@ -61,7 +61,8 @@ def write_unrolled(policy, table, inputs: tuple, path, *, opset: int | None = No
     """Trace the torch sampling loop of ``policy`` over ``table`` on example ``inputs`` (in
     :func:`input_names` order) into the ONNX file ``path``: the graph behind :func:`onnx` and the
     ``onnxruntime`` backend."""
-    was_training = policy.training
+    # Every module's own mode, restored as it was (a caller may keep, e.g., one component in train mode).
+    modes = [(m, m.training) for m in policy.modules()]
     policy.eval()
     try:
         with warnings.catch_warnings():
@@ -77,7 +78,8 @@ def write_unrolled(policy, table, inputs: tuple, path, *, opset: int | None = No
                               dynamo=dynamo,
                               **({"external_data": False} if dynamo else {}))
     finally:
-        policy.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _require(dynamo: bool):

@@ -111,8 +111,15 @@ class MLPDenoiser(nn.Module):
     # -- the separable conditioning -------------------------------------------------
     def step_terms(self, timesteps: torch.Tensor) -> StepTerms:
         """Timestep-only terms for a 1-D tensor of timesteps ``[T]``."""
+        dtype = self.out.weight.dtype
         timesteps = torch.as_tensor(timesteps, device=self.out.weight.device)
-        e = self.time_mlp(timesteps.reshape(-1).to(self.out.weight.dtype))
+        # Timesteps and sinusoids in float32 at least, then cast: in bf16, 999 rounds to 1000 and the
+        # embedding's phases go with it (fdp.unet.ConditionalUnet1D.cond_embedding does the same).
+        compute = torch.promote_types(dtype, torch.float32)
+        pos_emb, *mlp = self.time_mlp
+        e = pos_emb(timesteps.reshape(-1).to(compute)).to(dtype)
+        for layer in mlp:
+            e = layer(e)
         p = self.time_proj(e).unflatten(-1, (self.num_blocks + 1, self.hidden_dim))
         return StepTerms(t_in=p[:, 0], t_shift=p[:, 1:])
 

@@ -22,6 +22,7 @@ import torch
 
 from ._validation import (InvalidArgument, InvalidArgumentType, check_bool, check_finite, check_float_dtype, check_int,
                           check_tensor, inputs_already_checked)
+from ._state import state_mode
 from ._watch import PolicyWatch
 from .backends import select, weight_dtype
 from .inpainting import RULES, replacements
@@ -137,8 +138,9 @@ class Sampler:
         self._dtype_arg = check_float_dtype("dtype", dtype)
         self._backend_arg = backend
         self._follow_policy()
-        be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
-                                              batch_size=batch_size, verify=verify, isolate=isolate)
+        with state_mode():  # the packed state serves calls in any mode (fdp._state)
+            be, prepared, self.selection = select(backend, policy, self.table, self.device, self.dtype,
+                                                  batch_size=batch_size, verify=verify, isolate=isolate)
         self.backend = be.name
         if backend == "auto":
             log.info("fdp.Sampler: backend 'auto' picked %r on %s (%s)%s", be.name, self.device, self.selection.why,
@@ -159,7 +161,7 @@ class Sampler:
         # packing succeeded (a failed repack is tried again at the next call).
         watch = PolicyWatch(self.policy, weights=not be.reads_live_weights)
         if prepared is None:
-            with nvtx_range("fdp.pack"):
+            with nvtx_range("fdp.pack"), state_mode():
                 prepared = be.prepare(self.policy, self.table, self.dtype)
         self._prepared = prepared
         self._watch, self._backend_impl = watch, be

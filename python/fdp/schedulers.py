@@ -66,6 +66,11 @@ __all__ = [
 # The table's column layout is the kernels' ABI: defined there, once.
 from fdp_kernels.abi import COL_A_M, COL_A_X, COL_C_M, COL_C_X, COL_C_X0, COL_SIGMA, NUM_COLS  # noqa: E402
 
+from ._state import LRU, state_mode  # noqa: E402
+
+#: How many step tables (one per ``eta`` and ``use_clipped_model_output``) ``step`` keeps per scheduler.
+STEP_CACHE_SIZE = 8
+
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _SPACINGS = ("leading", "trailing", "linspace")
 _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -469,11 +474,13 @@ class _TableScheduler:
             what = f"`trained_betas[{i}]`" if cfg["trained_betas"] is not None else "`beta_start`"
             raise InvalidArgument(f"{what} is too small for float32: 1 - beta rounds to 1 at timestep {i}, where "
                                   f"the step would divide by 1 - alphas_cumprod = 0; use betas >= {2.0 ** -23:.1e}")
-        self._ac_cache: dict = {}
+        self._ac_cache: dict = {}  # one per (device, dtype): as many as the devices and dtypes in use
         self.num_inference_steps: int | None = None
         self._ts: list[int] = list(range(n - 1, -1, -1))
         self.timesteps = torch.tensor(self._ts, dtype=torch.long)
-        self._step_cache: dict = {}
+        # step()'s tables, keyed by (eta, use_clipped_model_output): an LRU, so that a caller passing a new
+        # eta at every call keeps at most STEP_CACHE_SIZE tables.
+        self._step_cache: LRU = LRU(STEP_CACHE_SIZE)
 
     # -- config ------------------------------------------------------------------------------------------------
 
@@ -531,7 +538,8 @@ class _TableScheduler:
         key = (like.device, like.dtype)
         ac = self._ac_cache.get(key)
         if ac is None:
-            ac = self._ac_cache[key] = self.alphas_cumprod.to(device=like.device).to(dtype=like.dtype)
+            with state_mode():  # cached: usable with grad after a call in inference_mode
+                ac = self._ac_cache[key] = self.alphas_cumprod.to(device=like.device).to(dtype=like.dtype)
         ab = ac[torch.as_tensor(timesteps).to(like.device)]
         shape = (-1,) + (1,) * (like.dim() - 1)
         return (ab ** 0.5).reshape(shape), ((1 - ab) ** 0.5).reshape(shape)
@@ -591,7 +599,7 @@ class _TableScheduler:
             index = {}
             for i, t in enumerate(ts):
                 index.setdefault(t, i)
-            hit = self._step_cache[key] = (table, index)
+            hit = self._step_cache.put(key, (table, index))
         return hit
 
     def _step(self, model_output, timestep, sample, eta, use_clipped, generator, noise, return_dict):
@@ -733,7 +741,8 @@ class DDIMScheduler(_TableScheduler):
              return_dict: bool = True, *, variance_noise: torch.Tensor | None = None):
         """One reverse step. With ``eta > 0`` every step adds noise: ``noise`` (diffusers'
         ``variance_noise``, accepted under either name) if given, else drawn as diffusers
-        draws it from ``generator``."""
+        draws it from ``generator``. The run's coefficients are cached per ``(eta,
+        use_clipped_model_output)``, the :data:`STEP_CACHE_SIZE` most recently used."""
         if variance_noise is not None:
             if noise is not None:
                 raise InvalidArgument("pass `noise` or its alias `variance_noise`, not both")

@@ -31,7 +31,14 @@ the current stream is being captured by the user's own ``torch.cuda.graph``
 capturing, as for any CUDA graph).
 
 Memory: each captured signature keeps its static buffers, its graph and its
-pool for the life of the ``CapturedCall`` (or until :meth:`invalidate`).
+pool for the life of the ``CapturedCall`` (or until :meth:`invalidate`), for at
+most ``max_graphs`` signatures (default :data:`MAX_GRAPHS`): a call with yet
+another signature drops the least recently used one's graph (an LRU), so a
+caller whose batch size keeps changing holds bounded memory.
+
+Mode: the static buffers and graphs are made under :func:`fdp._state.state_mode`
+(outside ``inference_mode``, without grad) whatever mode the caller is in, so a
+graph captured in one mode replays in any other.
 """
 
 from __future__ import annotations
@@ -40,9 +47,14 @@ from typing import Callable, Optional
 
 import torch
 
+from .._state import LRU, state_mode
+
 __all__ = ["CapturedCall", "CapturesCalls", "capturing"]
 
 Signature = tuple
+
+#: Default bound on the signatures (graphs) one CapturedCall keeps.
+MAX_GRAPHS = 8
 
 
 def capturing(device: torch.device) -> bool:
@@ -68,9 +80,11 @@ class CapturedCall:
         enabled: capture and replay (default: when ``device`` is a CUDA device); with False ``fn``
             is called directly.
         warmup: eager calls of ``fn`` on a side stream before each capture.
+        max_graphs: how many signatures keep their graph (least recently used dropped first).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], device, *, enabled: bool | None = None, warmup: int = 1):
+    def __init__(self, fn: Callable[..., torch.Tensor], device, *, enabled: bool | None = None, warmup: int = 1,
+                 max_graphs: int = MAX_GRAPHS):
         self.fn = fn
         self.device = torch.device(device)
         self.enabled = self.device.type == "cuda" if enabled is None else bool(enabled)
@@ -79,7 +93,9 @@ class CapturedCall:
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"`warmup` must be a positive int, got {warmup!r}")
         self.warmup = warmup
-        self._entries: dict[Signature, _Entry] = {}
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ValueError(f"`max_graphs` must be a positive int, got {max_graphs!r}")
+        self._entries: LRU[_Entry] = LRU(max_graphs)
 
     @staticmethod
     def signature(inputs) -> Signature:
@@ -88,8 +104,8 @@ class CapturedCall:
 
     @property
     def signatures(self) -> list[Signature]:
-        """The signatures captured so far, in capture order."""
-        return list(self._entries)
+        """The signatures whose graph is kept, least recently used first."""
+        return self._entries.keys()
 
     def invalidate(self) -> None:
         """Drop every captured graph; the next call per signature captures again.
@@ -111,9 +127,10 @@ class CapturedCall:
         key = self.signature(inputs)
         entry = self._entries.get(key)
         if entry is None:
-            static = [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in inputs]
-            graph, output = self._capture(static)
-            entry = self._entries[key] = _Entry(graph, static, output)
+            with state_mode():  # buffers a later call in another mode updates in place
+                static = [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in inputs]
+                graph, output = self._capture(static)
+            entry = self._entries.put(key, _Entry(graph, static, output))
         for buf, t in zip(entry.inputs, inputs):
             if buf is not None:
                 buf.copy_(t)

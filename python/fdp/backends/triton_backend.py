@@ -31,6 +31,7 @@ import torch
 from fdp_kernels import abi
 
 from .. import packing
+from .._state import state_mode
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls, capturing
 
@@ -90,10 +91,16 @@ class TritonPrepared(CapturesCalls):
         if torch.compiler.is_compiling() or capturing(self.device):
             return (torch.empty(need, device=self.device, dtype=f32) if need else None,
                     torch.zeros(tiles, device=self.device, dtype=i32) if tiles else None)
-        if need and (self._scratch is None or self._scratch.numel() < need):
-            self._scratch = torch.empty(need, device=self.device, dtype=f32)
-        if tiles and (self._counters is None or self._counters.numel() < tiles):
-            self._counters = torch.empty(tiles, device=self.device, dtype=i32)
+        grow_scratch = need and (self._scratch is None or self._scratch.numel() < need)
+        grow_counters = tiles and (self._counters is None or self._counters.numel() < tiles)
+        if grow_scratch or grow_counters:
+            # Kept across calls and zeroed in place: never an inference tensor, whatever the caller's mode
+            # (entered only when growing: no per-call host work).
+            with state_mode():
+                if grow_scratch:
+                    self._scratch = torch.empty(need, device=self.device, dtype=f32)
+                if grow_counters:
+                    self._counters = torch.empty(tiles, device=self.device, dtype=i32)
         counters = None
         if tiles:
             # Every launch leaves its counters at 0; zeroed per call anyway, so that one launch cut short (an
