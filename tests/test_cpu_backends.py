@@ -57,7 +57,7 @@ def test_onnxruntime_writes_every_output_element_each_call(cache):
     x_T, noise = s.noise(3, torch.Generator().manual_seed(2))
     c = torch.randn(3, 5)
     first = s(c, x_T=x_T, step_noise=noise)
-    sig = s._prepared._signatures[3]
+    sig = s._prepared._signatures.get(3)
     for t in (sig.out, *sig.inputs.values()):
         t.fill_(NAN)
     second = s(c, x_T=x_T, step_noise=noise)
@@ -139,14 +139,14 @@ def test_onnxruntime_bounds_its_files_and_sessions(cache, monkeypatch):
     from fdp.backends import onnxruntime_backend as ortb
 
     monkeypatch.setattr(ortb, "MAX_FILES", 2)
-    monkeypatch.setattr(ortb, "MAX_SIGNATURES", 2)
+    monkeypatch.setattr(ortb, "MAX_SIGNATURES", 2)  # read when the policy is prepared
     s = _sampler(make_mlp_policy(K=2, hidden=16, dtype=torch.float32), "onnxruntime")
     for B in (1, 2, 3):
         s(torch.randn(B, 5), generator=torch.Generator().manual_seed(0))
         assert len(s._prepared._signatures) <= 2
     names = sorted(p.name[-8:] for p in (cache / "onnx").glob("*.onnx"))
     assert names == ["-b2.onnx", "-b3.onnx"]  # b1, the least recently used, was removed
-    assert list(s._prepared._signatures) == [2, 3]
+    assert s._prepared._signatures.keys() == [2, 3]
     assert not list((cache / "onnx").glob("*.tmp"))  # no temporary file left behind
 
 

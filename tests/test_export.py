@@ -9,8 +9,7 @@ import fdp
 import fdp.export
 from fdp import cli
 from fdp.integrations import lerobot
-from helpers import signed_tanh_routing
-from helpers import assert_matches_in_float32
+from helpers import assert_matches_in_float32, signed_tanh_routing
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

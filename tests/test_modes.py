@@ -9,6 +9,8 @@ and a CUDA-graph captured call emulated on the CPU; with a GPU, every backend av
 """
 import contextlib
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -98,7 +100,8 @@ def _reference(policy):
 
 
 def _cpu_cases():
-    return ["torch", "triton", "triton-persistent", "triton-captured", "graph", "graph-captured"]
+    cases = ["torch", "triton", "triton-persistent", "triton-captured", "graph", "graph-captured", "torch-batched"]
+    return cases + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") else [])
 
 
 def _build(case):

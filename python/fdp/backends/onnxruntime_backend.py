@@ -31,7 +31,6 @@ the components use).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import json
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .._state import LRU, state_mode
 from .base import Backend
 
 log = logging.getLogger("fdp")
@@ -111,7 +111,7 @@ class OnnxRuntimePrepared:
         self.dtype = next(policy.parameters()).dtype
         self.names = export.input_names(table)
         self.hash = _policy_hash(policy, table)
-        self._signatures: collections.OrderedDict[int, _Signature] = collections.OrderedDict()
+        self._signatures: LRU[_Signature] = LRU(MAX_SIGNATURES)
 
     def _path(self, B: int) -> Path:
         from .selection import _cache_dir
@@ -121,7 +121,6 @@ class OnnxRuntimePrepared:
     def _signature(self, B: int, example) -> _Signature:
         sig = self._signatures.get(B)
         if sig is not None:
-            self._signatures.move_to_end(B)
             return sig
         import onnxruntime as ort
 
@@ -138,10 +137,8 @@ class OnnxRuntimePrepared:
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         shapes = [tuple(t.shape) for t in example]
-        sig = self._signatures[B] = _Signature(session, self.names, shapes, self.dtype)
-        while len(self._signatures) > MAX_SIGNATURES:
-            self._signatures.popitem(last=False)
-        return sig
+        with state_mode():  # the bound buffers serve later calls in any autograd mode (fdp._state)
+            return self._signatures.put(B, _Signature(session, self.names, shapes, self.dtype))
 
     def _export(self, path: Path, example) -> None:
         """Trace the loop into ``path``: through a temporary file created exclusively under an unpredictable name
