@@ -20,6 +20,7 @@ from fdp.backends.captured import CapturedCall
 from fdp.backends.graph_backend import GraphPrepared
 from fdp.tolerances import rel_error, tolerance
 from helpers import make_mlp_policy
+from test_call_path import _Emulated as _EmulatedCapture  # CapturedCall, its CUDA steps emulated
 
 MODES = {
     "inference_mode": torch.inference_mode,
@@ -30,35 +31,6 @@ MODES = {
 # mode is reused (updated in place) in the next.
 SEQUENCE = [("inference_mode", 2), ("normal", 2), ("no_grad", 3), ("inference_mode", 1), ("normal", 3),
             ("no_grad", 1), ("inference_mode", 4), ("normal", 4), ("inference_mode", 2)]
-
-
-class _Graph:
-    """A captured CUDA graph's stand-in: a replay runs ``fn`` on the static buffers into the static output."""
-
-    def __init__(self, fn, static):
-        self.fn, self.static = fn, static
-        self.output = fn(*static)
-
-    def replay(self):
-        self.output.copy_(self.fn(*self.static))
-
-
-class _EmulatedCapture(CapturedCall):
-    """CapturedCall with its two CUDA steps (capture, replay) emulated on the CPU."""
-
-    def __init__(self, fn):
-        super().__init__(fn, "cpu")
-        self.enabled = True
-
-    def replays(self):
-        return True
-
-    def _capture(self, static):
-        graph = _Graph(self.fn, static)
-        return graph, graph.output
-
-    def _replay(self, graph):
-        graph.replay()
 
 
 def _scheduler():
