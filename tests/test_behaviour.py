@@ -141,8 +141,8 @@ def test_add_output_grows_fixed_weights_and_keeps_the_others():
 
 
 def test_router_refuses_bad_topk_and_fixed_weights():
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="topk"):
+    for bad, exc in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="topk"):
             fdp.Router(5, 3, strategy="topk", topk=bad)
     with pytest.raises(ValueError, match="topk"):
         fdp.Router(5, 3, strategy="topk", topk=4)
@@ -226,9 +226,11 @@ def test_selection_cache_key_changes_with_every_environment_field(monkeypatch):
 
 def test_auto_on_the_cpu_samples_with_the_reference(tmp_path, monkeypatch):
     """backend='auto' with no other candidate here: the torch reference, ready to sample."""
+    from fdp.backends import DISABLE_ENV
     from fdp.backends.selection import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(DISABLE_ENV, "onnxruntime,torch-batched")  # the CPU candidates besides the reference
     policy = make_mlp_policy(K=2, dtype=torch.float32)
     sched = fdp.DDIMScheduler(num_train_timesteps=20)
     s = fdp.Sampler(policy, sched, num_inference_steps=3)

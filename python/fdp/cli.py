@@ -205,13 +205,15 @@ def _safe_globals() -> list:
     import torch
     from torch import nn
 
-    from . import mlp, policy, router, schedulers, unet
+    from . import _state, mlp, policy, router, schedulers, unet
 
     allowed = [c for c in vars(nn).values() if isinstance(c, type) and issubclass(c, nn.Module)]
     for module in (mlp, policy, router, unet):
         allowed += [c for c in vars(module).values()
                     if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == module.__name__]
-    allowed += [schedulers.DDPMScheduler, schedulers.DDIMScheduler, schedulers.SchedulerConfig, torch.Size]
+    # A scheduler keeps its recent step tables (an LRU of StepTables) in its state.
+    allowed += [schedulers.DDPMScheduler, schedulers.DDIMScheduler, schedulers.SchedulerConfig, schedulers.StepTable,
+                _state.LRU, torch.Size]
     return allowed
 
 

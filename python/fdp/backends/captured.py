@@ -107,6 +107,15 @@ class CapturedCall:
         """The signatures whose graph is kept, least recently used first."""
         return self._entries.keys()
 
+    def replay_alone(self):
+        """A function replaying the most recently used graph and nothing else (no input copies, no output
+        copy): the kernels' own device time, for the benchmark. None when no graph is kept."""
+        keys = self._entries.keys()
+        if not keys or not self.replays():
+            return None
+        graph = self._entries.get(keys[-1]).graph
+        return lambda: self._replay(graph)
+
     def invalidate(self) -> None:
         """Drop every captured graph; the next call per signature captures again.
 

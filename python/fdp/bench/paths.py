@@ -181,10 +181,8 @@ def _replay_alone(sampler):
     """``fn(idx)`` replaying the graph the sampler captured for its last input signature and nothing else
     (no input copies, no checks, no output copy): the kernels' own device time. None if it captured none."""
     call = getattr(sampler._prepared, "_call", None)
-    if call is None or not call.replays() or not call.signatures:
-        return None
-    graph = call._entries[call.signatures[-1]].graph
-    return lambda _idx: call._replay(graph)
+    replay = None if call is None else call.replay_alone()
+    return None if replay is None else (lambda _idx: replay())
 
 
 # -- the batched paths ----------------------------------------------------------------------------------------
