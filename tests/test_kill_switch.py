@@ -33,6 +33,9 @@ class _Copy(Backend):
 @pytest.fixture
 def fakes(monkeypatch, tmp_path):
     monkeypatch.setenv(selection.CACHE_ENV, str(tmp_path / "cache"))
+    # Candidates win by priority, as on a device auto does not time: on the CPU auto times the verified ones
+    # (onnxruntime, torch-batched among them), and which is fastest here is not what these tests are about.
+    monkeypatch.setattr(selection, "_TIMED_DEVICES", ("cuda",))
     saved_modules, saved_loaded = dict(backends._MODULES), dict(backends._LOADED)
     for name, priority in [("zz", 600), ("zz-persistent", 700), ("yy", 500)]:
         module = types.ModuleType(f"fdp_test_kill_{name.replace('-', '_')}")

@@ -42,7 +42,8 @@ _MODULES: dict[str, str] = {
 _LOADED: dict[str, Backend] = {}
 
 #: The kill switch: a comma-separated list of backend names or families (a family is a name's part before
-#: "-": "cuda" is cuda and cuda-persistent) that no code path may use, for a backend found broken on a
+#: "-": "cuda" is cuda and cuda-persistent; "torch" is only the reference, which cannot be disabled) that no
+#: code path may use, for a backend found broken on a
 #: machine. Read at every selection, so it covers Sampler, the integrations and the CLI alike.
 DISABLE_ENV = "FDP_DISABLE"
 #: Never disabled: every other backend is checked against it.
@@ -58,7 +59,8 @@ def disabled_backends() -> dict[str, str]:
     for item in dict.fromkeys(x.strip() for x in value.split(",") if x.strip()):
         names = [n for n in _MODULES if item in (n, n.split("-")[0])]
         if item == _REFERENCE:
-            names.remove(_REFERENCE)
+            # The reference's name is not a family: "torch" never takes "torch-batched" along (name it in full).
+            names = []
             if (item, value) not in _warned:
                 _warned.add((item, value))
                 log.warning("fdp: %s=%s names %r, the reference every backend is checked against, which cannot "
