@@ -1,12 +1,9 @@
 """``fdp.integrations.lerobot`` against outputs of the real LeRobot (tests/data/lerobot, see make_fixtures.py).
 
-The ``lerobot``-marked test runs ``accelerate`` on a real LeRobot policy and
-skips where LeRobot is not importable. Beside a CPU torch build (no
-torchvision), run it with the stub the fixtures were made with::
-
-    python -c "import sys; sys.path.insert(0, 'tests/data/lerobot'); import torchvision_stub; \\
-        torchvision_stub.install(); import pytest; sys.exit(pytest.main(['-m', 'lerobot', \\
-        'tests/test_integrations_lerobot.py']))"
+The ``lerobot``-marked tests run ``accelerate`` on a real LeRobot policy. ``bash scripts/test.sh`` installs
+LeRobot (``FDP_LEROBOT=1``) and requires them to run; elsewhere they skip where LeRobot is not importable.
+Beside a CPU torch build, ``tests/conftest.py`` makes PyPI's torchvision importable (``tests/torchvision_cpu.py``);
+with no torchvision installed, ``tests/data/lerobot/torchvision_stub.py`` (what make_fixtures.py imports) can stand in.
 """
 
 import json
