@@ -354,3 +354,110 @@ def test_policy_trains_and_keeps_lerobots_action_queue():
     assert policy.sampler is sampler and len(policy._queues["action"]) == 2
     policy.reset()
     assert all(len(q) == 0 for q in policy._queues.values())
+
+
+# -- real-time control: continuation and sampling ahead in select_action ----------------------------------------
+
+def _rt_policy(**fields):
+    from lerobot_policy_fdp.modeling_fdp import FdpPolicy
+
+    torch.manual_seed(0)
+    policy = FdpPolicy(_state_config(noise_scheduler_type="DDIM", sampling_backend="torch", **fields))
+    return policy.eval()
+
+
+def _rt_inputs(B: int, steps: int):
+    g = torch.Generator().manual_seed(1)
+    obs = [{"observation.state": torch.randn(B, 3, generator=g),
+            "observation.environment_state": torch.randn(B, 2, generator=g)} for _ in range(steps)]
+    noises = [torch.randn(B, 8, 2, generator=g) for _ in range(steps)]
+    return obs, noises
+
+
+def _cond(policy, obs, k: int):
+    """The conditioning select_action builds at step k (the queue holds steps k-1 and k; step 0 twice)."""
+    prev = obs[max(k - 1, 0)]
+    return policy.encoder({key: torch.stack([prev[key], obs[k][key]], dim=1) for key in obs[k]})
+
+
+def test_continuation_makes_each_chunk_continue_the_previous_one():
+    from fdp.inpainting import continuation
+
+    B, n, overlap = 2, 3, 3
+    policy = _rt_policy(continuation_overlap=overlap)
+    obs, noises = _rt_inputs(B, 2 * n)
+    actions = [policy.select_action(obs[k], noise=noises[k]) for k in range(2 * n)]
+    first = policy.sampler(_cond(policy, obs, 0), x_T=noises[0])
+    known, mask = continuation(first, n, overlap)
+    second = policy.sampler(_cond(policy, obs, n), x_T=noises[n], known=known, known_mask=mask)
+    assert torch.equal(torch.stack(actions[:n], 1), first[:, 1:1 + n])
+    assert torch.equal(torch.stack(actions[n:], 1), second[:, 1:1 + n])
+    # The inpainted positions are the previous chunk's actions, exactly; without continuation they are not.
+    assert torch.equal(second[:, :overlap], first[:, n:n + overlap])
+    free = policy.sampler(_cond(policy, obs, n), x_T=noises[n])
+    assert not torch.allclose(free[:, :overlap], first[:, n:n + overlap])
+
+    policy.reset()  # a new episode continues nothing
+    assert torch.equal(policy.select_action(obs[0], noise=noises[0]), first[:, 1])
+
+
+class _SlowSampler:
+    """Wraps a Sampler: records every call's conditioning and sleeps on the AsyncSampler's worker thread."""
+
+    def __init__(self, sampler, delay: float):
+        self.sampler, self.delay, self.calls = sampler, delay, []
+        self.device = sampler.device
+
+    def __call__(self, cond, **kwargs):
+        import threading
+        import time
+
+        self.calls.append((threading.current_thread().name, cond.clone()))
+        if threading.current_thread().name == "fdp-async-sampler":
+            time.sleep(self.delay)
+        return self.sampler(cond, **kwargs)
+
+
+def test_sample_ahead_never_waits_and_takes_the_right_actions():
+    import time
+
+    from fdp.inpainting import continuation
+
+    B, n, ahead, overlap, delay = 2, 3, 2, 3, 1.0
+    policy = _rt_policy(sample_ahead=ahead, continuation_overlap=overlap)
+    real = policy.sampler
+    policy._sampler = slow = _SlowSampler(real, delay)
+    obs, noises = _rt_inputs(B, 2 * n + 1)
+    actions, seconds = [], []
+    for k in range(2 * n + 1):
+        t0 = time.monotonic()
+        actions.append(policy.select_action(obs[k], noise=noises[k]))
+        seconds.append(time.monotonic() - t0)
+    # Chunk A: sampled at step 0 on the caller's thread. B: submitted at step 1 (one action queued after
+    # that step's), taken at step 3; C: submitted at step 4, taken at step 6.
+    assert [name for name, _ in slow.calls] == ["MainThread"] + ["fdp-async-sampler"] * 2
+    for (_, cond), step in zip(slow.calls, (0, 1, 4)):
+        assert torch.equal(cond, _cond(policy, obs, step))
+    a = real(_cond(policy, obs, 0), x_T=noises[0])
+    b = real(_cond(policy, obs, 1), x_T=noises[1], **dict(zip(("known", "known_mask"), continuation(a, 1, overlap))))
+    c = real(_cond(policy, obs, 4), x_T=noises[4], **dict(zip(("known", "known_mask"), continuation(b, 3, overlap))))
+    # Each chunk's position n_obs_steps - 1 is its observation's step; the queue picks up `ahead` steps later.
+    assert torch.equal(torch.stack(actions[:3], 1), a[:, 1:4])
+    assert torch.equal(torch.stack(actions[3:6], 1), b[:, 3:6])
+    assert torch.equal(actions[6], c[:, 3])
+    # The steps between a submission and its take never wait for the (1 s) call; the takes do.
+    assert max(seconds[1], seconds[2], seconds[4], seconds[5]) < delay / 2, seconds
+    assert min(seconds[3], seconds[6]) > delay / 2, seconds
+    policy.reset()
+    policy.ahead.close()
+
+
+@pytest.mark.parametrize("fields, names", [
+    ({"sample_ahead": 4}, "`sample_ahead`"),   # > n_action_steps (3)
+    ({"sample_ahead": -1}, "`sample_ahead`"),
+    ({"continuation_overlap": 6}, "`continuation_overlap`"),  # > horizon - n_action_steps (5)
+    ({"continuation_overlap": True}, "`continuation_overlap`"),
+])
+def test_real_time_fields_are_checked(fields, names):
+    with pytest.raises(ValueError, match=names):
+        _state_config(**fields)

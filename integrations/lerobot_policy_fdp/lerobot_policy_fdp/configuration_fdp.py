@@ -54,6 +54,22 @@ class FdpConfig(PreTrainedConfig):
         sampling_backend: ``fdp.Sampler``'s ``backend`` for ``select_action``
             (``"auto"`` picks the fastest verified one on the policy's device).
 
+    Real-time control (``select_action``; both 0 by default: LeRobot's behaviour):
+        continuation_overlap: how many of a new chunk's first actions are fixed
+            (inpainted, ``fdp.inpainting.continuation``) to the previous chunk's,
+            so that the new chunk continues the one the robot executes instead of
+            jumping. The first ``n_obs_steps - 1`` positions of a chunk are the
+            actions already executed; positions past them fix actions still to
+            come (with ``sample_ahead``, at least ``n_obs_steps - 1 + sample_ahead``
+            covers the actions executed while the chunk is sampled). At most
+            ``horizon - n_action_steps``.
+        sample_ahead: start sampling the next chunk this many control steps
+            before the current one runs out, on a worker thread
+            (``fdp.AsyncSampler``), from the observation of that step; the new
+            chunk's actions start ``sample_ahead`` steps into it (the steps the
+            current chunk still covers). At most ``n_action_steps`` and
+            ``horizon - n_obs_steps + 1 - n_action_steps``.
+
     Adaptation (``fdp.FactorizedPolicy.adapt``): ``adapt_from`` names a trained
     ``fdp`` policy folder (``.../pretrained_model``); the new policy starts
     from its weights, adds ``adapt_add_components`` components built from this
@@ -120,6 +136,8 @@ class FdpConfig(PreTrainedConfig):
     num_inference_steps: int | None = None
     eta: float = 0.0
     sampling_backend: str = "auto"
+    continuation_overlap: int = 0
+    sample_ahead: int = 0
 
     # Adaptation from a trained fdp policy.
     adapt_from: str | None = None
@@ -143,6 +161,19 @@ class FdpConfig(PreTrainedConfig):
             raise ValueError(f"`n_action_steps` ({self.n_action_steps}) must be <= horizon - n_obs_steps + 1 "
                              f"({self.horizon - self.n_obs_steps + 1}): the actions kept start at the current "
                              "observation, inside the predicted horizon")
+        for name in ("continuation_overlap", "sample_ahead"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
+        room = self.horizon - self.n_obs_steps + 1 - self.n_action_steps
+        if self.sample_ahead > min(self.n_action_steps, room):
+            raise ValueError(f"`sample_ahead` ({self.sample_ahead}) must be <= n_action_steps ({self.n_action_steps}) "
+                             f"and <= horizon - n_obs_steps + 1 - n_action_steps ({room}): a chunk sampled that "
+                             "early must still hold n_action_steps actions past the ones the current chunk covers")
+        if self.continuation_overlap > self.horizon - self.n_action_steps:
+            raise ValueError(f"`continuation_overlap` ({self.continuation_overlap}) must be <= horizon - n_action_steps "
+                             f"({self.horizon - self.n_action_steps}): the actions of the previous chunk that the "
+                             "next one can still share")
         if self.component not in COMPONENT_KINDS:
             raise ValueError(f"`component` must be one of {COMPONENT_KINDS}, got {self.component!r}")
         if self.component == "unet":

@@ -5,7 +5,9 @@ Training: ``forward`` encodes the observations into one conditioning vector
 state, over ``n_obs_steps`` steps) and returns ``FactorizedPolicy.loss`` on the
 action chunk. Inference: ``select_action`` keeps LeRobot's observation and
 action queues (as its diffusion policy does) and samples each chunk through an
-``fdp.Sampler`` built once, which repacks by itself when the weights change.
+``fdp.Sampler`` built once, which repacks by itself when the weights change;
+optionally each chunk continues the previous one (inpainting) and the next
+chunk is sampled ahead on a worker thread (``FdpConfig``'s real-time fields).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import fdp
+from fdp.inpainting import continuation
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.policies.diffusion.modeling_diffusion import DiffusionRgbEncoder
 from lerobot.policies.pretrained import PreTrainedPolicy
@@ -188,10 +191,17 @@ class FdpPolicy(PreTrainedPolicy):
 
     # -- inference -------------------------------------------------------------------------
     def reset(self) -> None:
-        """Clear the observation and action queues (call at every episode start)."""
+        """Clear the observation and action queues (call at every episode start); a chunk being sampled
+        ahead is dropped and the next chunk continues nothing."""
         keys = [OBS_STATE, *self.encoder.image_keys] + ([self.encoder.env_key] if self.encoder.env_key else [])
         self._queues = {key: deque(maxlen=self.config.n_obs_steps) for key in keys}
         self._queues[ACTION] = deque(maxlen=self.config.n_action_steps)
+        # Continuation: the last full chunk [B, horizon, action_dim] and the control step of the observation
+        # it was sampled for (steps count select_action calls since the reset).
+        self._previous, self._previous_step, self._step = None, 0, 0
+        if getattr(self, "_ahead_future", None) is not None:
+            self._ahead_future[0].cancel()
+        self._ahead_future = None  # (future of the chunk sampled ahead, its observation's step)
 
     @property
     def sampler(self) -> fdp.Sampler:
@@ -202,26 +212,64 @@ class FdpPolicy(PreTrainedPolicy):
                                         backend=self.config.sampling_backend)
         return self._sampler
 
+    @property
+    def ahead(self) -> fdp.AsyncSampler:
+        """The ``fdp.AsyncSampler`` around :attr:`sampler` that ``sample_ahead`` uses (built on first use)."""
+        if getattr(self, "_ahead", None) is None or self._ahead.sampler is not self.sampler:
+            self._ahead = fdp.AsyncSampler(self.sampler)
+        return self._ahead
+
+    def _condition(self) -> Tensor:
+        stacked = {key: torch.stack(list(q), dim=1) for key, q in self._queues.items() if key != ACTION}
+        return self.encoder(stacked)
+
+    def _continuation(self) -> dict:
+        """``known``/``known_mask`` continuing the previous chunk (empty without one, or when off)."""
+        if not self.config.continuation_overlap or self._previous is None:
+            return {}
+        known, mask = continuation(self._previous, self._step - self._previous_step, self.config.continuation_overlap)
+        return {"known": known, "known_mask": mask}
+
     @torch.no_grad()
-    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, *,
+                             known: Tensor | None = None, known_mask: Tensor | None = None) -> Tensor:
         """``n_action_steps`` actions ``[B, n_action_steps, action_dim]`` from the queued observations.
 
         ``noise`` is the initial noise ``[B, horizon, action_dim]`` (default: drawn from the global RNG,
-        as are the steps' noises).
+        as are the steps' noises). ``known``/``known_mask`` (``[B, horizon, action_dim]``, normalised
+        actions) inpaint the chunk, as ``fdp.Sampler``'s arguments of those names.
         """
         if any(len(q) == 0 for key, q in self._queues.items() if key != ACTION):
             self._queues = populate_queues(self._queues, batch, exclude_keys=[ACTION])
-        stacked = {key: torch.stack(list(q), dim=1) for key, q in self._queues.items() if key != ACTION}
-        cond = self.encoder(stacked)
-        actions = self.sampler(cond, x_T=noise)
+        actions = self.sampler(self._condition(), x_T=noise, known=known, known_mask=known_mask)
         start = self.config.n_obs_steps - 1
         return actions[:, start:start + self.config.n_action_steps]
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """One action ``[B, action_dim]``: a new chunk is sampled when the queue of actions is empty."""
+        """One action ``[B, action_dim]``: a new chunk is sampled when the queue of actions is empty.
+
+        With ``sample_ahead``, the next chunk is submitted ``sample_ahead`` steps before the queue runs
+        out and taken when it does (waiting only if it is not finished by then); with
+        ``continuation_overlap``, each chunk after an episode's first continues the previous one.
+        ``noise`` is the initial noise of the chunk sampled (or submitted) during this call.
+        """
         batch = {k: v for k, v in batch.items() if k != ACTION}
         self._queues = populate_queues(self._queues, batch, exclude_keys=[ACTION])
+        n, ahead = self.config.n_action_steps, self.config.sample_ahead
         if not self._queues[ACTION]:
-            self._queues[ACTION].extend(self.predict_action_chunk(batch, noise=noise).transpose(0, 1))
-        return self._queues[ACTION].popleft()
+            if self._ahead_future is not None:
+                (future, step), self._ahead_future = self._ahead_future, None
+                chunk = future.result().actions
+            else:
+                chunk, step = self.sampler(self._condition(), x_T=noise, **self._continuation()), self._step
+            self._previous, self._previous_step = chunk, step
+            # The chunk's position n_obs_steps - 1 is its observation's step; the queue starts at this step.
+            start = self.config.n_obs_steps - 1 + self._step - step
+            self._queues[ACTION].extend(chunk[:, start:start + n].transpose(0, 1))
+        action = self._queues[ACTION].popleft()
+        if ahead and len(self._queues[ACTION]) == ahead - 1 and self._ahead_future is None:
+            # From this step's observation; the chunk is taken `ahead` steps later, when the queue runs out.
+            self._ahead_future = (self.ahead.submit(self._condition(), x_T=noise, **self._continuation()), self._step)
+        self._step += 1
+        return action
