@@ -280,3 +280,35 @@ def test_the_default_table_fits_100_columns_and_wide_has_every_column(quick_run)
     buf = io.StringIO()
     print_table(data, Console(file=buf, width=220, color_system=None), wide=True)  # fdp bench --wide | less
     assert "chunks/s" in buf.getvalue() and "% floor" in buf.getvalue()
+
+
+# -- fdp bench --host ---------------------------------------------------------------------------------------------
+
+def test_host_mode_times_every_call_path_with_the_device_work_stubbed(tmp_path, capsys):
+    from fdp.bench.host import SCHEMA
+
+    out = tmp_path / "host.json"
+    assert main(["bench", "--host", "--calls", "20", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schema"] == SCHEMA and result["calls"] == 20
+    cases = {c["case"]: c for c in result["cases"]}
+    assert len(cases) == 2
+    for case in cases.values():
+        paths = {p["path"]: p for p in case["paths"]}
+        assert set(paths) == {"call", "call, check_inputs=False", "call, check_inputs=False, watch_policy=False",
+                              "static call", "static call, in place"}
+        for p in paths.values():
+            assert len(p["host_us"]) == result["repeats"] and 0 < p["min_us"] <= p["median_us"] <= p["max_us"]
+        # What each path issues, counted by construction: the default call draws x_T (one op), a static
+        # call given a tensor copies it into its buffer, one in place issues nothing.
+        assert paths["call"]["torch_ops"] == 1 and paths["call"]["copies"] == 0
+        assert (paths["static call"]["torch_ops"], paths["static call"]["copies"]) == (1, 1)
+        assert (paths["static call, in place"]["torch_ops"], paths["static call, in place"]["copies"]) == (0, 0)
+    # The watch reads every tensor: the U-Net case has more of them than the MLP case.
+    assert cases["unet K=4 (paper structure)"]["tensors"] > cases["mlp K=4 H=256"]["tensors"]
+    assert "host µs per call" in capsys.readouterr().out
+
+
+def test_host_mode_takes_one_batch_size(capsys):
+    assert main(["bench", "--host", "--batch", "1,16"]) == 2
+    assert "`--batch`" in capsys.readouterr().err

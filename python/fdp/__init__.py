@@ -15,6 +15,7 @@ from .policy import FactorizedPolicy
 from .router import Router
 from .sampler import Sampler, sample
 from .schedulers import DDIMScheduler, DDPMScheduler, StepTable, apply_step
+from .static_call import StaticCall
 from .unet import ConditionalUnet1D
 
 __version__ = "0.1.0"
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConditionalUnet1D", "MLPDenoiser", "Router", "FactorizedPolicy",
     "DDPMScheduler", "DDIMScheduler", "StepTable", "apply_step",
-    "Sampler", "sample", "AsyncSampler", "available_backends", "extension_status", "diagnostics",
+    "Sampler", "sample", "StaticCall", "AsyncSampler", "available_backends", "extension_status", "diagnostics",
 ]

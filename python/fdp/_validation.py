@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
+import numpy as np
 import torch
 
 # The fused kernels' launchers check their tensors themselves (fdp_kernels stays free of fdp imports);
@@ -381,6 +382,9 @@ def about_file(path):
         raise type(exc)(f"{path}: {exc}") from None
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise ``ValueError`` if the floating tensor ``t`` contains NaN or Inf.
 
@@ -394,6 +398,10 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         return
     if _tracing_or_capturing(t) or _checked.active:
         return
+    if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS and not t.requires_grad:
+        # A control loop's per-call check: numpy's isfinite costs a third of torch's two small ops here.
+        if bool(np.isfinite(t.numpy()).all()):
+            return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).sum())

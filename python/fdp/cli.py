@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from ._optional import MissingExtra
-from ._validation import UserError
+from ._validation import InvalidArgument, UserError
 
 _BUG = ("this is a bug in fdp, not in what you passed: please report it in fdp's issue tracker with the traceback "
         "above, the command line and the output of `fdp info`")
@@ -123,6 +123,13 @@ def _info(args) -> int:
 
 
 def _bench(args, argv=None) -> int:
+    if args.host:
+        from .bench.host import HostOptions, run_and_report_host
+
+        batch = str(args.batch or 1)
+        if not batch.isdigit() or int(batch) < 1:
+            raise InvalidArgument(f"`--batch`: --host times one batch size (a positive int), got {args.batch!r}")
+        return run_and_report_host(HostOptions(calls=args.calls, batch=int(batch), out=args.out))
     from .bench import Options, run_and_report
 
     opts = Options(quick=args.quick, backends=args.backends, batch=args.batch, K=args.K, component=args.component,
@@ -345,6 +352,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU intra-op threads (default: torch's; 1 for --quick on a CPU)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--host", action="store_true",
+                   help="host time per call only, device work stubbed (runs on a CPU): the default call, without "
+                        "checks, without the watch, and the static call (sampler.prepare); --batch (one size) and "
+                        "--out apply")
+    p.add_argument("--calls", type=_positive_int, default=2000, help="--host: calls per timed repeat (default 2000)")
     p.set_defaults(func=functools.partial(_bench, argv=argv))
 
     p = sub.add_parser("tune", help="which backend backend='auto' picks for a policy here, and why: each backend "

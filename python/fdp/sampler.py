@@ -255,9 +255,13 @@ class Sampler:
         with nvtx_range("fdp.sample"):
             self._ensure_fresh()
             policy = self.policy
-            check_tensor("global_cond", global_cond, ndim=2, dtype="floating", device=self.device)
+            if not (isinstance(global_cond, torch.Tensor) and global_cond.dim() == 2
+                    and global_cond.shape[1] == policy.router.cond_dim and global_cond.is_floating_point()
+                    and global_cond.device == self.device):
+                # The common case above costs a few attribute reads; anything else gets the full check's message.
+                check_tensor("global_cond", global_cond, ndim=2, dtype="floating", device=self.device)
+                check_tensor("global_cond", global_cond, shape=(global_cond.shape[0], policy.cond_dim))
             B = global_cond.shape[0]
-            check_tensor("global_cond", global_cond, shape=(B, policy.cond_dim))
             if self.check_inputs:
                 check_finite("global_cond", global_cond)
             if generator is not None and not isinstance(generator, torch.Generator):
@@ -286,17 +290,30 @@ class Sampler:
                 # consumes the generator in the same order.
                 per_step = getattr(prepared, "noise_per_step", False) and not (inpainting and inpaint != "clean")
                 step_noise = self._drawn_step_noise(shape, generator, dt, per_step=per_step)
-            else:
+            elif step_noise.dtype != dt:
                 step_noise = step_noise.to(dt)
             extra = {}
-            x_T = x_T.to(dt)
+            if x_T.dtype != dt:
+                x_T = x_T.to(dt)
             if inpainting:
                 x_T, R = replacements(inpaint, known.to(dt), known_mask, x_T, self.scheduler, self.table.timesteps,
                                       lambda s: _draw(s, generator, self.device, dt))
                 extra = dict(known=R, known_mask=known_mask)
             # Without checks, neither may the modules the backend calls (router, components) read a flag back.
             with contextlib.nullcontext() if self.check_inputs else inputs_already_checked():
-                return prepared.run(global_cond.to(dt), x_T, step_noise, **extra)
+                return prepared.run(global_cond if global_cond.dtype == dt else global_cond.to(dt), x_T, step_noise,
+                                    **extra)
+
+    def prepare(self, batch_size: int = 1, *, draw_noise: bool = True, inpaint: bool = False,
+                check_inputs: bool = False, watch_policy: bool = False) -> "StaticCall":
+        """A call for one batch size with buffers of its own, one CUDA graph replay per call on CUDA
+        (:class:`fdp.StaticCall`): for control loops. Unlike this Sampler's calls it checks only the
+        metadata of what it is given, unless ``check_inputs`` / ``watch_policy`` ask for more; call
+        ``call.refresh()`` after changing the policy."""
+        from .static_call import StaticCall
+
+        return StaticCall(self, batch_size, draw_noise=draw_noise, inpaint=inpaint, check_inputs=check_inputs,
+                          watch_policy=watch_policy)
 
     def _inpainting_prepared(self):
         """What runs an inpainting call: the backend's own prepared call, or, for a backend that cannot inpaint

@@ -25,7 +25,8 @@ signature captures again. A prepared object that packs again builds a new
 ``CapturedCall`` (its graphs go with the old one).
 
 ``fn`` runs directly, not replayed, off CUDA (``enabled=False``), while
-``torch.compile`` traces the call (dynamo sees ``fn``'s operations) and while
+``torch.compile`` traces the call (dynamo sees ``fn``'s operations), inside
+:func:`direct_calls` and while
 the current stream is being captured by the user's own ``torch.cuda.graph``
 (``fn``'s kernels then go into the user's graph; warm up with one call before
 capturing, as for any CUDA graph).
@@ -43,18 +44,38 @@ graph captured in one mode replays in any other.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import threading
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from .._state import LRU, state_mode
 
-__all__ = ["CapturedCall", "CapturesCalls", "capturing"]
+__all__ = ["CapturedCall", "CapturesCalls", "capturing", "direct_calls"]
 
 Signature = tuple
 
 #: Default bound on the signatures (graphs) one CapturedCall keeps.
 MAX_GRAPHS = 8
+
+
+_direct = threading.local()
+
+
+@contextlib.contextmanager
+def direct_calls() -> Iterator[None]:
+    """Inside, on this thread, every CapturedCall calls its function directly: no capture, no replay.
+
+    For a caller that warms a call up before capturing it into a graph of its own
+    (:class:`fdp.StaticCall`): the warm-up then leaves no graph of its own behind.
+    """
+    before = getattr(_direct, "on", False)
+    _direct.on = True
+    try:
+        yield
+    finally:
+        _direct.on = before
 
 
 def capturing(device: torch.device) -> bool:
@@ -126,7 +147,7 @@ class CapturedCall:
 
     def replays(self) -> bool:
         """Whether a call made now would replay a graph (rather than call ``fn`` directly)."""
-        if not self.enabled or torch.compiler.is_compiling():
+        if not self.enabled or torch.compiler.is_compiling() or getattr(_direct, "on", False):
             return False
         return not capturing(self.device)
 
