@@ -157,7 +157,11 @@ def build_eager(ctx: Context):
     return torch.no_grad()(_sampler_runner(sampler, sets))
 
 
-def build_library(name: str, ctx: Context):
+#: A library backend's name with this suffix is its static call (``sampler.prepare(batch)``).
+STATIC_SUFFIX = ":static"
+
+
+def _library_sampler(name: str, ctx: Context):
     info = fdp.available_backends(ctx.device).get(name)
     if info is None:
         raise Skip(f"backend {name!r} is not registered")
@@ -168,12 +172,39 @@ def build_library(name: str, ctx: Context):
         raise Skip("TRITON_INTERPRET=1 on CPU: the kernel would run in the Triton interpreter, whose timings mean "
                    f"nothing (name {name!r} in --backends to time it anyway)")
     try:
-        sampler = fdp.Sampler(ctx.policy, ctx.scheduler, num_inference_steps=ctx.config.steps, backend=name,
-                              dtype=ctx.config.torch_dtype, check_inputs=False)
+        return fdp.Sampler(ctx.policy, ctx.scheduler, num_inference_steps=ctx.config.steps, backend=name,
+                           dtype=ctx.config.torch_dtype, check_inputs=False)
     except (ValueError, TypeError) as exc:
         raise Skip(str(exc)) from None
+
+
+def build_library(name: str, ctx: Context):
+    sampler = _library_sampler(name, ctx)
     run = torch.no_grad()(_sampler_runner(sampler, ctx.inputs))
     run.kernel_only = lambda: _replay_alone(sampler)
+    return run
+
+
+def build_static(name: str, ctx: Context):
+    """A backend's static call, given each input set's noise (copied into its buffers, as the features
+    are): per call up to three copies and one graph replay on CUDA. Off CUDA only when named: there it
+    runs the library path's work without the Sampler's checks (``fdp bench --host`` times that)."""
+    base = name[:-len(STATIC_SUFFIX)]
+    if ctx.device.type != "cuda" and name not in ctx.explicit:
+        raise Skip("a static call off CUDA is the library path without its host checks: see fdp bench --host "
+                   f"(name {name!r} in --backends to time it anyway)")
+    sampler = _library_sampler(base, ctx)
+    call = sampler.prepare(ctx.inputs[0].cond.shape[0], draw_noise=False)
+
+    def run(idx: int):
+        inp = ctx.inputs[idx]
+        call.x_T.copy_(inp.x_T)
+        if call.step_noise is not None:
+            call.step_noise.copy_(inp.step_noise)
+        return call(inp.cond)
+
+    run = torch.no_grad()(run)
+    run.kernel_only = lambda: (lambda _idx: call._graph.replay()) if call.graphed else None
     return run
 
 
@@ -370,4 +401,6 @@ def build(name: str, ctx: Context):
         return build_compiled(ctx, "max-autotune")
     if name == "cuda-graph":
         return build_cuda_graph(ctx)
+    if name.endswith(STATIC_SUFFIX):
+        return build_static(name, ctx)
     return build_library(name, ctx)

@@ -29,6 +29,7 @@ from fdp.profiling import enable_nvtx, nvtx_range
 
 from . import paths as P
 from .cases import NATIVE_PATHS, Config, build_grid, expand_backends
+from .paths import STATIC_SUFFIX
 from .report import environment, now, default_out, print_table, write_json, write_plots
 from .roofline import floor_us, measure_device, step_cost
 from .timing import count_launches, measure, summarize
@@ -204,7 +205,9 @@ def _run(opts: Options, device: torch.device):
         enable_nvtx(True)
     grid = build_grid(opts.quick, components=opts.component, K=opts.K, batch=opts.batch, steps=opts.steps,
                       dtype=opts.dtype, backends=opts.backends, device=device)
-    library = [n for n in fdp.backends.backend_names() if n != "torch"]
+    backends = [n for n in fdp.backends.backend_names() if n != "torch"]
+    # Each backend, then each backend's static call (sampler.prepare: one graph replay per call on CUDA).
+    library = backends + [f"{n}{STATIC_SUFFIX}" for n in backends]
     names, explicit = expand_backends(grid.backends, library)
     availability = fdp.available_backends(device)
     repeats = opts.repeats or (20 if opts.quick else 50)
