@@ -214,9 +214,17 @@ def test_unsaturated_protocol_quick(tmp_path, simulator):
     import run_all
 
     out, png = tmp_path / "quick.json", tmp_path / "quick.png"
-    run_all.main(["--quick", "--jobs", "1", "--no-progress", "--cache-dir", str(tmp_path), "--out", str(out),
-                  "--plot", str(png), "--adapt"])
+    common = ["--quick", "--jobs", "1", "--no-progress", "--cache-dir", str(tmp_path), "--out", str(out)]
+    run_all.main(common)
+    first = json.loads(out.read_text())
+    assert "adaptation_runs" not in first
+    # --resume keeps the gate and every finished run, and runs only what is new (here: --adapt)
+    run_all.main(common + ["--plot", str(png), "--adapt", "--resume"])
     r = json.loads(out.read_text())
+    assert r["runs"] == first["runs"] and r["gate"] == first["gate"]
+    assert r["wall_time_s"]["before_resume"] == first["wall_time_s"]["total"]
+    with pytest.raises(SystemExit, match="another configuration"):
+        run_all.main(common + ["--resume", "--seeds", "0", "1", "2"])
     q = up.QUICK
     assert r["protocol"] == "unsaturated" and r["quick"] and r["config"]["task_id"] is False
     assert r["gate"]["demos_used"] in (q["n_demos"], q["fallback_demos"]) and r["gate"]["range"] == list(up.GATE)

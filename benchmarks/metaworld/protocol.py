@@ -381,6 +381,21 @@ def summarize_adaptation(res: dict, cfg: Config) -> None:
 
 # -- the run ---------------------------------------------------------------------------------------------
 
+def _resumable(out: str, res: dict) -> dict | None:
+    """The results already in ``out`` when they were made with this configuration (None: no file)."""
+    if not os.path.exists(out):
+        return None
+    with open(out) as fh:
+        previous = json.load(fh)
+    ignore = ("n_demos_used", "adapt")
+    mine = {k: v for k, v in json.loads(json.dumps(res["config"])).items() if k not in ignore}
+    theirs = {k: v for k, v in previous.get("config", {}).items() if k not in ignore}
+    if previous.get("protocol") != res["protocol"] or mine != theirs or "n_demos_used" not in previous["config"]:
+        raise SystemExit(f"--resume: {out} holds results of another configuration (or no finished gate); "
+                         "choose another --out")
+    return previous
+
+
 def _key(arm, lr, seed):
     return f"{arm}|lr{lr:g}|s{seed}"
 
@@ -440,6 +455,11 @@ def main(argv=None):
     ap.add_argument("--plot", default=None, help="also write the per-task success plot (PNG) here")
     ap.add_argument("--adapt", action="store_true", help="then adapt each arm to the held-out tasks with each "
                     "method of ADAPT_METHODS (not in the 75-minute budget)")
+    ap.add_argument("--adapt-seeds", type=int, nargs="+", default=None,
+                    help="with --adapt: adapt only these seeds' checkpoints (default: every seed)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep what the results JSON (--out) already holds for this configuration (the gate, every "
+                         "finished run and adaptation) and run only the rest, e.g. --adapt after a finished run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     kw = dict(QUICK) if args.quick else {}
@@ -496,9 +516,19 @@ def main(argv=None):
         p = build_policy(arm, cfg)
         res["params"][arm] = {"K": p.num_components, "hidden": p.components[0].hidden_dim, "params": mw.num_params(p)}
 
+    previous = _resumable(out, res) if args.resume else None
+    if previous is not None:
+        for key in ("gate", "normalizer", "runs", "seed0_by_lr", "chosen_lr", "adaptation_runs"):
+            if key in previous:
+                res[key] = previous[key]
+        res["config"]["n_demos_used"] = n_demos = previous["config"]["n_demos_used"]
+        for key in ("demos", "runs", "adaptation"):
+            if key in previous["wall_time_s"]:
+                res["wall_time_s"][key] = previous["wall_time_s"][key]
+        res["wall_time_s"]["before_resume"] = previous["wall_time_s"].get("total")
+        log(f"== resuming {out}: {len(res['runs'])} runs and {len(res.get('adaptation_runs', {}))} adaptations kept")
     # Calibration gate: the monolithic arm's seed-0 run at lrs[0].
-    n_demos = cfg.n_demos
-    for attempt in (cfg.n_demos, cfg.fallback_demos):
+    for attempt in (() if previous is not None else (cfg.n_demos, cfg.fallback_demos)):
         n_demos = attempt
         t = mw.timer()
         log(f"== demos: {n_demos} per task ({len(cfg.tasks)} tasks)")
@@ -512,12 +542,13 @@ def main(argv=None):
         log(f"   gate at {n_demos} demos: {r['mean_success']:.3f} ({verdict} {cfg.gate})")
         if verdict != "above" or attempt == cfg.fallback_demos:
             break
-    res["gate"].update(range=list(cfg.gate), demos_used=n_demos, passed=verdict == "in",
-                       note={"in": "the arms run on this demo count",
-                             "below": "below the gate: the arms run anyway, the results are read with that in mind",
-                             "above": "above the gate even with the fallback demo count: the arms run anyway"}[verdict])
-    res["config"]["n_demos_used"] = n_demos
-    record(r)
+    if previous is None:
+        res["gate"].update(range=list(cfg.gate), demos_used=n_demos, passed=verdict == "in", note={
+            "in": "the arms run on this demo count",
+            "below": "below the gate: the arms run anyway, the results are read with that in mind",
+            "above": "above the gate even with the fallback demo count: the arms run anyway"}[verdict])
+        res["config"]["n_demos_used"] = n_demos
+        record(r)
 
     def jobs_for(pairs):
         return [{"cfg": cfg, "arm": a, "lr": lr, "seed": s, "n_demos": n_demos} for a, lr, s in pairs]
@@ -547,7 +578,8 @@ def main(argv=None):
     run_all_jobs(jobs_for([(a, lr, s0) for a in ARMS for lr in cfg.lrs if _key(a, lr, s0) not in res["runs"]]))
     summarize(res, cfg)
     log("== chosen lr per arm (seed 0): " + ", ".join(f"{a} {lr:g}" for a, lr in res["chosen_lr"].items()))
-    run_all_jobs(jobs_for([(a, res["chosen_lr"][a], s) for s in cfg.seeds[1:] for a in ARMS]))
+    run_all_jobs(jobs_for([(a, res["chosen_lr"][a], s) for s in cfg.seeds[1:] for a in ARMS
+                           if _key(a, res["chosen_lr"][a], s) not in res["runs"]]))
     write()
     if args.adapt:
         log(f"== adaptation to {', '.join(cfg.adapt_tasks)}")
@@ -556,8 +588,11 @@ def main(argv=None):
                                   "factorized_trainable_budget": factorized_budget(cfg)}
         Data(cfg, n_demos, log=log)
         mw.get_demos(cfg.cache_dir, list(cfg.adapt_tasks), n_demos, log=log)
-        run_all_jobs(jobs_for([(a, res["chosen_lr"][a], s) for s in cfg.seeds for a in ARMS]), run_adapt_job,
-                     record_adaptation)
+        seeds = [s for s in cfg.seeds if args.adapt_seeds is None or s in args.adapt_seeds]
+        res["config"]["adapt"]["seeds"] = seeds
+        done = res.get("adaptation_runs", {})
+        run_all_jobs(jobs_for([(a, res["chosen_lr"][a], s) for s in seeds for a in ARMS
+                               if _key(a, res["chosen_lr"][a], s) not in done]), run_adapt_job, record_adaptation)
     if args.plot:
         import report
 
