@@ -207,15 +207,17 @@ __device__ __forceinline__ void stage_f32(float* dst, int dst_stride, const floa
   const bool v4 = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
                     static_cast<uintptr_t>(src_stride * 4) | static_cast<uintptr_t>(dst_stride * 4) |
                     static_cast<uintptr_t>(cols * 4)) & 15) == 0;
+  // One-row copies (the step vectors and coefficients the persistent kernel prefetches every step)
+  // skip the division.
   if (v4) {
     const int c4 = cols / 4;
     for (int e = tid; e < rows * c4; e += kThreads) {
-      const int i = e / c4, c = (e - i * c4) * 4;
+      const int i = rows == 1 ? 0 : e / c4, c = (e - i * c4) * 4;
       cp_async16(dst + i * dst_stride + c, src + i * src_stride + c);
     }
   } else {
     for (int e = tid; e < rows * cols; e += kThreads) {
-      const int i = e / cols, c = e - i * cols;
+      const int i = rows == 1 ? 0 : e / cols, c = e - i * cols;
       cp_async4(dst + i * dst_stride + c, src + i * src_stride + c);
     }
   }
@@ -265,6 +267,27 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
     }
   }
   for (int e = tid; e < (sl.rows - sl.in) * sl.stride; e += kThreads) dst[sl.in * sl.stride + e] = W(0.0f);
+}
+
+// Elements first, first + stride, first + 2 stride, ... of a rows x width block as (row, column),
+// with the divisions done once (per launch) instead of per element: a step adds stride / width rows
+// and stride % width columns, and a column past the width carries into the next row.
+struct RowWalk {
+  int b0, c0, db, dc;
+  FDP_HD RowWalk(int first, int stride, int width)
+      : b0(first / width), c0(first % width), db(stride / width), dc(stride % width) {}
+};
+
+// f(b, c) for every element of the walk in the first `rows` rows (`width` as the walk was made with).
+template <class F>
+__device__ __forceinline__ void walk_rows(const RowWalk& w, int rows, int width, F&& f) {
+  for (int b = w.b0, c = w.c0; b < rows; b += w.db, c += w.dc) {
+    if (c >= width) {
+      c -= width;
+      if (++b >= rows) break;
+    }
+    f(b, c);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
