@@ -295,9 +295,10 @@ __device__ __forceinline__ void walk_rows(const RowWalk& w, int rows, int width,
 //
 // Blocks of a cluster hand data to each other by pushing it (sm_90): st.async writes 4 bytes into
 // a peer's shared memory and then counts them off the transaction count of an mbarrier in that
-// peer. The receiver arrives once per exchange on its own mbarrier with the number of bytes the
-// exchange brings (arrive.expect_tx; the count may go negative first, as PTX allows) and waits for
-// the phase to complete. Completion has release semantics at cluster scope for the counted stores
+// peer. The receiver arrives on its own mbarrier with the number of bytes the exchange brings
+// (arrive.expect_tx; the count may go negative first, as PTX allows) and waits for the phase to
+// complete (run_tile: every thread of the block arrives on the team exchanges' mbarriers, and every
+// warp waits itself). Completion has release semantics at cluster scope for the counted stores
 // (PTX: st.async is a weak store whose complete-tx is .release at .cluster scope), so the waiting
 // threads see the data without a cluster-wide barrier or fence. PTX does not say that it also
 // orders the writer's EARLIER reads; the kernels rely on data dependence instead: a warp that
@@ -363,6 +364,19 @@ __device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes
 #else
   (void)bar;
   (void)bytes;
+  (void)parity;
+  __trap();
+#endif
+}
+
+// An arrival without transactions; releases the caller's earlier memory operations (CTA scope) to
+// the threads that see the phase complete.
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)parity;
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#else
+  (void)bar;
   (void)parity;
   __trap();
 #endif

@@ -64,9 +64,10 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   const W* w_b = static_cast<const W*>(a.w_b);
   const W* w_out = static_cast<const W*>(a.w_out);
 
-  // One arrival (thread 0's arrive.expect_tx) per phase; peers' writes count as transactions.
+  // Peers' writes count as transactions. Arrivals per phase: every thread of the block on the team
+  // exchanges' mbarriers (team_done says why), thread 0 alone on the combine's.
   if (S > 1 && tid == 0) {
-    for (int i = 0; i < kNumBars; ++i) mbar_init(bars + i, 1);
+    for (int i = 0; i < kNumBars; ++i) mbar_init(bars + i, i < kBarPart ? kThreads : 1);
     mbar_init_fence();
   }
 
@@ -185,21 +186,39 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
       st_async(cluster_addr(p, team_base + pr), y, cluster_addr(bars + (xq & 1), team_base + pr), par);
     }
   };
-  // Thread 0 waits, acquiring the peers' stores at cluster scope; the block barrier passes them on
-  // to the other threads with this block's own stores (one L1 invalidation per block, not per warp).
+  // The end of an exchange, without a block barrier: every thread arrives on the exchange's mbarrier
+  // (thread 0's arrival also announces the bytes the peers push) and every warp waits for the phase
+  // itself, so each resumes as soon as the phase completes instead of after thread 0 has seen it and
+  // a __syncthreads has passed it on. What the waiting threads may then read, and why:
+  //  - the peers' values: each st.async's complete_tx is a release at cluster scope on this mbarrier,
+  //    and the waiter's try_wait.parity.acquire.cluster that sees the phase complete acquires them;
+  //  - this block's own values (plain shared stores of other warps) and the weight slices other
+  //    threads' cp.async waits (next_ready) completed: every thread's arrive is a release (.cta) after
+  //    them in its program order, and the phase completes only with all kThreads arrivals, so the
+  //    same acquire orders them before the waiter's reads;
+  //  - reuse of the buffer the next exchange writes (this exchange's input): a thread arrives after
+  //    its reads of it, so no thread of this block writes it (in the next phase, after this wait)
+  //    while another is still reading it. Peers' writes into it follow the argument above.
+  // The cost: each warp's acquire.cluster invalidates L1 (CCTL.IVALL), 8 per block instead of 1;
+  // the kernel's shared-memory data is not in L1, only weights read from L2 are.
   auto team_done = [&]() {
-    if (R > 1 && tid == 0) {
+    if (R > 1) {
       const unsigned par = (xq >> 1) & 1;
       uint64_t* bar = bars + (xq & 1);
-      if (ncols == 0)
-        for (int q = 1, pr = r; q < R; ++q) {
-          pr = pr + 1 == R ? 0 : pr + 1;
-          st_async(cluster_addr(tok + (xq & 1), team_base + pr), 0.f, cluster_addr(bar, team_base + pr), par);
-        }
-      mbar_arrive_expect(bar, team_in, par);
+      if (tid == 0) {
+        if (ncols == 0)
+          for (int q = 1, pr = r; q < R; ++q) {
+            pr = pr + 1 == R ? 0 : pr + 1;
+            st_async(cluster_addr(tok + (xq & 1), team_base + pr), 0.f, cluster_addr(bar, team_base + pr), par);
+          }
+        mbar_arrive_expect(bar, team_in, par);
+      } else {
+        mbar_arrive(bar, par);
+      }
       mbar_wait(bar, par);
+    } else {
+      __syncthreads();
     }
-    __syncthreads();
     ++xq;
   };
   // Partials of the in-cluster combine: every block pushes its rows x its columns of W_out into
@@ -372,9 +391,12 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
               st_async(cluster_addr(tok + kBarPart + par, pr), 0.f, cluster_addr(bar, pr), bpar);
             }
           mbar_arrive_expect(bar, part_in, bpar);
-          mbar_wait(bar, bpar);
         }
-        __syncthreads();
+        // Every warp waits itself (thread 0 alone arrives): the combine below reads only the peers'
+        // partials, acquired by each thread's wait as in team_done, and this block's own slot, whose
+        // writes (the W_out epilogues, or the zeroing at the step's start) a block barrier has
+        // already ordered before this point.
+        mbar_wait(bar, bpar);
       }
       // Every block of the cluster computes the tile's new x from the groups' partials.
       const bool last = step + 1 == step_end;

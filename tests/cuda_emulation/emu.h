@@ -26,7 +26,10 @@
 //     arrive.expect_tx, to prove that a wrong byte count is caught;
 //     FDP_EMU_LAG_US delays every arrival of the cluster's last block by that
 //     many microseconds, so that the others run ahead of it as far as the
-//     protocol lets them;
+//     protocol lets them; FDP_EMU_WARP_LAG_US delays warp 0 of that block after
+//     every wait, so that the block's other warps run ahead of it (the team
+//     exchanges have no block barrier: every thread arrives, every warp waits);
+//     more arrivals in one phase than the mbarrier's count abort too;
 //   - cluster addresses (mapa) encode rank and offset; addresses outside
 //     shared memory or ranks outside the cluster abort.
 #pragma once
@@ -112,6 +115,7 @@ inline long env_long(const char* name, long dflt) {
 inline const long kHangSeconds = env_long("FDP_EMU_HANG_S", 120);
 inline const long kTxSkew = env_long("FDP_EMU_TX_SKEW", 0);
 inline const long kLagUs = env_long("FDP_EMU_LAG_US", 0);
+inline const long kWarpLagUs = env_long("FDP_EMU_WARP_LAG_US", 0);
 constexpr long long kTxLimit = (1 << 20) - 1;  // PTX: the tx-count range of an mbarrier
 
 // Offset of p in this block's shared memory, checked to hold `bytes` bytes.
@@ -220,22 +224,34 @@ inline void mbar_init(uint64_t* bar, unsigned count) {
 
 inline void mbar_init_fence() {}
 
-// `parity`: the phase the caller means to arrive in (the GPU ignores it; here it must be the current one).
-inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
-  const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.arrive");
+// One arrival on the mbarrier at `bar` with `tx` expected transaction bytes. `parity`: the phase the
+// caller means to arrive in (the GPU ignores it; here it must be the current one).
+inline void mbar_arrive_tx(uint64_t* bar, long long tx, unsigned parity, const char* what) {
+  const std::ptrdiff_t off = emu::smem_offset(bar, 8, what);
   emu::Block& b = *emu::t_block;
   // A late receiver: its peers may be pushing the next exchange before it arrives for this one.
   if (emu::kLagUs > 0 && b.rank + 1 == static_cast<int>(emu::t_cluster->blocks.size()))
     std::this_thread::sleep_for(std::chrono::microseconds(emu::kLagUs));
   std::lock_guard<std::mutex> lk(b.mu);
-  emu::MBar& m = emu::mbar_at(b, off, "arrive.expect_tx");
+  emu::MBar& m = emu::mbar_at(b, off, what);
   if ((m.phase & 1) != parity)
-    emu::dief("mbarrier (block rank %d, offset %td): arrive.expect_tx for phase parity %u, but phase %u is current",
-              b.rank, off, parity, m.phase);
-  m.tx += static_cast<long long>(bytes) + emu::kTxSkew;
+    emu::dief("mbarrier (block rank %d, offset %td): %s for phase parity %u, but phase %u is current", b.rank, off,
+              what, parity, m.phase);
+  // More arrivals than the count in one phase (a thread arriving twice, or a count too small): on the
+  // GPU the surplus would complete a later phase early.
+  if (m.pending == 0)
+    emu::dief("mbarrier (block rank %d, offset %td): %s beyond the %d arrivals of phase %u", b.rank, off, what,
+              m.count, m.phase);
+  m.tx += tx;
   --m.pending;
   emu::mbar_settle(b, off, m);
 }
+
+inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
+  mbar_arrive_tx(bar, static_cast<long long>(bytes) + emu::kTxSkew, parity, "arrive.expect_tx");
+}
+
+inline void mbar_arrive(uint64_t* bar, unsigned parity) { mbar_arrive_tx(bar, 0, parity, "arrive"); }
 
 inline void mbar_wait(uint64_t* bar, unsigned parity) {
   const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.try_wait");
@@ -248,6 +264,16 @@ inline void mbar_wait(uint64_t* bar, unsigned parity) {
       emu::dief("mbarrier (block rank %d, offset %td): phase %u (parity %u) not complete after %ld s: %d of %d "
                 "arrivals and %lld transaction bytes missing",
                 b.rank, off, m.phase, parity, emu::kHangSeconds, m.pending, m.count, m.tx);
+  }
+  // A late warp: in the cluster's last block, warp 0 (the one that has columns whenever any has)
+  // resumes this long after each completed wait, so that the block's other warps run ahead of it as
+  // far as the protocol lets them; a protocol that does not hold them back (an exchange that
+  // completes without this warp's arrival) lets them read its columns before it stores them, or
+  // overwrite the buffer it still reads.
+  if (emu::kWarpLagUs > 0 && b.rank + 1 == static_cast<int>(emu::t_cluster->blocks.size()) &&
+      (threadIdx.x >> 5) == 0) {
+    lk.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(emu::kWarpLagUs));
   }
 }
 
