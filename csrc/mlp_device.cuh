@@ -322,6 +322,23 @@ __device__ __forceinline__ void cluster_sync_or_block(int S) {
   __syncthreads();
 }
 
+// The cluster barrier before exit (S > 1), with a relaxed arrive: it only keeps every block alive
+// until no st.async into it can be in flight (run_tile says why that holds once all have arrived), a
+// fact each block learned from its own mbarriers before arriving, not from memory the barrier would
+// have to order. A release arrive (this_cluster().sync()) costs a MEMBAR.ALL.GPU first, which waits
+// for the block's outstanding global stores (the last step's x) for nobody: no thread reads anything
+// after this barrier, and the kernel's end makes those stores visible.
+__device__ __forceinline__ void cluster_exit_sync(int S) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (S > 1) {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  }
+#else
+  if (S > 1) __trap();  // a cluster launch of a binary built without cluster support
+#endif
+}
+
 // The shared::cluster address of `p` (this block's shared memory) in cluster rank `rank`.
 __device__ __forceinline__ unsigned cluster_addr(const void* p, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -445,8 +445,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   // has waited for, but its own last pushes to slower peers may still be in flight, and PTX does
   // not say that a block may exit with st.async outstanding. Every block reaches this point only
   // after its last wait completed, i.e. after every push into it landed; so once all have arrived,
-  // no push in the cluster is in flight. (Once per launch, not per phase.)
-  if (S > 1) cluster_sync_or_block(S);
+  // no push in the cluster is in flight. (Once per launch, not per phase.) Nothing is read after it,
+  // so its arrive is relaxed (cluster_exit_sync).
+  if (S > 1) cluster_exit_sync(S);
 }
 
 // The entry point for a weight type, tile rows and tensor cores, or nullptr where none is built (tensor

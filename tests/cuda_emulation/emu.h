@@ -94,6 +94,7 @@ inline thread_local Cluster* t_cluster = nullptr;
 inline thread_local Dim t_tid, t_bid;
 inline thread_local unsigned t_shfl_count = 0;  // shuffles this lane has made (buffer parity)
 inline thread_local unsigned t_mma_count = 0;   // likewise for mma
+inline thread_local bool t_exiting = false;     // past the relaxed arrive of the exit cluster barrier
 
 inline unsigned char* block_smem() { return t_block->smem.data(); }
 inline int& block_s_last() { return t_block->s_last; }
@@ -162,7 +163,19 @@ inline void thread_exit() {
 #define threadIdx (emu::t_tid)
 #define blockIdx (emu::t_bid)
 
-inline void __syncthreads() { emu::t_block->bar->arrive_and_wait(); }
+namespace emu {
+// A relaxed cluster arrive orders none of the thread's earlier memory operations for the others, so
+// the kernel may use one only where nothing passes data after it: the exit barrier. A thread that
+// synchronises or communicates after it aborts.
+inline void check_not_exiting(const char* what) {
+  if (t_exiting) dief("%s after the relaxed arrive of the exit cluster barrier", what);
+}
+}  // namespace emu
+
+inline void __syncthreads() {
+  emu::check_not_exiting("__syncthreads");
+  emu::t_block->bar->arrive_and_wait();
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __trap() { emu::die("__trap"); }
 inline float __uint_as_float(unsigned u) { return emu::flt(u); }
@@ -179,6 +192,7 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_S
 // second time: a lane can only reuse a buffer after the next warp barrier,
 // which every lane reaches only after finishing its read of that buffer.
 inline float __shfl_xor_sync(unsigned, float v, int off) {
+  emu::check_not_exiting("__shfl_xor_sync");
   const int lane = threadIdx.x & 31;
   emu::Warp& w = emu::t_block->warps[threadIdx.x >> 5];
   float* buf = w.f[emu::t_shfl_count++ & 1];
@@ -198,8 +212,17 @@ inline void cp_async_wait(int) {}
 inline void cp_async_commit() {}
 
 inline void cluster_sync_or_block(int S) {
+  emu::check_not_exiting("cluster barrier");
   if (S > 1) emu::t_cluster->bar->arrive_and_wait();
   else __syncthreads();
+}
+
+// barrier.cluster.arrive.relaxed + barrier.cluster.wait: the same rendezvous, after which the thread
+// must not synchronise or communicate again (emu::check_not_exiting).
+inline void cluster_exit_sync(int S) {
+  emu::check_not_exiting("cluster exit barrier");
+  emu::t_exiting = true;
+  if (S > 1) emu::t_cluster->bar->arrive_and_wait();
 }
 
 // mapa: a cluster address is (rank << 24) | offset. Aborts on a pointer that is not in this
@@ -227,6 +250,7 @@ inline void mbar_init_fence() {}
 // One arrival on the mbarrier at `bar` with `tx` expected transaction bytes. `parity`: the phase the
 // caller means to arrive in (the GPU ignores it; here it must be the current one).
 inline void mbar_arrive_tx(uint64_t* bar, long long tx, unsigned parity, const char* what) {
+  emu::check_not_exiting(what);
   const std::ptrdiff_t off = emu::smem_offset(bar, 8, what);
   emu::Block& b = *emu::t_block;
   // A late receiver: its peers may be pushing the next exchange before it arrives for this one.
@@ -254,6 +278,7 @@ inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
 inline void mbar_arrive(uint64_t* bar, unsigned parity) { mbar_arrive_tx(bar, 0, parity, "arrive"); }
 
 inline void mbar_wait(uint64_t* bar, unsigned parity) {
+  emu::check_not_exiting("mbarrier.try_wait");
   const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.try_wait");
   emu::Block& b = *emu::t_block;
   std::unique_lock<std::mutex> lk(b.mu);
@@ -281,6 +306,7 @@ inline void mbar_wait(uint64_t* bar, unsigned parity) {
 // `parity`: the receiver's phase the store belongs to (the GPU ignores it; here it must be current,
 // so a producer more than one phase ahead of its receiver aborts).
 inline void st_async(unsigned addr, float v, unsigned bar, unsigned parity) {
+  emu::check_not_exiting("st.async");
   const int rank = static_cast<int>(addr >> 24), brank = static_cast<int>(bar >> 24);
   const std::ptrdiff_t off = addr & 0xffffff, boff = bar & 0xffffff;
   if (rank != brank) emu::die("st.async data and mbarrier in different blocks");
