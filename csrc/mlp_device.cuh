@@ -207,15 +207,17 @@ __device__ __forceinline__ void stage_f32(float* dst, int dst_stride, const floa
   const bool v4 = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
                     static_cast<uintptr_t>(src_stride * 4) | static_cast<uintptr_t>(dst_stride * 4) |
                     static_cast<uintptr_t>(cols * 4)) & 15) == 0;
+  // One-row copies (the step vectors and coefficients the persistent kernel prefetches every step)
+  // skip the division.
   if (v4) {
     const int c4 = cols / 4;
     for (int e = tid; e < rows * c4; e += kThreads) {
-      const int i = e / c4, c = (e - i * c4) * 4;
+      const int i = rows == 1 ? 0 : e / c4, c = (e - i * c4) * 4;
       cp_async16(dst + i * dst_stride + c, src + i * src_stride + c);
     }
   } else {
     for (int e = tid; e < rows * cols; e += kThreads) {
-      const int i = e / cols, c = e - i * cols;
+      const int i = rows == 1 ? 0 : e / cols, c = e - i * cols;
       cp_async4(dst + i * dst_stride + c, src + i * src_stride + c);
     }
   }
@@ -267,14 +269,36 @@ __device__ void stage_slice(W* dst, const Slice& sl, const W* src, int ld, int n
   for (int e = tid; e < (sl.rows - sl.in) * sl.stride; e += kThreads) dst[sl.in * sl.stride + e] = W(0.0f);
 }
 
+// Elements first, first + stride, first + 2 stride, ... of a rows x width block as (row, column),
+// with the divisions done once (per launch) instead of per element: a step adds stride / width rows
+// and stride % width columns, and a column past the width carries into the next row.
+struct RowWalk {
+  int b0, c0, db, dc;
+  FDP_HD RowWalk(int first, int stride, int width)
+      : b0(first / width), c0(first % width), db(stride / width), dc(stride % width) {}
+};
+
+// f(b, c) for every element of the walk in the first `rows` rows (`width` as the walk was made with).
+template <class F>
+__device__ __forceinline__ void walk_rows(const RowWalk& w, int rows, int width, F&& f) {
+  for (int b = w.b0, c = w.c0; b < rows; b += w.db, c += w.dc) {
+    if (c >= width) {
+      c -= width;
+      if (++b >= rows) break;
+    }
+    f(b, c);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cluster plumbing. S is the cluster size (1: no cluster, plain block barriers).
 //
 // Blocks of a cluster hand data to each other by pushing it (sm_90): st.async writes 4 bytes into
 // a peer's shared memory and then counts them off the transaction count of an mbarrier in that
-// peer. The receiver arrives once per exchange on its own mbarrier with the number of bytes the
-// exchange brings (arrive.expect_tx; the count may go negative first, as PTX allows) and waits for
-// the phase to complete. Completion has release semantics at cluster scope for the counted stores
+// peer. The receiver arrives on its own mbarrier with the number of bytes the exchange brings
+// (arrive.expect_tx; the count may go negative first, as PTX allows) and waits for the phase to
+// complete (run_tile: every thread of the block arrives on the team exchanges' mbarriers, and every
+// warp waits itself). Completion has release semantics at cluster scope for the counted stores
 // (PTX: st.async is a weak store whose complete-tx is .release at .cluster scope), so the waiting
 // threads see the data without a cluster-wide barrier or fence. PTX does not say that it also
 // orders the writer's EARLIER reads; the kernels rely on data dependence instead: a warp that
@@ -296,6 +320,23 @@ __device__ __forceinline__ void cluster_sync_or_block(int S) {
   if (S > 1) __trap();  // a cluster launch of a binary built without cluster support
 #endif
   __syncthreads();
+}
+
+// The cluster barrier before exit (S > 1), with a relaxed arrive: it only keeps every block alive
+// until no st.async into it can be in flight (run_tile says why that holds once all have arrived), a
+// fact each block learned from its own mbarriers before arriving, not from memory the barrier would
+// have to order. A release arrive (this_cluster().sync()) costs a MEMBAR.ALL.GPU first, which waits
+// for the block's outstanding global stores (the last step's x) for nobody: no thread reads anything
+// after this barrier, and the kernel's end makes those stores visible.
+__device__ __forceinline__ void cluster_exit_sync(int S) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (S > 1) {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  }
+#else
+  if (S > 1) __trap();  // a cluster launch of a binary built without cluster support
+#endif
 }
 
 // The shared::cluster address of `p` (this block's shared memory) in cluster rank `rank`.
@@ -340,6 +381,19 @@ __device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, unsigned bytes
 #else
   (void)bar;
   (void)bytes;
+  (void)parity;
+  __trap();
+#endif
+}
+
+// An arrival without transactions; releases the caller's earlier memory operations (CTA scope) to
+// the threads that see the phase complete.
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)parity;
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#else
+  (void)bar;
   (void)parity;
   __trap();
 #endif

@@ -64,9 +64,10 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   const W* w_b = static_cast<const W*>(a.w_b);
   const W* w_out = static_cast<const W*>(a.w_out);
 
-  // One arrival (thread 0's arrive.expect_tx) per phase; peers' writes count as transactions.
+  // Peers' writes count as transactions. Arrivals per phase: every thread of the block on the team
+  // exchanges' mbarriers (team_done says why), thread 0 alone on the combine's.
   if (S > 1 && tid == 0) {
-    for (int i = 0; i < kNumBars; ++i) mbar_init(bars + i, 1);
+    for (int i = 0; i < kNumBars; ++i) mbar_init(bars + i, i < kBarPart ? kThreads : 1);
     mbar_init_fence();
   }
 
@@ -179,38 +180,72 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   auto team_put = [&](float* p, float y) {
     *p = y;
     const unsigned par = (xq >> 1) & 1;
+    int pr = r;  // the peers r + 1, r + 2, ... (mod R), wrapped by a compare: no division per store
     for (int q = 1; q < R; ++q) {
-      const int rank = team_base + (r + q) % R;
-      st_async(cluster_addr(p, rank), y, cluster_addr(bars + (xq & 1), rank), par);
+      pr = pr + 1 == R ? 0 : pr + 1;
+      st_async(cluster_addr(p, team_base + pr), y, cluster_addr(bars + (xq & 1), team_base + pr), par);
     }
   };
-  // Thread 0 waits, acquiring the peers' stores at cluster scope; the block barrier passes them on
-  // to the other threads with this block's own stores (one L1 invalidation per block, not per warp).
+  // The end of an exchange, without a block barrier: every thread arrives on the exchange's mbarrier
+  // (thread 0's arrival also announces the bytes the peers push) and every warp waits for the phase
+  // itself, so each resumes as soon as the phase completes instead of after thread 0 has seen it and
+  // a __syncthreads has passed it on. What the waiting threads may then read, and why:
+  //  - the peers' values: each st.async's complete_tx is a release at cluster scope on this mbarrier,
+  //    and the waiter's try_wait.parity.acquire.cluster that sees the phase complete acquires them;
+  //  - this block's own values (plain shared stores of other warps) and the weight slices other
+  //    threads' cp.async waits (next_ready) completed: every thread's arrive is a release (.cta) after
+  //    them in its program order, and the phase completes only with all kThreads arrivals, so the
+  //    same acquire orders them before the waiter's reads;
+  //  - reuse of the buffer the next exchange writes (this exchange's input): a thread arrives after
+  //    its reads of it, so no thread of this block writes it (in the next phase, after this wait)
+  //    while another is still reading it. Peers' writes into it follow the argument above.
+  // The cost: each warp's acquire.cluster invalidates L1 (CCTL.IVALL), 8 per block instead of 1;
+  // the kernel's shared-memory data is not in L1, only weights read from L2 are.
   auto team_done = [&]() {
-    if (R > 1 && tid == 0) {
+    if (R > 1) {
       const unsigned par = (xq >> 1) & 1;
       uint64_t* bar = bars + (xq & 1);
-      if (ncols == 0)
-        for (int q = 1; q < R; ++q) {
-          const int rank = team_base + (r + q) % R;
-          st_async(cluster_addr(tok + (xq & 1), rank), 0.f, cluster_addr(bar, rank), par);
-        }
-      mbar_arrive_expect(bar, team_in, par);
+      if (tid == 0) {
+        if (ncols == 0)
+          for (int q = 1, pr = r; q < R; ++q) {
+            pr = pr + 1 == R ? 0 : pr + 1;
+            st_async(cluster_addr(tok + (xq & 1), team_base + pr), 0.f, cluster_addr(bar, team_base + pr), par);
+          }
+        mbar_arrive_expect(bar, team_in, par);
+      } else {
+        mbar_arrive(bar, par);
+      }
       mbar_wait(bar, par);
+    } else {
+      __syncthreads();
     }
-    __syncthreads();
     ++xq;
   };
   // Partials of the in-cluster combine: every block pushes its rows x its columns of W_out into
   // slot gl of every block of the cluster (a token when it has no columns).
   const int part_in = p.gpc * (peer_bytes(nrows, D, p.ds, R, r) + rank_bytes(nrows, D, p.ds, r)) -
                       rank_bytes(nrows, D, p.ds, r);
+  // Who pushes what in that combine, divided out once per launch. Push e = i * (S - 1) + j sends
+  // value i of the nrows x dcols partial to rank crank + 1 + j (mod S); the threads t < P = pv * (S - 1)
+  // (pv = kThreads / (S - 1)) take pushes t, t + P, t + 2P, ..., so a thread keeps its peer j = t % (S - 1)
+  // in every round and its value index grows by pv: a round costs additions and compares, not the
+  // four integer divisions (e / (S - 1), % S, i / dcols, i % dcols) each push would otherwise take.
+  const int s1 = imax(S - 1, 1), pv = kThreads / s1, dcl = imax(dcols, 1);
+  const bool pusher = tid < pv * s1;
+  const int push_rank = (crank + 1 + tid % s1) % S;
+  const RowWalk push_walk(tid / s1, pv, dcl);
+  // This thread's elements of the per-step loops over the partial (nrows x dcols) and x (nrows x D).
+  const RowWalk acc_walk(tid, kThreads, dcl), x_walk(tid, kThreads, D);
+
+  // Row strides of the resident slices (W_in, the hidden matrices, W_out), not worked out per phase.
+  const int ld_first = slice_geom(0, D, H, L, p).stride, ld_hidden = slice_geom(1, D, H, L, p).stride,
+            ld_last = slice_geom(nq - 1, D, H, L, p).stride;
 
   for (int step = step_begin; step < step_end; ++step) {
     const int par = (step - step_begin) & 1;
     // This block's part of its group's slot of the partials: acc[b * pst + c] for its column d0 + c.
     float* acc = part_buf(par) + gl * BT * lay.pst + (global_combine ? 0 : d0);
-    for (int e = tid; e < nrows * dcols; e += kThreads) acc[(e / dcols) * lay.pst + e % dcols] = 0.f;
+    if (dcols > 0) walk_rows(acc_walk, nrows, dcols, [&](int b, int c) { acc[b * lay.pst + c] = 0.f; });
     if (step == step_begin) {
       as.wait_for(g_init);
       as.wait_for(g_init + 1);
@@ -247,7 +282,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         const int off = woff[sbase + q];
         res = off >= 0;
         if (res) {
-          ld = slice_geom(q, D, H, L, p).stride;
+          ld = q == 0 ? ld_first : q == nq - 1 ? ld_last : ld_hidden;
           return reinterpret_cast<const W*>(wbase + off);
         }
         ld = gld;
@@ -342,28 +377,33 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
         uint64_t* bar = bars + kBarPart + par;
         const unsigned bpar = ((step - step_begin) >> 1) & 1;
         const int n = nrows * dcols;
-        for (int e = tid; e < n * (S - 1); e += kThreads) {
-          const int i = e / (S - 1), rank = (crank + 1 + e - i * (S - 1)) % S;
-          float* src = acc + (i / dcols) * lay.pst + i % dcols;
-          st_async(cluster_addr(src, rank), *src, cluster_addr(bar, rank), bpar);
+        if (pusher && n > 0) {
+          const unsigned pbar = cluster_addr(bar, push_rank);
+          walk_rows(push_walk, nrows, dcols, [&](int b, int c) {
+            float* src = acc + b * lay.pst + c;
+            st_async(cluster_addr(src, push_rank), *src, pbar, bpar);
+          });
         }
         if (tid == 0) {
           if (n == 0)
-            for (int q = 1; q < S; ++q)
-              st_async(cluster_addr(tok + kBarPart + par, (crank + q) % S), 0.f,
-                       cluster_addr(bar, (crank + q) % S), bpar);
+            for (int q = 1, pr = crank; q < S; ++q) {
+              pr = pr + 1 == S ? 0 : pr + 1;
+              st_async(cluster_addr(tok + kBarPart + par, pr), 0.f, cluster_addr(bar, pr), bpar);
+            }
           mbar_arrive_expect(bar, part_in, bpar);
-          mbar_wait(bar, bpar);
         }
-        __syncthreads();
+        // Every warp waits itself (thread 0 alone arrives): the combine below reads only the peers'
+        // partials, acquired by each thread's wait as in team_done, and this block's own slot, whose
+        // writes (the W_out epilogues, or the zeroing at the step's start) a block barrier has
+        // already ordered before this point.
+        mbar_wait(bar, bpar);
       }
       // Every block of the cluster computes the tile's new x from the groups' partials.
       const bool last = step + 1 == step_end;
       const bool noisy = a.noise != nullptr && coef[abi::kColAddsNoise] != 0.f;
       const float* nz = noise_buf(par);
       const float* part = part_buf(par);
-      for (int o = tid; o < nrows * D; o += kThreads) {
-        const int b = o / D, d = o - b * D;
+      walk_rows(x_walk, nrows, D, [&](int b, int d) {
         float e = 0.f;
         for (int gg = 0; gg < p.gpc; ++gg) e += part[(gg * BT + b) * lay.pst + d];
         float z = 0.f;
@@ -373,7 +413,7 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
                                  sched_update(xs[b * lay.xst + d], e, z, coef, a.clip, a.clip_range));
         xs[b * lay.xst + d] = xn;
         if (last && crank == 0) a.x_out[static_cast<size_t>(row0 + b) * D + d] = xn;
-      }
+      });
       __syncthreads();
     } else if constexpr (!PERSISTENT) {
       // Publish this block's partial, then the tile's last arriving block applies the update.
@@ -405,8 +445,9 @@ __device__ __forceinline__ void run_tile(const Args& a, const Plan& p, int step_
   // has waited for, but its own last pushes to slower peers may still be in flight, and PTX does
   // not say that a block may exit with st.async outstanding. Every block reaches this point only
   // after its last wait completed, i.e. after every push into it landed; so once all have arrived,
-  // no push in the cluster is in flight. (Once per launch, not per phase.)
-  if (S > 1) cluster_sync_or_block(S);
+  // no push in the cluster is in flight. (Once per launch, not per phase.) Nothing is read after it,
+  // so its arrive is relaxed (cluster_exit_sync).
+  if (S > 1) cluster_exit_sync(S);
 }
 
 // The entry point for a weight type, tile rows and tensor cores, or nullptr where none is built (tensor

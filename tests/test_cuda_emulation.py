@@ -348,6 +348,20 @@ def test_late_receiver_does_not_break_the_exchanges(driver, problems, cfg):
     _run_driver(driver, problems, name, kind, plan, FDP_EMU_LAG_US="2000000")
 
 
+@pytest.mark.parametrize("cfg", [("narrow", PERSISTENT, 1, 0, 4, 2, 2, SMEM_H100),  # S=8, a rank without columns
+                                 ("target", PERSISTENT, 1, 0, 2, 1, 1, 60000)],    # S=2, 256 hidden columns
+                         ids=["narrow", "target"])
+def test_late_warp_does_not_break_the_exchanges(driver, problems, cfg):
+    """In the cluster's last block, warp 0 resumes 50 ms after each mbarrier wait
+    (FDP_EMU_WARP_LAG_US), so the block's other warps run ahead of it as far as the team exchanges
+    let them. The exchanges have no block barrier: every thread arrives on the mbarrier and every warp
+    waits itself, so a phase must not complete without the late warp's arrival. A protocol where
+    thread 0 alone arrives and the warps wait without a block barrier fails here: the others read
+    the late warp's columns before it stores them and overwrite the buffer it still reads."""
+    name, kind, *plan = cfg
+    _run_driver(driver, problems, name, kind, plan, FDP_EMU_WARP_LAG_US="50000")
+
+
 @pytest.mark.parametrize("skew", [4, -4])
 @pytest.mark.parametrize("cfg", [("target", PERSISTENT, 1, 0, 2, 1, 1, 60000),  # team and combine exchanges
                                  ("fixed", PERSISTENT, 1, 0, 1, 3, 3, SMEM_H100)],  # the combine's only

@@ -26,7 +26,10 @@
 //     arrive.expect_tx, to prove that a wrong byte count is caught;
 //     FDP_EMU_LAG_US delays every arrival of the cluster's last block by that
 //     many microseconds, so that the others run ahead of it as far as the
-//     protocol lets them;
+//     protocol lets them; FDP_EMU_WARP_LAG_US delays warp 0 of that block after
+//     every wait, so that the block's other warps run ahead of it (the team
+//     exchanges have no block barrier: every thread arrives, every warp waits);
+//     more arrivals in one phase than the mbarrier's count abort too;
 //   - cluster addresses (mapa) encode rank and offset; addresses outside
 //     shared memory or ranks outside the cluster abort.
 #pragma once
@@ -91,6 +94,7 @@ inline thread_local Cluster* t_cluster = nullptr;
 inline thread_local Dim t_tid, t_bid;
 inline thread_local unsigned t_shfl_count = 0;  // shuffles this lane has made (buffer parity)
 inline thread_local unsigned t_mma_count = 0;   // likewise for mma
+inline thread_local bool t_exiting = false;     // past the relaxed arrive of the exit cluster barrier
 
 inline unsigned char* block_smem() { return t_block->smem.data(); }
 inline int& block_s_last() { return t_block->s_last; }
@@ -112,6 +116,7 @@ inline long env_long(const char* name, long dflt) {
 inline const long kHangSeconds = env_long("FDP_EMU_HANG_S", 120);
 inline const long kTxSkew = env_long("FDP_EMU_TX_SKEW", 0);
 inline const long kLagUs = env_long("FDP_EMU_LAG_US", 0);
+inline const long kWarpLagUs = env_long("FDP_EMU_WARP_LAG_US", 0);
 constexpr long long kTxLimit = (1 << 20) - 1;  // PTX: the tx-count range of an mbarrier
 
 // Offset of p in this block's shared memory, checked to hold `bytes` bytes.
@@ -158,7 +163,19 @@ inline void thread_exit() {
 #define threadIdx (emu::t_tid)
 #define blockIdx (emu::t_bid)
 
-inline void __syncthreads() { emu::t_block->bar->arrive_and_wait(); }
+namespace emu {
+// A relaxed cluster arrive orders none of the thread's earlier memory operations for the others, so
+// the kernel may use one only where nothing passes data after it: the exit barrier. A thread that
+// synchronises or communicates after it aborts.
+inline void check_not_exiting(const char* what) {
+  if (t_exiting) dief("%s after the relaxed arrive of the exit cluster barrier", what);
+}
+}  // namespace emu
+
+inline void __syncthreads() {
+  emu::check_not_exiting("__syncthreads");
+  emu::t_block->bar->arrive_and_wait();
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __trap() { emu::die("__trap"); }
 inline float __uint_as_float(unsigned u) { return emu::flt(u); }
@@ -175,6 +192,7 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_S
 // second time: a lane can only reuse a buffer after the next warp barrier,
 // which every lane reaches only after finishing its read of that buffer.
 inline float __shfl_xor_sync(unsigned, float v, int off) {
+  emu::check_not_exiting("__shfl_xor_sync");
   const int lane = threadIdx.x & 31;
   emu::Warp& w = emu::t_block->warps[threadIdx.x >> 5];
   float* buf = w.f[emu::t_shfl_count++ & 1];
@@ -194,8 +212,17 @@ inline void cp_async_wait(int) {}
 inline void cp_async_commit() {}
 
 inline void cluster_sync_or_block(int S) {
+  emu::check_not_exiting("cluster barrier");
   if (S > 1) emu::t_cluster->bar->arrive_and_wait();
   else __syncthreads();
+}
+
+// barrier.cluster.arrive.relaxed + barrier.cluster.wait: the same rendezvous, after which the thread
+// must not synchronise or communicate again (emu::check_not_exiting).
+inline void cluster_exit_sync(int S) {
+  emu::check_not_exiting("cluster exit barrier");
+  emu::t_exiting = true;
+  if (S > 1) emu::t_cluster->bar->arrive_and_wait();
 }
 
 // mapa: a cluster address is (rank << 24) | offset. Aborts on a pointer that is not in this
@@ -220,24 +247,38 @@ inline void mbar_init(uint64_t* bar, unsigned count) {
 
 inline void mbar_init_fence() {}
 
-// `parity`: the phase the caller means to arrive in (the GPU ignores it; here it must be the current one).
-inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
-  const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.arrive");
+// One arrival on the mbarrier at `bar` with `tx` expected transaction bytes. `parity`: the phase the
+// caller means to arrive in (the GPU ignores it; here it must be the current one).
+inline void mbar_arrive_tx(uint64_t* bar, long long tx, unsigned parity, const char* what) {
+  emu::check_not_exiting(what);
+  const std::ptrdiff_t off = emu::smem_offset(bar, 8, what);
   emu::Block& b = *emu::t_block;
   // A late receiver: its peers may be pushing the next exchange before it arrives for this one.
   if (emu::kLagUs > 0 && b.rank + 1 == static_cast<int>(emu::t_cluster->blocks.size()))
     std::this_thread::sleep_for(std::chrono::microseconds(emu::kLagUs));
   std::lock_guard<std::mutex> lk(b.mu);
-  emu::MBar& m = emu::mbar_at(b, off, "arrive.expect_tx");
+  emu::MBar& m = emu::mbar_at(b, off, what);
   if ((m.phase & 1) != parity)
-    emu::dief("mbarrier (block rank %d, offset %td): arrive.expect_tx for phase parity %u, but phase %u is current",
-              b.rank, off, parity, m.phase);
-  m.tx += static_cast<long long>(bytes) + emu::kTxSkew;
+    emu::dief("mbarrier (block rank %d, offset %td): %s for phase parity %u, but phase %u is current", b.rank, off,
+              what, parity, m.phase);
+  // More arrivals than the count in one phase (a thread arriving twice, or a count too small): on the
+  // GPU the surplus would complete a later phase early.
+  if (m.pending == 0)
+    emu::dief("mbarrier (block rank %d, offset %td): %s beyond the %d arrivals of phase %u", b.rank, off, what,
+              m.count, m.phase);
+  m.tx += tx;
   --m.pending;
   emu::mbar_settle(b, off, m);
 }
 
+inline void mbar_arrive_expect(uint64_t* bar, unsigned bytes, unsigned parity) {
+  mbar_arrive_tx(bar, static_cast<long long>(bytes) + emu::kTxSkew, parity, "arrive.expect_tx");
+}
+
+inline void mbar_arrive(uint64_t* bar, unsigned parity) { mbar_arrive_tx(bar, 0, parity, "arrive"); }
+
 inline void mbar_wait(uint64_t* bar, unsigned parity) {
+  emu::check_not_exiting("mbarrier.try_wait");
   const std::ptrdiff_t off = emu::smem_offset(bar, 8, "mbarrier.try_wait");
   emu::Block& b = *emu::t_block;
   std::unique_lock<std::mutex> lk(b.mu);
@@ -249,12 +290,23 @@ inline void mbar_wait(uint64_t* bar, unsigned parity) {
                 "arrivals and %lld transaction bytes missing",
                 b.rank, off, m.phase, parity, emu::kHangSeconds, m.pending, m.count, m.tx);
   }
+  // A late warp: in the cluster's last block, warp 0 (the one that has columns whenever any has)
+  // resumes this long after each completed wait, so that the block's other warps run ahead of it as
+  // far as the protocol lets them; a protocol that does not hold them back (an exchange that
+  // completes without this warp's arrival) lets them read its columns before it stores them, or
+  // overwrite the buffer it still reads.
+  if (emu::kWarpLagUs > 0 && b.rank + 1 == static_cast<int>(emu::t_cluster->blocks.size()) &&
+      (threadIdx.x >> 5) == 0) {
+    lk.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(emu::kWarpLagUs));
+  }
 }
 
 // st.async: v into the peer's shared memory, then its 4 bytes complete on the peer's mbarrier.
 // `parity`: the receiver's phase the store belongs to (the GPU ignores it; here it must be current,
 // so a producer more than one phase ahead of its receiver aborts).
 inline void st_async(unsigned addr, float v, unsigned bar, unsigned parity) {
+  emu::check_not_exiting("st.async");
   const int rank = static_cast<int>(addr >> 24), brank = static_cast<int>(bar >> 24);
   const std::ptrdiff_t off = addr & 0xffffff, boff = bar & 0xffffff;
   if (rank != brank) emu::die("st.async data and mbarrier in different blocks");
