@@ -94,7 +94,8 @@ def _router_weights(c_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, fixed_ptr, rows64, rm
                 w1 = tl.load(w1_ptr + d[:, None] * Hr + hc[None, :], mask=(d < Dc)[:, None] & hmask[None, :],
                              other=0.0)
                 hid += tl.dot(c, w1, input_precision="ieee")
-            hid = tl.maximum(hid + tl.load(b1_ptr + hc, mask=hmask, other=0.0)[None, :], 0.0)
+            hid += tl.load(b1_ptr + hc, mask=hmask, other=0.0)[None, :]
+            hid = tl.where(hid < 0.0, 0.0, hid)  # ReLU that keeps NaN, as torch's (tl.maximum may drop it)
             w2 = tl.load(w2_ptr + hc[:, None] * K + cols[None, :], mask=hmask[:, None] & kmask[None, :], other=0.0)
             logits += tl.dot(hid, w2, input_precision="ieee")
         logits += tl.load(b2_ptr + cols, mask=kmask, other=0.0)[None, :]
