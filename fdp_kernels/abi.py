@@ -54,4 +54,5 @@ def cuda_abi() -> dict:
         col_sigma=COL_SIGMA, num_cols=NUM_COLS, col_adds_noise=CUDA_COL_ADDS_NOISE, coef_width=CUDA_COEF_WIDTH,
         weight_types=[str(dt).removeprefix("torch.") for dt in WEIGHT_DTYPES],
         max_k=CUDA_MAX_K, max_l=CUDA_MAX_L, max_h=CUDA_MAX_H, max_d=CUDA_MAX_D,
+        strategies=list(ROUTER_STRATEGIES),
     )

@@ -7,14 +7,7 @@
 - launches per call counted on the CPU by construction: each fused MLP backend's ``_sample`` with the kernel
   launches recorded (not run) and every aten op dispatched counted.
 
-Error bounds: every term is a float32 dot product of length n plus a bias, so it is within
-``(n + 5) u (|c| |W| + |b|)`` (first order; u = 2^-24) of the float64 truth: n roundings of the accumulation, the
-features rounded to float32, the packed weight rounded (twice for ``shift``'s folded rows), the bias add and the
-truth's own rounding to float32. The router's logits carry the first layer's bound through ``|W2|`` (ReLU is
-1-Lipschitz) plus their own; a softmax weight moves by at most ``w_k (d_k + sum_j w_j d_j)`` for logit errors
-``d``, tanh by ``(1 - w^2) d``; both then add a few roundings of exp / division (8 u |w|). ``hard`` is compared
-exactly, where the top two logits are further apart than twice their bound (asserted, so a case that does not
-test that cannot pass silently).
+Error bounds: :func:`helpers.cond_truth_and_bounds` derives them from the sums' lengths.
 """
 
 import pytest
@@ -24,104 +17,12 @@ import fdp
 from fdp import packing
 from fdp._validation import inputs_already_checked
 from fdp_kernels.abi import ROUTER_STRATEGIES
+from helpers import assert_terms_within as assert_within, cond_policy as make_policy, cond_truth_and_bounds as \
+    truth_and_bounds
 
 U = 2.0 ** -24
 NAN = float("nan")
 STRATEGIES = list(ROUTER_STRATEGIES)
-
-
-def make_policy(K=3, L=2, H=16, Dc=5, Hr=8, strategy="soft", conditional=True, seed=0, horizon=4, action_dim=3):
-    """A float64 MLP policy with non-trivial FiLM, biases and router (the ground truth)."""
-    torch.manual_seed(seed)
-    comps = [fdp.MLPDenoiser(action_dim, horizon, global_cond_dim=Dc if conditional else 0, hidden_dim=H,
-                             num_blocks=L) for _ in range(K)]
-    kw = {"topk": min(2, K)} if strategy == "topk" else {}
-    if strategy == "fixed":
-        w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
-        kw["fixed_weights"] = (w / w.sum()).tolist()
-    router = fdp.Router(Dc, K, hidden_dim=Hr, strategy=strategy, **kw)
-    policy = fdp.FactorizedPolicy(comps, router, horizon, action_dim).double()
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        if strategy == "tanh":  # signed weights of both signs, rows that do not sum to 1
-            last = policy.router.net[2]
-            last.bias.copy_(torch.linspace(-1.0, 1.0, K, dtype=last.bias.dtype))
-    return policy
-
-
-def truth_and_bounds(policy, c):
-    """The float64 per-call terms of ``policy`` for features ``c`` (as float32 reads them), and float32 error
-    bounds for each (module docstring)."""
-    c = c.double()
-    B = c.shape[0]
-    truth = packing.call_terms(policy, c, policy.weights(c))
-    comps = list(policy.components)
-    K, L, H = len(comps), comps[0].num_blocks, comps[0].hidden_dim
-    # |c| |W| + |b| for every column of the one affine map, in CallTerms order (c_in, scale, shift).
-    mags = []
-    for comp in comps:
-        if comp.cond_proj is None:
-            mags.append(torch.zeros(B, (1 + 2 * L) * H, dtype=torch.float64) + (
-                torch.cat([comp.in_bias.abs(), torch.ones(L * H), torch.stack([b.bias for b in comp.blocks_a])
-                           .abs().flatten()]).double()))
-            continue
-        W, b = comp.cond_proj.weight.double(), comp.cond_proj.bias.double()
-        m = c.abs() @ W.abs().t() + b.abs()                     # [B, H + 2 L H]
-        b_a = torch.stack([blk.bias for blk in comp.blocks_a]).double().abs().flatten()
-        m_g, m_b = m[:, H:H + L * H], m[:, H + L * H:]
-        # shift = (1 + gamma) b_a + beta: |b_a| (1 + |gamma|-magnitude) + |beta|-magnitude.
-        mags.append(torch.cat([m[:, :H], 1 + m_g, b_a * (1 + m_g) + m_b], dim=1))
-    mags = torch.stack(mags, 1)  # [B, K, (1 + 2L) H]
-    n = comps[0].global_cond_dim
-    bound = (n + 5) * U * mags
-    bounds = {"c_in": bound[:, :, :H], "scale": bound[:, :, H:H + L * H].unflatten(-1, (L, H)),
-              "shift": bound[:, :, H + L * H:].unflatten(-1, (L, H))}
-    router = policy.router
-    first, last = router.net[0], router.net[2]
-    w = truth.weights.double()
-    if router.strategy == "fixed":
-        bounds["weights"] = torch.zeros_like(w)
-    else:
-        pre = c @ first.weight.t() + first.bias
-        d_h = (router.cond_dim + 5) * U * (c.abs() @ first.weight.abs().t() + first.bias.abs())
-        h = pre.clamp_min(0)
-        d_l = (first.out_features + 5) * U * (h.abs() @ last.weight.abs().t() + last.bias.abs()) \
-            + d_h @ last.weight.abs().t()
-        if router.strategy == "tanh":
-            bounds["weights"] = (1 - w * w) * d_l + 8 * U * w.abs()
-        elif router.strategy == "hard":
-            logits = h @ last.weight.t() + last.bias
-            top2 = logits.topk(2, dim=1).values if logits.shape[1] > 1 else None
-            if top2 is not None:
-                gap = top2[:, 0] - top2[:, 1]
-                ok = ~torch.isfinite(gap) | (gap > 2 * d_l.max(1).values)
-                assert ok.all(), "near tie: the exact comparison of hard routing would not be sound"
-            bounds["weights"] = torch.zeros_like(w)
-        else:
-            if router.strategy == "topk":
-                logits = h @ last.weight.t() + last.bias
-                srt = logits.sort(dim=1, descending=True).values
-                n_top = router.topk
-                if n_top < logits.shape[1]:
-                    gap = srt[:, n_top - 1] - srt[:, n_top]
-                    assert (gap > 2 * d_l.max(1).values).all(), "near tie at the top-k boundary"
-            bounds["weights"] = w * (d_l + (w * d_l).sum(1, keepdim=True)) + 8 * U * w.abs()
-    # The truth is float32 (call_terms rounds): one more rounding of every value.
-    for f in bounds:
-        bounds[f] = (bounds[f] + U * getattr(truth, f).double().abs()) * 1.01  # 1 %: second-order terms
-    return truth, bounds
-
-
-def assert_within(got, truth, bounds, rows=None):
-    for f in ("weights", "c_in", "scale", "shift"):
-        g, t, b = getattr(got, f).double(), getattr(truth, f).double(), bounds[f]
-        if rows is not None:
-            g, t, b = g[rows], t[rows], b[rows]
-        assert g.shape == t.shape, f
-        err = (g - t).abs()
-        assert torch.isfinite(g).all(), f"{f}: non-finite values"
-        assert (err <= b).all(), f"{f}: max error {float(err.max()):.3g}, excess {float((err - b).max()):.3g}"
 
 
 def kernel_terms(pc, c, counters=None):
@@ -355,5 +256,52 @@ def test_triton_launches_per_call(monkeypatch, name, B, sched, capturing):
     assert len(launches) == (T + 1 if name == "triton" else 2)
     ops_launched = [n for n in ops.names if n.startswith("fdp.")]
     assert ops_launched == ["fdp.call_terms_launch"] + ["fdp.mlp_launch"] * (T if name == "triton" else 1)
+    others = {n for n in ops.names if not n.startswith("fdp.")}
+    assert others <= ALLOWED_OPS, others - ALLOWED_OPS
+
+
+@pytest.mark.parametrize("kind", ["step", "persistent"])
+@pytest.mark.parametrize("B", [1, 20])
+@pytest.mark.parametrize("sched", ["ddpm_clip", "ddim"])
+def test_cuda_launches_per_call(monkeypatch, kind, B, sched):
+    """The CUDA backends' ``_sample`` on the CPU, the extension's launches recorded at the launchers the two ops
+    call (after their validation, run here without the CUDA-device check): the per-call launch, then the step
+    kernel for steps [0, T) (one launch per step: ``launch_steps``, which the emulation's launch tests count) or
+    the persistent kernel once; no other device work."""
+    import functools
+
+    from helpers import KERNEL_SCHEDULERS
+
+    from fdp.backends import cuda_backend as cb
+
+    monkeypatch.setattr(cb, "check_static", functools.partial(cb.check_static, require_cuda=False))
+    launches = []
+
+    def mlp_launch(kind_, packed, steps, call, coef, x, noise, out, clip_range, *, options=None, step_begin=0,
+                   step_end=None, stream=None, known=None, known_mask=None):
+        cb.check_launch(packed, steps, call, coef, x, noise, out, clip_range, require_cuda=False)
+        T = steps.t_in.shape[0]
+        launches.extend(["step"] * T if kind_ == cb.KIND_STEP else ["persistent"])
+        return out
+
+    def call_launch(pc, global_cond, out, stream=None):
+        cb.check_cond_launch(pc, global_cond, out, require_cuda=False)
+        launches.append("call_terms")
+        return out
+
+    monkeypatch.setattr(cb, "launch", mlp_launch)
+    monkeypatch.setattr(cb, "launch_call_terms", call_launch)
+    T = 3
+    factory, eta = KERNEL_SCHEDULERS[sched]
+    policy = make_policy(K=3, strategy="topk").float()
+    prepared = cb.CudaPrepared(policy, factory().step_table(T, eta=eta), torch.float32,
+                               cb.KIND_STEP if kind == "step" else cb.KIND_PERSISTENT)
+    cond, x_T = torch.randn(B, 5), torch.randn(B, 4, 3)
+    noise = torch.randn(T, B, 4, 3) if prepared.adds_noise else None
+    with _Ops() as ops:
+        out = prepared._sample(cond, x_T, noise)
+    assert out.shape == x_T.shape
+    assert launches == ["call_terms"] + (["step"] * T if kind == "step" else ["persistent"])
+    assert [n for n in ops.names if n.startswith("fdp.")] == ["fdp.call_terms_cuda", "fdp.mlp_cuda"]
     others = {n for n in ops.names if not n.startswith("fdp.")}
     assert others <= ALLOWED_OPS, others - ALLOWED_OPS
