@@ -196,7 +196,8 @@ def check_call(pc, global_cond, out, counters=None) -> tuple[int, int]:
     _check("pc.cond_b", pc.cond_b, (N,), f32, dev)
     _check("out", out, (B * K * (1 + (1 + 2 * L) * H),), f32, dev)
     if counters is not None:
-        if counters.dtype != torch.int32 or counters.ndim != 1 or not counters.is_contiguous() or counters.device != dev:
+        if (counters.dtype != torch.int32 or counters.ndim != 1 or not counters.is_contiguous()
+                or counters.device != dev):
             raise ValueError(f"`counters` must be a contiguous 1-D torch.int32 tensor on {dev}")
     if Dk * N >= 2**31 or Dc * Hr >= 2**31:
         raise ValueError("the conditioning pack is too large for the kernel's 32-bit weight offsets")

@@ -130,8 +130,10 @@ def call_terms_launch(global_cond: torch.Tensor, out: torch.Tensor, router_w1: t
     N = cond_b.shape[0]
     n_counters = counters.numel() if counters is not None else 0
     grid = (triton.cdiv(B, CALL_BLOCK_B), triton.cdiv(N, CALL_BLOCK_N) + 1)
+    # Unconditional components: cond_w has no rows and is never read (cond_b stands in for its pointer).
     wrap_triton(call_terms_kernel)[grid](
-        global_cond, out, router_w1, router_b1, router_w2, router_b2, fixed, cond_w if cond_w.numel() else cond_b, cond_b,
+        global_cond, out, router_w1, router_b1, router_w2, router_b2, fixed, cond_w if cond_w.numel() else cond_b,
+        cond_b,
         counters if counters is not None else out, B, Dc, cond_w.shape[0], Hr, K, K * H, K * L * H, N, topk,
         n_counters, global_cond.stride(0), global_cond.stride(1), BLOCK_B=CALL_BLOCK_B, BLOCK_N=CALL_BLOCK_N,
         BLOCK_D=CALL_BLOCK_D, BLOCK_HR=CALL_BLOCK_HR, K_PAD=max(16, triton.next_power_of_2(K)), STRATEGY=strategy,

@@ -26,7 +26,10 @@ Everything that does not depend on ``x_t`` is computed on the host side, once:
         shift   [B, K, L, H]   (1 + gamma_l(c)) * b_a,l + beta_l(c)
 
 so that step i of component k, for a row x of the batch, is exactly
-:meth:`fdp.MLPDenoiser.forward_terms`.
+:meth:`fdp.MLPDenoiser.forward_terms`. :func:`reference_eps` is that step on
+the packed tensors, all K components at once: the runnable definition the
+kernels are tested against and the bench's batched path runs. All tensors
+are contiguous.
 
 The per-call terms are computed by one kernel launch from the features ``c [B, Dc]`` and a second
 pack, :class:`PackedCond` (:func:`pack_cond`), float32 whatever the weights' dtype:
@@ -45,10 +48,8 @@ affine in c, so folding b_a into its rows here leaves one matmul per call for al
 Float32 because the terms are float32 and kernels accumulate in float32 anyway: rounding these weights to a
 16-bit pack dtype would add an error the per-step weights' rounding does not excuse (the router's argmax
 and top-k would flip on near ties), for a pack of ``(Dc + 1) (Hr + K (1 + 2L) H)`` floats read once per call.
-:func:`reference_call_terms` is the call on that layout in torch: what the kernels are tested against. :func:`reference_eps` is that step on
-the packed tensors, all K components at once: the runnable definition the
-kernels are tested against and the bench's batched path runs. All tensors
-are contiguous.
+:func:`reference_call_terms` is the call on that layout in torch: what the kernels are tested against.
+:func:`call_terms` computes the same from the policy's own modules (``torch-batched``, tests).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fdp_kernels.abi import ROUTER_STRATEGIES, STRATEGY_FIXED, STRATEGY_HARD, STRATEGY_SOFT, STRATEGY_TANH, WEIGHT_DTYPES
+from fdp_kernels.abi import (ROUTER_STRATEGIES, STRATEGY_FIXED, STRATEGY_HARD, STRATEGY_SOFT, STRATEGY_TANH,
+                             WEIGHT_DTYPES)
 
 from .mlp import MLPDenoiser, StepTerms
 from .router import top_mask

@@ -10,7 +10,8 @@ and moves the scheduler table to the device, once; every sampling call then
 makes T + 1 launches and no other device work: :func:`fdp_kernels.call_terms.call_terms`
 (the router weights and per-sample terms, and the zeroing of the split kernel's
 counters), then :func:`fdp_kernels.mlp_step.mlp_step` T times, the first from
-``x_T`` (float32: read in place) into the output buffer, the others in place on it. Each launch evaluates all K components, their weighted sum and
+``x_T`` (float32: read in place) into the output buffer, the others in place
+on it. Each step launch evaluates all K components, their weighted sum and
 the scheduler update for its rows; accumulation is float32 whatever the weight
 dtype. The packed weights are copies: :class:`fdp.Sampler` prepares again when
 the policy changes. The kernels read every step's noise from one ``[T, B, D]``

@@ -1,10 +1,12 @@
-"""``backend="triton-persistent"``: the whole sampling loop of an MLPDenoiser policy in one Triton launch.
+"""``backend="triton-persistent"``: the whole sampling loop of an MLPDenoiser policy in one Triton launch
+(after one for the per-call terms).
 
 Same packing, limits and availability as ``backend="triton"``
 (:class:`fdp.backends.triton_backend.TritonBackendBase`); each sampling call
 makes two launches and no other device work: the per-call terms
-(:func:`fdp_kernels.call_terms.call_terms`), then :func:`fdp_kernels.mlp_persistent.mlp_sample`: every program keeps its rows of ``x`` on chip from x_T to x_0 through
-all T steps (on CUDA the call is one replay of a captured graph, as for
+(:func:`fdp_kernels.call_terms.call_terms`), then the loop,
+:func:`fdp_kernels.mlp_persistent.mlp_sample`: every program keeps its rows
+of ``x`` on chip from x_T to x_0 through all T steps (on CUDA the call is one replay of a captured graph, as for
 ``triton``). ``run(..., seed=n)`` draws the step noise in the kernel instead
 of reading ``step_noise`` (standard normal, deterministic per seed, but not
 the numbers torch's generator would draw).
