@@ -372,3 +372,38 @@ def test_triton_kernel_compiles_for_sm90_for_every_strategy():
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-6000:]}"
     assert r.stdout.count("OK ") == 10, r.stdout
+
+
+def test_cuda_launch_structs_match_the_python_side(monkeypatch):
+    """``fdp._C.CallPointers`` / ``CallDims`` (fdp.h) have exactly the fields ``launch_call_terms`` sets by name, all
+    0 by default, and refuse others; the launcher passes them the validated pointers and sizes."""
+    st = fdp.extension_status()
+    if not st["available"]:
+        pytest.skip(f"fdp._C not built: {st['reason']}")
+    from fdp._extension import extension
+    from fdp.backends import cuda_backend as cb
+
+    ext = extension()
+    if not hasattr(ext, "CallPointers"):
+        pytest.fail("the built fdp._C predates csrc/call_terms.cu: rebuild the extension")
+    pc = packing.pack_cond(make_policy(K=3, Dc=5, strategy="topk").float())
+    c, out = torch.randn(2, 5), torch.empty(packing.call_terms_numel(2, 3, 2, 16))
+    dims = cb.check_cond_launch(pc, c, out, require_cuda=False)
+    names = ["global_cond", "router_w1", "router_b1", "router_w2", "router_b2", "fixed", "cond_w", "cond_b", "out"]
+    ptrs = ext.CallPointers()
+    assert [getattr(ptrs, n) for n in names] == [0] * len(names)
+    d = ext.CallDims()
+    assert [getattr(d, n) for n in dims] == [0] * len(dims)
+    with pytest.raises(AttributeError):
+        ptrs.x = 1
+    with pytest.raises(AttributeError):
+        d.D = 1
+    seen = {}
+    monkeypatch.setattr(cb, "extension", lambda: type("Ext", (), dict(
+        CallPointers=ext.CallPointers, CallDims=ext.CallDims,
+        call_terms_launch=staticmethod(lambda p, dd, s: seen.update(p=p, d=dd, s=s))))())
+    monkeypatch.setattr(cb, "check_cond_launch", lambda *a, **k: dims)
+    cb.launch_call_terms(pc, c, out, stream=7)
+    assert seen["p"].out == out.data_ptr() and seen["p"].router_w2 == pc.router_w2.data_ptr() and seen["s"] == 7
+    assert (seen["d"].B, seen["d"].Dc, seen["d"].K, seen["d"].L, seen["d"].H, seen["d"].strategy, seen["d"].topk) \
+        == (2, 5, 3, 2, 16, 3, 2)

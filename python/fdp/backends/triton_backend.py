@@ -57,7 +57,6 @@ class TritonPrepared(CapturesCalls):
         param = next(policy.parameters())
         self.policy = policy
         self.device = param.device
-        self.param_dtype = param.dtype
         self.dtype = dtype or param.dtype
         self.horizon, self.action_dim = policy.horizon, policy.action_dim
         self.D = self.horizon * self.action_dim
