@@ -21,6 +21,10 @@ static_assert(kColAddsNoise < kCoefWidth, "adds_noise lies inside the row");
 enum WeightType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 constexpr const char* kWeightTypes[] = {"float32", "bfloat16", "float16"};
 
+// The router's strategies (fdp.router.STRATEGIES), by the code the per-call kernel takes (call_terms.cuh).
+constexpr const char* kStrategies[] = {"soft", "tanh", "hard", "topk", "fixed"};
+enum Strategy { kStrategySoft = 0, kStrategyTanh = 1, kStrategyHard = 2, kStrategyTopk = 3, kStrategyFixed = 4 };
+
 // Limits of the fused MLP kernels (shared memory may refuse a model earlier).
 constexpr int kMaxK = 8;
 constexpr int kMaxL = 16;

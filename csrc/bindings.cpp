@@ -37,6 +37,7 @@ py::dict abi_dict() {
   d["max_l"] = a::kMaxL;
   d["max_h"] = a::kMaxH;
   d["max_d"] = a::kMaxD;
+  d["strategies"] = std::vector<std::string>(std::begin(a::kStrategies), std::end(a::kStrategies));
   return d;
 }
 
@@ -105,6 +106,22 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("wtype"), py::arg("pointers"), py::arg("dims"), py::arg("clip"), py::arg("clip_range"),
      py::arg("step_begin"), py::arg("step_end"), py::arg("options"), py::arg("stream"),
      "One launch of the per-step fused MLP kernel for each step in [step_begin, step_end) on `stream`.");
+
+  py::class_<fdp::CallPointers> call_pointers(m, "CallPointers",
+                                              "Device pointers of one per-call terms launch, set by name.");
+  call_pointers.def(py::init<>());
+#define FDP_BIND(name) call_pointers.def_readwrite(#name, &fdp::CallPointers::name);
+  FDP_CALL_POINTERS(FDP_BIND)
+#undef FDP_BIND
+  py::class_<fdp::CallDims> call_dims(m, "CallDims", "Sizes and routing settings of one per-call terms launch.");
+  call_dims.def(py::init<>());
+#define FDP_BIND(name) call_dims.def_readwrite(#name, &fdp::CallDims::name);
+  FDP_CALL_DIMS(FDP_BIND)
+#undef FDP_BIND
+  m.def("call_terms_launch", [](const fdp::CallPointers& ptrs, const fdp::CallDims& dims, std::uint64_t stream) {
+    fdp::call_terms_launch(ptrs, dims, static_cast<std::uintptr_t>(stream));
+  }, py::arg("pointers"), py::arg("dims"), py::arg("stream"),
+     "One launch of the per-call terms kernel (router weights and conditioning terms) on `stream`.");
 
   m.def("mlp_persistent_launch", [](int wtype, const fdp::MlpPointers& ptrs, const fdp::MlpDims& dims, bool clip,
                                     double clip_range, const fdp::MlpOptions& opts, std::uint64_t stream) {

@@ -72,4 +72,27 @@ void mlp_step_launch(int wtype, const MlpPointers& ptrs, const MlpDims& dims, bo
 void mlp_persistent_launch(int wtype, const MlpPointers& ptrs, const MlpDims& dims, bool clip, float clip_range,
                            const MlpOptions& opts, std::uintptr_t stream);
 
+// ---- The per-call terms (csrc/call_terms.cu): router weights and conditioning terms in one launch ----
+// Tensors validated in Python (fdp.backends.cuda_backend.check_cond_launch), layout fdp.packing.PackedCond.
+#define FDP_CALL_POINTERS(X)                                                                       \
+  X(global_cond)             /* [B, Dc] float32 */                                                  \
+  X(router_w1) X(router_b1) X(router_w2) X(router_b2) X(fixed) X(cond_w) X(cond_b)                  \
+  X(out)                     /* float32, fdp.packing.call_terms_numel(B, K, L, H) */
+// Dk: rows of cond_w (Dc, or 0 for unconditional components); strategy: abi::Strategy.
+#define FDP_CALL_DIMS(X) X(B) X(Dc) X(Dk) X(Hr) X(K) X(L) X(H) X(strategy) X(topk)
+
+struct CallPointers {
+#define FDP_POINTER_FIELD(name) std::uintptr_t name = 0;
+  FDP_CALL_POINTERS(FDP_POINTER_FIELD)
+#undef FDP_POINTER_FIELD
+};
+
+struct CallDims {
+#define FDP_DIM_FIELD(name) std::int64_t name = 0;
+  FDP_CALL_DIMS(FDP_DIM_FIELD)
+#undef FDP_DIM_FIELD
+};
+
+void call_terms_launch(const CallPointers& ptrs, const CallDims& dims, std::uintptr_t stream);
+
 }  // namespace fdp

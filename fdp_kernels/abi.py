@@ -17,6 +17,11 @@ import torch
 #: Weight dtypes of a pack; a weight's position here is its ``wtype`` code in the CUDA extension.
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: The router's strategies (fdp.router.STRATEGIES); a strategy's position here is the code the kernels that
+#: compute the per-call terms take (fdp.packing.PackedCond.strategy).
+ROUTER_STRATEGIES = ("soft", "tanh", "hard", "topk", "fixed")
+STRATEGY_SOFT, STRATEGY_TANH, STRATEGY_HARD, STRATEGY_TOPK, STRATEGY_FIXED = range(len(ROUTER_STRATEGIES))
+
 #: Columns of one scheduler-table row (``fdp.schedulers.StepTable.coef``), in order:
 #: ``x0 = a_x x + a_m eps``, ``x' = c_x0 x0 + c_x x + c_m eps + sigma z``.
 COEF_COLUMNS = ("a_x", "a_m", "c_x0", "c_x", "c_m", "sigma")
@@ -49,4 +54,5 @@ def cuda_abi() -> dict:
         col_sigma=COL_SIGMA, num_cols=NUM_COLS, col_adds_noise=CUDA_COL_ADDS_NOISE, coef_width=CUDA_COEF_WIDTH,
         weight_types=[str(dt).removeprefix("torch.") for dt in WEIGHT_DTYPES],
         max_k=CUDA_MAX_K, max_l=CUDA_MAX_L, max_h=CUDA_MAX_H, max_d=CUDA_MAX_D,
+        strategies=list(ROUTER_STRATEGIES),
     )

@@ -8,7 +8,9 @@ picks its block sizes in Python, then launches through one of these ops:
 - ``torch.ops.fdp.mlp_launch``: one launch of the per-step or the persistent
   fused MLP kernel; writes ``out`` (and ``scratch``, when given);
 - ``torch.ops.fdp.compose_launch``: one launch of the compose-and-step kernel;
-  writes ``out``.
+  writes ``out``;
+- ``torch.ops.fdp.call_terms_launch``: one launch of the per-call terms kernel
+  (:func:`fdp_kernels.call_terms.call_terms`); writes ``out`` and zeroes ``counters``.
 
 They are :func:`torch.library.triton_op` s whose bodies launch through
 :func:`torch.library.wrap_triton`: dynamo traces through the launchers and
@@ -27,12 +29,14 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from .call_terms import (CALL_BLOCK_B, CALL_BLOCK_D, CALL_BLOCK_HR, CALL_BLOCK_N, _ZERO_BLOCK,
+                         call_terms_kernel)
 from .compose_step import compose_step_kernel
 from .mlp_common import grid
 from .mlp_persistent import mlp_persistent_kernel
 from .mlp_step import mlp_step_kernel
 
-__all__ = ["mlp_launch", "compose_launch", "launch_mlp"]
+__all__ = ["mlp_launch", "compose_launch", "call_terms_launch", "launch_mlp"]
 
 
 def launch_mlp(persistent: bool, x, out, packed, steps, call, coef, adds_noise, noise, scratch, counters, step: int,
@@ -115,7 +119,28 @@ def compose_launch(eps: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, no
         K=K, CLIP=clip, HAS_NOISE=has_noise, INPAINT=inpaint, BLOCK=block, num_warps=num_warps)
 
 
-# Both ops only write buffers they are given, so their fake (meta) kernels have nothing to do. triton_op's
+@triton_op("fdp::call_terms_launch", mutates_args={"out", "counters"})
+def call_terms_launch(global_cond: torch.Tensor, out: torch.Tensor, router_w1: torch.Tensor, router_b1: torch.Tensor,
+                      router_w2: torch.Tensor, router_b2: torch.Tensor, fixed: torch.Tensor, cond_w: torch.Tensor,
+                      cond_b: torch.Tensor, counters: Optional[torch.Tensor], K: int, L: int, H: int, strategy: int,
+                      topk: int) -> None:
+    """One launch of the per-call terms kernel on validated tensors (``counters``: int32, zeroed; or None)."""
+    B, Dc = global_cond.shape
+    Hr = router_w1.shape[1]
+    N = cond_b.shape[0]
+    n_counters = counters.numel() if counters is not None else 0
+    grid = (triton.cdiv(B, CALL_BLOCK_B), triton.cdiv(N, CALL_BLOCK_N) + 1)
+    # Unconditional components: cond_w has no rows and is never read (cond_b stands in for its pointer).
+    wrap_triton(call_terms_kernel)[grid](
+        global_cond, out, router_w1, router_b1, router_w2, router_b2, fixed, cond_w if cond_w.numel() else cond_b,
+        cond_b,
+        counters if counters is not None else out, B, Dc, cond_w.shape[0], Hr, K, K * H, K * L * H, N, topk,
+        n_counters, global_cond.stride(0), global_cond.stride(1), BLOCK_B=CALL_BLOCK_B, BLOCK_N=CALL_BLOCK_N,
+        BLOCK_D=CALL_BLOCK_D, BLOCK_HR=CALL_BLOCK_HR, K_PAD=max(16, triton.next_power_of_2(K)), STRATEGY=strategy,
+        ZERO_BLOCK=_ZERO_BLOCK, num_warps=4)
+
+
+# The ops only write buffers they are given, so their fake (meta) kernels have nothing to do. triton_op's
 # default fake runs the body on fake tensors, which an interpreted kernel cannot take.
 @mlp_launch.register_fake
 def _mlp_launch_fake(*args, **kwargs) -> None:
@@ -124,4 +149,9 @@ def _mlp_launch_fake(*args, **kwargs) -> None:
 
 @compose_launch.register_fake
 def _compose_launch_fake(*args, **kwargs) -> None:
+    return None
+
+
+@call_terms_launch.register_fake
+def _call_terms_launch_fake(*args, **kwargs) -> None:
     return None

@@ -8,7 +8,10 @@ import copy
 import torch
 
 import fdp
+from fdp import packing
 from fdp.tolerances import REL_TOL
+
+U32 = 2.0 ** -24
 
 
 # Feature size of the kernel tests' policies.
@@ -235,3 +238,109 @@ def assert_matches_in_float32(results: dict, sampler, cond, x_T, step_noise=None
     results = dict(results, sampler=sampler(cond, x_T=x_T, step_noise=step_noise))
     for name, got in results.items():
         assert_within_float32_bound(got, x64, bound, name)
+
+
+# -- the per-call terms (fdp.packing.PackedCond) ----------------------------------------------------------
+
+
+def cond_policy(K=3, L=2, H=16, Dc=5, Hr=8, strategy="soft", conditional=True, seed=0, horizon=4, action_dim=3):
+    """A float64 MLP policy with non-trivial FiLM, biases and router (the ground truth)."""
+    torch.manual_seed(seed)
+    comps = [fdp.MLPDenoiser(action_dim, horizon, global_cond_dim=Dc if conditional else 0, hidden_dim=H,
+                             num_blocks=L) for _ in range(K)]
+    kw = {"topk": min(2, K)} if strategy == "topk" else {}
+    if strategy == "fixed":
+        w = torch.rand(K, generator=torch.Generator().manual_seed(seed)) + 0.1
+        kw["fixed_weights"] = (w / w.sum()).tolist()
+    router = fdp.Router(Dc, K, hidden_dim=Hr, strategy=strategy, **kw)
+    policy = fdp.FactorizedPolicy(comps, router, horizon, action_dim).double()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        if strategy == "tanh":  # signed weights of both signs, rows that do not sum to 1
+            last = policy.router.net[2]
+            last.bias.copy_(torch.linspace(-1.0, 1.0, K, dtype=last.bias.dtype))
+    return policy
+
+
+def cond_truth_and_bounds(policy, c):
+    """The float64 per-call terms of ``policy`` for features ``c`` (as float32 reads them), and float32 error
+    bounds for each kernel that computes them in float32 from :func:`fdp.packing.pack_cond`.
+
+    Every term is a float32 dot product of length n plus a bias, so it is within ``(n + 5) u (|c| |W| + |b|)``
+    (first order; u = 2^-24) of the float64 truth: n roundings of the accumulation, the features rounded to
+    float32, the packed weight rounded (twice for ``shift``'s folded rows), the bias add and the truth's own
+    rounding to float32. The router's logits carry the first layer's bound through ``|W2|`` (ReLU is
+    1-Lipschitz) plus their own; a softmax weight moves by at most ``w_k (d_k + sum_j w_j d_j)`` for logit
+    errors ``d``, tanh by ``(1 - w^2) d``; both then add a few roundings of exp / division (8 u |w|). ``hard``
+    (and the top-k choice) is compared exactly, where the logits at the boundary are further apart than twice
+    their bound (asserted, so a case that does not test that cannot pass silently)."""
+    c = c.double()
+    B = c.shape[0]
+    truth = packing.call_terms(policy, c, policy.weights(c))
+    comps = list(policy.components)
+    K, L, H = len(comps), comps[0].num_blocks, comps[0].hidden_dim
+    # |c| |W| + |b| for every column of the one affine map, in CallTerms order (c_in, scale, shift).
+    mags = []
+    for comp in comps:
+        if comp.cond_proj is None:
+            mags.append(torch.zeros(B, (1 + 2 * L) * H, dtype=torch.float64) + (
+                torch.cat([comp.in_bias.abs(), torch.ones(L * H), torch.stack([b.bias for b in comp.blocks_a])
+                           .abs().flatten()]).double()))
+            continue
+        W, b = comp.cond_proj.weight.double(), comp.cond_proj.bias.double()
+        m = c.abs() @ W.abs().t() + b.abs()                     # [B, H + 2 L H]
+        b_a = torch.stack([blk.bias for blk in comp.blocks_a]).double().abs().flatten()
+        m_g, m_b = m[:, H:H + L * H], m[:, H + L * H:]
+        # shift = (1 + gamma) b_a + beta: |b_a| (1 + |gamma|-magnitude) + |beta|-magnitude.
+        mags.append(torch.cat([m[:, :H], 1 + m_g, b_a * (1 + m_g) + m_b], dim=1))
+    mags = torch.stack(mags, 1)  # [B, K, (1 + 2L) H]
+    n = comps[0].global_cond_dim
+    bound = (n + 5) * U32 * mags
+    bounds = {"c_in": bound[:, :, :H], "scale": bound[:, :, H:H + L * H].unflatten(-1, (L, H)),
+              "shift": bound[:, :, H + L * H:].unflatten(-1, (L, H))}
+    router = policy.router
+    first, last = router.net[0], router.net[2]
+    w = truth.weights.double()
+    if router.strategy == "fixed":
+        bounds["weights"] = torch.zeros_like(w)
+    else:
+        pre = c @ first.weight.t() + first.bias
+        d_h = (router.cond_dim + 5) * U32 * (c.abs() @ first.weight.abs().t() + first.bias.abs())
+        h = pre.clamp_min(0)
+        d_l = (first.out_features + 5) * U32 * (h.abs() @ last.weight.abs().t() + last.bias.abs()) \
+            + d_h @ last.weight.abs().t()
+        if router.strategy == "tanh":
+            bounds["weights"] = (1 - w * w) * d_l + 8 * U32 * w.abs()
+        elif router.strategy == "hard":
+            logits = h @ last.weight.t() + last.bias
+            top2 = logits.topk(2, dim=1).values if logits.shape[1] > 1 else None
+            if top2 is not None:
+                gap = top2[:, 0] - top2[:, 1]
+                ok = ~torch.isfinite(gap) | (gap > 2 * d_l.max(1).values)
+                assert ok.all(), "near tie: the exact comparison of hard routing would not be sound"
+            bounds["weights"] = torch.zeros_like(w)
+        else:
+            if router.strategy == "topk":
+                logits = h @ last.weight.t() + last.bias
+                srt = logits.sort(dim=1, descending=True).values
+                n_top = router.topk
+                if n_top < logits.shape[1]:
+                    gap = srt[:, n_top - 1] - srt[:, n_top]
+                    assert (gap > 2 * d_l.max(1).values).all(), "near tie at the top-k boundary"
+            bounds["weights"] = w * (d_l + (w * d_l).sum(1, keepdim=True)) + 8 * U32 * w.abs()
+    # The truth is float32 (call_terms rounds): one more rounding of every value.
+    for f in bounds:
+        bounds[f] = (bounds[f] + U32 * getattr(truth, f).double().abs()) * 1.01  # 1 %: second-order terms
+    return truth, bounds
+
+
+def assert_terms_within(got, truth, bounds, rows=None):
+    for f in ("weights", "c_in", "scale", "shift"):
+        g, t, b = getattr(got, f).double(), getattr(truth, f).double(), bounds[f]
+        if rows is not None:
+            g, t, b = g[rows], t[rows], b[rows]
+        assert g.shape == t.shape, f
+        err = (g - t).abs()
+        assert torch.isfinite(g).all(), f"{f}: non-finite values"
+        assert (err <= b).all(), f"{f}: max error {float(err.max()):.3g}, excess {float((err - b).max()):.3g}"

@@ -49,6 +49,8 @@ int main() {
   for (int i = 0; i < a::kNumCols; ++i) std::printf("%s\"%s\"", i ? ", " : "", a::kColumns[i]);
   std::printf("], \"weight_types\": [");
   for (int i = 0; i <= a::kF16; ++i) std::printf("%s\"%s\"", i ? ", " : "", a::kWeightTypes[i]);
+  std::printf("], \"strategies\": [");
+  for (int i = 0; i <= a::kStrategyFixed; ++i) std::printf("%s\"%s\"", i ? ", " : "", a::kStrategies[i]);
   std::printf("], \"col_a_x\": %d, \"col_a_m\": %d, \"col_c_x0\": %d, \"col_c_x\": %d, \"col_c_m\": %d, "
               "\"col_sigma\": %d, \"num_cols\": %d, \"col_adds_noise\": %d, \"coef_width\": %d, "
               "\"max_k\": %d, \"max_l\": %d, \"max_h\": %d, \"max_d\": %d}\n",

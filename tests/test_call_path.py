@@ -373,7 +373,7 @@ def test_triton_backends_launch_through_the_registered_op(backend, launches):
     x_T, noise = s.noise(2, torch.Generator().manual_seed(0))
     with _Dispatched() as d:
         s(torch.randn(2, 5), x_T=x_T, step_noise=noise)
-    assert d["fdp.mlp_launch"] == launches
+    assert d["fdp.mlp_launch"] == launches and d["fdp.call_terms_launch"] == 1
 
 
 # AOT dispatch (the fourth opcheck test) functionalizes the op's body, which an interpreted kernel cannot run.
@@ -389,10 +389,21 @@ def test_mlp_launch_op_passes_opcheck(backend, hidden):
     x_T, noise = s.noise(3, torch.Generator().manual_seed(0))
     with _Dispatched() as d:
         s(torch.randn(3, 5), x_T=x_T, step_noise=noise)
-    func, args, kwargs = d.fdp_calls[0]
-    assert str(func) == "fdp.mlp_launch.default"
+    (func, args, kwargs), = [call for call in d.fdp_calls[:2] if str(call[0]) == "fdp.mlp_launch.default"]
     assert (args[18] is None) == (backend == "triton-persistent" and hidden == 16)  # scratch
     assert (args[19] is None) == (backend == "triton-persistent")  # counters
+    torch.library.opcheck(func, args, kwargs, test_utils=_OPCHECK_CPU)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-persistent"])
+def test_call_terms_launch_op_passes_opcheck(backend):
+    s = _sampler(backend, K=3)
+    x_T, noise = s.noise(3, torch.Generator().manual_seed(0))
+    with _Dispatched() as d:
+        s(torch.randn(3, 5), x_T=x_T, step_noise=noise)
+    func, args, kwargs = d.fdp_calls[0]
+    assert str(func) == "fdp.call_terms_launch.default"
+    assert (args[9] is None) == (backend == "triton-persistent")  # the split step kernel's counters
     torch.library.opcheck(func, args, kwargs, test_utils=_OPCHECK_CPU)
 
 

@@ -725,3 +725,106 @@ def test_programmatic_launches_can_be_turned_off(driver):
         assert status == "ok", rest
         fields = dict(f.split("=", 1) for f in rest.split())
         assert [int(v) for v in fields["programmatic"].split(",")] == expect, (env, rest)
+
+
+# -- the per-call terms kernel (csrc/call_terms.cuh) -----------------------------------------------------------------
+# Its block body runs on the host thread by thread between the block's synchronisations
+# (tests/cuda_emulation/call_terms_driver.cpp), against the same float64 truth and float32 bounds as the Triton
+# kernel (helpers.cond_truth_and_bounds).
+
+
+@pytest.fixture(scope="module")
+def call_terms_driver(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++)")
+    exe = tmp_path_factory.mktemp("call_terms_emulation") / "call_terms_driver"
+    sanitize = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=undefined"]
+    cmd = [cxx, "-std=c++20", f"-I{CSRC}", str(EMU / "call_terms_driver.cpp"), "-o", str(exe)]
+    r = subprocess.run(cmd[:1] + sanitize + cmd[1:], capture_output=True, text=True)
+    if r.returncode and "cannot find" in r.stderr and "san" in r.stderr:
+        warnings.warn("sanitizer runtimes missing: call-terms driver built without ASan/UBSan")
+        r = subprocess.run(cmd[:1] + ["-O1"] + cmd[1:], capture_output=True, text=True)
+    assert r.returncode == 0, f"compiling the call-terms driver failed:\n{r.stderr[-6000:]}"
+    return exe
+
+
+def _emulated_call_terms(exe, pc, c, d: Path):
+    d.mkdir(parents=True, exist_ok=True)
+    B = c.shape[0]
+    for name, t in (("c", c), ("w1", pc.router_w1), ("b1", pc.router_b1), ("w2", pc.router_w2),
+                    ("b2", pc.router_b2), ("fixed", pc.fixed), ("cw", pc.cond_w), ("cb", pc.cond_b)):
+        _write(d, name, t.float())
+    (d / "dims.txt").write_text(f"{B} {pc.Dc} {pc.cond_w.shape[0]} {pc.Hr} {pc.K} {pc.L} {pc.H} {pc.strategy} "
+                                f"{pc.topk}\n")
+    r = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = torch.from_numpy(np.fromfile(d / "out.bin", dtype=np.float32))
+    assert out.numel() == packing.call_terms_numel(B, pc.K, pc.L, pc.H)
+    return packing.split_call_terms(out, B, pc.K, pc.L, pc.H)
+
+
+# K, L, H, Dc, Hr, B: odd sizes, columns over several blocks of 256, Hr over 256 (threads with two hidden units),
+# rows over two tiles of 8, batch 1.
+CALL_CASES = [(3, 1, 17, 5, 7, 1), (5, 3, 19, 37, 301, 11), (8, 2, 24, 3, 9, 9), (1, 1, 16, 6, 5, 2)]
+
+
+@pytest.mark.parametrize("strategy", ["soft", "tanh", "hard", "topk", "fixed"])
+@pytest.mark.parametrize("case", CALL_CASES, ids=lambda c: "K{}L{}H{}Dc{}Hr{}B{}".format(*c))
+def test_emulated_call_terms_match_the_policy(call_terms_driver, tmp_path, strategy, case):
+    from helpers import assert_terms_within, cond_policy, cond_truth_and_bounds
+
+    K, L, H, Dc, Hr, B = case
+    if strategy == "topk" and K == 1:
+        pytest.skip("top-k of one component is hard routing")
+    policy = cond_policy(K=K, L=L, H=H, Dc=Dc, Hr=Hr, strategy=strategy, seed=K + L)
+    pc = packing.pack_cond(policy)
+    c = torch.randn(B, Dc)
+    truth, bounds = cond_truth_and_bounds(policy, c)
+    assert_terms_within(_emulated_call_terms(call_terms_driver, pc, c, tmp_path), truth, bounds)
+
+
+@pytest.mark.parametrize("strategy", ["soft", "tanh", "hard", "topk", "fixed"])
+@pytest.mark.parametrize("conditional", [True, False])
+def test_emulated_call_terms_nan_rules(call_terms_driver, tmp_path, strategy, conditional):
+    """A NaN feature row and non-finite logits give what the policy gives (fdp.router's NaN rules)."""
+    from fdp._validation import inputs_already_checked
+    from helpers import cond_policy
+
+    policy = cond_policy(K=4, strategy=strategy, conditional=conditional)
+    c = torch.randn(4, 5, dtype=torch.float64)
+    c[2] = float("nan")
+    with inputs_already_checked():
+        want = packing.call_terms(policy, c, policy.weights(c))
+    got = _emulated_call_terms(call_terms_driver, packing.pack_cond(policy), c.float(), tmp_path / "row")
+    for f in ("weights", "c_in", "scale", "shift"):
+        assert torch.equal(torch.isnan(getattr(got, f)), torch.isnan(getattr(want, f))), f
+    assert torch.isnan(got.weights[2]).all() == (strategy != "fixed")
+    assert torch.isnan(got.c_in[2]).all() == conditional
+    if strategy == "fixed":
+        return
+    for i, bad in enumerate((float("nan"), float("inf"), -float("inf"))):
+        with torch.no_grad():
+            policy.router.net[2].weight[1].zero_()
+            policy.router.net[2].bias[1] = bad
+        c = torch.randn(3, 5, dtype=torch.float64)
+        want = policy.weights(c).float()
+        got = _emulated_call_terms(call_terms_driver, packing.pack_cond(policy), c.float(), tmp_path / f"logit{i}")
+        assert torch.equal(torch.isnan(got.weights), torch.isnan(want))
+        if not torch.isnan(want).any():
+            assert (got.weights[:, 1] == 0).all()
+            torch.testing.assert_close(got.weights, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("strategy,logits,expected", [("hard", [1.0, 2.0, 2.0, 2.0, -1.0], [0, 1, 0, 0, 0]),
+                                                      ("topk", [3.0] * 5, [0.5, 0.5, 0, 0, 0])])
+def test_emulated_call_terms_ties_go_to_the_lowest_index(call_terms_driver, tmp_path, strategy, logits, expected):
+    from helpers import cond_policy
+
+    policy = cond_policy(K=5, strategy=strategy)
+    with torch.no_grad():
+        policy.router.net[2].weight.zero_()
+        policy.router.net[2].bias.copy_(torch.tensor(logits, dtype=torch.float64))
+    got = _emulated_call_terms(call_terms_driver, packing.pack_cond(policy), torch.randn(3, 5), tmp_path)
+    assert torch.equal(got.weights, torch.tensor(expected, dtype=torch.float32).expand(3, 5))

@@ -107,8 +107,20 @@ def _swap_data(policy):
         w.data = w.data * 1.5  # new storage, version counter untouched
 
 
+def _scale_conditioning(policy, backend):
+    # The layers whose outputs the fused MLP backends compute once per call, from their own packed copy.
+    with torch.no_grad():
+        for comp in policy.components:
+            for name, module in comp.named_modules():
+                if name.endswith(("cond_proj", "cond_encoder")):
+                    for p in module.parameters():
+                        p.mul_(1.5)
+
+
 MUTATIONS = {
     "in_place": lambda p, be: _scale(p),
+    "router_only": lambda p, be: _scale(p.router),
+    "conditioning_only": _scale_conditioning,
     "adam_foreach": lambda p, be: _train_step(p, foreach=True),
     "adam_fused": lambda p, be: _train_step(p, fused=True),  # fused optimizers bump no version counter
     "load_state_dict": _load_other,
@@ -118,6 +130,21 @@ MUTATIONS = {
     "add_component": lambda p, be: p.add_component(new_component(be), initial_logit=0.0),
     "add_component_copy": lambda p, be: p.add_component(source=1, reset_router=True),  # the authors' adaptation
 }
+
+
+@pytest.mark.parametrize("strategy,kw,change", [
+    ("topk", {"topk": 2}, lambda r: r.set_strategy("topk", topk=1)),
+    ("fixed", {"fixed_weights": [0.2, 0.3, 0.5]}, lambda r: r.set_strategy("fixed", fixed_weights=[0.6, 0.1, 0.3])),
+])
+def test_sampler_follows_router_settings_within_a_strategy(backend, strategy, kw, change):
+    """The fused MLP backends pack the strategy's settings (top-k size, fixed weights) with the router."""
+    policy = make_policy(backend, strategy=strategy, **kw)
+    sampler = make_sampler(policy, backend)
+    before = sampler(cond(), generator=seed())
+    change(policy.router)
+    out = sampler(cond(), generator=seed())
+    assert not torch.equal(out, before), "the change changed nothing: the test proves nothing"
+    torch.testing.assert_close(out, make_sampler(policy, backend)(cond(), generator=seed()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))

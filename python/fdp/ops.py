@@ -8,7 +8,10 @@ A Sampler call of a fused backend reaches its kernels through these ops, so
   the CUDA extension ``fdp._C`` (``backend="cuda"`` / ``"cuda-persistent"``);
   a :func:`torch.library.custom_op` with a fake (meta) implementation, so
   tracing needs no GPU work;
-- ``torch.ops.fdp.mlp_launch`` and ``torch.ops.fdp.compose_launch``
+- ``torch.ops.fdp.call_terms_cuda`` (here): the per-call terms launch of the
+  CUDA extension (router weights and conditioning terms, ``csrc/call_terms.cu``),
+  writing its ``out`` buffer;
+- ``torch.ops.fdp.mlp_launch``, ``torch.ops.fdp.call_terms_launch`` and ``torch.ops.fdp.compose_launch``
   (:mod:`fdp_kernels.ops`, registered when the Triton kernels are first
   used): :func:`torch.library.triton_op` s of the Triton kernels
   (``triton``, ``triton-persistent``, ``graph``).
@@ -20,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from .packing import CallTerms, PackedMLP, StepTerms
+from .packing import CallTerms, PackedCond, PackedMLP, StepTerms
 
-__all__ = ["mlp_cuda", "mlp_cuda_call"]
+__all__ = ["mlp_cuda", "mlp_cuda_call", "call_terms_cuda", "call_terms_cuda_call"]
 
 
 @torch.library.custom_op("fdp::mlp_cuda", mutates_args=())
@@ -62,3 +65,26 @@ def mlp_cuda_call(kind: int, packed: PackedMLP, steps: StepTerms, call: CallTerm
     return mlp_cuda(kind, x, packed.w_in, packed.w_a, packed.w_b, packed.b_b, packed.w_out, packed.b_out,
                     steps.t_in, steps.t_shift, call.weights, call.c_in, call.scale, call.shift, coef, noise,
                     clip_range, list(options), known, known_mask)
+
+
+@torch.library.custom_op("fdp::call_terms_cuda", mutates_args={"out"})
+def call_terms_cuda(global_cond: torch.Tensor, out: torch.Tensor, router_w1: torch.Tensor, router_b1: torch.Tensor,
+                    router_w2: torch.Tensor, router_b2: torch.Tensor, fixed: torch.Tensor, cond_w: torch.Tensor,
+                    cond_b: torch.Tensor, K: int, L: int, H: int, strategy: int, topk: int) -> None:
+    """One launch of the CUDA per-call terms kernel: ``out`` (``fdp.packing.call_terms_numel`` floats) from the
+    float32 features ``global_cond [B, Dc]`` and :class:`fdp.packing.PackedCond`'s tensors. Validates first."""
+    from .backends import cuda_backend as cb
+
+    cb.launch_call_terms(PackedCond(router_w1, router_b1, router_w2, router_b2, fixed, cond_w, cond_b, strategy,
+                                    topk, K, L, H), global_cond, out)
+
+
+@call_terms_cuda.register_fake
+def _call_terms_cuda_fake(*args, **kwargs) -> None:
+    return None
+
+
+def call_terms_cuda_call(pc: PackedCond, global_cond: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`call_terms_cuda` from a :class:`fdp.packing.PackedCond`."""
+    call_terms_cuda(global_cond, out, pc.router_w1, pc.router_b1, pc.router_w2, pc.router_b2, pc.fixed, pc.cond_w,
+                    pc.cond_b, pc.K, pc.L, pc.H, pc.strategy, pc.topk)

@@ -8,7 +8,7 @@
   authors' code composes its components (its router ends in ``Tanh`` and the
   prediction is ``sum_k tanh(logit_k) * eps_k``);
 - ``hard``:  one-hot of ``argmax(logits)`` (ties go to the lowest index);
-- ``topk``:  softmax over the ``topk`` largest logits, 0 elsewhere;
+- ``topk``:  softmax over the ``topk`` largest logits, 0 elsewhere (ties: the lowest indices);
 - ``fixed``: user-given weights ``fixed_weights`` ([K], non-negative, summing
   to 1), the same for every observation — for composing separately trained
   policies. ``net`` is kept so state dicts have one shape whatever the strategy.
@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdp_kernels.abi import ROUTER_STRATEGIES
+
 from ._validation import InvalidArgument, check_finite, check_int, check_optional_int, check_tensor
 
-STRATEGIES = ("soft", "tanh", "hard", "topk", "fixed")
+STRATEGIES = ROUTER_STRATEGIES  # fdp_kernels.abi: the kernels take a strategy as its index there
 
 # Logit given to a freshly added component (see Router.add_output): small
 # enough that its weight, about exp(-20) of the others', leaves every
@@ -47,6 +49,17 @@ NEW_COMPONENT_LOGIT = -20.0
 # 0 passes no gradient either (to the component or to its logit), so here too
 # FactorizedPolicy.adapt lifts it first.
 NEW_COMPONENT_LOGIT_TANH = 0.0
+
+
+def top_mask(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Where the ``n`` largest logits of each row are, ties to the lowest index (as ``argmax``): logit k is kept
+    when fewer than ``n`` logits beat it (larger, or equal at a lower index). Not ``torch.topk``, whose choice
+    among equal logits is unspecified (the fused kernels must make the same one) and not a stable sort, which
+    ONNX export refuses."""
+    idx = torch.arange(logits.shape[-1], device=logits.device)
+    a, b = logits[..., :, None], logits[..., None, :]  # [.., k, j]: logit k against logit j
+    beats = (b > a) | ((b == a) & (idx[None, :] < idx[:, None]))
+    return beats.sum(-1) < n
 
 
 def _nan_where_softmax_is(w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -76,7 +89,7 @@ class Router(nn.Module):
       other strategies.
     - ``"hard"``: all weight on the largest logit (ties: the lowest index),
       one component per observation.
-    - ``"topk"``: softmax over the ``topk`` largest logits, 0 elsewhere.
+    - ``"topk"``: softmax over the ``topk`` largest logits, 0 elsewhere (ties: the lowest indices).
     - ``"fixed"``: the same ``fixed_weights`` for every observation, e.g. to
       compose separately trained policies.
 
@@ -162,8 +175,7 @@ class Router(nn.Module):
         if self.strategy == "hard":
             w = F.one_hot(logits.argmax(dim=-1), self.num_components).to(logits.dtype)
             return _nan_where_softmax_is(w, logits)
-        top, idx = logits.topk(self.topk, dim=-1)  # "topk"
-        w = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+        w = torch.softmax(logits.masked_fill(~top_mask(logits, self.topk), -float("inf")), dim=-1)  # "topk"
         return _nan_where_softmax_is(w, logits)
 
     @property

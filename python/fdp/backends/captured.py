@@ -17,10 +17,13 @@ value from its tensor arguments and does not modify them.
   synchronisation.
 
 What a graph freezes: the addresses of every tensor ``fn`` reads besides its
-arguments (the packed weights and step terms, copies made at packing, and the
-module parameters ``fn`` reads directly: the router's and, for the MLP
-backends, the conditioning projections', whose in-place updates a replay
-sees) and every host value (Python ints and floats, the router's strategy). :meth:`CapturedCall.invalidate` drops the graphs; the next call per
+arguments (the packed weights, step terms and, for the MLP backends, the packed
+router and conditioning projections: copies made at packing, which
+:class:`fdp.Sampler` makes again when any parameter, buffer, the strategy or
+the top-k size changes, so in-place updates of the modules reach a replay
+through the repack; the ``graph`` backend still reads the router's parameters
+directly) and every host value (Python ints and floats, the router's
+strategy). :meth:`CapturedCall.invalidate` drops the graphs; the next call per
 signature captures again. A prepared object that packs again builds a new
 ``CapturedCall`` (its graphs go with the old one).
 

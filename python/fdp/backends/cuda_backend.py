@@ -8,7 +8,7 @@ on tiles of 16+ rows), clusters with distributed shared memory on sm_90 (at
 small batch one cluster per row tile holds all K components and combines their
 outputs in it). On sm_90 the launches after a call's first are programmatic
 dependent launches: each can stage its weights while the previous step finishes.
-A sampling call (per-call terms and the T launches) is captured once per
+A sampling call (the per-call terms launch, ``csrc/call_terms.cu``, and the T launches) is captured once per
 batch size into a CUDA graph and replayed (:mod:`fdp.backends.captured`).
 
 This module also holds what both CUDA backends share: validation of every
@@ -28,12 +28,14 @@ from fdp_kernels import abi
 
 from .._extension import extension, extension_status
 from .._validation import check_flat_sample, check_kernel_arg as _check
-from ..packing import call_terms, mlp_unsupported_reason, pack_policy, step_terms
-from ..ops import mlp_cuda_call
+from ..packing import (call_terms_numel, mlp_unsupported_reason, pack_cond, pack_policy, split_call_terms,
+                       step_terms)
+from ..ops import call_terms_cuda_call, mlp_cuda_call
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls
 
-__all__ = ["CudaBackend", "CudaPrepared", "check_launch", "kernel_coef", "launch", "plan",
+__all__ = ["CudaBackend", "CudaPrepared", "check_launch", "check_cond_launch", "kernel_coef", "launch",
+           "launch_call_terms", "plan",
            "KIND_STEP", "KIND_PERSISTENT"]
 
 KIND_STEP = 0
@@ -156,6 +158,56 @@ def check_launch(packed, steps, call, coef, x, noise, out, clip_range, *, requir
             raise ValueError(f"`clip_range` must be None (no clipping) or a finite non-negative number, "
                              f"got {clip_range!r}")
     return dims
+
+
+def check_cond_launch(pc, global_cond, out, *, require_cuda: bool = True) -> dict:
+    """Validate a per-call terms launch (:class:`fdp.packing.PackedCond`, float32 ``global_cond [B, Dc]``, the
+    ``out`` buffer) before any pointer is taken; returns the extension's ``CallDims`` fields."""
+    if not isinstance(global_cond, torch.Tensor):
+        raise TypeError(f"`global_cond` must be a torch.Tensor, got {type(global_cond).__name__}")
+    device = global_cond.device
+    if require_cuda and device.type != "cuda":
+        raise ValueError(f"`global_cond` must be a CUDA tensor, got one on {device}")
+    K, L, H, Dc = pc.K, pc.L, pc.H, pc.router_w1.shape[0]
+    if global_cond.ndim != 2 or global_cond.shape[0] < 1:
+        raise ValueError(f"`global_cond` must be [B >= 1, {Dc}], got {list(global_cond.shape)}")
+    B = global_cond.shape[0]
+    if not 1 <= K <= abi.CUDA_MAX_K:
+        raise ValueError(f"the CUDA kernels serve 1..{abi.CUDA_MAX_K} components, got K = {K}")
+    if not 0 <= pc.strategy < len(abi.ROUTER_STRATEGIES):
+        raise ValueError(f"`strategy` must index fdp_kernels.abi.ROUTER_STRATEGIES, got {pc.strategy!r}")
+    if pc.strategy == abi.STRATEGY_TOPK and not 1 <= pc.topk <= K:
+        raise ValueError(f"`topk` must be in 1..{K}, got {pc.topk}")
+    f32 = torch.float32
+    Hr, N = pc.router_w1.shape[1], K * (1 + 2 * L) * H
+    Dk = pc.cond_w.shape[0]
+    _check("global_cond", global_cond, (B, Dc), f32, device)
+    _check("router_w1", pc.router_w1, (Dc, Hr), f32, device)
+    _check("router_b1", pc.router_b1, (Hr,), f32, device)
+    _check("router_w2", pc.router_w2, (Hr, K), f32, device)
+    _check("router_b2", pc.router_b2, (K,), f32, device)
+    _check("fixed", pc.fixed, (K,), f32, device)
+    _check("cond_w", pc.cond_w, (Dc if Dk else 0, N), f32, device)
+    _check("cond_b", pc.cond_b, (N,), f32, device)
+    _check("out", out, (call_terms_numel(B, K, L, H),), f32, device)
+    if -(-N // 256) + 1 >= 2**31 or -(-B // 8) >= 65536:
+        raise ValueError(f"the per-call kernel's grid cannot cover B = {B} rows of {N} terms")
+    return dict(B=B, Dc=Dc, Dk=Dk, Hr=Hr, K=K, L=L, H=H, strategy=pc.strategy, topk=pc.topk)
+
+
+def launch_call_terms(pc, global_cond, out, stream=None) -> torch.Tensor:
+    """The per-call terms (``csrc/call_terms.cu``) into ``out`` on ``stream`` (default: the current one)."""
+    dims = check_cond_launch(pc, global_cond, out)
+    ext = extension()
+    tensors = dict(global_cond=global_cond, router_w1=pc.router_w1, router_b1=pc.router_b1, router_w2=pc.router_w2,
+                   router_b2=pc.router_b2, fixed=pc.fixed, cond_w=pc.cond_w if pc.cond_w.numel() else pc.cond_b,
+                   cond_b=pc.cond_b, out=out)
+    ptrs = _named(ext.CallPointers, **{name: t.data_ptr() for name, t in tensors.items()})
+    if stream is None:
+        stream = torch.cuda.current_stream(global_cond.device).cuda_stream
+    with _on_device(global_cond.device):
+        ext.call_terms_launch(ptrs, _named(ext.CallDims, **dims), int(stream))
+    return out
 
 
 def kernel_coef(table) -> torch.Tensor:
@@ -311,6 +363,7 @@ class CudaPrepared(CapturesCalls):
         self.kind = kind
         self.options = dict(options or {})
         self.packed = pack_policy(policy, dtype)
+        self.cond = pack_cond(policy)
         dev_table = table.to(self.device)
         self.steps = step_terms(policy, dev_table.timesteps)
         self.coef = kernel_coef(dev_table)
@@ -327,10 +380,15 @@ class CudaPrepared(CapturesCalls):
         return self._call(global_cond, x_T, step_noise, known, known_mask)
 
     def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None):
-        """The whole call: per-call terms and the kernel launch(es). Capturable (on CUDA, replayed per batch size)."""
+        """The whole call: the per-call terms launch, then the kernel launch(es). Capturable (on CUDA, replayed per
+        batch size)."""
         B = x_T.shape[0]
         D, T = self.dims["D"], self.dims["T"]
-        call = call_terms(self.policy, global_cond, self.policy.weights(global_cond))
+        cond = self.cond
+        buf = torch.empty(call_terms_numel(B, cond.K, cond.L, cond.H), device=self.device, dtype=torch.float32)
+        c = global_cond if global_cond.dtype == torch.float32 else global_cond.to(torch.float32)
+        call_terms_cuda_call(cond, c.contiguous(), buf)
+        call = split_call_terms(buf, B, cond.K, cond.L, cond.H)
         x = x_T.reshape(B, D)
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()

@@ -2,6 +2,8 @@
 
 The kernel (``csrc/mlp_persistent.cu``) keeps the packed weights in shared
 memory for all T steps where they fit (the rest streams from L2 each step).
+Before it, one launch computes the call's router weights and conditioning
+terms (``csrc/call_terms.cu``, shared with ``backend="cuda"``): two launches per call.
 Named without a ``dtype``, the backend packs a float32 policy's weights in
 bfloat16: at the target size (K=4, H=256) 16-bit weights are what stays
 resident, while float32 weights stream a slice from L2 at every step (still

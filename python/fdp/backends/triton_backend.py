@@ -4,11 +4,14 @@ Serves a :class:`fdp.FactorizedPolicy` whose K components are
 :class:`fdp.MLPDenoiser` s of one shape (``packing.mlp_unsupported_reason``)
 within the kernels' limits (K <= 8, 16 <= H <= 512, D = horizon * action_dim
 <= 512) in float32, bfloat16 or float16 weights. ``prepare`` packs the weights
-(:func:`fdp.packing.pack_policy`), computes the timestep terms of the T steps
+(:func:`fdp.packing.pack_policy`) and the router and conditioning projections
+(:func:`fdp.packing.pack_cond`), computes the timestep terms of the T steps
 and moves the scheduler table to the device, once; every sampling call then
-computes the router weights and per-sample terms (:func:`fdp.packing.call_terms`)
-and launches :func:`fdp_kernels.mlp_step.mlp_step` T times, in place on one
-float32 buffer. Each launch evaluates all K components, their weighted sum and
+makes T + 1 launches and no other device work: :func:`fdp_kernels.call_terms.call_terms`
+(the router weights and per-sample terms, and the zeroing of the split kernel's
+counters), then :func:`fdp_kernels.mlp_step.mlp_step` T times, the first from
+``x_T`` (float32: read in place) into the output buffer, the others in place
+on it. Each step launch evaluates all K components, their weighted sum and
 the scheduler update for its rows; accumulation is float32 whatever the weight
 dtype. The packed weights are copies: :class:`fdp.Sampler` prepares again when
 the policy changes. The kernels read every step's noise from one ``[T, B, D]``
@@ -54,11 +57,11 @@ class TritonPrepared(CapturesCalls):
         param = next(policy.parameters())
         self.policy = policy
         self.device = param.device
-        self.param_dtype = param.dtype
         self.dtype = dtype or param.dtype
         self.horizon, self.action_dim = policy.horizon, policy.action_dim
         self.D = self.horizon * self.action_dim
         self.packed = packing.pack_policy(policy, self.dtype)
+        self.cond = packing.pack_cond(policy)
         self.steps = packing.step_terms(policy, table.timesteps.to(self.device))
         tbl = table.to(self.device, torch.float32)
         # The scheduler's table is the kernels' layout (both take fdp_kernels.abi's columns).
@@ -72,13 +75,13 @@ class TritonPrepared(CapturesCalls):
         self._call = CapturedCall(self._sample, self.device)
 
     def _workspace_for(self, B, persistent=False):
-        """``(scratch, counters)`` for a call of batch ``B`` (None where the launches need none), counters zeroed
-        on the current stream; the call's T launches share them (each launch leaves its counters at 0).
+        """``(scratch, counters)`` for a call of batch ``B`` (None where the launches need none); the call's
+        per-call launch zeroes the counters, and its T step launches share them (each leaves them at 0).
 
         Allocated once per prepared object (so once per device) and grown to the largest batch, off
         capture. While a CUDA graph is captured (or torch.compile traces), allocated here instead, once per
         call: the graph then owns them (its private pool; a cached buffer could be replaced, and freed, by a later
-        larger call while the graph still uses it) and replays the zeroing of its counters with every call.
+        larger call while the graph still uses it), and the per-call launch in it zeroes its counters at every replay.
         """
         from fdp_kernels.mlp_common import block_config, counters_numel, scratch_numel
 
@@ -90,7 +93,7 @@ class TritonPrepared(CapturesCalls):
         f32, i32 = torch.float32, torch.int32
         if torch.compiler.is_compiling() or capturing(self.device):
             return (torch.empty(need, device=self.device, dtype=f32) if need else None,
-                    torch.zeros(tiles, device=self.device, dtype=i32) if tiles else None)
+                    torch.empty(tiles, device=self.device, dtype=i32) if tiles else None)
         grow_scratch = need and (self._scratch is None or self._scratch.numel() < need)
         grow_counters = tiles and (self._counters is None or self._counters.numel() < tiles)
         if grow_scratch or grow_counters:
@@ -101,12 +104,9 @@ class TritonPrepared(CapturesCalls):
                     self._scratch = torch.empty(need, device=self.device, dtype=f32)
                 if grow_counters:
                     self._counters = torch.empty(tiles, device=self.device, dtype=i32)
-        counters = None
-        if tiles:
-            # Every launch leaves its counters at 0; zeroed per call anyway, so that one launch cut short (an
-            # interrupted interpreter run) cannot leave a later call combining too early.
-            counters = self._counters[:tiles].zero_()
-        return (self._scratch if need else None), counters
+        # Every step launch leaves its counters at 0; the per-call launch zeroes them anyway, so that one launch
+        # cut short (an interrupted interpreter run) cannot leave a later call combining too early.
+        return (self._scratch if need else None), (self._counters[:tiles] if tiles else None)
 
     @staticmethod
     def _known(known, known_mask, B, D):
@@ -116,11 +116,22 @@ class TritonPrepared(CapturesCalls):
         known = known.reshape(*known.shape[:-3], B, D).to(torch.float32).contiguous()
         return known, known_mask.reshape(B, D).contiguous().view(torch.uint8)
 
-    def _inputs(self, global_cond, x_T, step_noise, seed):
-        cond = global_cond.to(self.param_dtype)
-        call = packing.call_terms(self.policy, cond, self.policy.weights(cond))
+    def _inputs(self, global_cond, x_T, step_noise, seed, persistent=False):
+        """What both backends' calls start with: the per-call launch (router, conditioning terms, counters), the
+        sample as the kernels read it (float32 ``x_T`` itself: no copy) and an output buffer, the noise, the
+        seed and the workspace."""
+        from fdp_kernels.call_terms import call_terms
+
         B = x_T.shape[0]
-        x = x_T.reshape(B, self.D).to(torch.float32, copy=True).contiguous()
+        cond = self.cond
+        scratch, counters = self._workspace_for(B, persistent)
+        buf = torch.empty(packing.call_terms_numel(B, cond.K, cond.L, cond.H), device=self.device,
+                          dtype=torch.float32)
+        call_terms(cond, global_cond, out=buf, counters=counters)
+        call = packing.split_call_terms(buf, B, cond.K, cond.L, cond.H)
+        # The kernels read x_T and write out (each program reads its rows before writing them).
+        x = x_T.reshape(B, self.D).to(torch.float32).contiguous()
+        out = torch.empty(B, self.D, device=self.device, dtype=torch.float32)
         noise = None
         if seed is None and step_noise is not None and self.adds_any:
             noise = step_noise.reshape(self.T, B, self.D)
@@ -129,7 +140,7 @@ class TritonPrepared(CapturesCalls):
             noise = noise.contiguous()
         if seed is not None and not self.adds_any:
             seed = None
-        return call, x, noise, seed
+        return call, x, out, noise, seed, scratch, counters
 
     @torch.no_grad()
     def run(self, global_cond, x_T, step_noise, known=None, known_mask=None, seed: int | None = None):
@@ -146,17 +157,16 @@ class TritonPrepared(CapturesCalls):
         return self._sample(global_cond, x_T, step_noise, known, known_mask, seed)
 
     def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None, seed=None):
-        """The whole call: per-call terms, then T launches in place on one float32 buffer. Capturable."""
+        """The whole call: the per-call launch, then T step launches, x_T -> out, then in place. Capturable."""
         from fdp_kernels.mlp_step import mlp_step
 
-        call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
+        call, x, out, noise, seed, scratch, counters = self._inputs(global_cond, x_T, step_noise, seed)
         known, known_mask = self._known(known, known_mask, *x.shape)
-        scratch, counters = self._workspace_for(x.shape[0])
         for i in range(self.T):
-            mlp_step(self.packed, self.steps, call, self.coef, self.adds_noise, i, x, noise, seed=seed,
-                     clip_range=self.clip_range, out=x, scratch=scratch, counters=counters, known=known,
+            mlp_step(self.packed, self.steps, call, self.coef, self.adds_noise, i, x if i == 0 else out, noise,
+                     seed=seed, clip_range=self.clip_range, out=out, scratch=scratch, counters=counters, known=known,
                      known_mask=known_mask, validate=(i == 0), **self.tuning)
-        return x.reshape(x_T.shape).to(x_T.dtype)
+        return out.reshape(x_T.shape).to(x_T.dtype)
 
 
 class TritonBackendBase(Backend):

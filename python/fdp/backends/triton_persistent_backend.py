@@ -1,10 +1,12 @@
-"""``backend="triton-persistent"``: the whole sampling loop of an MLPDenoiser policy in one Triton launch.
+"""``backend="triton-persistent"``: the whole sampling loop of an MLPDenoiser policy in one Triton launch
+(after one for the per-call terms).
 
 Same packing, limits and availability as ``backend="triton"``
 (:class:`fdp.backends.triton_backend.TritonBackendBase`); each sampling call
-computes the per-call terms and launches :func:`fdp_kernels.mlp_persistent.mlp_sample`
-once: every program keeps its rows of ``x`` on chip from x_T to x_0 through
-all T steps (on CUDA the call is one replay of a captured graph, as for
+makes two launches and no other device work: the per-call terms
+(:func:`fdp_kernels.call_terms.call_terms`), then the loop,
+:func:`fdp_kernels.mlp_persistent.mlp_sample`: every program keeps its rows
+of ``x`` on chip from x_T to x_0 through all T steps (on CUDA the call is one replay of a captured graph, as for
 ``triton``). ``run(..., seed=n)`` draws the step noise in the kernel instead
 of reading ``step_noise`` (standard normal, deterministic per seed, but not
 the numbers torch's generator would draw).
@@ -17,16 +19,15 @@ from .triton_backend import TritonBackendBase, TritonPrepared
 
 class TritonPersistentPrepared(TritonPrepared):
     def _sample(self, global_cond, x_T, step_noise, known=None, known_mask=None, seed=None):
-        """The whole call: per-call terms, then one launch for all T steps. Capturable."""
+        """The whole call: the per-call launch, then one launch for all T steps. Capturable."""
         from fdp_kernels.mlp_persistent import mlp_sample
 
-        call, x, noise, seed = self._inputs(global_cond, x_T, step_noise, seed)
+        call, x, out, noise, seed, scratch, _ = self._inputs(global_cond, x_T, step_noise, seed, persistent=True)
         known, known_mask = self._known(known, known_mask, *x.shape)
-        scratch, _ = self._workspace_for(x.shape[0], persistent=True)
         mlp_sample(self.packed, self.steps, call, self.coef, self.adds_noise, x, noise, seed=seed,
-                   clip_range=self.clip_range, out=x, scratch=scratch, known=known, known_mask=known_mask,
+                   clip_range=self.clip_range, out=out, scratch=scratch, known=known, known_mask=known_mask,
                    **self.tuning)
-        return x.reshape(x_T.shape).to(x_T.dtype)
+        return out.reshape(x_T.shape).to(x_T.dtype)
 
 
 class TritonPersistentBackend(TritonBackendBase):
