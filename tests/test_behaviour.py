@@ -238,6 +238,7 @@ def test_auto_on_the_cpu_samples_with_the_reference(tmp_path, monkeypatch):
     cond, x_T = torch.randn(2, 5), torch.randn(2, 4, 3)
     ref = fdp.Sampler(policy, sched, num_inference_steps=3, backend="torch")
     assert torch.equal(s(cond, x_T=x_T), ref(cond, x_T=x_T))
+    assert {c.name: c for c in s.selection.candidates}["torch"].status == "picked"
 
 
 def test_policy_signature_routing_fields():

@@ -295,6 +295,7 @@ def test_on_a_timed_device_the_fastest_verified_backend_wins(register, monkeypat
     rows = {c.name: c for c in s.selection.candidates}
     assert rows["fast"].status == "picked" and rows["fast"].time_ms == 0.5
     assert "4.00x the time of 'fast'" in rows["slow"].reason and rows["torch"].time_ms == 4.0
+    assert rows["torch"].status == "reference"  # timed beside the others, never "ranked below" them
     assert rows["off-by-1pct"].status == "disagrees" and rows["off-by-1pct"].time_ms is None
     small = rows["small-batches-only"]
     assert small.status == "failed" and "at batch 16" in small.reason and small.rel_error < KERNEL_TOL[torch.float32]
@@ -399,3 +400,4 @@ def test_verify_passes_a_real_fused_backend(dtype):
     row = s.selection.candidates[0]
     assert s.backend == "triton-persistent" and row.tolerance == tolerances.tolerance(dtype, torch.float32)
     assert 0 < row.rel_error <= row.tolerance, row
+
