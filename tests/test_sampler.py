@@ -134,3 +134,19 @@ def test_features_in_another_float_dtype_are_cast():
     a = sampler(c, generator=torch.Generator().manual_seed(0))
     b = sampler(c.float(), generator=torch.Generator().manual_seed(0))
     assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_auto_logs_what_it_picked_and_a_named_backend_does_not(caplog, tmp_path, monkeypatch):
+    import logging
+
+    from fdp.backends.selection import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    policy = make_mlp_policy(K=2, dtype=torch.float32)
+    sched = fdp.DDIMScheduler(num_train_timesteps=20)
+    with caplog.at_level(logging.INFO, logger="fdp"):
+        fdp.Sampler(policy, sched, num_inference_steps=3, backend="torch")
+    assert "backend 'auto' picked" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="fdp"):
+        s = fdp.Sampler(policy, sched, num_inference_steps=3)
+    assert f"backend 'auto' picked {s.backend!r}" in caplog.text

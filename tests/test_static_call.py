@@ -88,6 +88,10 @@ def test_check_inputs_is_opt_in():
     assert torch.isnan(s.prepare(2)(bad)).any()  # not checked: NaN in, NaN out (documented)
     with pytest.raises(ValueError, match="`global_cond` must be finite"):
         s.prepare(2, check_inputs=True)(bad)
+    given = s.prepare(2, check_inputs=True, draw_noise=False)  # then x_T is the caller's to check too
+    given.x_T[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="`x_T` must be finite"):
+        given(bad.nan_to_num())
 
 
 def test_policy_changes_need_refresh_or_the_watch():
