@@ -61,7 +61,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
                                         "tests/test_reliability.py::test_freshness_check_reads_nothing_and_repacks_only_on_change",
                                         "tests/test_reliability.py::test_sampler_follows_the_policy_after_packing")),
     "selection": ("python/fdp/backends/selection.py", ("tests/test_selection.py", "tests/test_cache_safety.py",
-                                                        "tests/test_behaviour.py")),
+                                                        "tests/test_isolation.py", "tests/test_behaviour.py")),
     "packing": ("python/fdp/packing.py", ("tests/test_packing.py", "tests/test_precision.py")),
     "sampler": ("python/fdp/sampler.py", ("tests/test_sampler.py", "tests/test_inpainting.py", "tests/test_behaviour.py")),
     "static_call": ("python/fdp/static_call.py", ("tests/test_static_call.py",)),

@@ -90,6 +90,9 @@ def test_a_fifo_at_the_cache_path_does_not_block(decided, caplog):
     ("wrong-selection", "not a selection record"),
     ("wrong-candidate", "does not hold a backend's record"),
     ("unknown-backend", "'gone', which is not registered"),
+    ("unknown-backend-listed", "'gone', which is not registered"),  # even where the record's own table names it
+    ("extra-field", "not a selection record"),
+    ("unknown-status", "does not hold a backend's record"),
 ])
 def test_a_record_of_the_wrong_schema_or_backend_warns_naming_the_file_and_selects_again(decided, caplog, content,
                                                                                         why):
@@ -103,6 +106,15 @@ def test_a_record_of_the_wrong_schema_or_backend_warns_naming_the_file_and_selec
         content = json.dumps(stored)
     elif content == "unknown-backend":
         stored["selection"]["backend"] = "gone"
+        content = json.dumps(stored)
+    elif content == "unknown-backend-listed":
+        stored["selection"]["backend"] = stored["selection"]["candidates"][0]["name"] = "gone"
+        content = json.dumps(stored)
+    elif content == "extra-field":
+        stored["selection"]["extra"] = 1
+        content = json.dumps(stored)
+    elif content == "unknown-status":
+        stored["selection"]["candidates"][0]["status"] = "great"
         content = json.dumps(stored)
     path.write_text(content)
     _selected_again(good, caplog, path, why)
