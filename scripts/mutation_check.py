@@ -62,7 +62,11 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
                                         "tests/test_reliability.py::test_sampler_follows_the_policy_after_packing")),
     "selection": ("python/fdp/backends/selection.py", ("tests/test_selection.py", "tests/test_cache_safety.py",
                                                         "tests/test_isolation.py", "tests/test_behaviour.py")),
-    "packing": ("python/fdp/packing.py", ("tests/test_packing.py", "tests/test_precision.py")),
+    "packing": ("python/fdp/packing.py", ("tests/test_packing.py", "tests/test_precision.py",
+                                          *(f"tests/test_call_terms.py::{t}" for t in (
+                                              "test_reference_is_the_policy", "test_pack_layout",
+                                              "test_ties_go_to_the_lowest_index", "test_nan_feature_row",
+                                              "test_non_finite_logit")))),
     "sampler": ("python/fdp/sampler.py", ("tests/test_sampler.py", "tests/test_inpainting.py", "tests/test_behaviour.py")),
     "static_call": ("python/fdp/static_call.py", ("tests/test_static_call.py",)),
 }
