@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The cross-implementation tests (those whose bounds are derived from the computation, docs/testing.md)
+# under CPU kernel paths other than the CI machine's: 1 and 2 threads, oneDNN off, ATen's AVX2 kernels (a
+# CPU without AVX-512) and its scalar ones, MKL limited to AVX2, MKL's reproducible mode, oneDNN limited
+# to AVX2. A bound that holds on one machine only fails here.
+#
+#   bash scripts/cpu_paths.sh                 # every configuration, pytest -x -q
+#   PYTHON=/path/to/venv/bin/python bash scripts/cpu_paths.sh -k lerobot    # extra pytest arguments
+#   CONFIGS="threads-1 aten-default" bash scripts/cpu_paths.sh               # some configurations only
+#
+# The LeRobot tests need LeRobot importable (else they skip): run with a venv that has it.
+# Each configuration first prints the kernel path it got (ATen's CPU capability, oneDNN, threads), so a
+# variable this torch build ignores shows as such. Exit status: the number of configurations that failed.
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export PYTHONPATH="$PWD/python:$PWD:$PWD/integrations/lerobot_policy_fdp${PYTHONPATH:+:$PYTHONPATH}"
+
+FILES=(
+  tests/test_integrations_lerobot.py tests/test_sampler.py tests/test_single.py tests/test_export.py
+  tests/test_schedulers.py tests/test_precision.py tests/test_call_path.py tests/test_unet.py
+  tests/test_packing.py tests/test_integrations_diffusion_policy.py
+)
+
+# name -> environment. FDP_TEST_THREADS / FDP_TEST_MKLDNN are read by tests/conftest.py (which otherwise
+# pins 1 thread); the others by ATen, MKL and oneDNN at start-up.
+declare -A ENVS=(
+  [threads-1]="FDP_TEST_THREADS=1 OMP_NUM_THREADS=1"
+  [threads-2]="FDP_TEST_THREADS=2 OMP_NUM_THREADS=2"
+  [onednn-off]="FDP_TEST_MKLDNN=0"
+  [aten-avx2]="ATEN_CPU_CAPABILITY=avx2"
+  [aten-default]="ATEN_CPU_CAPABILITY=default"
+  [mkl-avx2]="MKL_ENABLE_INSTRUCTIONS=AVX2"
+  [mkl-cbwr]="MKL_CBWR=COMPATIBLE"
+  [onednn-avx2]="ONEDNN_MAX_CPU_ISA=AVX2"
+)
+ORDER=(threads-1 threads-2 onednn-off aten-avx2 aten-default mkl-avx2 mkl-cbwr onednn-avx2)
+read -r -a SELECTED <<< "${CONFIGS:-${ORDER[*]}}"
+
+PROBE='
+import os, torch
+if os.environ.get("FDP_TEST_MKLDNN", "1") == "0":
+    torch.backends.mkldnn.enabled = False
+torch.set_num_threads(int(os.environ.get("FDP_TEST_THREADS", "1")))
+print(f"  ATen capability {torch.backends.cpu.get_cpu_capability()}, oneDNN {torch.backends.mkldnn.enabled}, "
+      f"threads {torch.get_num_threads()}")'
+
+failed=0
+declare -A RESULT
+for name in "${SELECTED[@]}"; do
+  [[ -n "${ENVS[$name]+x}" ]] || { echo "unknown configuration $name (known: ${ORDER[*]})" >&2; exit 2; }
+  echo "== $name: ${ENVS[$name]}"
+  env ${ENVS[$name]} "$PYTHON" -c "$PROBE"
+  start=$SECONDS
+  if env ${ENVS[$name]} "$PYTHON" -m pytest -x -q -p no:cacheprovider "${FILES[@]}" "$@"; then
+    RESULT[$name]="pass ($((SECONDS - start)) s)"
+  else
+    RESULT[$name]="FAIL ($((SECONDS - start)) s)"
+    failed=$((failed + 1))
+  fi
+done
+echo
+echo "== $(date -u +%F) $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+for name in "${SELECTED[@]}"; do
+  printf '%-13s %-45s %s\n' "$name" "${ENVS[$name]}" "${RESULT[$name]}"
+done
+exit "$failed"
