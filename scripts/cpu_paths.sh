@@ -7,6 +7,7 @@
 #   bash scripts/cpu_paths.sh                 # every configuration, pytest -x -q
 #   PYTHON=/path/to/venv/bin/python bash scripts/cpu_paths.sh -k lerobot    # extra pytest arguments
 #   CONFIGS="threads-1 aten-default" bash scripts/cpu_paths.sh               # some configurations only
+#   SCOPE=core bash scripts/cpu_paths.sh      # only the cross-implementation comparisons (much faster)
 #
 # The LeRobot tests need LeRobot importable (else they skip): run with a venv that has it.
 # Each configuration first prints the kernel path it got (ATen's CPU capability, oneDNN, threads), so a
@@ -16,11 +17,32 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD/python:$PWD:$PWD/integrations/lerobot_policy_fdp${PYTHONPATH:+:$PYTHONPATH}"
 
-FILES=(
+ALL=(
   tests/test_integrations_lerobot.py tests/test_sampler.py tests/test_single.py tests/test_export.py
   tests/test_schedulers.py tests/test_precision.py tests/test_call_path.py tests/test_unet.py
   tests/test_packing.py tests/test_integrations_diffusion_policy.py
 )
+# SCOPE=core: only the comparisons across implementations of those files (about 1/10 of the time of all
+# of them, most of which check arguments and messages, the same on every CPU).
+CORE=(
+  tests/test_integrations_lerobot.py::test_load_pretrained_returns_lerobots_actions
+  tests/test_integrations_lerobot.py::test_accelerate_real_lerobot
+  tests/test_integrations_lerobot.py::test_accelerate_draws_noise_as_lerobot
+  tests/test_sampler.py::test_same_seed_same_actions_as_diffusers
+  tests/test_single.py::test_for_unet_matches_a_diffusers_loop
+  tests/test_export.py::test_onnx_round_trip
+  tests/test_call_path.py::test_compile_fullgraph_matches_eager
+  tests/test_unet.py::test_per_sample_timesteps_match_single_sample_calls
+  tests/test_unet.py::test_float64_model_matches_float32
+  tests/test_packing.py
+  tests/test_integrations_diffusion_policy.py::test_accelerate_matches_the_original_loop
+  tests/test_integrations_diffusion_policy.py::test_inpainting_is_served_with_the_originals_rule
+)
+case "${SCOPE:-all}" in
+  all) FILES=("${ALL[@]}") ;;
+  core) FILES=("${CORE[@]}") ;;
+  *) echo "SCOPE must be all or core, got ${SCOPE}" >&2; exit 2 ;;
+esac
 
 # name -> environment. FDP_TEST_THREADS / FDP_TEST_MKLDNN are read by tests/conftest.py (which otherwise
 # pins 1 thread); the others by ATen, MKL and oneDNN at start-up.
