@@ -73,13 +73,18 @@ for name in "${SELECTED[@]}"; do
   [[ -n "${ENVS[$name]+x}" ]] || { echo "unknown configuration $name (known: ${ORDER[*]})" >&2; exit 2; }
   echo "== $name: ${ENVS[$name]}"
   env ${ENVS[$name]} "$PYTHON" -c "$PROBE"
+  # A fresh Inductor cache per configuration: Inductor reuses kernels compiled under another
+  # ATEN_CPU_CAPABILITY from its shared cache, and those give garbage (1e23..1e28 here).
+  inductor_cache=$(mktemp -d -t fdp-cpu-paths-inductor-XXXXXX)
   start=$SECONDS
-  if env ${ENVS[$name]} "$PYTHON" -m pytest -x -q -p no:cacheprovider "${FILES[@]}" "$@"; then
+  if env ${ENVS[$name]} TORCHINDUCTOR_CACHE_DIR="$inductor_cache" \
+      "$PYTHON" -m pytest -x -q -p no:cacheprovider "${FILES[@]}" "$@"; then
     RESULT[$name]="pass ($((SECONDS - start)) s)"
   else
     RESULT[$name]="FAIL ($((SECONDS - start)) s)"
     failed=$((failed + 1))
   fi
+  rm -rf "$inductor_cache"
 done
 echo
 echo "== $(date -u +%F) $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
