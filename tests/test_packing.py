@@ -32,7 +32,8 @@ def _float32_values(policy):
 def _assert_is_the_policy(eps, policy, x, t, c):
     """The packed float32 ``eps`` within the derived float32 bound (helpers.float32_loop_bound) of the
     float64 policy's prediction on the same (float32) values."""
-    x64, bound = float32_loop_bound(lambda: policy(x, t, global_cond=c), [policy])
+    with torch.no_grad():
+        x64, bound = float32_loop_bound(lambda: policy(x, t, global_cond=c), [policy])
     assert_within_float32_bound(eps, x64, bound, f"packed eps at t={t}")
 
 
