@@ -25,8 +25,11 @@ def pytest_configure(config):
 
 
 # The suite's tensors are tiny: torch's intra-op threads only spin-wait for
-# each other there (badly so on a loaded 2-core CI machine).
-torch.set_num_threads(1)
+# each other there (badly so on a loaded 2-core CI machine). FDP_TEST_THREADS and
+# FDP_TEST_MKLDNN=0 (oneDNN off) select other CPU kernel paths: scripts/cpu_paths.sh.
+torch.set_num_threads(int(os.environ.get("FDP_TEST_THREADS", "1")))
+if os.environ.get("FDP_TEST_MKLDNN", "1") == "0":
+    torch.backends.mkldnn.enabled = False
 
 
 @pytest.fixture

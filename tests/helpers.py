@@ -133,27 +133,16 @@ def replaced(obj, **kw):
 # -- float32 error bounds derived from the computation (issue 28: never tuned to one machine) --------------------
 
 
-def _reduction_length(module) -> int | None:
-    """How many terms one output element of a leaf module sums (None: not a leaf to perturb)."""
-    if isinstance(module, torch.nn.Conv1d):
-        return module.in_channels // module.groups * module.kernel_size[0]
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features
-    if isinstance(module, torch.nn.GroupNorm):
-        return module.num_channels // module.num_groups  # per position; the length factor is in `extent`
-    if not list(module.children()):
-        return 1  # elementwise (activations, identity): one rounding
-    return None
-
-
 def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int = 0, coverage: float = 4.0):
     """``(x64, bound)``: the float64 result of a computation and a bound on how far any float32 evaluation
     of it (any kernel order, any CPU) may be from it, elementwise.
 
-    Monte Carlo arithmetic: ``run64()`` is run ``runs`` times in float64 with the scheduler's update
-    (:func:`fdp.schedulers.apply_coefficients`) rounded likewise relative to its terms, and every leaf module's output
-    (of ``modules``) multiplied by ``1 + d``, ``d`` uniform in ``[-s, s]`` with ``s = sqrt(n) u32``: the
-    probabilistic rounding error of a float32 sum of ``n`` terms (Higham and Mary 2019: ``lambda sqrt(n) u``
+    Monte Carlo arithmetic, as :func:`fdp.tolerances.loop_rounding_bound` (which ``fdp export onnx`` runs)
+    but around any computation: ``run64()`` is run ``runs`` times in float64 with the scheduler's update
+    (:func:`fdp.schedulers.apply_coefficients`) rounded likewise relative to its terms
+    (:func:`fdp.tolerances.rounded_update`), and every leaf module's output (of ``modules``) multiplied by
+    ``1 + d``, ``d`` uniform in ``[-s, s]`` with ``s = sqrt(n) u32`` (:func:`fdp.tolerances.perturb_outputs`):
+    the probabilistic rounding error of a float32 sum of ``n`` terms (Higham and Mary 2019: ``lambda sqrt(n) u``
     with probability ``1 - 2 exp(-lambda^2 / 2)``), ``n`` the module's reduction length (times ``extent``
     for normalisations, which reduce over the sequence too). The perturbations travel through the whole
     loop, T steps of the scheduler included, so the spread measures the float32 error growth of this
@@ -161,49 +150,16 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
     seen (elementwise max over the runs), plus float64 rounding of the result; ``coverage = 4`` covers the
     tail beyond ``runs`` samples of a sum of many independent roundings (4 standard deviations).
     """
+    import fdp.schedulers as schedulers
+    from fdp import tolerances
+
     x64 = run64()
     u32 = torch.finfo(torch.float32).eps / 2
     gen = torch.Generator().manual_seed(seed)
-    hooks = []
-
-    def perturb(scale):
-        def hook(module, args, out):
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-                return None
-            d = (torch.rand(out.shape, generator=gen, dtype=out.dtype) * 2 - 1).to(out.device)
-            return out * (1 + scale * d)
-        return hook
-
-    import fdp.schedulers as schedulers
-
     exact = schedulers.apply_coefficients
-
-    def rounded_update(coef, x, m, noise, clip_sample, clip_range):
-        # The scheduler's update in float32 rounds each of its two sums (x0: 2 terms, prev: up to 4) relative
-        # to the sum of the terms' magnitudes, not to the result (they may cancel).
-        a_x, a_m, c_x0, c_x, c_m, sigma = (coef[j] for j in range(6))
-        x0 = a_x * x + a_m * m
-        x0 = x0 + _noise_like(x0) * 2 ** 0.5 * u32 * (abs(a_x) * x.abs() + abs(a_m) * m.abs())
-        x0c = x0.clamp(-clip_range, clip_range) if clip_sample else x0
-        prev = c_x0 * x0c + c_x * x + c_m * m
-        size = abs(c_x0) * x0c.abs() + abs(c_x) * x.abs() + abs(c_m) * m.abs()
-        if noise is not None:
-            prev = prev + sigma * noise
-            size = size + abs(sigma) * noise.abs()
-        return prev + _noise_like(prev) * 2 * u32 * size, x0c
-
-    def _noise_like(t):
-        return (torch.rand(t.shape, generator=gen, dtype=t.dtype) * 2 - 1).to(t.device)
-
-    schedulers.apply_coefficients = rounded_update
-    for mod in modules:
-        for m in mod.modules():
-            n = _reduction_length(m)
-            if n is None:
-                continue
-            if isinstance(m, torch.nn.GroupNorm):
-                n *= extent
-            hooks.append(m.register_forward_hook(perturb(n ** 0.5 * u32)))
+    # The test's own computation may be any loop that calls the scheduler's update: patched here, in tests only.
+    schedulers.apply_coefficients = lambda *a: tolerances.rounded_update(*a, unit=u32, generator=gen)
+    hooks = tolerances.perturb_outputs(modules, u32, gen, extent)
     try:
         spread = torch.zeros_like(x64, dtype=torch.float64)
         for _ in range(runs):
@@ -212,8 +168,7 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
         schedulers.apply_coefficients = exact
         for h in hooks:
             h.remove()
-    eps64 = torch.finfo(torch.float64).eps
-    return x64, coverage * spread.max() + 64 * eps64 * x64.double().abs().max()
+    return x64, tolerances.finish_bound(x64, spread, coverage)
 
 
 def assert_within_float32_bound(got, x64, bound, what: str):

@@ -2,22 +2,39 @@ import pytest
 import torch
 
 import fdp
-from helpers import make_mlp_policy
+from helpers import assert_within_float32_bound, float32_loop_bound, make_mlp_policy
 from fdp import packing
 
 
 @pytest.mark.parametrize("B,strategy", [(1, "soft"), (5, "topk"), (3, "hard")])
 def test_reference_eps_is_the_policy(B, strategy):
-    policy = make_mlp_policy(K=3, strategy=strategy)
+    policy = _float32_values(make_mlp_policy(K=3, strategy=strategy))
     ts = torch.tensor([80, 41, 3])
     packed = packing.pack_policy(policy)
     steps = packing.step_terms(policy, ts)
-    c = torch.randn(B, 5, dtype=torch.float64)
+    c = torch.randn(B, 5, dtype=torch.float64).float().double()
     call = packing.call_terms(policy, c, policy.weights(c))
-    x = torch.randn(B, 4, 3, dtype=torch.float64)
+    x = torch.randn(B, 4, 3, dtype=torch.float64).float().double()
     for i, t in enumerate(ts.tolist()):
         eps = packing.reference_eps(packed, steps.t_in[i], steps.t_shift[i], call, x.reshape(B, -1).float())
-        torch.testing.assert_close(eps.double().reshape(x.shape), policy(x, t, global_cond=c), rtol=1e-5, atol=1e-6)
+        _assert_is_the_policy(eps.reshape(x.shape), policy, x, t, c)
+
+
+def _float32_values(policy):
+    """``policy`` (float64) with its parameters rounded to float32 values: packing them in float32 is then
+    exact, and the float32 path differs from the float64 policy by its arithmetic alone."""
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.copy_(p.float().double())
+    return policy
+
+
+def _assert_is_the_policy(eps, policy, x, t, c):
+    """The packed float32 ``eps`` within the derived float32 bound (helpers.float32_loop_bound) of the
+    float64 policy's prediction on the same (float32) values."""
+    with torch.no_grad():
+        x64, bound = float32_loop_bound(lambda: policy(x, t, global_cond=c), [policy])
+    assert_within_float32_bound(eps, x64, bound, f"packed eps at t={t}")
 
 
 def test_layout_shapes_and_dtypes():
@@ -34,14 +51,14 @@ def test_layout_shapes_and_dtypes():
 def test_unconditional_components_pack():
     torch.manual_seed(0)
     comps = [fdp.MLPDenoiser(2, 4, hidden_dim=16) for _ in range(2)]
-    policy = fdp.FactorizedPolicy(comps, fdp.Router(3, 2), 4, 2).double()
-    c = torch.randn(2, 3, dtype=torch.float64)
+    policy = _float32_values(fdp.FactorizedPolicy(comps, fdp.Router(3, 2), 4, 2).double())
+    c = torch.randn(2, 3, dtype=torch.float64).float().double()
     call = packing.call_terms(policy, c, policy.weights(c))
     steps = packing.step_terms(policy, torch.tensor([7]))
-    x = torch.randn(2, 4, 2, dtype=torch.float64)
+    x = torch.randn(2, 4, 2, dtype=torch.float64).float().double()
     eps = packing.reference_eps(packing.pack_policy(policy), steps.t_in[0], steps.t_shift[0], call,
                                 x.reshape(2, -1).float())
-    torch.testing.assert_close(eps.double().reshape(x.shape), policy(x, 7, global_cond=c), rtol=1e-5, atol=1e-6)
+    _assert_is_the_policy(eps.reshape(x.shape), policy, x, 7, c)
 
 
 def test_refuses_what_it_cannot_pack():

@@ -41,3 +41,119 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not bool(torch.isfinite(out).all()):
         return float("inf")
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# -- rounding bounds derived from the computation (Monte Carlo arithmetic) ----------------------------------------
+
+
+def reduction_length(module) -> int | None:
+    """How many terms one output element of a leaf module sums (None: not a leaf to perturb)."""
+    if isinstance(module, torch.nn.Conv1d):
+        return module.in_channels // module.groups * module.kernel_size[0]
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    if isinstance(module, torch.nn.GroupNorm):
+        return module.num_channels // module.num_groups  # per position; the length factor is in `extent`
+    if not list(module.children()):
+        return 1  # elementwise (activations, identity): one rounding
+    return None
+
+
+def perturb_outputs(modules, unit: float, generator: torch.Generator, extent: int = 1) -> list:
+    """Hooks that multiply every leaf module's floating output by ``1 + d``, ``d`` uniform in
+    ``[-sqrt(n) unit, sqrt(n) unit]`` with ``n`` its :func:`reduction_length` (times ``extent`` for
+    normalisations, which reduce over the sequence too): the probabilistic rounding error of a sum of ``n``
+    terms in a format of unit roundoff ``unit`` (Higham and Mary 2019). Returns the handles to remove."""
+    def hook_for(scale):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            return out * (1 + scale * _uniform_like(out, generator))
+        return hook
+
+    hooks = []
+    for mod in modules:
+        for m in mod.modules():
+            n = reduction_length(m)
+            if n is None:
+                continue
+            if isinstance(m, torch.nn.GroupNorm):
+                n *= extent
+            hooks.append(m.register_forward_hook(hook_for(n ** 0.5 * unit)))
+    return hooks
+
+
+def rounded_update(coef, x, m, noise, clip_sample: bool, clip_range: float, unit: float,
+                   generator: torch.Generator):
+    """:func:`fdp.schedulers.apply_coefficients` with each of its two sums (x0: 2 terms, prev: up to 4)
+    rounded at random, relative to the sum of its terms' magnitudes (they may cancel), not to the result."""
+    a_x, a_m, c_x0, c_x, c_m, sigma = (coef[j] for j in range(6))
+    x0 = a_x * x + a_m * m
+    x0 = x0 + _uniform_like(x0, generator) * 2 ** 0.5 * unit * (abs(a_x) * x.abs() + abs(a_m) * m.abs())
+    x0c = x0.clamp(-clip_range, clip_range) if clip_sample else x0
+    prev = c_x0 * x0c + c_x * x + c_m * m
+    size = abs(c_x0) * x0c.abs() + abs(c_x) * x.abs() + abs(c_m) * m.abs()
+    if noise is not None:
+        prev = prev + sigma * noise
+        size = size + abs(sigma) * noise.abs()
+    return prev + _uniform_like(prev, generator) * 2 * unit * size, x0c
+
+
+def _uniform_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform in [-1, 1], drawn on the CPU from ``generator`` (the same draws on every device)."""
+    return (torch.rand(t.shape, generator=generator, dtype=t.dtype) * 2 - 1).to(t.device)
+
+
+def finish_bound(x64: torch.Tensor, spread: torch.Tensor, coverage: float) -> torch.Tensor:
+    """The bound from the largest deviation seen: ``coverage`` times it, plus float64 rounding of ``x64``."""
+    eps64 = torch.finfo(torch.float64).eps
+    return coverage * spread.max() + 64 * eps64 * x64.double().abs().max()
+
+
+@torch.no_grad()
+def loop_rounding_bound(policy, table, global_cond, x_T, step_noise, dtype: torch.dtype, runs: int = 4,
+                        seed: int = 0, coverage: float = 4.0):
+    """``(x64, bound)``: the sampling loop of ``policy`` over ``table`` (the torch backend's loop, no
+    inpainting) in float64 on the given inputs, and a bound on how far any evaluation of it in ``dtype``
+    (any kernel order, any CPU or runtime) may be from ``x64``, elementwise.
+
+    Monte Carlo arithmetic: the loop runs ``runs`` more times in float64 with every layer's output
+    perturbed by its rounding (:func:`perturb_outputs`) and the scheduler's update likewise
+    (:func:`rounded_update`), at ``dtype``'s unit roundoff; the perturbations travel through all T
+    steps, so their spread is this loop's error growth at these magnitudes. The bound is ``coverage``
+    times the largest deviation seen (4: the tail beyond a few samples of a sum of many independent
+    roundings), plus float64 rounding. ``policy`` is not modified (a float64 copy runs). Costs
+    ``runs + 1`` float64 sampling calls.
+    """
+    import copy
+
+    from ._validation import inputs_already_checked
+    from .schedulers import apply_coefficients
+
+    p64 = copy.deepcopy(policy).double().eval()
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    cond, x_T, step_noise = d(global_cond), d(x_T), d(step_noise)
+    unit = torch.finfo(dtype).eps / 2
+    gen = torch.Generator().manual_seed(seed)
+
+    def run(update):
+        weights = p64.weights(cond)
+        x = x_T
+        with inputs_already_checked():
+            for i, t in enumerate(int(t) for t in table.timesteps.tolist()):
+                eps = p64.compose(x, t, cond, weights)
+                noise = step_noise[i] if step_noise is not None and table._adds[i] else None
+                x = update(table._rows[i], x, eps, noise, table.clip_sample, table.clip_range)[0]
+        return x
+
+    x64 = run(apply_coefficients)
+    hooks = perturb_outputs([p64], unit, gen, extent=p64.horizon)
+    try:
+        spread = torch.zeros_like(x64)
+        for _ in range(runs):
+            got = run(lambda *a: rounded_update(*a, unit=unit, generator=gen))
+            spread = torch.maximum(spread, (got - x64).abs())
+    finally:
+        for h in hooks:
+            h.remove()
+    return x64, finish_bound(x64, spread, coverage)
