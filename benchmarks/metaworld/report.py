@@ -161,7 +161,12 @@ def tables_unsaturated(r: dict) -> str:
     for a, by_lr in r["seed0_by_lr"].items():
         lines.append(f"| {a} | " + " | ".join(pct(by_lr.get(f"{lr:g}")) for lr in cfg["lrs"])
                      + f" | {num(r['chosen_lr'].get(a), 'g')} |")
-    lines += ["", "**Success rate** (%, mean ± std over seeds " + ", ".join(map(str, cfg["seeds"])) + ")", "",
+    done = {a: sorted(run["seed"] for run in r["runs"].values()
+                      if run["arm"] == a and run["lr"] == r["chosen_lr"].get(a)) for a in names}
+    seeds = ("seeds " + ", ".join(map(str, cfg["seeds"])) if all(d == list(cfg["seeds"]) for d in done.values())
+             else "the seeds done so far: " + "; ".join(f"{a} {', '.join(map(str, d)) or 'none'}"
+                                                        for a, d in done.items()))
+    lines += ["", f"**Success rate** (%, mean ± std over {seeds})", "",
               "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for n in cfg["tasks"]:
         lines.append(f"| {n} | " + " | ".join(cell(arms[a], n) for a in names) + " |")
