@@ -142,6 +142,15 @@ def _interval(d, fmt="+.1f"):
     return f"{format(d['mean'], fmt)} [{format(d['low'], fmt)}, {format(d['high'], fmt)}]"
 
 
+def seeds_done(r: dict) -> str:
+    """"seeds 0, 1, ..." when every arm has every seed at its chosen lr, else each arm's seeds so far."""
+    done = {a: sorted(run["seed"] for run in r["runs"].values()
+                      if run["arm"] == a and run["lr"] == r["chosen_lr"].get(a)) for a in r["arms"]}
+    if all(d == list(r["config"]["seeds"]) for d in done.values()):
+        return "seeds " + ", ".join(map(str, r["config"]["seeds"]))
+    return "the seeds done so far: " + "; ".join(f"{a} {', '.join(map(str, d)) or 'none'}" for a, d in done.items())
+
+
 def tables_unsaturated(r: dict) -> str:
     """The unsaturated protocol's tables: gate, lr choice, per-task success, paired metrics, criteria."""
     cfg, arms = r["config"], r["arms"]
@@ -161,12 +170,7 @@ def tables_unsaturated(r: dict) -> str:
     for a, by_lr in r["seed0_by_lr"].items():
         lines.append(f"| {a} | " + " | ".join(pct(by_lr.get(f"{lr:g}")) for lr in cfg["lrs"])
                      + f" | {num(r['chosen_lr'].get(a), 'g')} |")
-    done = {a: sorted(run["seed"] for run in r["runs"].values()
-                      if run["arm"] == a and run["lr"] == r["chosen_lr"].get(a)) for a in names}
-    seeds = ("seeds " + ", ".join(map(str, cfg["seeds"])) if all(d == list(cfg["seeds"]) for d in done.values())
-             else "the seeds done so far: " + "; ".join(f"{a} {', '.join(map(str, d)) or 'none'}"
-                                                        for a, d in done.items()))
-    lines += ["", f"**Success rate** (%, mean ± std over {seeds})", "",
+    lines += ["", f"**Success rate** (%, mean ± std over {seeds_done(r)})", "",
               "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for n in cfg["tasks"]:
         lines.append(f"| {n} | " + " | ".join(cell(arms[a], n) for a in names) + " |")
@@ -223,7 +227,7 @@ def plot_unsaturated(r: dict, path: str) -> None:
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_ylabel("success (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"MetaWorld, no task id: per-task success over seeds {', '.join(map(str, r['config']['seeds']))}")
+    ax.set_title(f"MetaWorld, no task id: per-task success over {seeds_done(r)}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
