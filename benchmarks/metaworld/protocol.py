@@ -1,6 +1,7 @@
 """The unsaturated MetaWorld protocol: can it show whether factorization pays? (run_all.py's default)
 
-    python benchmarks/metaworld/run_all.py            # the full protocol (about 75 minutes on 2 cores: not yet run)
+    python benchmarks/metaworld/run_all.py            # the full protocol (hours on 2 cores: docs/metaworld.md)
+    python benchmarks/metaworld/run_all.py --resume   # go on with an interrupted run (same --out)
     python benchmarks/metaworld/run_all.py --quick    # a tiny dry run of every stage (CI's smoke path)
 
 The MT6 protocol (``run_all.py --protocol mt6``) saturates: three of its six tasks sit at
