@@ -31,7 +31,7 @@ The MT6 protocol (``run_all.py --protocol mt6``) saturates: three of its six tas
   +5 points with the interval's lower bound above 0 **and** the mean-weight ablation costs at least
   5 points (the gain comes through routing).
 
-With ``--adapt`` (off by default: it is not in the 75-minute budget), each arm's checkpoints at its
+With ``--adapt`` (off by default: it adds hours to the main run), each arm's checkpoints at its
 chosen lr then learn the held-out tasks ``ADAPT_TASKS`` from their demos alone, ``adapt_steps``
 steps, with each method of ``ADAPT_METHODS``: factorized ``new-logit`` (fdp's: a new component whose
 router output starts where the outputs do not move, ``adapt("router+new")``) and ``copy-reset``
@@ -455,7 +455,7 @@ def main(argv=None):
     ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the protocol's tasks (smoke runs)")
     ap.add_argument("--plot", default=None, help="also write the per-task success plot (PNG) here")
     ap.add_argument("--adapt", action="store_true", help="then adapt each arm to the held-out tasks with each "
-                    "method of ADAPT_METHODS (not in the 75-minute budget)")
+                    "method of ADAPT_METHODS (off by default: it adds hours; --resume adds it to a finished run)")
     ap.add_argument("--adapt-seeds", type=int, nargs="+", default=None,
                     help="with --adapt: adapt only these seeds' checkpoints (default: every seed)")
     ap.add_argument("--resume", action="store_true",
