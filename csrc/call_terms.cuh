@@ -80,15 +80,22 @@ FDP_CT_HD void column_thread(const Args& a, std::int64_t bx, std::int64_t by, in
   if (n >= N) return;
   const std::int64_t r0 = by * kRows;
   const int rows = static_cast<int>(a.B - r0 < kRows ? a.B - r0 : kRows);
+  // Loops over all kRows with a guard, unrolled, so that `acc` stays in registers (see router_finish).
   float acc[kRows];
+#pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
-  for (std::int64_t d = 0; d < a.Dk; ++d) {
+  const float* c = a.c + r0 * a.Dc;
+  for (std::int64_t d = 0; d < a.Dk; ++d, ++c) {
     const float w = a.cw[d * N + n];
-    for (int r = 0; r < rows; ++r) acc[r] += a.c[(r0 + r) * a.Dc + d] * w;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < rows) acc[r] += c[r * a.Dc] * w;
   }
   const float bias = a.cb[n];
   const std::int64_t KH = a.K * a.H, KLH = a.K * a.L * a.H, BK = a.B * a.K;
-  for (int r = 0; r < rows; ++r) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= rows) continue;
     const std::int64_t row = r0 + r;
     std::int64_t off;
     if (n < KH) off = BK + row * KH + n;
@@ -121,38 +128,51 @@ FDP_CT_HD void router_reduce(int s, int t, float* sm) {
     for (int k = 0; k < abi::kMaxK; ++k) sm[t * abi::kMaxK + k] += sm[(t + s) * abi::kMaxK + k];
 }
 
-// The strategy on row `row`'s logits (sm[0 .. K)), stored as its weights.
+// The strategy on row `row`'s logits (sm[0 .. K)), stored as its weights. Every loop runs over all kMaxK
+// slots with a guard and is unrolled, so that l, w and keep are indexed by constants and stay in registers
+// (a loop bounded by K indexes them at run time: a local-memory array).
 FDP_CT_HD void router_finish(const Args& a, std::int64_t row, const float* sm) {
   const int K = static_cast<int>(a.K);
+  const bool tanh_strategy = a.strategy == abi::kStrategyTanh;
   float l[abi::kMaxK], w[abi::kMaxK];
   bool bad = false;
-  for (int k = 0; k < K; ++k) {
-    l[k] = sm[k] + a.b2[k];
-    bad = bad || (a.strategy == abi::kStrategyTanh ? !(l[k] < INFINITY && l[k] > -INFINITY) : !below_inf(l[k]));
+#pragma unroll
+  for (int k = 0; k < abi::kMaxK; ++k) {
+    l[k] = k < K ? sm[k] + a.b2[k] : 0.0f;
+    if (k < K) bad = bad || (tanh_strategy ? !(l[k] < INFINITY && l[k] > -INFINITY) : !below_inf(l[k]));
   }
-  if (a.strategy == abi::kStrategyTanh) {
-    for (int k = 0; k < K; ++k) w[k] = tanh_f(l[k]);
+  if (tanh_strategy) {
+#pragma unroll
+    for (int k = 0; k < abi::kMaxK; ++k) w[k] = k < K ? tanh_f(l[k]) : 0.0f;
   } else {
     bool keep[abi::kMaxK];
     const int n = a.strategy == abi::kStrategySoft ? K : (a.strategy == abi::kStrategyHard ? 1 : a.topk);
-    for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int k = 0; k < abi::kMaxK; ++k) {
       int rank = 0;  // how many logits beat logit k: larger, or equal at a lower index
-      for (int j = 0; j < K; ++j) rank += (l[j] > l[k]) || (l[j] == l[k] && j < k);
-      keep[k] = rank < n;
+#pragma unroll
+      for (int j = 0; j < abi::kMaxK; ++j) rank += j < K && ((l[j] > l[k]) || (l[j] == l[k] && j < k));
+      keep[k] = k < K && rank < n;
     }
     if (a.strategy == abi::kStrategyHard) {
-      for (int k = 0; k < K; ++k) w[k] = keep[k] ? 1.0f : 0.0f;
+#pragma unroll
+      for (int k = 0; k < abi::kMaxK; ++k) w[k] = keep[k] ? 1.0f : 0.0f;
     } else {
       float m = -INFINITY, sum = 0.0f;  // every kept logit -Inf: exp(-Inf + Inf) is NaN, as torch's softmax
-      for (int k = 0; k < K; ++k) if (keep[k] && l[k] > m) m = l[k];
-      for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int k = 0; k < abi::kMaxK; ++k) if (keep[k] && l[k] > m) m = l[k];
+#pragma unroll
+      for (int k = 0; k < abi::kMaxK; ++k) {
         w[k] = keep[k] ? exp_f(l[k] - m) : 0.0f;
         sum += w[k];
       }
-      for (int k = 0; k < K; ++k) w[k] /= sum;
+#pragma unroll
+      for (int k = 0; k < abi::kMaxK; ++k) w[k] /= sum;
     }
   }
-  for (int k = 0; k < K; ++k) a.out[row * a.K + k] = bad ? NAN : w[k];
+#pragma unroll
+  for (int k = 0; k < abi::kMaxK; ++k)
+    if (k < K) a.out[row * a.K + k] = bad ? NAN : w[k];
 }
 
 // The whole block (bx, by); `each(f)` runs f(t) for every thread t, then synchronises the block. `sm` holds
