@@ -45,7 +45,8 @@ import torch
 
 from ._state import state_mode
 from ._validation import InvalidArgument, check_bool, check_finite, check_int, check_tensor, inputs_already_checked
-from .backends.captured import direct_calls
+from .backends.captured import capture_graph
+from .inpainting import replacements
 
 __all__ = ["StaticCall"]
 
@@ -97,8 +98,9 @@ class StaticCall:
                 self.step_noise.normal_()
         x_T, extra = self.x_T, {}
         if self.inpaint:
-            x_T = torch.where(self.known_mask, self.known, x_T)  # fdp.inpainting.replacements, the clean rule
-            extra = dict(known=self.known, known_mask=self.known_mask)
+            # The clean rule reads neither the scheduler nor noise.
+            x_T, R = replacements("clean", self.known, self.known_mask, x_T, None, None, None)
+            extra = dict(known=R, known_mask=self.known_mask)
         with inputs_already_checked():
             return self._prepared.run(self.global_cond, x_T, self.step_noise, **extra)
 
@@ -113,21 +115,9 @@ class StaticCall:
         self._replay = graph.replay
 
     def _capture(self):
-        """Warm up on a side stream, then capture :meth:`_body` into a CUDA graph; returns ``(graph, output)``.
+        """:meth:`_body` captured into a CUDA graph (``captured.capture_graph``); returns ``(graph, output)``.
         The one step that needs CUDA (tests emulate it on the CPU)."""
-        dev = self.sampler.device
-        with torch.cuda.device(dev):
-            current = torch.cuda.current_stream(dev)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(current)
-            with torch.cuda.stream(side), direct_calls():
-                self._body()  # compiles, initialises libraries and grows the allocator outside the capture
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # The backend's own CapturedCall sees the capture and runs its function into this graph.
-            with torch.cuda.graph(graph, stream=side):
-                out = self._body()
-        return graph, out
+        return capture_graph(self._body, self.sampler.device)
 
     def _run_direct(self) -> None:
         self.out = self._body()

@@ -55,7 +55,7 @@ import torch
 
 from .._state import LRU, state_mode
 
-__all__ = ["CapturedCall", "CapturesCalls", "capturing", "direct_calls"]
+__all__ = ["CapturedCall", "CapturesCalls", "capture_graph", "capturing", "direct_calls"]
 
 Signature = tuple
 
@@ -178,22 +178,31 @@ class CapturedCall:
 
     def _capture(self, static: list[Optional[torch.Tensor]]):
         """Warm up on a side stream, then capture ``fn(*static)``; returns ``(graph, static output)``."""
-        with torch.cuda.device(self.device):
-            current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(*static)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # On the warm-up stream: torch.cuda.graph's default capture stream lives on whichever device
-            # was current when it was first made.
-            with torch.cuda.graph(graph, stream=side):
-                output = self.fn(*static)
+        graph, output = capture_graph(lambda: self.fn(*static), self.device, self.warmup)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"a captured call must return one tensor, got {type(output).__name__}")
         return graph, output
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 1):
+    """``fn()`` run ``warmup`` times on a side stream (Triton compiles, libraries initialise, the allocator
+    grows there, not during capture; inside :func:`direct_calls`, so an inner CapturedCall keeps no graph of its
+    own), then captured once into a CUDA graph; returns ``(graph, fn's output)``. Needs CUDA."""
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side), direct_calls():
+            for _ in range(warmup):
+                fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # On the warm-up stream: torch.cuda.graph's default capture stream lives on whichever device
+        # was current when it was first made. An inner CapturedCall sees the capturing stream and runs
+        # its function into this graph.
+        with torch.cuda.graph(graph, stream=side):
+            output = fn()
+    return graph, output
 
 
 class CapturesCalls:
