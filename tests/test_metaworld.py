@@ -223,6 +223,9 @@ def test_unsaturated_protocol_quick(tmp_path, simulator):
     r = json.loads(out.read_text())
     assert r["runs"] == first["runs"] and r["gate"] == first["gate"]
     assert r["wall_time_s"]["before_resume"] == first["wall_time_s"]["total"]
+    # a resume with nothing left to run, on the default process pool, changes nothing
+    run_all.main(common + ["--adapt", "--resume", "--jobs", "2"])
+    assert json.loads(out.read_text())["adaptation_runs"] == r["adaptation_runs"]
     with pytest.raises(SystemExit, match="another configuration"):
         run_all.main(common + ["--resume", "--seeds", "0", "1", "2"])
     q = up.QUICK

@@ -555,7 +555,7 @@ def main(argv=None):
         return [{"cfg": cfg, "arm": a, "lr": lr, "seed": s, "n_demos": n_demos} for a, lr, s in pairs]
 
     def run_all_jobs(jobs, fn=run_job, done=record):
-        if args.jobs == 1 or len(jobs) == 1:
+        if args.jobs == 1 or len(jobs) <= 1:  # a resumed stage may have nothing left
             for j in jobs:
                 done(fn(j))
             return
