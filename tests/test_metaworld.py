@@ -78,6 +78,22 @@ def test_arm_metrics_apply_both_criteria():
     assert not noisy["gain_met"] and not noisy["factorization_pays"]
 
 
+def test_strategy_comparison_names_a_strategy_only_when_the_interval_excludes_zero():
+    def arms(soft, tanh):
+        return {"factorized-soft": {"mean_success_by_seed": {str(s): v for s, v in enumerate(soft)}},
+                "factorized-tanh": {"mean_success_by_seed": {str(s): v for s, v in enumerate(tanh)}}}
+
+    ahead = up.strategy_comparison(arms([0.50, 0.52, 0.48], [0.60, 0.63, 0.58]))  # +10, +11, +10 points
+    assert ahead["paired_seeds"] == [0, 1, 2] and ahead["better_strategy_shown"] == "tanh"
+    assert ahead["tanh_minus_soft_points"]["mean"] == pytest.approx(31 / 3) and ahead["tanh_minus_soft_points"]["low"] > 0
+    behind = up.strategy_comparison(arms([0.60, 0.63, 0.58], [0.50, 0.52, 0.48]))
+    assert behind["better_strategy_shown"] == "soft" and behind["tanh_minus_soft_points"]["high"] < 0
+    # ahead on the mean (+5 points), but the interval holds 0: neither is shown better
+    noisy = up.strategy_comparison(arms([0.40, 0.60, 0.50], [0.60, 0.50, 0.55]))
+    assert noisy["tanh_minus_soft_points"]["mean"] == pytest.approx(5.0) and noisy["better_strategy_shown"] is None
+    assert up.strategy_comparison({"factorized-soft": {"mean_success_by_seed": {}}}) is None
+
+
 @pytest.mark.parametrize("strategy", ["soft", "tanh"])
 def test_constant_router_gives_the_mean_weights_everywhere(strategy):
     policy = make_mlp_policy(K=3, dtype=torch.float32, strategy=strategy)
@@ -149,6 +165,7 @@ def test_summary_report_and_plot_from_runs(tmp_path):
     json.loads(json.dumps(res))
     text = report.tables_unsaturated(res)
     assert "factorized-tanh" in text and "| lr 0.001 | lr 0.003 | chosen |" in text
+    assert res["strategies"]["paired_seeds"] == [0, 1, 2] and "**Strategies, paired** (seeds 0, 1, 2)" in text
     report.plot_unsaturated(res, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
     # incomplete: no verdict

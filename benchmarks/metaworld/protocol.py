@@ -161,6 +161,24 @@ def arm_metrics(mono_by_seed: dict, fact_by_seed: dict, ablated_by_seed: dict) -
             "factorization_pays": bool(pays_gain and pays_routing)}
 
 
+def strategy_comparison(arms: dict) -> dict | None:
+    """Paired ``tanh`` - ``soft`` over the seeds both factorized arms have (points, 95 % t-interval), and the
+    strategy the data shows better: the one ahead when the interval excludes 0, else None (no difference shown).
+    This is what the library's default strategy follows."""
+    if "factorized-soft" not in arms or "factorized-tanh" not in arms:
+        return None
+    soft = {int(s): v for s, v in arms["factorized-soft"]["mean_success_by_seed"].items()}
+    tanh = {int(s): v for s, v in arms["factorized-tanh"]["mean_success_by_seed"].items()}
+    seeds = sorted(set(soft) & set(tanh))
+    diff = t_interval([100 * (tanh[s] - soft[s]) for s in seeds])
+    shown = None
+    if diff["low"] is not None and diff["low"] > 0:
+        shown = "tanh"
+    elif diff["high"] is not None and diff["high"] < 0:
+        shown = "soft"
+    return {"paired_seeds": seeds, "tanh_minus_soft_points": diff, "better_strategy_shown": shown}
+
+
 # -- the mean-weight ablation ----------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -435,6 +453,7 @@ def summarize(res: dict, cfg: Config) -> None:
                 fact = {int(s): v for s, v in a["mean_success_by_seed"].items()}
                 ablated = {int(s): v for s, v in a["ablated_mean_success_by_seed"].items()}
                 res["metrics"][arm] = arm_metrics(mono_by_seed, fact, ablated)
+    res["strategies"] = strategy_comparison(arms)
     paying = [a for a, m in res["metrics"].items() if m["factorization_pays"]]
     complete = mono is not None and all(len(a["seeds"]) == len(cfg.seeds) for a in arms.values()) \
         and len(arms) == len(ARMS)

@@ -191,6 +191,11 @@ def tables_unsaturated(r: dict) -> str:
         lines.append(f"| {a} | {_interval(m['difference_points'])} | {num(m['failure_rate_ratio'], '.2f')} | "
                      f"{_interval(m['mean_weight_ablation_cost_points'])} | {m['gain_met']} | "
                      f"{m['through_routing_met']} | **{m['factorization_pays']}** |")
+    st = r.get("strategies")
+    if st:
+        lines += ["", f"**Strategies, paired** (seeds {', '.join(map(str, st['paired_seeds']))}): tanh − soft "
+                  f"{_interval(st['tanh_minus_soft_points'])} points; better strategy shown: "
+                  f"**{st['better_strategy_shown'] or 'neither (the interval holds 0)'}**."]
     if r.get("adaptation"):
         ad = r["config"].get("adapt", {})
         lines += ["", f"**Adaptation** to {', '.join(ad.get('tasks', []))} ({ad.get('steps')} steps on their demos "
