@@ -166,6 +166,9 @@ def test_summary_report_and_plot_from_runs(tmp_path):
     text = report.tables_unsaturated(res)
     assert "factorized-tanh" in text and "| lr 0.001 | lr 0.003 | chosen |" in text
     assert res["strategies"]["paired_seeds"] == [0, 1, 2] and "**Strategies, paired** (seeds 0, 1, 2)" in text
+    assert "Wall time: 60 s (1.0 min) with 2 parallel jobs" in text
+    res["wall_time_s"]["before_resume"] = 120.0  # a resumed run: the total counts every sitting
+    assert "Wall time: 180 s (3.0 min) (resumed: 120 s before, 60 s in the last sitting)" in report.tables_unsaturated(res)
     report.plot_unsaturated(res, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
     # incomplete: no verdict
@@ -242,7 +245,10 @@ def test_unsaturated_protocol_quick(tmp_path, simulator):
     assert r["wall_time_s"]["before_resume"] == first["wall_time_s"]["total"]
     # a resume with nothing left to run, on the default process pool, changes nothing
     run_all.main(common + ["--adapt", "--resume", "--jobs", "2"])
-    assert json.loads(out.read_text())["adaptation_runs"] == r["adaptation_runs"]
+    third = json.loads(out.read_text())
+    assert third["adaptation_runs"] == r["adaptation_runs"]
+    assert third["wall_time_s"]["before_resume"] == pytest.approx(first["wall_time_s"]["total"]
+                                                                  + r["wall_time_s"]["total"])
     with pytest.raises(SystemExit, match="another configuration"):
         run_all.main(common + ["--resume", "--seeds", "0", "1", "2"])
     q = up.QUICK

@@ -545,7 +545,8 @@ def main(argv=None):
         for key in ("demos", "runs", "adaptation"):
             if key in previous["wall_time_s"]:
                 res["wall_time_s"][key] = previous["wall_time_s"][key]
-        res["wall_time_s"]["before_resume"] = previous["wall_time_s"].get("total")
+        # Every earlier sitting's time (a run resumed twice keeps both).
+        res["wall_time_s"]["before_resume"] = sum(previous["wall_time_s"].get(k) or 0 for k in ("total", "before_resume"))
         log(f"== resuming {out}: {len(res['runs'])} runs and {len(res.get('adaptation_runs', {}))} adaptations kept")
     # Calibration gate: the monolithic arm's seed-0 run at lrs[0].
     for attempt in (() if previous is not None else (cfg.n_demos, cfg.fallback_demos)):

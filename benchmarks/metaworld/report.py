@@ -206,10 +206,14 @@ def tables_unsaturated(r: dict) -> str:
                 lines.append(f"| {a} | {m} | {d['trainable_params']} | {_interval(d['new_points'], '.1f')} | "
                              f"{_interval(d['forgetting_points'], '.1f')} |")
     c = r["criteria"]
+    before = r["wall_time_s"].get("before_resume") or 0
+    wall = r["wall_time_s"]["total"] + before
     lines += ["", f"Factorization pays (some factorized arm meets both criteria): **{c.get('factorization_pays')}**"
               + ("" if c.get("complete") else " (the run is incomplete)") + ".", "",
-              f"Wall time: {r['wall_time_s']['total']} s ({r['wall_time_s']['total'] / 60:.1f} min) with "
-              f"{r['hardware']['parallel_jobs']} parallel jobs on {r['hardware']['cpu_count']} CPUs."]
+              f"Wall time: {wall:.0f} s ({wall / 60:.1f} min)"
+              + (f" (resumed: {before:.0f} s before, {r['wall_time_s']['total']:.0f} s in the last sitting)"
+                 if before else "")
+              + f" with {r['hardware']['parallel_jobs']} parallel jobs on {r['hardware']['cpu_count']} CPUs."]
     return "\n".join(lines)
 
 
