@@ -70,6 +70,31 @@ def test_pack_layout():
     assert int(t.shift[-1, -1, -1, -1]) == buf.numel() - 1 and int(t.c_in[0, 0, 0]) == 6
 
 
+@pytest.mark.parametrize("strategy", ["soft", "fixed"])
+@pytest.mark.parametrize("conditional", [True, False])
+def test_pack_is_a_copy_of_a_float32_policy(strategy, conditional):
+    """A float32 policy's packed tensors are copies, not its parameters or buffers: the per-call terms carry no
+    autograd history (the ops have no backward), and a change to the policy reaches a sampler only through a
+    new pack (:mod:`fdp._watch`), never half of one."""
+    policy = make_policy(strategy=strategy, conditional=conditional).float()
+    pc = packing.pack_cond(policy)
+    own = {t.untyped_storage().data_ptr() for t in [*policy.parameters(), *policy.buffers()]}
+    fields = ("router_w1", "router_b1", "router_w2", "router_b2", "fixed", "cond_w", "cond_b")
+    for name in fields:
+        t = getattr(pc, name)
+        assert not t.requires_grad, name
+        assert t.numel() == 0 or t.untyped_storage().data_ptr() not in own, f"{name} shares the policy's storage"
+    before = {name: getattr(pc, name).clone() for name in fields}
+    with torch.no_grad():
+        for p in [*policy.parameters(), *policy.buffers()]:
+            if p.is_floating_point():
+                p.add_(1.0)
+    for name in fields:
+        assert torch.equal(getattr(pc, name), before[name]), name
+    got = packing.reference_call_terms(pc, torch.randn(3, 5))
+    assert not any(t.requires_grad for t in vars(got).values())
+
+
 def _tied(policy, logits):
     """Make every row's logits exactly ``logits`` (the last layer reads nothing, its bias is the logits)."""
     with torch.no_grad():
