@@ -563,14 +563,23 @@ def test_gpu_fused_backends_compile_fullgraph():
         assert not counters["graph_break"], (name, dict(counters["graph_break"]))
         assert rel(got, s(c, x_T=x, step_noise=n)) < 1e-4, name
     import fdp.ops, fdp_kernels.ops
-    from fdp.packing import call_terms
+    from fdp.packing import call_terms_numel, reference_call_terms
     mlp = next(s for name, s, _ in samplers() if name == "cuda")
     p = mlp._prepared
     c, x, n = inputs(mlp, 3)
+    # The CUDA backends' two ops with the arguments a sampling call gives them: the per-call terms (from the
+    # packed router and conditioning), then the sampling kernel. No argument requires grad (the ops have no
+    # backward: opcheck's AOT test would try one).
+    pc = p.cond
+    torch.library.opcheck(torch.ops.fdp.call_terms_cuda.default,
+                          (c, torch.empty(call_terms_numel(3, pc.K, pc.L, pc.H), device="cuda"), pc.router_w1,
+                           pc.router_b1, pc.router_w2, pc.router_b2, pc.fixed, pc.cond_w, pc.cond_b, pc.K, pc.L,
+                           pc.H, pc.strategy, pc.topk))
     args = (1, x.reshape(3, -1).contiguous(), p.packed.w_in, p.packed.w_a, p.packed.w_b, p.packed.b_b,
             p.packed.w_out, p.packed.b_out, p.steps.t_in, p.steps.t_shift,
-            *vars(call_terms(mlp.policy, c, mlp.policy.weights(c))).values(), p.coef,
+            *vars(reference_call_terms(pc, c)).values(), p.coef,
             n.reshape(n.shape[0], 3, -1).contiguous(), p.clip_range, [0, 0, 0, -1, 1])
+    assert not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     torch.library.opcheck(torch.ops.fdp.mlp_cuda.default, args)
     # The Triton ops, with the arguments a sampling call gives them (all four opcheck tests on a GPU).
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -589,7 +598,9 @@ def test_gpu_fused_backends_compile_fullgraph():
             c, x, n = inputs(s, 3)
             with Record():
                 s(c, x_T=x, step_noise=n)
-    assert set(Record.calls) == {"fdp.mlp_launch.default", "fdp.compose_launch.default"}, Record.calls
+    # triton: the per-call terms, then its step kernel; graph (U-Net): the compose-and-step kernel.
+    assert set(Record.calls) == {"fdp.call_terms_launch.default", "fdp.mlp_launch.default",
+                                 "fdp.compose_launch.default"}, Record.calls
     for func, args, kwargs in Record.calls.values():
         # Separate copies: the loops pass `out=x`, an aliasing the op check's functionalization need not take.
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
