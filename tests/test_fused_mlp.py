@@ -943,6 +943,30 @@ def test_unavailable_without_interpreter_and_auto_falls_back(monkeypatch):
         fdp.Sampler(pol, fdp.DDIMScheduler(num_train_timesteps=100), num_inference_steps=2, backend="triton")
 
 
+def test_interpreted_kernels_refuse_cuda_and_compiled_ones_refuse_the_cpu(monkeypatch):
+    """The interpreter copies CUDA tensors to the host at each launch, which the CUDA graph capture of every call
+    refuses: interpreted kernels are unavailable on CUDA (here, where they are imported interpreted), as the
+    graph backend's compose kernel; and one compiled kernel module of the three a call launches (the per-call
+    terms kernel included) makes the CPU unavailable."""
+    import fdp_kernels.call_terms  # noqa: F401 - imported (interpreted), as a sampling call would
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("triton", "triton-persistent"):
+        reason = get_backend(name).unavailable_reason(torch.device("cuda"))
+        assert reason is not None and "fdp_kernels.call_terms" in reason and "TRITON_INTERPRET=1" in reason, reason
+        assert get_backend(name).unavailable_reason(torch.device("cpu")) is None
+    # A module not imported yet follows TRITON_INTERPRET: with it unset, it would compile (for CUDA).
+    monkeypatch.delitem(sys.modules, "fdp_kernels.call_terms")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = get_backend("triton").unavailable_reason(torch.device("cuda"))
+    assert reason is not None and "fdp_kernels.mlp_step" in reason, reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    compiled = types.SimpleNamespace(call_terms_kernel=object())  # not the interpreter's function
+    monkeypatch.setitem(sys.modules, "fdp_kernels.call_terms", compiled)
+    reason = get_backend("triton").unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "fdp_kernels.call_terms was imported before TRITON_INTERPRET=1" in reason, reason
+
+
 def test_unavailable_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     for name in ("triton", "triton-persistent"):

@@ -8,8 +8,10 @@ that is ``torch``, ``triton`` and ``triton-persistent`` (interpreted), the graph
 and a CUDA-graph captured call emulated on the CPU; with a GPU, every backend available there.
 """
 import contextlib
-
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,22 +103,39 @@ def test_call_sequence_across_modes_cpu(case):
     _run_sequence(call, reference, cond_dim, shape)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["torch", "graph", "triton", "triton-persistent", "cuda", "cuda-persistent"])
-def test_call_sequence_across_modes_gpu(backend):
-    info = fdp.available_backends("cuda")[backend]
+def _sequence_on(backend, device="cuda"):
+    """The call sequence for ``backend`` on ``device``; returns why the backend cannot run there, else None."""
+    info = fdp.available_backends(device)[backend]
     if not info.available:
-        pytest.skip(info.reason)
-    policy = (_unet_policy() if backend == "graph" else _mlp_policy()).cuda()
+        return info.reason
+    policy = (_unet_policy() if backend == "graph" else _mlp_policy()).to(device)
     with torch.inference_mode():
         s = fdp.Sampler(policy, _scheduler(), num_inference_steps=3, backend=backend, dtype=torch.float32)
     ref = fdp.Sampler(policy, _scheduler(), num_inference_steps=3, backend="torch")
     shape = (policy.horizon, policy.action_dim)
 
-    def on_gpu(sampler):
-        return lambda c, x, n: sampler(c.cuda(), x_T=x.cuda(), step_noise=n.cuda()).cpu()
+    def on(sampler):
+        return lambda c, x, n: sampler(c.to(device), x_T=x.to(device), step_noise=n.to(device)).cpu()
 
-    _run_sequence(on_gpu(s), on_gpu(ref), policy.cond_dim, shape)
+    _run_sequence(on(s), on(ref), policy.cond_dim, shape)
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "graph", "triton", "triton-persistent", "cuda", "cuda-persistent"])
+def test_call_sequence_across_modes_gpu(backend):
+    """In a fresh interpreter without TRITON_INTERPRET: the Triton and graph backends refuse interpreted kernels on
+    CUDA (the interpreter's host copies cannot be captured), so this process's kernels would not do."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([here, *sys.path])
+    code = f"import test_modes\nwhy = test_modes._sequence_on({backend!r})\nprint('UNAVAILABLE:', why)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    why = res.stdout.rsplit("UNAVAILABLE: ", 1)[1].strip()
+    if why != "None":
+        pytest.skip(why)
 
 
 def test_state_made_in_inference_mode_is_a_normal_tensor():

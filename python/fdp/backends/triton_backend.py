@@ -38,6 +38,25 @@ from .._state import state_mode
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls, capturing
 
+# Every kernel a Triton sampling call launches: (module, kernel attribute).
+_KERNELS = (("fdp_kernels.call_terms", "call_terms_kernel"), ("fdp_kernels.mlp_step", "mlp_step_kernel"),
+            ("fdp_kernels.mlp_persistent", "mlp_persistent_kernel"))
+
+
+def _interpreted_kernels(interpreted: bool) -> list[str]:
+    """The modules of :data:`_KERNELS` whose kernel is (``interpreted``), or is not (else), the Triton
+    interpreter's: as imported, or for one not imported yet as TRITON_INTERPRET would make it (the variable
+    is read when a kernel module is first imported)."""
+    pending = os.environ.get("TRITON_INTERPRET") == "1"
+    found = []
+    for name, attr in _KERNELS:
+        mod = sys.modules.get(name)
+        is_interpreted = pending if mod is None else type(getattr(mod, attr)).__name__ == "InterpretedFunction"
+        if is_interpreted == interpreted:
+            found.append(name)
+    return found
+
+
 _TRITON_CPU_REASON = ("Triton kernels need a CUDA device; set TRITON_INTERPRET=1 to run them (slowly) on the CPU")
 
 
@@ -206,16 +225,20 @@ class TritonBackendBase(Backend):
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 return "CUDA is not available in this PyTorch build or machine"
+            # Interpreted kernels copy their CUDA tensors to the host at each launch, which a CUDA graph
+            # capture (every call on CUDA) refuses: the two do not mix (as the graph backend's compose kernel).
+            bad = _interpreted_kernels(True)
+            if bad:
+                return (f"{bad[0]} runs in the Triton interpreter (TRITON_INTERPRET=1 when it was imported); "
+                        "import fdp_kernels without that variable to run the kernels on CUDA")
             return None
         if device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":
                 return _TRITON_CPU_REASON
-            for name, attr in (("fdp_kernels.mlp_step", "mlp_step_kernel"),
-                               ("fdp_kernels.mlp_persistent", "mlp_persistent_kernel")):
-                kernel = getattr(sys.modules.get(name), attr, None)
-                if kernel is not None and type(kernel).__name__ != "InterpretedFunction":
-                    return (f"{name} was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled "
-                            "for a GPU; set TRITON_INTERPRET=1 before anything imports fdp_kernels")
+            bad = _interpreted_kernels(False)
+            if bad:
+                return (f"{bad[0]} was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled "
+                        "for a GPU; set TRITON_INTERPRET=1 before anything imports fdp_kernels")
             return None
         return f"Triton kernels need a CUDA device, got {device}"
 
