@@ -289,7 +289,9 @@ KERNEL_CASES = [
     (4, 48, 2, 7, 16, 17, "ddim_eta", "tanh", 3, F32, BOTH),        # several tiles
     (2, 40, 1, 4, 3, 1, "ddpm_v", "tanh", 2, F32, BOTH),            # batch 1
     (3, 24, 1, 5, 3, 5, "ddpm_clip", "tanh", 3, BF16, BOTH),        # bf16, clipping
-    (5, 96, 2, 8, 4, 70, "ddim", "tanh", 3, BF16, CUDA),            # tensor cores, several tiles
+    # Tensor cores, several tiles. K = 6: with K = 5 the alternating signs sum to about 0.6-0.8 and 13 of these 70
+    # rows came within 0.1 of 1 (assert_signed_unnormalised refused the case); K = 6 rows stay 0.6 or more away.
+    (6, 96, 2, 8, 4, 70, "ddim", "tanh", 3, BF16, CUDA),
     (3, 24, 2, 3, 5, 5, "ddim_eta", "tanh", 3, F32, {"triton": {"h_in_registers": False}}),  # forced scratch
     # Inpainting (the "inpaint" entry: one replacement for every step, or one per step): batch 1, D = 2; odd
     # D = 15; the split per-step kernel over a partial second tile; tensor cores.
