@@ -555,6 +555,32 @@ def test_gpu_user_capture_and_replay_match_eager():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_static_call_is_one_replay_of_the_samplers_call():
+    """fdp.StaticCall (sampler.prepare) on CUDA: one graph (captured.capture_graph) replayed per call, nothing else
+    launched or copied, following what is written into its buffers; the same kernels as the Sampler's own call."""
+    _run_fresh("""
+    for name, s, ref in samplers():
+        for B in (1, 5):
+            call = s.prepare(B, draw_noise=False)
+            assert call.graphed, name
+            for seed in (0, 1):  # new values in the same buffers: the replay follows them
+                c, x, n = inputs(s, B, seed)
+                call.global_cond.copy_(c)
+                call.x_T.copy_(x)
+                if call.step_noise is not None:
+                    call.step_noise.copy_(n)
+                got = call().clone()
+                if name == "graph":  # cuDNN may pick other algorithms under capture (see the test above)
+                    assert_matches_in_float32({"static call": got}, s, c, x, n)
+                else:
+                    assert torch.equal(got, s(c, x_T=x, step_noise=n)), (name, B, seed)
+            launches, copies = count_launches(lambda i: call(), torch.device("cuda"))
+            assert (launches, copies) == (1, 0), (name, B, launches, copies)
+    """)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_fused_backends_compile_fullgraph():
     _run_fresh("""
     from torch._dynamo.utils import counters
