@@ -242,10 +242,14 @@ def pack_cond(policy) -> PackedCond:
         cond_w = torch.zeros(0, K * (1 + 2 * L) * H, dtype=f32, device=first.weight.device)
         c_in_b = torch.stack([c.in_bias.to(f32) for c in comps])
     cond_b = torch.cat([c_in_b.flatten(), (1 + g0).flatten(), ((1 + g0) * ba + be0).flatten()])
+
+    def own(t):  # `.to(f32)` of a float32 tensor is the tensor itself: a graph would read the live parameter
+        return t.to(dtype=f32, memory_format=torch.contiguous_format, copy=True)
+
     return PackedCond(
-        router_w1=first.weight.t().to(f32).contiguous(), router_b1=first.bias.to(f32).contiguous(),
-        router_w2=last.weight.t().to(f32).contiguous(), router_b2=last.bias.to(f32).contiguous(),
-        fixed=router.fixed_weights.to(f32).contiguous(), cond_w=cond_w.contiguous(), cond_b=cond_b.contiguous(),
+        router_w1=own(first.weight.t()), router_b1=own(first.bias), router_w2=own(last.weight.t()),
+        router_b2=own(last.bias), fixed=own(router.fixed_weights), cond_w=cond_w.contiguous(),
+        cond_b=cond_b.contiguous(),
         strategy=ROUTER_STRATEGIES.index(router.strategy), topk=int(router.topk), K=K, L=L, H=H)
 
 
