@@ -157,3 +157,97 @@ def test_bad_arguments(bad, exc):
         fdp.AsyncSampler(lambda c: c, max_pending=bad)
     with pytest.raises(TypeError, match="sampler"):
         fdp.AsyncSampler(object())
+
+
+# -- on a GPU: the worker's own CUDA stream --------------------------------------------------------------------------
+# `check_async_sampler` holds every check; the GPU test runs it on CUDA with the fused `cuda` backend (its own
+# kernels: the worker's result is bit-equal to a direct call), test_gpu_checks_run_on_the_cpu here on the CPU, where
+# the stream checks do not apply (no streams) and the rest is the same code.
+
+
+class _StreamRecorder:
+    """The sampler, recording the current CUDA stream of each call."""
+
+    def __init__(self, sampler):
+        self.sampler, self.device, self.streams = sampler, sampler.device, []
+
+    def __call__(self, *args, **kwargs):
+        if self.device.type == "cuda":
+            self.streams.append(torch.cuda.current_stream(self.device))
+        return self.sampler(*args, **kwargs)
+
+
+def _spin(device, seconds):
+    """Keep the current stream busy for about ``seconds`` (a spinning kernel, its clock measured first)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_s = 1_000_000 / (start.elapsed_time(end) / 1e3)
+    torch.cuda._sleep(int(seconds * cycles_per_s))
+
+
+def check_async_sampler(backend, device):
+    """On ``device``: every chunk equals a direct call of the sampler on the same inputs (batch 1 and an odd batch;
+    the first call of each batch size, the backend's graph capture included, runs on the worker's thread); on CUDA
+    the calls run on the AsyncSampler's own stream, after the caller's work enqueued before ``submit`` (inputs still
+    being written by the caller's stream when submitted, and overwritten right after: the snapshot is what counts),
+    and not after work the caller enqueues after ``submit``."""
+    from helpers import KERNEL_SCHEDULERS
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    factory, eta = KERNEL_SCHEDULERS["ddpm_clip"]
+    s = fdp.Sampler(make_mlp_policy(K=3, dtype=torch.float32).to(dev), factory(), 6, eta=eta, backend=backend,
+                    dtype=torch.float32)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def inputs(B):
+        x_T, noise = s.noise(B, g)
+        return torch.randn(B, s.policy.cond_dim, device=dev, generator=g), x_T, noise
+
+    rec = _StreamRecorder(s)
+    with fdp.AsyncSampler(rec) as ahead:
+        assert (ahead.stream is not None) == cuda
+        for B in (1, 5):
+            c, x, n = inputs(B)
+            chunk = ahead.submit(c, x_T=x, step_noise=n).result(timeout=300)
+            assert torch.equal(chunk.actions, s(c, x_T=x, step_noise=n)), B
+        if cuda:
+            assert len(rec.streams) == 2 and all(st == ahead.stream for st in rec.streams)
+            assert ahead.stream != torch.cuda.current_stream(dev) and ahead.stream != torch.cuda.default_stream(dev)
+        # Inputs the caller's stream is still writing when submitted, and overwrites right after.
+        c, x, n = inputs(5)
+        want = s(c, x_T=x, step_noise=n)
+        cond = torch.zeros_like(c)
+        if cuda:
+            _spin(dev, 0.2)
+        cond.copy_(c)
+        fut = ahead.submit(cond, x_T=x, step_noise=n)
+        cond.fill_(float("nan"))
+        assert torch.equal(fut.result(timeout=60).actions, want)
+        # Work the caller enqueues after submit does not hold the call back.
+        c, x, n = inputs(5)
+        want = s(c, x_T=x, step_noise=n)
+        fut = ahead.submit(c, x_T=x, step_noise=n)
+        if cuda:
+            _spin(dev, 1.0)
+        chunk = fut.result(timeout=60)
+        if cuda:
+            assert not torch.cuda.current_stream(dev).query(), "the worker's call waited for the caller's later work"
+        latest = ahead.latest()  # read on the caller's stream
+        assert latest.seq == chunk.seq == 3 and torch.equal(latest.actions, want)
+    if cuda:
+        torch.cuda.synchronize(dev)
+
+
+def test_gpu_checks_run_on_the_cpu():
+    check_async_sampler("torch", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not fdp.extension_status()["available"], reason="needs the fdp._C extension")
+def test_gpu_async_sampler_on_its_own_stream():
+    check_async_sampler("cuda", "cuda")

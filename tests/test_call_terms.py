@@ -76,7 +76,8 @@ def test_pack_is_a_copy_of_a_float32_policy(strategy, conditional):
     """A float32 policy's packed tensors are copies, not its parameters or buffers: the per-call terms carry no
     autograd history (the ops have no backward), and a change to the policy reaches a sampler only through a
     new pack (:mod:`fdp._watch`), never half of one."""
-    policy = make_policy(strategy=strategy, conditional=conditional).float()
+    # Hr = 1 makes router_w1.t() contiguous, so the old `.to(f32).contiguous()` aliased it too.
+    policy = make_policy(K=3, Hr=1, strategy=strategy, conditional=conditional).float()
     pc = packing.pack_cond(policy)
     own = {t.untyped_storage().data_ptr() for t in [*policy.parameters(), *policy.buffers()]}
     fields = ("router_w1", "router_b1", "router_w2", "router_b2", "fixed", "cond_w", "cond_b")
@@ -469,3 +470,143 @@ def test_cuda_launch_structs_match_the_python_side(monkeypatch):
     assert seen["p"].out == out.data_ptr() and seen["p"].router_w2 == pc.router_w2.data_ptr() and seen["s"] == 7
     assert (seen["d"].B, seen["d"].Dc, seen["d"].K, seen["d"].L, seen["d"].H, seen["d"].strategy, seen["d"].topk) \
         == (2, 5, 3, 2, 16, 3, 2)
+
+
+# -- on a GPU: the compiled Triton kernel and the CUDA kernel -------------------------------------------------------
+# `check_call_terms_kernel` holds every check for a kernel given as a function; the GPU tests run it on CUDA tensors
+# (the Triton kernel compiled, in a fresh interpreter without TRITON_INTERPRET), test_gpu_checks_run_on_the_cpu runs
+# it here on CPU tensors with the interpreted Triton kernel, so that only the device differs.
+
+# K, L, H, Dc, Hr, B: batch 1 with odd sizes; odd sizes with Dc and Hr over one chunk (Triton: 32) and over the CUDA
+# kernel's 256 hidden units per pass, rows over two tiles of both kernels (Triton 16, CUDA 8), columns over several.
+GPU_CASES = [(3, 1, 17, 5, 7, 1), (5, 3, 19, 37, 301, 19)]
+TIES = [("hard", [1.0, 2.0, 2.0, 2.0, -1.0], [0, 1, 0, 0, 0]), ("hard", [3.0] * 5, [1, 0, 0, 0, 0]),
+        ("topk", [1.0, 2.0, 2.0, 2.0, -1.0], [0, 0.5, 0.5, 0, 0]), ("topk", [3.0] * 5, [0.5, 0.5, 0, 0, 0])]
+
+
+def triton_kernel(pc, c, out):
+    """The Triton launch as the backends make it, zeroing arrival counters in the same launch."""
+    from fdp_kernels.call_terms import call_terms
+
+    counters = torch.full((5,), 7, dtype=torch.int32, device=c.device)
+    call_terms(pc, c, out=out, counters=counters)
+    assert (counters == 0).all(), "the per-call launch did not zero the counters"
+
+
+def cuda_kernel(pc, c, out):
+    """The CUDA launch through its torch.library op, as the CUDA backends call it (float32 contiguous features)."""
+    from fdp.ops import call_terms_cuda_call
+
+    call_terms_cuda_call(pc, c.float().contiguous(), out)
+
+
+def _on(pc, device):
+    import dataclasses
+
+    return dataclasses.replace(pc, **{f.name: getattr(pc, f.name).to(device) for f in dataclasses.fields(pc)
+                                      if isinstance(getattr(pc, f.name), torch.Tensor)})
+
+
+def _device_terms(kernel, policy, c, device):
+    """(kernel's terms, packing.reference_call_terms's), both computed on ``device`` from float32 ``c``, on the CPU."""
+    pc = _on(packing.pack_cond(policy), device)
+    cd = c.to(device)
+    B = c.shape[0]
+    out = torch.full((packing.call_terms_numel(B, pc.K, pc.L, pc.H),), NAN, device=device)  # poisoned
+    kernel(pc, cd, out)
+    got = packing.split_call_terms(out.cpu(), B, pc.K, pc.L, pc.H)
+    ref = packing.reference_call_terms(pc, cd)
+    return got, packing.CallTerms(*(getattr(ref, f).cpu() for f in ("weights", "c_in", "scale", "shift")))
+
+
+def check_call_terms_kernel(kernel, device):
+    """Every check of a per-call terms kernel ``kernel(pc, c, out)`` on ``device``: against the float64 truth within
+    the derived float32 bounds (helpers.cond_truth_and_bounds), as packing.reference_call_terms on the same device is,
+    for every strategy; NaN feature rows and non-finite logits give the reference's NaN pattern; ties go to the
+    lowest index."""
+    g = torch.Generator().manual_seed(0)
+    for strategy in STRATEGIES:
+        for K, L, H, Dc, Hr, B in GPU_CASES:
+            what = f"{strategy} K{K} L{L} H{H} Dc{Dc} Hr{Hr} B{B}"
+            policy = make_policy(K=K, L=L, H=H, Dc=Dc, Hr=Hr, strategy=strategy, seed=K + L)
+            c = torch.randn(B, Dc, generator=g)
+            truth, bounds = truth_and_bounds(policy, c)
+            got, ref = _device_terms(kernel, policy, c, device)
+            try:
+                assert_within(ref, truth, bounds)
+                assert_within(got, truth, bounds)
+            except AssertionError as e:
+                raise AssertionError(f"{what}: {e}") from None
+        # A NaN feature row: the reference's NaN pattern there, the other rows within the bounds.
+        for conditional in (True, False):
+            policy = make_policy(K=3, strategy=strategy, conditional=conditional)
+            c = torch.randn(5, 5, generator=g)
+            c[2] = NAN
+            got, ref = _device_terms(kernel, policy, c, device)
+            for f in ("weights", "c_in", "scale", "shift"):
+                assert torch.equal(torch.isnan(getattr(got, f)), torch.isnan(getattr(ref, f))), (strategy, f)
+            assert torch.isnan(got.weights[2]).all() == (strategy != "fixed")
+            assert torch.isnan(got.c_in[2]).all() == conditional
+            ok = [0, 1, 3, 4]
+            truth, bounds = truth_and_bounds(policy, c[ok])
+            assert_within(packing.CallTerms(*(getattr(got, f)[ok] for f in ("weights", "c_in", "scale", "shift"))),
+                          truth, bounds)
+        if strategy == "fixed":
+            continue
+        # A non-finite logit on every row (the router's NaN rules).
+        for bad in (NAN, float("inf"), -float("inf")):
+            policy = make_policy(K=4, strategy=strategy)
+            with torch.no_grad():
+                policy.router.net[2].weight[1].zero_()
+                policy.router.net[2].bias[1] = bad
+            c = torch.randn(3, 5, generator=g)
+            got, ref = _device_terms(kernel, policy, c, device)
+            assert torch.equal(torch.isnan(got.weights), torch.isnan(ref.weights)), (strategy, bad)
+            nan_rows = not (bad == -float("inf")) or strategy == "tanh"
+            assert torch.isnan(got.weights).all() == nan_rows, (strategy, bad)
+            if not nan_rows:
+                assert (got.weights[:, 1] == 0).all()
+                torch.testing.assert_close(got.weights, ref.weights, rtol=1e-5, atol=0)
+    for strategy, logits, expected in TIES:
+        policy = make_policy(K=5, strategy=strategy)
+        _tied(policy, logits)
+        got, ref = _device_terms(kernel, policy, torch.randn(3, 5, generator=g), device)
+        expected = torch.tensor(expected, dtype=torch.float32).expand(3, 5)
+        for w in (got.weights, ref.weights):
+            torch.testing.assert_close(w, expected, rtol=2 * U, atol=0)
+
+
+def test_gpu_checks_run_on_the_cpu():
+    """The GPU tests' checks, here on CPU tensors with the interpreted Triton kernel."""
+    check_call_terms_kernel(triton_kernel, "cpu")
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+_GPU_SCRIPT = r"""
+import torch
+from fdp_kernels import call_terms
+assert type(call_terms.call_terms_kernel).__name__ == "JITFunction", "the kernel must be compiled, not interpreted"
+from test_call_terms import check_call_terms_kernel, triton_kernel
+check_call_terms_kernel(triton_kernel, "cuda")
+torch.cuda.synchronize()
+print("OK")
+"""
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_triton_call_terms_kernel():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([here, *sys.path])
+    r = subprocess.run([sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-4000:] + r.stderr[-8000:]
+
+
+@pytest.mark.gpu
+@_needs_cuda
+@pytest.mark.skipif(not fdp.extension_status()["available"], reason="needs the fdp._C extension")
+def test_gpu_cuda_call_terms_kernel():
+    check_call_terms_kernel(cuda_kernel, "cuda")
+    torch.cuda.synchronize()

@@ -207,3 +207,173 @@ def test_graph_branch_returns_its_static_output_and_rebuilds_after_a_repack():
     s.repack()
     call(cond)
     assert call.captures == 2  # the Sampler's new pack, noticed by identity
+
+
+# -- on a GPU: the captured graph itself, every fused MLP backend ------------------------------------------------
+# `check_static_call` holds every check; the GPU tests run it in a fresh interpreter without TRITON_INTERPRET
+# (compiled kernels, a real capture), and test_gpu_checks_run_on_the_cpu runs the same function here with the
+# capture emulated, so that only the device (and the launch count, which needs CUDA) differs.
+
+GPU_FAMILIES = {"triton": ["triton", "triton-persistent"], "cuda": ["cuda", "cuda-persistent"]}
+STEPS = 6  # the GPU tests of test_call_path.py use this policy and schedule too (Triton's cache is shared)
+
+
+def _gpu_sampler(backend, device):
+    from helpers import KERNEL_SCHEDULERS
+
+    factory, eta = KERNEL_SCHEDULERS["ddpm_clip"]  # every step but the last adds noise: step_noise is used
+    policy = make_mlp_policy(K=3, dtype=torch.float32).to(device)
+    return fdp.Sampler(policy, factory(), STEPS, eta=eta, backend=backend, dtype=torch.float32)
+
+
+def assert_one_replay(call, cond=None):
+    """On CUDA: a call is one graph launch. The bar is a graph of one kernel that draws noise exactly when the
+    call does, replayed alone (torch's graph-safe RNG may launch its own seed and offset fills at each replay of a
+    graph that draws: those are counted in both), plus one copy for a ``global_cond`` passed in."""
+    from fdp.bench.timing import count_launches
+
+    dev = call.sampler.device
+    buf = torch.zeros(8, device=dev)
+    one = (lambda: buf.normal_()) if call.draw_noise else (lambda: buf.add_(1.0))
+    one()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        one()
+    launches, copies = count_launches(lambda i: graph.replay(), dev)
+    assert launches >= 1
+    assert count_launches(lambda i: call(), dev) == (launches, copies)
+    if cond is not None:
+        assert count_launches(lambda i: call(cond), dev) == (launches, copies + 1)
+
+
+def check_static_call(backend, device, prepare=None, one_replay=None):
+    """Every check of a StaticCall on ``device``: equal to the Sampler on the same explicit noise, drawn noise =
+    the default generator's next draws, one graph (``one_replay(call, cond)``, CUDA only, and the backend's own
+    CapturedCall keeps no graph of its own), ``refresh()`` after a weight change, the inpainting buffers; batch 1
+    and an odd batch. ``prepare(sampler, B, **kw)`` builds the call (default ``sampler.prepare``). The results
+    are compared exactly: the same backend code on the same inputs (as test_call_path's GPU replay test)."""
+    prepare = prepare or (lambda s, B, **kw: s.prepare(B, **kw))
+    dev = torch.device(device)
+    s = _gpu_sampler(backend, dev)
+    inner = getattr(s._prepared, "_call", None)
+    g = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape: torch.randn(shape, device=dev, generator=g)  # noqa: E731
+    for B in (1, 5):
+        what = f"{backend} B={B}"
+        cond = rand(B, s.policy.cond_dim)
+        # Explicit noise, passed in and written into the buffers in place.
+        kept = None if inner is None else list(inner.signatures)
+        call = prepare(s, B, draw_noise=False)
+        if inner is not None:
+            assert inner.signatures == kept, f"{what}: the backend's call captured a graph of its own"
+        assert call.step_noise is not None and call.graphed  # a real or emulated capture
+        for _ in range(2):
+            call.x_T.copy_(rand(*call.x_T.shape))
+            call.step_noise.copy_(rand(*call.step_noise.shape))
+            want = s(cond, x_T=call.x_T.clone(), step_noise=call.step_noise.clone())
+            assert torch.equal(call(cond), want), what
+            cond = rand(B, s.policy.cond_dim)
+        call.global_cond.copy_(cond)
+        want = s(cond, x_T=call.x_T.clone(), step_noise=call.step_noise.clone())
+        out = torch.full_like(want, float("nan"))
+        assert call(out=out) is out and torch.equal(out, want), what
+        if one_replay is not None:
+            one_replay(call, cond)
+        # Drawn noise: the default generator's next draws, x_T first.
+        drawn = prepare(s, B)
+        if one_replay is not None:
+            one_replay(drawn, cond)
+        torch.manual_seed(5)
+        got = drawn(cond).clone()
+        torch.manual_seed(5)
+        x_T = torch.empty_like(drawn.x_T).normal_()
+        noise = torch.empty_like(drawn.step_noise).normal_()
+        assert torch.equal(drawn.x_T, x_T) and torch.equal(drawn.step_noise, noise), what
+        assert torch.equal(got, s(cond, x_T=x_T, step_noise=noise)), what
+        assert not torch.equal(drawn(cond), got), f"{what}: the next call drew the same noise"
+        # Inpainting: nothing masked, then the first two horizon steps fixed.
+        ip = prepare(s, B, draw_noise=False, inpaint=True)
+        ip.x_T.copy_(rand(*ip.x_T.shape))
+        ip.step_noise.copy_(rand(*ip.step_noise.shape))
+        x_T, noise = ip.x_T.clone(), ip.step_noise.clone()
+        assert torch.equal(ip(cond), s(cond, x_T=x_T, step_noise=noise)), what
+        ip.known.copy_(rand(*ip.known.shape))
+        ip.known_mask[:, :2] = True
+        want = s(cond, x_T=x_T, step_noise=noise, known=ip.known.clone(), known_mask=ip.known_mask.clone())
+        got = ip(cond)
+        assert torch.equal(got, want) and torch.equal(got[:, :2], ip.known[:, :2]), what
+        assert not torch.equal(got[:, 2:], ip.known[:, 2:])
+        if one_replay is not None:
+            one_replay(ip, cond)
+    # refresh(): stale until called (no watch), then the new weights' result, one graph again.
+    call = prepare(s, 5, draw_noise=False)
+    call.x_T.copy_(rand(*call.x_T.shape))
+    call.step_noise.copy_(rand(*call.step_noise.shape))
+    x_T, noise = call.x_T.clone(), call.step_noise.clone()
+    cond = rand(5, s.policy.cond_dim)
+    before = call(cond).clone()
+    with torch.no_grad():
+        s.policy.components[0].out.bias.add_(0.5)
+        s.policy.router.net[2].bias[1] += 1.0
+    if backend in sum(GPU_FAMILIES.values(), []):  # packed router and components: stale until refreshed
+        assert torch.equal(call(cond), before), f"{backend}: changed without refresh"
+    assert call.refresh() and not call.refresh()
+    fresh = fdp.Sampler(s.policy, s.scheduler, STEPS, eta=s.eta, backend=backend, dtype=torch.float32)
+    want = fresh(cond, x_T=x_T, step_noise=noise)
+    assert not torch.equal(want, before)
+    assert torch.equal(call(cond), want), f"{backend}: refresh() did not give the new weights' result"
+    if one_replay is not None:
+        one_replay(call, cond)
+
+
+def test_gpu_checks_run_on_the_cpu():
+    """The GPU tests' checks, here with the capture emulated (graph replay = the body run again)."""
+    check_static_call("torch-batched", "cpu", prepare=lambda s, B, **kw: _EmulatedStaticCall(s, B, **kw))
+
+
+_GPU_SCRIPT = r"""
+import sys, traceback
+import torch
+torch.backends.cuda.matmul.allow_tf32 = False
+from fdp_kernels import mlp_step
+assert type(mlp_step.mlp_step_kernel).__name__ == "JITFunction", "kernels must be compiled, not interpreted"
+from test_static_call import assert_one_replay, check_static_call
+failed = []
+for backend in sys.argv[1:]:
+    try:
+        check_static_call(backend, "cuda", one_replay=assert_one_replay)
+        print("OK", backend, flush=True)
+    except Exception:
+        traceback.print_exc()
+        failed.append(backend)
+sys.exit(f"failed: {failed}" if failed else 0)
+"""
+
+
+def _run_fresh(*backends):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), *sys.path])
+    r = subprocess.run([sys.executable, "-c", _GPU_SCRIPT, *backends], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-8000:]
+    assert r.stdout.count("OK ") == len(backends), r.stdout
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_static_call_triton():
+    _run_fresh(*GPU_FAMILIES["triton"])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not fdp.extension_status()["available"], reason="needs the fdp._C extension")
+def test_gpu_static_call_cuda():
+    _run_fresh(*GPU_FAMILIES["cuda"])
