@@ -556,10 +556,13 @@ def test_gpu_user_capture_and_replay_match_eager():
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_static_call_is_one_replay_of_the_samplers_call():
-    """fdp.StaticCall (sampler.prepare) on CUDA: one graph (captured.capture_graph) replayed per call, nothing else
-    launched or copied, following what is written into its buffers; the same kernels as the Sampler's own call."""
+    """fdp.StaticCall (sampler.prepare) on CUDA for the `graph` backend's U-Net: one graph (captured.capture_graph)
+    replayed per call, nothing else launched or copied, following what is written into its buffers. The fused MLP
+    backends' static calls are checked by test_static_call.py's GPU tests (check_static_call)."""
     _run_fresh("""
     for name, s, ref in samplers():
+        if name != "graph":
+            continue
         for B in (1, 5):
             call = s.prepare(B, draw_noise=False)
             assert call.graphed, name
@@ -569,11 +572,8 @@ def test_gpu_static_call_is_one_replay_of_the_samplers_call():
                 call.x_T.copy_(x)
                 if call.step_noise is not None:
                     call.step_noise.copy_(n)
-                got = call().clone()
-                if name == "graph":  # cuDNN may pick other algorithms under capture (see the test above)
-                    assert_matches_in_float32({"static call": got}, s, c, x, n)
-                else:
-                    assert torch.equal(got, s(c, x_T=x, step_noise=n)), (name, B, seed)
+                # cuDNN may pick other algorithms under capture (see the test above): held to the float64 loop
+                assert_matches_in_float32({"static call": call().clone()}, s, c, x, n)
             launches, copies = count_launches(lambda i: call(), torch.device("cuda"))
             assert (launches, copies) == (1, 0), (name, B, launches, copies)
     """)
