@@ -224,43 +224,6 @@ def test_kernel_rejects_bad_arguments():
         call_terms(pc, torch.randn(2, 5), counters=torch.zeros(2))
 
 
-# -- the CUDA kernel on a GPU (csrc/call_terms.cu; on the CPU its block body runs emulated: test_cuda_emulation.py) --
-
-# The emulation's cases (K, L, H, Dc, Hr, B): odd sizes, columns over several blocks of 256, Hr over 256, rows
-# over two tiles of 8, batch 1.
-CUDA_CALL_CASES = [(3, 1, 17, 5, 7, 1), (5, 3, 19, 37, 301, 11), (8, 2, 24, 3, 9, 9), (1, 1, 16, 6, 5, 2)]
-
-
-def _cuda_terms(pc, c):
-    """The native kernel's terms for float32 features ``c``, written into a NaN-poisoned buffer on the GPU."""
-    from fdp.backends import cuda_backend as cb
-
-    dev = torch.device("cuda")
-    pc = packing.PackedCond(**{f: v.to(dev) if isinstance(v, torch.Tensor) else v for f, v in vars(pc).items()})
-    B = c.shape[0]
-    out = torch.full((packing.call_terms_numel(B, pc.K, pc.L, pc.H),), NAN, device=dev)
-    cb.launch_call_terms(pc, c.to(dev).contiguous(), out)
-    torch.cuda.synchronize()
-    return packing.split_call_terms(out.cpu(), B, pc.K, pc.L, pc.H)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and fdp.extension_status()["available"]),
-                    reason="needs a CUDA device and the fdp._C extension")
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", CUDA_CALL_CASES + ["unconditional"], ids=lambda c: c if isinstance(c, str) else
-                         "K{}L{}H{}Dc{}Hr{}B{}".format(*c))
-def test_cuda_kernel_matches_the_policy_on_gpu(strategy, case):
-    K, L, H, Dc, Hr, B = (3, 2, 16, 6, 8, 4) if case == "unconditional" else case
-    if strategy == "topk" and K == 1:
-        pytest.skip("top-k of one component is hard routing")
-    policy = make_policy(K=K, L=L, H=H, Dc=Dc, Hr=Hr, strategy=strategy, seed=K + L,
-                         conditional=case != "unconditional")
-    c = torch.randn(B, Dc)
-    truth, bounds = truth_and_bounds(policy, c)
-    assert_within(_cuda_terms(packing.pack_cond(policy), c), truth, bounds)
-
-
 # -- launches per call, by construction ------------------------------------------------------------------------
 
 
@@ -479,7 +442,10 @@ def test_cuda_launch_structs_match_the_python_side(monkeypatch):
 
 # K, L, H, Dc, Hr, B: batch 1 with odd sizes; odd sizes with Dc and Hr over one chunk (Triton: 32) and over the CUDA
 # kernel's 256 hidden units per pass, rows over two tiles of both kernels (Triton 16, CUDA 8), columns over several.
-GPU_CASES = [(3, 1, 17, 5, 7, 1), (5, 3, 19, 37, 301, 19)]
+# (K, L, H, Dc, Hr, B, conditional), as the CUDA emulation's cases: odd sizes, columns over several blocks of 256,
+# Hr over 256, rows over two tiles of 8, batch 1, K = 8 and K = 1, and unconditional components.
+GPU_CASES = [(3, 1, 17, 5, 7, 1, True), (5, 3, 19, 37, 301, 19, True), (8, 2, 24, 3, 9, 9, True),
+             (1, 1, 16, 6, 5, 2, True), (3, 2, 16, 6, 8, 4, False)]
 TIES = [("hard", [1.0, 2.0, 2.0, 2.0, -1.0], [0, 1, 0, 0, 0]), ("hard", [3.0] * 5, [1, 0, 0, 0, 0]),
         ("topk", [1.0, 2.0, 2.0, 2.0, -1.0], [0, 0.5, 0.5, 0, 0]), ("topk", [3.0] * 5, [0.5, 0.5, 0, 0, 0])]
 
@@ -526,9 +492,11 @@ def check_call_terms_kernel(kernel, device):
     lowest index."""
     g = torch.Generator().manual_seed(0)
     for strategy in STRATEGIES:
-        for K, L, H, Dc, Hr, B in GPU_CASES:
-            what = f"{strategy} K{K} L{L} H{H} Dc{Dc} Hr{Hr} B{B}"
-            policy = make_policy(K=K, L=L, H=H, Dc=Dc, Hr=Hr, strategy=strategy, seed=K + L)
+        for K, L, H, Dc, Hr, B, conditional in GPU_CASES:
+            if strategy == "topk" and K == 1:
+                continue  # top-k of one component is hard routing
+            what = f"{strategy} K{K} L{L} H{H} Dc{Dc} Hr{Hr} B{B} conditional={conditional}"
+            policy = make_policy(K=K, L=L, H=H, Dc=Dc, Hr=Hr, strategy=strategy, seed=K + L, conditional=conditional)
             c = torch.randn(B, Dc, generator=g)
             truth, bounds = truth_and_bounds(policy, c)
             got, ref = _device_terms(kernel, policy, c, device)
