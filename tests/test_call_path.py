@@ -555,6 +555,49 @@ def test_gpu_user_capture_and_replay_match_eager():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_capture_leaves_other_threads_free():
+    """fdp captures thread-locally (captured.capture_graph, which every CUDA backend's CapturedCall and StaticCall
+    use): while it captures, e.g. an AsyncSampler's worker capturing a new batch size, another thread may do what a
+    capture forbids (a cudaMalloc, a stream synchronisation, a read-back) without an error there and without
+    breaking the capture. torch's default mode ("global") fails such calls in every thread."""
+    _run_fresh("""
+    import threading
+    from fdp.backends.captured import capture_graph
+    dev = torch.device("cuda")
+    x = torch.randn(1001, device=dev)
+    seen = []
+
+    def other_thread():
+        try:
+            stream = torch.cuda.Stream(dev)
+            with torch.cuda.stream(stream):
+                # Larger than anything this fresh process has cached: the allocator calls cudaMalloc.
+                y = torch.empty((257 << 20) + 3, dtype=torch.uint8, device=dev)
+                y.fill_(7)
+            stream.synchronize()
+            seen.append(int(y[-1].item()))
+        except Exception as exc:  # reported below, with the capture's own outcome
+            seen.append(exc)
+
+    def fn():
+        out = x * 2 + 1
+        if torch.cuda.is_current_stream_capturing():
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+        return out
+
+    graph, out = capture_graph(fn, dev)
+    assert seen == [7], seen
+    x.copy_(torch.randn(1001, device=dev))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, x * 2 + 1)
+    """)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_static_call_is_one_replay_of_the_samplers_call():
     """fdp.StaticCall (sampler.prepare) on CUDA for the `graph` backend's U-Net: one graph (captured.capture_graph)
     replayed per call, nothing else launched or copied, following what is written into its buffers. The fused MLP

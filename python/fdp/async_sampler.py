@@ -19,7 +19,9 @@ What bounds the caller's wait is therefore that critical section plus, while
 the worker runs Python (the sampler's host code), one hand-off of Python's GIL:
 about ``sys.getswitchinterval()`` (5 ms by default), since the worker's
 PyTorch calls release the GIL while they compute. Submitting never waits for
-the sampler, whatever it costs.
+the sampler, whatever it costs. The first call of each batch size captures a CUDA
+graph on the worker's thread; the capture is thread-local, so the caller's own
+CUDA work meanwhile is unaffected.
 
 Safe to use from one control thread, with a policy that is not trained at the
 same time (the worker calls the sampler, and so reads the policy, while the

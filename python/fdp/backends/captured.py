@@ -187,7 +187,8 @@ class CapturedCall:
 def capture_graph(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 1):
     """``fn()`` run ``warmup`` times on a side stream (Triton compiles, libraries initialise, the allocator
     grows there, not during capture; inside :func:`direct_calls`, so an inner CapturedCall keeps no graph of its
-    own), then captured once into a CUDA graph; returns ``(graph, fn's output)``. Needs CUDA."""
+    own), then captured once into a CUDA graph; returns ``(graph, fn's output)``. Other threads may use CUDA
+    freely meanwhile (the capture is thread-local). Needs CUDA."""
     with torch.cuda.device(device):
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -199,8 +200,11 @@ def capture_graph(fn: Callable[[], torch.Tensor], device: torch.device, warmup: 
         graph = torch.cuda.CUDAGraph()
         # On the warm-up stream: torch.cuda.graph's default capture stream lives on whichever device
         # was current when it was first made. An inner CapturedCall sees the capturing stream and runs
-        # its function into this graph.
-        with torch.cuda.graph(graph, stream=side):
+        # its function into this graph. "thread_local": only this thread's unsafe calls (cudaMalloc, a
+        # synchronisation) break the capture. torch's default, "global", also makes every other thread's
+        # fail meanwhile: the control loop beside an AsyncSampler whose worker captures a new batch size,
+        # a user's other threads. torch.compile's CUDA graphs capture the same way.
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             output = fn()
     return graph, output
 
