@@ -16,7 +16,8 @@
 #               installed without network into build/gpu-check-site (pip --target; PYTHONPATH for the rest)
 #   target      fdp bench at the kernels' performance target (MLP K=4 H=256, batch 1, DDIM-10, bf16+fp32):
 #               eager, the CUDA-graph baseline and every fused backend, each checked against eager, with
-#               kernel-only device time (the captured graph replayed alone); fails unless every path's
+#               kernel-only device time (the captured graph replayed alone) and the whole call's over it
+#               (target: at most 1.2x for cuda and cuda-persistent; reported); fails unless every path's
 #               status is ok; the per-step `cuda` kernel again with programmatic launches off (FDP_CUDA_PDL=0)
 #   selftest    fdp selftest --quick --no-timing: every backend against the torch reference in child
 #               processes (a hang or a device fault there is recorded, not fatal), selftest.json
@@ -333,22 +334,32 @@ stage_target() {
   cmd "$PY" -c "$TARGET_CHECK" "$OUT_DIR/target.json" || rc=1
   cmd env FDP_CUDA_PDL=0 "$PY" -m fdp bench "${args[@]}" --backends cuda --out "$OUT_DIR/target-nopdl.json" || rc=1
   cmd "$PY" -c "$TARGET_CHECK" "$OUT_DIR/target-nopdl.json" || rc=1
-  [ "$DRY" = 1 ] || NOTE[target]="$(grep -h '^kernel-only' "$LOG" | head -1)"
+  [ "$DRY" = 1 ] || NOTE[target]="$(grep -h '^kernel-only\|^whole call' "$LOG" | head -2 | paste -sd ';' -)"
   return $rc
 }
 
-# TARGET_CHECK FILE: every path's status and kernel-only us/step; exit 1 unless every status is ok.
+# TARGET_CHECK FILE: every path's status, kernel-only and whole-call device us/step; exit 1 unless every status
+# is ok. The whole call (copies, the per-call terms, the graph launch) against the kernels alone is printed per
+# path and, for cuda and cuda-persistent, held to the target of 1.2x (reported, not failed: a speed target).
 TARGET_CHECK='import json, sys
 cases = json.load(open(sys.argv[1]))["cases"]
 def f(v):
     return "-" if v is None else "%.2f" % v
-print("%-18s %-5s %-8s %14s %14s %12s %8s" % ("path", "dtype", "status", "kernel us/step", "device us/step",
-                                              "host us/call", "vs eager"))
+def ratio(c):
+    k, w = c.get("step_kernel_us"), c.get("step_gpu_us")
+    return w / k if k and w else None
+print("%-18s %-5s %-8s %14s %14s %12s %12s %8s" % ("path", "dtype", "status", "kernel us/step", "device us/step",
+                                                   "whole/kernel", "host us/call", "vs eager"))
 for c in cases:
-    print("%-18s %-5s %-8s %14s %14s %12s %8s  %s" % (c["backend"], c["dtype"], c["status"], f(c.get("step_kernel_us")),
-          f(c["step_gpu_us"]), f(c.get("host_us")), f(c.get("speedup_vs_eager")), c.get("skipped") or ""))
+    print("%-18s %-5s %-8s %14s %14s %12s %12s %8s  %s" % (c["backend"], c["dtype"], c["status"],
+          f(c.get("step_kernel_us")), f(c["step_gpu_us"]), f(ratio(c)), f(c.get("host_us")),
+          f(c.get("speedup_vs_eager")), c.get("skipped") or ""))
+native = [c for c in cases if c["backend"] in ("cuda-persistent", "cuda")]
 print("kernel-only us/step: " + ", ".join("%s %s %s" % (c["backend"], c["dtype"], f(c.get("step_kernel_us")))
-      for c in cases if c["backend"] in ("cuda-persistent", "cuda")))
+      for c in native))
+print("whole call / kernel-only (target <= 1.2): " + ", ".join(
+      "%s %s %s%s" % (c["backend"], c["dtype"], f(ratio(c)),
+                      "" if ratio(c) is None else " met" if ratio(c) <= 1.2 else " NOT met") for c in native))
 bad = [c["backend"] + " " + c["dtype"] + ": " + c["status"] for c in cases if c["status"] != "ok"]
 if bad:
     print("not ok: " + "; ".join(bad))
