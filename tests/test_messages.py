@@ -170,3 +170,25 @@ def test_output_path_check_runs_before_any_work(tmp_path):
         check_output_path("out_dir", regular, folder=True)
     assert check_output_path("--out", tmp_path / "new" / "r.json") == tmp_path / "new" / "r.json"
     assert not (tmp_path / "new").exists()  # checked, nothing created
+
+
+def test_triton_backends_on_a_torch_without_triton_op_say_which_torch_they_need(monkeypatch):
+    """fdp asks for torch >= 2.4; its Triton kernels are torch.library.triton_op's (torch 2.6). On an older torch
+    the Triton backends are unavailable with that reason (never an ImportError from inside fdp_kernels), `auto`
+    passes them by, and the graph backend composes with torch (its compose kernel is a Triton op too)."""
+    from fdp.backends.graph_backend import _compose_kernel
+
+    monkeypatch.delattr(torch.library, "triton_op")
+    monkeypatch.delattr(torch.library, "wrap_triton")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    want = r"fdp's Triton kernels need torch >= 2\.6 \(torch\.library\.triton_op\), this is torch 2\.5\.1"
+    reasons = {name: info.reason for name, info in fdp.available_backends("cpu").items()}
+    for name in ("triton", "triton-persistent"):
+        assert re.match(want, reasons[name]), (name, reasons[name])
+    policy = make_mlp_policy(dtype=torch.float32)
+    with pytest.raises(InvalidArgument, match=want):
+        fdp.Sampler(policy, fdp.DDIMScheduler(num_train_timesteps=100), 4, backend="triton")
+    assert _compose_kernel(torch.device("cpu")) == (None, reasons["triton"])
+    s = fdp.Sampler(policy, fdp.DDIMScheduler(num_train_timesteps=100), 4, backend="auto")
+    assert not s.backend.startswith("triton")
+    assert s(torch.randn(2, policy.cond_dim)).shape == (2, 4, 3)

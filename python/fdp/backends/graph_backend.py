@@ -61,6 +61,7 @@ from ..unet import ConditionalUnet1D
 from ..unet_fused import FusedUnets, fusion_mismatch
 from .base import Backend
 from .captured import CapturedCall, CapturesCalls
+from .triton_backend import _triton_import_error
 
 __all__ = ["GraphBackend", "GraphPrepared", "compose_step_torch", "BACKEND"]
 
@@ -84,6 +85,9 @@ def compose_step_torch(eps, weights, table, step, x, noise=None):
 
 def _compose_kernel(device: torch.device):
     """The compose kernel's launcher if it can run on ``device``, else (None, why not)."""
+    why = _triton_import_error()
+    if why:
+        return None, why
     try:
         from fdp_kernels import compose_step as mod
     except ImportError as exc:

@@ -61,11 +61,17 @@ _TRITON_CPU_REASON = ("Triton kernels need a CUDA device; set TRITON_INTERPRET=1
 
 
 def _triton_import_error() -> str | None:
+    """Why fdp's Triton kernels cannot run with this Triton and torch at all, or None."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         return f"Triton is not installed or failed to import ({exc}); pip install triton"
+    # The kernels are launched as torch.library.triton_op's (fdp_kernels/ops.py), which torch 2.6 added;
+    # fdp itself asks for torch >= 2.4, and its torch and cuda backends do not need them.
+    if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")):
+        return (f"fdp's Triton kernels need torch >= 2.6 (torch.library.triton_op), this is torch "
+                f"{torch.__version__}; upgrade torch, or use backend='cuda' or 'torch'")
     return None
 
 
