@@ -294,7 +294,7 @@ class FusedUnets(nn.Module):
 
     def _pack_film(self, comps, order):
         """Split every FiLM Linear into timestep columns (per component) and global_cond columns (all K at once)."""
-        K, fd = self.K, self.film_dtype
+        fd = self.film_dtype
         device = comps[0].final_conv[1].weight.device
         blocks = ([self.local_block] if self.local_block is not None else []) + [
             b for stage in self.down for b in stage[:2]] + list(self.mid) + [b for stage in self.up for b in stage[:2]]
