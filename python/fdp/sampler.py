@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from .inpainting import RULES, replacements
 from .policy import FactorizedPolicy
 from .profiling import nvtx_range
 from .schedulers import _draw_noise
+
+if TYPE_CHECKING:  # the annotation of prepare(), which imports it when called
+    from .static_call import StaticCall
 
 log = logging.getLogger("fdp")
 

@@ -197,7 +197,7 @@ def measure_device(device: torch.device | str, dtypes=("fp32",)) -> DevicePeaks:
         dst = torch.empty_like(src)
         sec = _median_seconds(lambda: dst.copy_(src), device, 10 if cuda else 5)
         peaks.copy_bytes_per_s = 2 * n * 4 / sec
-        del src, dst
+        src = dst = None  # free them now (the timed lambda names them)
     except RuntimeError:  # out of memory or similar: the floor stays unknown
         pass
     from .cases import DTYPES
@@ -209,7 +209,7 @@ def measure_device(device: torch.device | str, dtypes=("fp32",)) -> DevicePeaks:
             b = torch.randn(m, m, device=device, dtype=DTYPES[name])
             sec = _median_seconds(lambda: torch.mm(a, b), device, 5 if cuda else 3)
             peaks.matmul_flops_per_s[name] = 2 * m ** 3 / sec
-            del a, b
+            a = b = None
         except RuntimeError:
             pass
     return peaks
