@@ -16,6 +16,14 @@
 
 namespace py = pybind11;
 
+// Set by csrc/CMakeLists.txt for plain architecture lists ("80,86,90" and "90"); empty: not known.
+#ifndef FDP_SASS_ARCHS
+#define FDP_SASS_ARCHS ""
+#endif
+#ifndef FDP_PTX_ARCHS
+#define FDP_PTX_ARCHS ""
+#endif
+
 namespace {
 
 // fdp_kernels.abi.cuda_abi() says what this must return; tests/test_abi.py compares them.
@@ -72,8 +80,10 @@ PYBIND11_MODULE(_C, m) {
     d["driver_version"] = info.driver_version;
     d["device_count"] = info.device_count;
     d["error"] = info.error;
+    d["sass_archs"] = std::string(FDP_SASS_ARCHS);
+    d["ptx_archs"] = std::string(FDP_PTX_ARCHS);
     return d;
-  }, "CUDA runtime version, driver version and visible device count.");
+  }, "CUDA runtime version, driver version, visible device count and the architectures built for.");
 
   py::class_<fdp::MlpPointers> pointers(m, "MlpPointers", "Device pointers of one launch, set by name (0: none).");
   pointers.def(py::init<>());

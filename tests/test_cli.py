@@ -51,6 +51,11 @@ def test_info_says_built_but_no_device_never_available_beside_an_error(monkeypat
     assert dev_line.startswith("CUDA device: none (")
     assert "CUDA driver version is insufficient" in dev_line and "no NVIDIA driver" in dev_line
     assert "available" not in ext_line + dev_line
+    out = _info(monkeypatch, capsys, {"available": True, "reason": "", "runtime_version": 13000, "driver_version": 0,
+                                      "device_count": 0, "error": "no driver", "sass_archs": "80,86,87,89,90",
+                                      "ptx_archs": "90"})
+    assert ("CUDA extension fdp._C: built (CUDA runtime 13.0) for sm_80, sm_86, sm_87, sm_89, sm_90 + PTX compute_90"
+            in out.splitlines())
 
 
 def test_info_says_why_the_extension_was_not_built(monkeypatch, capsys):

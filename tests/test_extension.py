@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import fdp
+from fdp._extension import arch_unsupported_reason, built_archs, describe_archs
 
 
 def test_status_is_reported():
@@ -25,6 +26,52 @@ def test_extension_builds_where_nvcc_exists():
     assert st["available"], st["reason"]
     assert st["runtime_version"] >= 11000
     assert st["device_count"] >= 0
+    # The build passes a plain list (scripts/test.sh: the GPUs present, else 90): the binary says what it holds,
+    # and each architecture it holds machine code for can run it.
+    sass, ptx = built_archs(st)
+    assert sass and ptx, (st["sass_archs"], st["ptx_archs"])
+    assert all(arch_unsupported_reason((a // 10, a % 10), st) is None for a in sass)
+
+
+_PORTABLE = {"available": True, "sass_archs": "80,86,87,89,90", "ptx_archs": "90"}
+
+
+@pytest.mark.parametrize("status,capability,runs", [
+    (_PORTABLE, (8, 6), True), (_PORTABLE, (8, 7), True), (_PORTABLE, (9, 0), True),
+    (_PORTABLE, (12, 0), True),  # a newer GPU: the driver compiles the compute_90 PTX
+    (_PORTABLE, (7, 5), False),
+    ({"sass_archs": "86", "ptx_archs": "86"}, (8, 9), True),  # machine code runs on higher minor versions
+    ({"sass_archs": "86", "ptx_archs": "86"}, (8, 0), False),  # not on lower ones, nor PTX of a newer one
+    ({"sass_archs": "90", "ptx_archs": "90"}, (8, 6), False),  # an H100 build on an RTX 3090
+    ({"sass_archs": "90", "ptx_archs": "90"}, (8, 7), False),  # ... or on a Jetson Orin
+    ({"sass_archs": "80,90", "ptx_archs": "90"}, (8, 9), True),
+    ({"sass_archs": "", "ptx_archs": ""}, (8, 6), True),  # not recorded (e.g. built from "90a"): not judged
+    ({"available": True}, (8, 6), True),  # an extension built before the architectures were recorded
+])
+def test_a_gpu_the_extension_was_not_built_for_is_named_with_the_fix(status, capability, runs):
+    why = arch_unsupported_reason(capability, status)
+    if runs:
+        assert why is None, why
+    else:
+        cc = 10 * capability[0] + capability[1]
+        assert why.startswith(f"fdp._C was built for {describe_archs(status)}, which a GPU of compute capability "
+                              f"{capability[0]}.{capability[1]} cannot run: reinstall fdp with FDP_CUDA_ARCHS={cc}"), why
+
+
+def test_the_cuda_backends_are_unavailable_on_a_gpu_the_extension_was_not_built_for(monkeypatch):
+    """Before any launch, with the reason (not CUDA's "no kernel image is available" at the first call)."""
+    import torch
+
+    from fdp.backends import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "extension_status", lambda: {**_PORTABLE, "sass_archs": "90"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    for name in ("cuda", "cuda-persistent"):
+        why = fdp.backends.get_backend(name).unavailable_reason("cuda")
+        assert why is not None and "FDP_CUDA_ARCHS=86" in why, (name, why)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fdp.backends.get_backend("cuda").unavailable_reason("cuda") is None
 
 
 ARCHS_SCRIPT = Path(__file__).resolve().parents[1] / "cmake" / "cuda_archs.cmake"

@@ -55,3 +55,37 @@ def extension_status() -> dict:
         return {"available": False, "reason": reason}
     info = dict(mod.runtime_info())
     return {"available": True, "reason": "", **info}
+
+
+def built_archs(status: dict | None = None) -> tuple[list[int], list[int]]:
+    """``(sass, ptx)``: the architectures ``fdp._C`` holds machine code for (``[80, 86, 90]``) and PTX for
+    (``[90]``); both empty when not known (an extension built before they were recorded, or built from a
+    list such as ``90a``)."""
+    status = extension_status() if status is None else status
+    return tuple([int(a) for a in status.get(key, "").split(",") if a.strip().isdigit()]
+                 for key in ("sass_archs", "ptx_archs"))
+
+
+def describe_archs(status: dict | None = None) -> str:
+    """``"sm_80, sm_90 + PTX compute_90"``, or ``""`` when not known."""
+    sass, ptx = built_archs(status)
+    return ", ".join(f"sm_{a}" for a in sass) + "".join(f" + PTX compute_{a}" for a in ptx)
+
+
+def arch_unsupported_reason(capability: tuple[int, int], status: dict | None = None) -> str | None:
+    """Why ``fdp._C`` cannot run on a GPU of compute capability ``capability`` (``(8, 6)``), or None.
+
+    A GPU runs machine code of its own major version and a minor version at most its own, or PTX of an
+    architecture at most its own, which the driver compiles on first use. Without this check the first
+    launch fails with CUDA's "no kernel image is available for execution on the device". None also when
+    the build's architectures are not known."""
+    sass, ptx = built_archs(status)
+    if not (sass or ptx):
+        return None
+    major, minor = capability
+    cc = 10 * major + minor
+    if any(a // 10 == major and a % 10 <= minor for a in sass) or any(a <= cc for a in ptx):
+        return None
+    return (f"fdp._C was built for {describe_archs(status)}, which a GPU of compute capability {major}.{minor} "
+            f"cannot run: reinstall fdp with FDP_CUDA_ARCHS={cc} (or 'auto' on this machine, 'portable' for "
+            "80,86,87,89,90)")

@@ -71,6 +71,7 @@ def _info(args) -> int:
     import torch
 
     import fdp
+    from fdp._extension import describe_archs
     from fdp._validation import check_device
 
     if args.device is not None:
@@ -88,7 +89,9 @@ def _info(args) -> int:
     ext = fdp.extension_status()
     if ext["available"]:
         v = ext["runtime_version"]
-        print(f"CUDA extension fdp._C: built (CUDA runtime {v // 1000}.{v % 1000 // 10})")
+        archs = describe_archs(ext)
+        print(f"CUDA extension fdp._C: built (CUDA runtime {v // 1000}.{v % 1000 // 10})"
+              + (f" for {archs}" if archs else ""))
     else:
         print(f"CUDA extension fdp._C: not built: {ext['reason']}")
 

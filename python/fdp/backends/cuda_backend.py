@@ -26,7 +26,7 @@ import torch
 
 from fdp_kernels import abi
 
-from .._extension import extension, extension_status
+from .._extension import arch_unsupported_reason, extension, extension_status
 from .._validation import check_flat_sample, check_kernel_arg as _check
 from ..packing import (call_terms_numel, mlp_unsupported_reason, pack_cond, pack_policy, split_call_terms,
                        step_terms)
@@ -427,7 +427,7 @@ class CudaBackend(Backend):
         if major < 8:
             return (f"backend {self.name!r} needs compute capability 8.0 or newer (cp.async, bfloat16), "
                     f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
-        return None
+        return arch_unsupported_reason((major, minor), status)
 
     def unsupported_reason(self, policy, table, dtype):
         reason = mlp_unsupported_reason(policy)
