@@ -1,5 +1,7 @@
 """The CUDA extension: built wherever nvcc is, reported clearly where it is not."""
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,10 +28,11 @@ def test_extension_builds_where_nvcc_exists():
     assert st["available"], st["reason"]
     assert st["runtime_version"] >= 11000
     assert st["device_count"] >= 0
-    # The build passes a plain list (scripts/test.sh: the GPUs present, else 90): the binary says what it holds,
-    # and each architecture it holds machine code for can run it.
+    # A plain list (scripts/test.sh: the GPUs present, else 90; not "90a", which CMake gets unchanged): the binary
+    # says what it holds, and each architecture it holds machine code for can run it.
     sass, ptx = built_archs(st)
-    assert sass and ptx, (st["sass_archs"], st["ptx_archs"])
+    if re.fullmatch(r"auto|portable|\d+([;,]\d+)*", os.environ.get("FDP_CUDA_ARCHS", "auto")):
+        assert sass and ptx, (st["sass_archs"], st["ptx_archs"])
     assert all(arch_unsupported_reason((a // 10, a % 10), st) is None for a in sass)
 
 
