@@ -210,3 +210,44 @@ def compose_step_bound(coef, x, eps, weights, noise=None, clip_range: float | No
     size = c_x0 * (x0c.abs() + e_x0) + c_x * x.abs() + c_m * M + z
     eps64 = torch.finfo(torch.float64).eps
     return (1 + g5) * (c_x0 * e_x0 + c_m * e_m) + g5 * size + 64 * eps64 * size
+
+
+# -- tensor-core (tf32) matmuls ---------------------------------------------------------------------------------
+
+#: The largest relative error of one float32 matmul operand rounded to tf32 (10 explicit mantissa bits) by a
+#: tensor-core matmul: ``2**-11`` when converted to nearest (``cvt.rna.tf32.f32``), ``2**-10`` when the 13 low
+#: bits are dropped (a float32 register handed to a ``.tf32`` mma as it is: truncation toward zero). The
+#: products of two tf32 numbers are exact in float32 and accumulate in float32.
+TF32_OPERAND_UNIT = 2.0 ** -10
+
+
+class OperandRounding:
+    """Forward hooks that evaluate each ``torch.nn.Linear`` in ``linears`` on its input and weight
+    multiplied elementwise by ``1 - unit * U``, ``U`` uniform in ``[0, 1]``: the operand rounding of a tf32
+    matmul (:data:`TF32_OPERAND_UNIT`), one-sided as truncation is, so that its bias (every product shrinks)
+    accumulates coherently over layers and steps as it does on the device; rounding to nearest errs by half
+    as much and without bias, so the same model covers it. The weights are drawn once per :meth:`redraw`
+    (one run: a kernel rounds the same weights the same way at every step), the inputs at every call.
+    Modules are not modified; :meth:`remove` takes the hooks off."""
+
+    def __init__(self, linears, unit: float, generator: torch.Generator):
+        self.linears = list(linears)
+        for m in self.linears:
+            if not isinstance(m, torch.nn.Linear):
+                raise TypeError(f"`linears` must hold torch.nn.Linear modules, got {type(m).__name__}")
+        self.unit, self.generator, self.weights = unit, generator, {}
+        self.redraw()
+        self.handles = [m.register_forward_hook(self._hook) for m in self.linears]
+
+    def _shrink(self, t):
+        return t * (1 - self.unit * (_uniform_like(t, self.generator) + 1) / 2)
+
+    def redraw(self):
+        self.weights = {m: self._shrink(m.weight.detach()) for m in self.linears}
+
+    def _hook(self, module, args, out):
+        return torch.nn.functional.linear(self._shrink(args[0]), self.weights[module], module.bias)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
