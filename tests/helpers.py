@@ -312,6 +312,9 @@ def cond_truth_and_bounds(policy, c):
         h = pre.clamp_min(0)
         d_l = (first.out_features + 5) * U32 * (h.abs() @ last.weight.abs().t() + last.bias.abs()) \
             + d_h @ last.weight.abs().t()
+        # A logit of -inf (a zero weight row with bias -inf: a component never chosen) is -inf in any
+        # arithmetic, without error (its weight is 0, so it adds nothing to the softmax's bound either).
+        d_l = torch.where(torch.isfinite(h @ last.weight.t() + last.bias), d_l, 0.0)
         if router.strategy == "tanh":
             bounds["weights"] = (1 - w * w) * d_l + 8 * U32 * w.abs()
         elif router.strategy == "hard":
