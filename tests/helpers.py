@@ -104,15 +104,21 @@ def kernel_policy(K, H, L, horizon, action_dim, strategy="soft", seed=0, dtype=t
     return signed_tanh_routing(policy) if strategy == "tanh" else policy
 
 
+def kernel_matmuls(policy):
+    """The ``torch.nn.Linear`` modules of an MLP policy that the fused kernels evaluate as matmuls (packed
+    weights, ``tl.dot`` / mma): each component's input, block and output layers. The time and condition
+    terms are computed once per step or call, outside them."""
+    return [m for c in policy.components for m in (c.inp, *c.blocks_a, *c.blocks_b, c.out)]
+
+
 def rounded_reference(policy, dtype):
     """The float64 ground truth for a pack in ``dtype``: weight matrices rounded to
     ``dtype`` (the kernels compute with exactly those values), everything else float64."""
     ref = copy.deepcopy(policy).double()
     if dtype != torch.float32:
         with torch.no_grad():
-            for c in ref.components:
-                for w in [c.inp.weight, c.out.weight] + [b.weight for b in c.blocks_a] + [b.weight for b in c.blocks_b]:
-                    w.copy_(w.to(dtype).double())
+            for m in kernel_matmuls(ref):
+                m.weight.copy_(m.weight.to(dtype).double())
     return ref
 
 
@@ -133,7 +139,8 @@ def replaced(obj, **kw):
 # -- float32 error bounds derived from the computation (issue 28: never tuned to one machine) --------------------
 
 
-def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int = 0, coverage: float = 4.0):
+def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int = 0, coverage: float = 4.0,
+                       tf32=()):
     """``(x64, bound)``: the float64 result of a computation and a bound on how far any float32 evaluation
     of it (any kernel order, any CPU) may be from it, elementwise.
 
@@ -149,6 +156,10 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
     computation on these inputs at these magnitudes. The bound is ``coverage`` times the largest deviation
     seen (elementwise max over the runs), plus float64 rounding of the result; ``coverage = 4`` covers the
     tail beyond ``runs`` samples of a sum of many independent roundings (4 standard deviations).
+
+    ``tf32``: the ``torch.nn.Linear`` modules (of ``modules``) that the evaluation computes on tensor cores
+    in tf32 (e.g. :func:`kernel_matmuls` under ``precision="tf32"``): their operands are rounded as
+    :class:`fdp.tolerances.OperandRounding` models it, new weight roundings each run.
     """
     import fdp.schedulers as schedulers
     from fdp import tolerances
@@ -159,16 +170,52 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
     exact = schedulers.apply_coefficients
     # The test's own computation may be any loop that calls the scheduler's update: patched here, in tests only.
     schedulers.apply_coefficients = lambda *a: tolerances.rounded_update(*a, unit=u32, generator=gen)
+    # The operands' hooks first: the float32 accumulation's perturbation then applies to their result.
+    operands = tolerances.OperandRounding(tf32, tolerances.TF32_OPERAND_UNIT, gen) if tf32 else None
     hooks = tolerances.perturb_outputs(modules, u32, gen, extent)
     try:
         spread = torch.zeros_like(x64, dtype=torch.float64)
         for _ in range(runs):
+            if operands is not None:
+                operands.redraw()
             spread = torch.maximum(spread, (run64().double() - x64.double()).abs())
     finally:
         schedulers.apply_coefficients = exact
         for h in hooks:
             h.remove()
+        if operands is not None:
+            operands.remove()
     return x64, tolerances.finish_bound(x64, spread, coverage)
+
+
+def tf32_kernel_bound(policy64, table, cond, x_T, step_noise=None):
+    """``(x64, bound)`` for a fused MLP kernel computing its matmuls on tensor cores in tf32 (Triton's
+    ``precision="tf32"`` on float32 weights): :func:`float32_loop_bound` of the float64 torch loop with the
+    operands of :func:`kernel_matmuls` rounded to tf32 (:class:`fdp.tolerances.OperandRounding`). All
+    arguments float64, on one device."""
+    from fdp.backends import get_backend
+
+    prep = get_backend("torch").prepare(policy64, table)
+    return float32_loop_bound(lambda: prep.run(cond, x_T, step_noise), [policy64], extent=policy64.horizon,
+                              tf32=kernel_matmuls(policy64))
+
+
+def round_to_tf32(t, toward_zero=False):
+    """``t`` rounded to tf32 (10 explicit mantissa bits) as float64: to nearest even, or truncated toward zero
+    (the two ways a tensor core's operand may be rounded; finite values)."""
+    bits = t.float().view(torch.int32)
+    if not toward_zero:
+        bits = bits + 0x0FFF + ((bits >> 13) & 1)
+    return (bits & ~0x1FFF).view(torch.float32).double()
+
+
+def tf32_matmuls(linears, toward_zero=False):
+    """Forward hooks that evaluate ``linears`` as a tf32 tensor-core matmul does: both operands rounded to
+    tf32 (:func:`round_to_tf32`), products and sums exact (float64 here). Returns the handles."""
+    def hook(m, args, out):
+        return torch.nn.functional.linear(round_to_tf32(args[0], toward_zero), round_to_tf32(m.weight, toward_zero),
+                                          m.bias)
+    return [m.register_forward_hook(hook) for m in linears]
 
 
 def assert_within_float32_bound(got, x64, bound, what: str):
@@ -265,6 +312,9 @@ def cond_truth_and_bounds(policy, c):
         h = pre.clamp_min(0)
         d_l = (first.out_features + 5) * U32 * (h.abs() @ last.weight.abs().t() + last.bias.abs()) \
             + d_h @ last.weight.abs().t()
+        # A logit of -inf (a zero weight row with bias -inf: a component never chosen) is -inf in any
+        # arithmetic, without error (its weight is 0, so it adds nothing to the softmax's bound either).
+        d_l = torch.where(torch.isfinite(h @ last.weight.t() + last.bias), d_l, 0.0)
         if router.strategy == "tanh":
             bounds["weights"] = (1 - w * w) * d_l + 8 * U32 * w.abs()
         elif router.strategy == "hard":

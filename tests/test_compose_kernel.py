@@ -2,11 +2,15 @@
 
 ``TRITON_INTERPRET=1`` is set by tests/conftest.py before anything imports the kernel. The
 reference is :func:`fdp.schedulers.apply_step` on the router-weighted sum,
-in float64; errors are relative, ``max|a - b| / max|b|``. The interpreter does
+in float64, with its exact (float64) coefficients; every element must be within the worst-case float32
+rounding bound of that step (:func:`fdp.tolerances.compose_step_bound`), which a dropped component, a
+wrong coefficient or another step's row exceeds (test_bound_catches_wrong_steps). The interpreter does
 no bounds checks, so every kernel output is written into a NaN-filled buffer
 with canaries on both sides, and strided inputs are views into NaN-filled
 buffers: a stray read or write, or an unwritten element, shows as NaN.
 """
+
+import copy
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,7 +20,9 @@ pytest.importorskip("triton")
 import fdp  # noqa: E402
 from fdp.backends import get_backend  # noqa: E402
 from fdp.schedulers import apply_step  # noqa: E402
+from fdp.tolerances import compose_step_bound  # noqa: E402
 from fdp_kernels.compose_step import compose_step, compose_step_kernel  # noqa: E402
+from helpers import assert_within_float32_bound, float32_loop_bound  # noqa: E402
 
 NAN = float("nan")
 PAD = 19
@@ -84,8 +90,23 @@ def reference(table, i, x, eps, w, noise):
     return apply_step(table, i, x, m, noise)
 
 
-def rel(a, b):
-    return float((a.to(F64) - b).abs().max() / b.abs().max())
+def step_bound(table, i, x, eps64, w64, noise):
+    """:func:`fdp.tolerances.compose_step_bound` for step ``i`` of ``table`` on these inputs."""
+    return compose_step_bound(table.coef[i], x.to(F64), eps64, w64, noise.to(F64) if table._adds[i] else None,
+                              table.clip_range if table.clip_sample else None)
+
+
+def bound_ratio(out, ref, bound):
+    """``max |out - ref| / bound`` over the elements (above 1: out of bound); inf for a NaN."""
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    d = (out.to(F64) - ref).abs()
+    return float(torch.where(d == 0, 0.0, d / bound).max())  # a zero bound (a copied value) admits only 0
+
+
+def assert_within_step_bound(out, ref, bound, what):
+    r = bound_ratio(out, ref, bound)
+    assert r <= 1, f"{what}: |out - ref| reaches {r:.3g} x the float32 rounding bound of the step"
 
 
 def inpainting(T, B, S, per_step, seed=3):
@@ -122,10 +143,11 @@ def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True, inpaint=Non
         assert res is out and canaries_intact(buf)
         assert torch.isfinite(out).all(), (schedule, i)
         ref = reference(table, i, x.to(F64), eps64, w64, noise[i].to(F64))
+        bound = step_bound(table, i, x, eps64, w64, noise[i])
         if inpaint:
             ref = torch.where(mask, (known if known.ndim == x.ndim else known[i]).to(F64), ref)
-        err = rel(out, ref)
-        assert err < (1e-5 if dtype == torch.float32 else 1e-5), (schedule, K, B, i, err)
+            bound = torch.where(mask, 0.0, bound)  # the known values are copied, not computed
+        assert_within_step_bound(out, ref, bound, (schedule, K, B, i))
         x = out.clone()
 
 
@@ -133,6 +155,49 @@ def run_case(schedule, K, B, S, dtype=torch.float32, all_noise=True, inpaint=Non
 @pytest.mark.parametrize("K", range(1, 9))
 def test_matches_apply_step_of_the_weighted_sum(schedule, K):
     run_case(schedule, K, B=3 if K % 2 else 1, S=(5, 3) if K < 5 else (16, 2))
+
+
+def _bugs(dev, w):
+    """Plausible kernel bugs, as what the buggy kernel would be launched with: name -> (weights, coef, adds)."""
+    dropped = w.clone()
+    dropped[:, 1] = 0.0  # one component's weight lost
+    swapped = dev.coef.clone()
+    swapped[:, [3, 4]] = swapped[:, [4, 3]]  # c_x and c_m columns exchanged
+    shifted = torch.roll(dev.coef, 1, 0)  # the previous step's row
+    return {"dropped weight": (dropped, dev.coef, dev.adds_noise), "swapped columns": (w, swapped, dev.adds_noise),
+            "other step's row": (w, shifted, dev.adds_noise),
+            "noise skipped": (w, dev.coef, torch.zeros_like(dev.adds_noise))}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_bound_catches_wrong_steps(schedule):
+    """The derived bound is tight enough to matter: the correct kernel is within it on every step (the ratio
+    is printed), and each plausible bug exceeds it on every step whose launch it changes."""
+    factory, n, eta = SCHEDULES[schedule]
+    table = factory().step_table(n, eta=eta)
+    dev = table.to("cpu")
+    clip = table.clip_range if table.clip_sample else None
+    K, B, S = 4, 5, (6, 3)
+    eps, eps64 = strided_eps(K, B, S)
+    w, w64 = router_weights(B, K)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, *S, generator=g)
+    noise = torch.randn(B, *S, generator=g)
+    worst = 0.0
+    for i in range(n):
+        ref = reference(table, i, x.to(F64), eps64, w64, noise.to(F64))
+        bound = step_bound(table, i, x, eps64, w64, noise)
+        ok = compose_step(eps, w, dev.coef, dev.adds_noise, i, x, noise, clip_range=clip)
+        worst = max(worst, bound_ratio(ok, ref, bound))
+        for bug, (wb, coef, adds) in _bugs(dev, w).items():
+            if torch.equal(wb, w) and torch.equal(coef[i], dev.coef[i]) and (adds[i] == dev.adds_noise[i]
+                                                                              or dev.coef[i, 5] == 0):
+                continue  # this step's launch is the correct one (e.g. c_x = c_m = 0 on DDPM's last step)
+            out = compose_step(eps, wb, coef, adds, i, x, noise, clip_range=clip)
+            assert bound_ratio(out, ref, bound) > 1, f"{schedule} step {i}: {bug} passes the bound"
+        x = ok
+    print(f"{schedule}: correct kernel at {worst:.3f} of the bound")
+    assert worst <= 1
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -165,7 +230,8 @@ def test_more_than_one_block():
     out, buf = poisoned_out(x.shape)
     compose_step(eps, w, dev.coef, dev.adds_noise, 2, x, noise, clip_range=1.0, out=out, block=64)
     assert canaries_intact(buf) and torch.isfinite(out).all()
-    assert rel(out, reference(table, 2, x.to(F64), eps64, w64, noise.to(F64))) < 1e-5
+    assert_within_step_bound(out, reference(table, 2, x.to(F64), eps64, w64, noise.to(F64)),
+                             step_bound(table, 2, x, eps64, w64, noise), "more than one block")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -181,12 +247,15 @@ def test_in_place_and_no_noise():
     w, w64 = router_weights(3, 2)
     x = torch.randn(3, 4, 3)
     ref = reference(table, 9, x.to(F64), eps64, w64, None)  # the last DDPM step adds none
+    bound = step_bound(table, 9, x, eps64, w64, None)
     assert compose_step(eps, w, dev.coef, dev.adds_noise, 9, x, None, clip_range=1.0, out=x) is x
-    assert rel(x, ref) < 1e-5
+    assert_within_step_bound(x, ref, bound, "in place")
     # A step that adds noise, given none: the deterministic part only (apply_step with noise=None).
     x = torch.randn(3, 4, 3)
     ref = reference(table, 0, x.to(F64), eps64, w64, None)
-    assert rel(compose_step(eps, w, dev.coef, dev.adds_noise, 0, x, clip_range=1.0), ref) < 1e-5
+    bound = compose_step_bound(table.coef[0], x.to(F64), eps64, w64, None, table.clip_range)
+    assert_within_step_bound(compose_step(eps, w, dev.coef, dev.adds_noise, 0, x, clip_range=1.0), ref, bound,
+                             "no noise")
 
 
 @pytest.mark.parametrize("per_step", [False, True])
@@ -203,16 +272,25 @@ def test_graph_backend_loop_with_the_kernel(per_step):
     gc, x_T, noise = torch.randn(2, 5), torch.randn(2, 3, 8).transpose(1, 2), torch.randn(n, 2, 8, 3)
     prepared = get_backend("graph").prepare(policy, table, capture=False, compose="triton")
     assert prepared.compose == "triton"
-    out = prepared.run(gc, x_T, noise)
-    ref = get_backend("torch").prepare(policy, table, torch.float32).run(gc, x_T, noise)
-    assert rel(out, ref.to(F64)) < 1e-5
     known, mask = inpainting(n, 2, (8, 3), per_step)
-    for compose in ("triton", "torch"):
-        prep = get_backend("graph").prepare(policy, table, capture=False, compose=compose)
-        out = prep.run(gc, x_T, noise, known=known, known_mask=mask)
-        ref = get_backend("torch").prepare(policy, table, torch.float32).run(gc, x_T, noise, known, mask)
-        assert torch.isfinite(out).all() and torch.equal(out[mask], ref[mask])
-        assert rel(out, ref.to(F64)) < 1e-5
+    # The float32 loops against the float64 one, within the float32 error growth derived for this loop on
+    # these inputs (helpers.float32_loop_bound: Monte Carlo arithmetic over all n steps), each of them.
+    p64 = copy.deepcopy(policy).double()
+    torch64 = get_backend("torch").prepare(p64, table, F64)
+    d = lambda t: t.to(F64)  # noqa: E731
+    for inpaint in (False, True):
+        ip = (known, mask) if inpaint else (None, None)
+        x64, bound = float32_loop_bound(lambda: torch64.run(d(gc), d(x_T), d(noise), None if not inpaint else
+                                                            d(known), ip[1]), [p64], extent=p64.horizon)
+        ref = get_backend("torch").prepare(policy, table, torch.float32).run(gc, x_T, noise, *ip)
+        assert_within_float32_bound(ref, x64, bound, f"torch backend, inpaint={inpaint}")
+        for compose in ("triton", "torch") if inpaint else ("triton",):
+            prep = prepared if compose == "triton" else get_backend("graph").prepare(policy, table, capture=False,
+                                                                                     compose=compose)
+            out = prep.run(gc, x_T, noise, *ip)
+            assert_within_float32_bound(out, x64, bound, f"graph backend, compose={compose}, inpaint={inpaint}")
+            if inpaint:
+                assert torch.isfinite(out).all() and torch.equal(out[mask], ref[mask])
 
 
 # -- bad inputs -------------------------------------------------------------------------------------------------

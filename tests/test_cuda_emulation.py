@@ -348,6 +348,27 @@ def test_late_receiver_does_not_break_the_exchanges(driver, problems, cfg):
     _run_driver(driver, problems, name, kind, plan, FDP_EMU_LAG_US="2000000")
 
 
+# The target at batch 1 split into 4 groups of one component (1 and 2 column ranks): a global combine of four
+# partials that are all nonzero (soft routing), so a sum whose order followed the arrivals would change bits
+# (with top-k, hard or one weight 0, two partials or fewer are nonzero and any order gives the same sum).
+@pytest.mark.parametrize("cfg", [("target", STEP, 1, 0, 1, 4, 1, SMEM_H100),
+                                 ("target", STEP, 1, 0, 2, 4, 1, SMEM_H100)], ids=["R1", "R2"])
+def test_global_combine_is_independent_of_arrival_order(driver, problems, cfg):
+    """The clusters of each launch run last to first (FDP_EMU_REVERSE_CLUSTERS), so that under a global
+    combine another block of each tile arrives last and applies the update: the result is the same bit
+    for bit, since that block sums the groups' partials in group order whichever it is (the atomic
+    counter only elects it). The GPU tests that compare graph replays, streams and launches bit for
+    bit rely on this. Checked to fail when the last block sums from its own group on (12 of 32
+    elements differed)."""
+    name, kind, *plan = cfg
+    d, ref, dims_args = problems(name)
+    dtype = PROBLEMS[name]["dtype"]
+    fwd, _ = _launch(driver, d, kind, dtype, dims_args, plan)
+    rev, _ = _launch(driver, d, kind, dtype, dims_args, plan, FDP_EMU_REVERSE_CLUSTERS="1")
+    assert torch.isfinite(fwd).all() and rel_err(fwd, ref) < TOL[dtype]
+    assert torch.equal(fwd, rev)
+
+
 @pytest.mark.parametrize("cfg", [("narrow", PERSISTENT, 1, 0, 4, 2, 2, SMEM_H100),  # S=8, a rank without columns
                                  ("target", PERSISTENT, 1, 0, 2, 1, 1, 60000)],    # S=2, 256 hidden columns
                          ids=["narrow", "target"])

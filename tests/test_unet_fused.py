@@ -369,6 +369,8 @@ def test_gpu_compose_kernel_matches_reference():
     _run_fresh("""
     from fdp_kernels.compose_step import compose_step
     from fdp.backends.graph_backend import compose_step_torch
+    from fdp.tolerances import compose_step_bound
+    d = lambda t: t.double()
     for name, (factory, n, eta) in SCHEDULES.items():
         table = factory().step_table(n, eta=eta)
         dev = table.to("cuda")
@@ -380,6 +382,14 @@ def test_gpu_compose_kernel_matches_reference():
             noise = torch.randn(n, B, 16, 2, device="cuda")
             for i in range(n):
                 out = compose_step(eps, w, dev.coef, dev.adds_noise, i, x, noise, clip_range=clip)
-                ref = compose_step_torch(eps, w, table, i, x, noise[i])
-                assert rel(out, ref) < 1e-5, (name, K, B, i, rel(out, ref))
+                # Against the step in float64 with the exact coefficients, elementwise, within the worst-case
+                # float32 rounding of this step on these inputs (tests/test_compose_kernel.py checks the bound
+                # on the interpreter and that wrong launches exceed it).
+                ref = compose_step_torch(d(eps), d(w), table, i, d(x), d(noise[i]))
+                bound = compose_step_bound(table.coef[i], d(x), d(eps), d(w),
+                                           d(noise[i]) if table._adds[i] else None, clip)
+                err = (out.double() - ref).abs()
+                assert bool(torch.isfinite(out).all()) and bool((err <= bound).all()), \
+                    (name, K, B, i, float((err / bound).max()))
+                x = out
     """)

@@ -157,3 +157,97 @@ def loop_rounding_bound(policy, table, global_cond, x_T, step_noise, dtype: torc
         for h in hooks:
             h.remove()
     return x64, finish_bound(x64, spread, coverage)
+
+
+# -- worst-case rounding bound of one composition + scheduler step (deterministic, elementwise) --------------------
+
+
+def _gamma(n: int, unit: float) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error of ``n`` successive roundings."""
+    return n * unit / (1 - n * unit)
+
+
+def compose_step_bound(coef, x, eps, weights, noise=None, clip_range: float | None = None,
+                       unit: float = torch.finfo(torch.float32).eps / 2) -> torch.Tensor:
+    """Elementwise bound on ``|out - exact|`` for one step of the compose kernel (fdp_kernels.compose_step,
+    :func:`fdp.backends.graph_backend.compose_step_torch`): ``m = sum_k w_k eps_k`` and
+    :func:`fdp.schedulers.apply_coefficients` on it, evaluated in a format of unit roundoff ``unit``
+    (float32 by default) on the given inputs, against the same formula in exact arithmetic with the
+    table's exact coefficients ``coef`` (6 numbers; the kernel reads them rounded to that format).
+
+    ``x [B, *S]``, ``eps [K, B, *S]``, ``weights [B, K]`` and ``noise [B, *S]`` (None on a step that adds
+    none) hold the values the kernel computes with (half inputs already widened). The derivation (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2002, sections 3.1 and 3.5), with
+    ``g_n = gamma_n(unit)`` and magnitudes rather than values, so that cancellation is accounted for:
+
+    * ``m``: ``K`` products summed in any order, with or without FMA: ``|dm| <= E_m = g_K M``,
+      ``M = sum_k |w_k eps_k|``;
+    * ``x0 = a_x x + a_m m``: each term sees the coefficient's rounding, its product and the sum
+      (3 roundings): ``E_x0 = (1 + g_3) |a_m| E_m + g_3 (|a_x x| + |a_m| M)``; clamping does not enlarge it;
+    * ``prev = ((c_x0 x0c + c_x x) + c_m m) + sigma z``: at most 5 roundings per term (coefficient,
+      product, three additions):
+      ``E = (1 + g_5) (|c_x0| E_x0 + |c_m| E_m) + g_5 (|c_x0| (|x0c| + E_x0) + |c_x x| + |c_m| M + |sigma z|)``,
+      ``x0c`` the exact clamped ``x0``.
+
+    A worst case, not a probable one: a correct kernel can never exceed it on any device, and one step is
+    short enough (K + 7 roundings per element) that it stays within a few units of roundoff of the
+    magnitudes, so a dropped component, a wrong coefficient or another step's row fails it. The float64
+    rounding of the reference itself is added (``64 eps64`` of its magnitudes).
+    """
+    a_x, a_m, c_x0, c_x, c_m, sigma = (abs(float(c)) for c in coef[:6])
+    x, eps, weights = x.double(), eps.double(), weights.double()
+    K = eps.shape[0]
+    w = weights.T.reshape(K, *weights.shape[:1], *([1] * (x.ndim - 1)))
+    M = (w.abs() * eps.abs()).where(w != 0, torch.zeros((), dtype=torch.float64)).sum(0)
+    m = (w * eps).where(w != 0, torch.zeros((), dtype=torch.float64)).sum(0)
+    sa_x, sa_m = (float(coef[j]) for j in range(2))
+    x0 = sa_x * x + sa_m * m
+    x0c = x0.clamp(-clip_range, clip_range) if clip_range is not None else x0
+    g_k, g3, g5 = _gamma(K, unit), _gamma(3, unit), _gamma(5, unit)
+    e_m = g_k * M
+    e_x0 = (1 + g3) * a_m * e_m + g3 * (a_x * x.abs() + a_m * M)
+    z = 0.0 if noise is None else sigma * noise.double().abs()
+    size = c_x0 * (x0c.abs() + e_x0) + c_x * x.abs() + c_m * M + z
+    eps64 = torch.finfo(torch.float64).eps
+    return (1 + g5) * (c_x0 * e_x0 + c_m * e_m) + g5 * size + 64 * eps64 * size
+
+
+# -- tensor-core (tf32) matmuls ---------------------------------------------------------------------------------
+
+#: The largest relative error of one float32 matmul operand rounded to tf32 (10 explicit mantissa bits) by a
+#: tensor-core matmul: ``2**-11`` when converted to nearest (``cvt.rna.tf32.f32``), ``2**-10`` when the 13 low
+#: bits are dropped (a float32 register handed to a ``.tf32`` mma as it is: truncation toward zero). The
+#: products of two tf32 numbers are exact in float32 and accumulate in float32.
+TF32_OPERAND_UNIT = 2.0 ** -10
+
+
+class OperandRounding:
+    """Forward hooks that evaluate each ``torch.nn.Linear`` in ``linears`` on its input and weight
+    multiplied elementwise by ``1 - unit * U``, ``U`` uniform in ``[0, 1]``: the operand rounding of a tf32
+    matmul (:data:`TF32_OPERAND_UNIT`), one-sided as truncation is, so that its bias (every product shrinks)
+    accumulates coherently over layers and steps as it does on the device; rounding to nearest errs by half
+    as much and without bias, so the same model covers it. The weights are drawn once per :meth:`redraw`
+    (one run: a kernel rounds the same weights the same way at every step), the inputs at every call.
+    Modules are not modified; :meth:`remove` takes the hooks off."""
+
+    def __init__(self, linears, unit: float, generator: torch.Generator):
+        self.linears = list(linears)
+        for m in self.linears:
+            if not isinstance(m, torch.nn.Linear):
+                raise TypeError(f"`linears` must hold torch.nn.Linear modules, got {type(m).__name__}")
+        self.unit, self.generator, self.weights = unit, generator, {}
+        self.redraw()
+        self.handles = [m.register_forward_hook(self._hook) for m in self.linears]
+
+    def _shrink(self, t):
+        return t * (1 - self.unit * (_uniform_like(t, self.generator) + 1) / 2)
+
+    def redraw(self):
+        self.weights = {m: self._shrink(m.weight.detach()) for m in self.linears}
+
+    def _hook(self, module, args, out):
+        return torch.nn.functional.linear(self._shrink(args[0]), self.weights[module], module.bias)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()

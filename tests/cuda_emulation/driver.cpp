@@ -145,8 +145,13 @@ void run_launch(const void* fnp, const cudaLaunchConfig_t& cfg, void** params) {
     gate.hide(const_cast<float*>(a.x_in), static_cast<size_t>(a.B) * a.D * sizeof(float), 0xFF);  // NaN
     if (a.counters) gate.hide(a.counters, static_cast<size_t>(p.tiles) * sizeof(int), 0x7F);
   }
-  for (unsigned y = 0; y < cfg.gridDim.y; ++y) {
-    for (int cx = 0; cx < nclusters; ++cx) {
+  // FDP_EMU_REVERSE_CLUSTERS=1 runs the clusters last to first: under a global combine another block of the
+  // tile arrives last and applies the update (test_global_combine_is_independent_of_arrival_order).
+  const bool rev = emu::kReverseClusters != 0;
+  for (unsigned yi = 0; yi < cfg.gridDim.y; ++yi) {
+    const unsigned y = rev ? cfg.gridDim.y - 1 - yi : yi;
+    for (int ci = 0; ci < nclusters; ++ci) {
+      const int cx = rev ? nclusters - 1 - ci : ci;
       emu::Cluster cl;
       std::barrier<> cbar(S * kThreads);
       cl.bar = &cbar;

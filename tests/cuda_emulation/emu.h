@@ -117,6 +117,7 @@ inline const long kHangSeconds = env_long("FDP_EMU_HANG_S", 120);
 inline const long kTxSkew = env_long("FDP_EMU_TX_SKEW", 0);
 inline const long kLagUs = env_long("FDP_EMU_LAG_US", 0);
 inline const long kWarpLagUs = env_long("FDP_EMU_WARP_LAG_US", 0);
+inline const long kReverseClusters = env_long("FDP_EMU_REVERSE_CLUSTERS", 0);
 constexpr long long kTxLimit = (1 << 20) - 1;  // PTX: the tx-count range of an mbarrier
 
 // Offset of p in this block's shared memory, checked to hold `bytes` bytes.
