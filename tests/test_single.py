@@ -7,7 +7,7 @@ import torch
 
 import fdp
 from fdp.backends.graph_backend import GraphPrepared
-from helpers import assert_within_float32_bound, float32_loop_bound
+from helpers import assert_matches_in_float32, assert_within_float32_bound, float32_loop_bound
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -96,7 +96,9 @@ def test_graph_backend_serves_a_single_unet(kind):
     graph = GraphPrepared(sampler.policy, sampler.table, capture=False, compose="torch")
     cond = torch.randn(3, COND_DIM)
     x_T, step_noise = sampler.noise(3, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(graph.run(cond, x_T, step_noise), sampler(cond, x_T=x_T, step_noise=step_noise), rtol=1e-5, atol=1e-5)
+    # The fused trunk sums in another order than the U-Net: both float32 loops are held to the float64 loop
+    # within its derived float32 bound (helpers.float32_loop_bound), not to each other.
+    assert_matches_in_float32({"graph": graph.run(cond, x_T, step_noise)}, sampler, cond, x_T, step_noise)
 
 
 def test_for_unet_rejects_what_it_cannot_serve():
