@@ -10,6 +10,7 @@ kernel in the interpreter.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import pytest
 import torch
 
 import fdp
-from fdp.backends import available_backends, backend_names, get_backend
+from fdp.backends import available_backends, backend_names, get_backend, graph_backend
 from fdp.backends.graph_backend import GraphPrepared, compose_step_torch
-from helpers import signed_tanh_routing
+from helpers import assert_within_float32_bound, float32_loop_bound, signed_tanh_routing
 from fdp.schedulers import apply_step
 from fdp.unet_fused import FusedUnets, fusion_mismatch
 
@@ -140,16 +141,69 @@ def test_packing_leaves_components_untouched():
     torch.testing.assert_close(fused(x, t, global_cond=gc), out, rtol=0, atol=0)
 
 
+# The modules whose weights FusedUnets stores in its trunk dtype (the FiLM and timestep weights keep the
+# components' dtype).
+TRUNK_MODULES = (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.GroupNorm)
+
+
+def bfloat16_trunk_bound(comps, x, t, global_cond, runs=4, coverage=4.0, seed=0):
+    """``(x64, bound)``: the K float32 components' outputs in float64 with the trunk's weights and ``x`` rounded
+    to bfloat16 as the bfloat16 trunk holds them, and a bound on how far the trunk's evaluation may be from it.
+
+    A bfloat16 conv, GroupNorm or Mish accumulates in float32 on the CPU and rounds what it stores, once: Monte
+    Carlo arithmetic (as helpers.float32_loop_bound) multiplies every value the trunk stores by ``1 + u d``, ``d``
+    uniform in ``[-1, 1]``, ``u = 2^-8``: each leaf module's output (float32 FiLM and timestep layers
+    included, conservatively), the FiLM's product and sum (blocks[0]'s output, blocks[1]'s input) and the
+    residual sum (the block's output), plus float32 accumulation (fdp.tolerances.perturb_outputs at ``2^-24``).
+    The bound is ``coverage`` times the largest deviation over ``runs`` (fdp.tolerances.finish_bound)."""
+    from fdp import tolerances
+    from fdp.unet import ConditionalResidualBlock1D
+
+    u = torch.finfo(torch.bfloat16).eps / 2
+    c64 = [copy.deepcopy(c).double() for c in comps]
+    with torch.no_grad():
+        for m in (m for c in c64 for m in c.modules() if isinstance(m, TRUNK_MODULES)):
+            for p in m.parameters():
+                p.copy_(p.bfloat16())
+    run = lambda: separate(c64, x.bfloat16().double(), t, None, global_cond.double())  # noqa: E731
+    x64 = run()
+    gen = torch.Generator().manual_seed(seed)
+
+    def rounded(v):
+        return v * (1 + u * tolerances._uniform_like(v, gen)) if v.is_floating_point() else None
+
+    hooks = tolerances.perturb_outputs(c64, torch.finfo(torch.float32).eps / 2, gen, extent=x.shape[1])
+    for m in (m for c in c64 for m in c.modules()):
+        if not list(m.children()) or isinstance(m, ConditionalResidualBlock1D):
+            hooks.append(m.register_forward_hook(lambda mod, args, out: rounded(out)))
+        if isinstance(m, ConditionalResidualBlock1D):
+            hooks.append(m.blocks[0].register_forward_hook(lambda mod, args, out: rounded(out)))
+            hooks.append(m.blocks[1].register_forward_pre_hook(lambda mod, args: (rounded(args[0]),)))
+    try:
+        spread = torch.zeros_like(x64)
+        for _ in range(runs):
+            spread = torch.maximum(spread, (run() - x64).abs())
+    finally:
+        for h in hooks:
+            h.remove()
+    return x64, tolerances.finish_bound(x64, spread, coverage)
+
+
 def test_half_precision_trunk():
     kwargs, _ = CONFIGS["2lvl_k3_g4_scale"]
     comps = make_unets(2, kwargs, dtype=torch.float32)
     x, t, lc, gc = inputs(kwargs, 3, dtype=torch.float32)
-    ref = separate(comps, x, t, lc, gc)
     fused = FusedUnets.from_components(comps, dtype=torch.bfloat16)
     assert fused.head_out.weight.dtype == torch.bfloat16 and fused.cond_w.dtype == torch.float32
     out = fused(x.bfloat16(), t, global_cond=gc)
     assert out.dtype == torch.bfloat16
-    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 5e-2
+    x64, bound = bfloat16_trunk_bound(comps, x, t, gc)
+    assert_within_float32_bound(out, x64, bound, "bfloat16 trunk")
+    # A dropped bias (the head's last conv) is outside it.
+    with torch.no_grad():
+        fused.head_out.bias.zero_()
+    with pytest.raises(AssertionError, match="exceeds the derived"):
+        assert_within_float32_bound(fused(x.bfloat16(), t, global_cond=gc), x64, bound, "bfloat16 trunk, no bias")
 
 
 @pytest.mark.parametrize("change,match", [
@@ -207,13 +261,19 @@ def make_policy(K=3, name="mixed_cond", dtype=F64, horizon=8, strategy="soft"):
     return fdp.FactorizedPolicy(comps, router, horizon, kwargs["input_dim"]).to(dtype)
 
 
-def run_both(policy, schedule, B, dtype=F64, **options):
+def loop_inputs(policy, schedule, B, dtype=F64):
+    """The step table of ``schedule`` and the loop's inputs ``(global_cond, x_T, step_noise)``."""
     factory, n, eta = SCHEDULES[schedule]
     table = factory().step_table(n, eta=eta)
     g = torch.Generator().manual_seed(3)
     gc = torch.randn(B, policy.cond_dim, generator=g, dtype=dtype)
     x_T = torch.randn(B, policy.horizon, policy.action_dim, generator=g, dtype=dtype)
     noise = torch.randn(n, B, policy.horizon, policy.action_dim, generator=g, dtype=dtype)
+    return table, (gc, x_T, noise)
+
+
+def run_both(policy, schedule, B, dtype=F64, **options):
+    table, (gc, x_T, noise) = loop_inputs(policy, schedule, B, dtype)
     ref = get_backend("torch").prepare(policy, table, dtype).run(gc, x_T, noise)
     prepared = get_backend("graph").prepare(policy, table, dtype, capture=False, **options)
     return prepared, prepared.run(gc, x_T, noise), ref
@@ -239,10 +299,34 @@ def test_graph_loop_other_routers(strategy):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 
-def test_graph_loop_float32():
+def _skip_step(eps, weights, table, step, x, noise=None):
+    return x if step == 3 else compose_step_torch(eps, weights, table, step, x, noise)
+
+
+def _drop_component(eps, weights, table, step, x, noise=None):
+    return compose_step_torch(eps, weights * torch.tensor([1.0, 0.0]), table, step, x, noise)
+
+
+@pytest.mark.parametrize("bug", [None, _skip_step, _drop_component],
+                         ids=["correct", "skipped_step", "dropped_component"])
+def test_graph_loop_float32(bug, monkeypatch):
+    """``bug``: a composition that skips a step or drops a component, which the bound must catch."""
     policy = make_policy(K=2, name="2lvl_k3_g4_scale", dtype=torch.float32)
+    if bug is not None:
+        monkeypatch.setattr(graph_backend, "compose_step_torch", bug)
     _, out, ref = run_both(policy, "ddim_eta_v", 5, dtype=torch.float32)
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+    # The fused trunk sums in another order than the components: both float32 loops are held to the float64
+    # loop on the same inputs within its derived float32 bound (helpers.float32_loop_bound), not to each other.
+    p64 = copy.deepcopy(policy).double()
+    table, loop_in = loop_inputs(policy, "ddim_eta_v", 5, dtype=torch.float32)
+    torch64 = get_backend("torch").prepare(p64, table)
+    x64, bound = float32_loop_bound(lambda: torch64.run(*(v.double() for v in loop_in)), [p64], extent=p64.horizon)
+    assert_within_float32_bound(ref, x64, bound, "torch backend")
+    if bug is None:
+        assert_within_float32_bound(out, x64, bound, "graph backend")
+    else:
+        with pytest.raises(AssertionError, match="exceeds the derived float32 bound"):
+            assert_within_float32_bound(out, x64, bound, "graph backend")
 
 
 def test_compose_step_torch_is_apply_step_of_the_weighted_sum():
