@@ -11,5 +11,7 @@ FDP_LEROBOT="${FDP_LEROBOT:-1}"
 . "$(dirname "$0")/setup.sh"
 # Where LeRobot was installed, its tests must run: a broken install fails them instead of skipping.
 export FDP_REQUIRE_LEROBOT="$FDP_LEROBOT"
+# Likewise the test extra it installed (pyflakes for tests/test_static_checks.py).
+export FDP_REQUIRE_TEST_EXTRAS=1
 say "running the tests (python -m pytest -q $*)"
 python -m pytest -q -p no:cacheprovider "$@"
