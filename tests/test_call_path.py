@@ -557,27 +557,35 @@ def test_gpu_user_capture_and_replay_match_eager():
 @needs_cuda
 def test_gpu_capture_leaves_other_threads_free():
     """fdp captures thread-locally (captured.capture_graph, which every CUDA backend's CapturedCall and StaticCall
-    use): while it captures, e.g. an AsyncSampler's worker capturing a new batch size, another thread may do what a
-    capture forbids (a cudaMalloc, a stream synchronisation, a read-back) without an error there and without
-    breaking the capture. torch's default mode ("global") fails such calls in every thread."""
+    use): while it captures, e.g. an AsyncSampler's worker capturing a new batch size, another thread may allocate
+    (a cudaMalloc: a new segment is counted), work and synchronise on its own stream, and read back on the legacy
+    stream (which does not wait for fdp's non-blocking capture stream), without an error there and without
+    breaking the capture. torch's default mode ("global") fails such calls in every thread. A device-wide
+    synchronisation is not among them: CUDA may invalidate a capture on it whatever the mode."""
     _run_fresh("""
     import threading
     from fdp.backends.captured import capture_graph
     dev = torch.device("cuda")
     x = torch.randn(1001, device=dev)
-    seen = []
+    done, failed = [], []
 
     def other_thread():
+        step = "start"
         try:
             stream = torch.cuda.Stream(dev)
+            segments = torch.cuda.memory_stats(dev).get("segment.all.allocated", 0)
+            step = "cudaMalloc"
             with torch.cuda.stream(stream):
                 # Larger than anything this fresh process has cached: the allocator calls cudaMalloc.
                 y = torch.empty((257 << 20) + 3, dtype=torch.uint8, device=dev)
+                step = "work on its own stream"
                 y.fill_(7)
+            step = "synchronise its own stream"
             stream.synchronize()
-            seen.append(int(y[-1].item()))
-        except Exception as exc:  # reported below, with the capture's own outcome
-            seen.append(exc)
+            step = "read back"
+            done.append((torch.cuda.memory_stats(dev)["segment.all.allocated"] > segments, int(y[-1].item())))
+        except Exception as exc:  # reported below, with the step that failed
+            failed.append((step, repr(exc)))
 
     def fn():
         out = x * 2 + 1
@@ -588,7 +596,7 @@ def test_gpu_capture_leaves_other_threads_free():
         return out
 
     graph, out = capture_graph(fn, dev)
-    assert seen == [7], seen
+    assert not failed and done == [(True, 7)], (failed, done)
     x.copy_(torch.randn(1001, device=dev))
     graph.replay()
     torch.cuda.synchronize()

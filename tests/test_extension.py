@@ -28,12 +28,18 @@ def test_extension_builds_where_nvcc_exists():
     assert st["available"], st["reason"]
     assert st["runtime_version"] >= 11000
     assert st["device_count"] >= 0
-    # A plain list (scripts/test.sh: the GPUs present, else 90; not "90a", which CMake gets unchanged): the binary
-    # says what it holds, and each architecture it holds machine code for can run it.
+    # The binary records what the build was asked for (scripts/test.sh: FDP_CUDA_ARCHS, 90 where no GPU is
+    # visible): SASS for each listed architecture, PTX for the lowest of the newest major version (what the
+    # gencode embeds). "auto" depends on the GPUs present; "90a" and the like go to CMake unchanged, unrecorded.
     sass, ptx = built_archs(st)
-    if re.fullmatch(r"auto|portable|\d+([;,]\d+)*", os.environ.get("FDP_CUDA_ARCHS", "auto")):
+    asked = os.environ.get("FDP_CUDA_ARCHS", "auto")
+    asked = "80;86;87;89;90" if asked == "portable" else asked
+    if re.fullmatch(r"\d+([;,]\d+)*", asked):
+        want = sorted({int(a) for a in re.split("[;,]", asked)})
+        newest = max(a // 10 for a in want)
+        assert (sass, ptx) == (want, [min(a for a in want if a // 10 == newest)]), (st["sass_archs"], st["ptx_archs"])
+    elif asked == "auto":
         assert sass and ptx, (st["sass_archs"], st["ptx_archs"])
-    assert all(arch_unsupported_reason((a // 10, a % 10), st) is None for a in sass)
 
 
 _PORTABLE = {"available": True, "sass_archs": "80,86,87,89,90", "ptx_archs": "90"}

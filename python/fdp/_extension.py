@@ -87,5 +87,4 @@ def arch_unsupported_reason(capability: tuple[int, int], status: dict | None = N
     if any(a // 10 == major and a % 10 <= minor for a in sass) or any(a <= cc for a in ptx):
         return None
     return (f"fdp._C was built for {describe_archs(status)}, which a GPU of compute capability {major}.{minor} "
-            f"cannot run: reinstall fdp with FDP_CUDA_ARCHS={cc} (or 'auto' on this machine, 'portable' for "
-            "80,86,87,89,90)")
+            f"cannot run: reinstall fdp with FDP_CUDA_ARCHS={cc} ('portable' builds 80,86,87,89,90)")

@@ -21,7 +21,8 @@ about ``sys.getswitchinterval()`` (5 ms by default), since the worker's
 PyTorch calls release the GIL while they compute. Submitting never waits for
 the sampler, whatever it costs. The first call of each batch size captures a CUDA
 graph on the worker's thread; the capture is thread-local, so the caller's own
-CUDA work meanwhile is unaffected.
+allocations and work on its streams meanwhile are unaffected (a device-wide
+``torch.cuda.synchronize()`` from the caller may still break it).
 
 Safe to use from one control thread, with a policy that is not trained at the
 same time (the worker calls the sampler, and so reads the policy, while the

@@ -187,8 +187,9 @@ class CapturedCall:
 def capture_graph(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int = 1):
     """``fn()`` run ``warmup`` times on a side stream (Triton compiles, libraries initialise, the allocator
     grows there, not during capture; inside :func:`direct_calls`, so an inner CapturedCall keeps no graph of its
-    own), then captured once into a CUDA graph; returns ``(graph, fn's output)``. Other threads may use CUDA
-    freely meanwhile (the capture is thread-local). Needs CUDA."""
+    own), then captured once into a CUDA graph; returns ``(graph, fn's output)``. Other threads may allocate and
+    work on their own streams meanwhile (the capture is thread-local), though not synchronise the whole device.
+    Needs CUDA."""
     with torch.cuda.device(device):
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -203,7 +204,8 @@ def capture_graph(fn: Callable[[], torch.Tensor], device: torch.device, warmup: 
         # its function into this graph. "thread_local": only this thread's unsafe calls (cudaMalloc, a
         # synchronisation) break the capture. torch's default, "global", also makes every other thread's
         # fail meanwhile: the control loop beside an AsyncSampler whose worker captures a new batch size,
-        # a user's other threads. torch.compile's CUDA graphs capture the same way.
+        # a user's other threads. torch.compile's CUDA graphs capture the same way. A device-wide
+        # synchronisation from another thread can still invalidate it (CUDA's rule, whatever the mode).
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             output = fn()
     return graph, output
