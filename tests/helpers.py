@@ -210,12 +210,14 @@ def round_to_tf32(t, toward_zero=False):
 
 
 def tf32_matmuls(linears, toward_zero=False):
-    """Forward hooks that evaluate ``linears`` as a tf32 tensor-core matmul does: both operands rounded to
-    tf32 (:func:`round_to_tf32`), products and sums exact (float64 here). Returns the handles."""
-    def hook(m, args, out):
-        return torch.nn.functional.linear(round_to_tf32(args[0], toward_zero), round_to_tf32(m.weight, toward_zero),
-                                          m.bias)
-    return [m.register_forward_hook(hook) for m in linears]
+    """Evaluate ``linears`` as a tf32 tensor-core matmul does, wherever their weights are used
+    (:class:`fdp.tolerances.LinearsByWeight`): both operands rounded to tf32 (:func:`round_to_tf32`), products
+    and sums exact (float64 here). Returns the handles to remove."""
+    from fdp.tolerances import LinearsByWeight
+
+    def linear(m, inp, weight, bias):
+        return torch.nn.functional.linear(round_to_tf32(inp, toward_zero), round_to_tf32(weight, toward_zero), bias)
+    return [LinearsByWeight({m.weight: m for m in linears}, linear)]
 
 
 def assert_within_float32_bound(got, x64, bound, what: str):

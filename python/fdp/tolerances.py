@@ -8,6 +8,7 @@ weight dtype, so the bounds depend on the dtype the backend packs its weights in
 from __future__ import annotations
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 #: Bound against a reference that computes with the same weight values as the
 #: backend (weights rounded to the pack dtype, arithmetic in float32 or wider):
@@ -59,11 +60,40 @@ def reduction_length(module) -> int | None:
     return None
 
 
+class LinearsByWeight(TorchFunctionMode):
+    """While active (from construction to :meth:`remove`), every ``F.linear`` whose weight is a key of
+    ``table`` (by identity) runs ``fn(table[weight], input, weight, bias)`` instead, however it is reached:
+    an ``nn.Linear``'s forward, or ``F.linear`` on a module's weight as ``MLPDenoiser.forward_terms`` calls it
+    (which a module hook would miss)."""
+
+    def __init__(self, table: dict, fn):
+        super().__init__()
+        self.table = {id(w): (w, value) for w, value in table.items()}
+        self.fn = fn
+        self.__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            entry = self.table.get(id(weight))
+            if entry is not None and entry[0] is weight:
+                inp = args[0] if args else kwargs["input"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return self.fn(entry[1], inp, weight, bias)
+        return func(*args, **kwargs)
+
+    def remove(self) -> None:
+        self.__exit__(None, None, None)
+
+
 def perturb_outputs(modules, unit: float, generator: torch.Generator, extent: int = 1) -> list:
     """Hooks that multiply every leaf module's floating output by ``1 + d``, ``d`` uniform in
     ``[-sqrt(n) unit, sqrt(n) unit]`` with ``n`` its :func:`reduction_length` (times ``extent`` for
     normalisations, which reduce over the sequence too): the probabilistic rounding error of a sum of ``n``
-    terms in a format of unit roundoff ``unit`` (Higham and Mary 2019). Returns the handles to remove."""
+    terms in a format of unit roundoff ``unit`` (Higham and Mary 2019). A ``Linear``'s matmul is perturbed
+    wherever its weight is used (:class:`LinearsByWeight`), its module called or not. Returns the handles
+    to remove, in order."""
     def hook_for(scale):
         def hook(module, args, out):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
@@ -71,15 +101,24 @@ def perturb_outputs(modules, unit: float, generator: torch.Generator, extent: in
             return out * (1 + scale * _uniform_like(out, generator))
         return hook
 
-    hooks = []
+    def linear(scale, inp, weight, bias):
+        out = torch.nn.functional.linear(inp, weight, bias)
+        return out * (1 + scale * _uniform_like(out, generator))
+
+    hooks, linears = [], {}
     for mod in modules:
         for m in mod.modules():
+            if isinstance(m, torch.nn.Linear):
+                linears[m.weight] = m.in_features ** 0.5 * unit
+                continue
             n = reduction_length(m)
             if n is None:
                 continue
             if isinstance(m, torch.nn.GroupNorm):
                 n *= extent
             hooks.append(m.register_forward_hook(hook_for(n ** 0.5 * unit)))
+    if linears:
+        hooks.append(LinearsByWeight(linears, linear))
     return hooks
 
 
@@ -222,13 +261,13 @@ TF32_OPERAND_UNIT = 2.0 ** -10
 
 
 class OperandRounding:
-    """Forward hooks that evaluate each ``torch.nn.Linear`` in ``linears`` on its input and weight
-    multiplied elementwise by ``1 - unit * U``, ``U`` uniform in ``[0, 1]``: the operand rounding of a tf32
-    matmul (:data:`TF32_OPERAND_UNIT`), one-sided as truncation is, so that its bias (every product shrinks)
-    accumulates coherently over layers and steps as it does on the device; rounding to nearest errs by half
-    as much and without bias, so the same model covers it. The weights are drawn once per :meth:`redraw`
-    (one run: a kernel rounds the same weights the same way at every step), the inputs at every call.
-    Modules are not modified; :meth:`remove` takes the hooks off."""
+    """Evaluates each ``torch.nn.Linear`` in ``linears`` on its input and weight multiplied elementwise by
+    ``1 - unit * U``, ``U`` uniform in ``[0, 1]``, wherever its weight is used (:class:`LinearsByWeight`):
+    the operand rounding of a tf32 matmul (:data:`TF32_OPERAND_UNIT`), one-sided as truncation is, so that
+    its bias (every product shrinks) accumulates coherently over layers and steps as it does on the device;
+    rounding to nearest errs by half as much and without bias, so the same model covers it. The weights are
+    drawn once per :meth:`redraw` (one run: a kernel rounds the same weights the same way at every step),
+    the inputs at every call. Modules are not modified; :meth:`remove` ends it."""
 
     def __init__(self, linears, unit: float, generator: torch.Generator):
         self.linears = list(linears)
@@ -237,7 +276,7 @@ class OperandRounding:
                 raise TypeError(f"`linears` must hold torch.nn.Linear modules, got {type(m).__name__}")
         self.unit, self.generator, self.weights = unit, generator, {}
         self.redraw()
-        self.handles = [m.register_forward_hook(self._hook) for m in self.linears]
+        self._mode = LinearsByWeight({m.weight: m for m in self.linears}, self._linear)
 
     def _shrink(self, t):
         return t * (1 - self.unit * (_uniform_like(t, self.generator) + 1) / 2)
@@ -245,9 +284,8 @@ class OperandRounding:
     def redraw(self):
         self.weights = {m: self._shrink(m.weight.detach()) for m in self.linears}
 
-    def _hook(self, module, args, out):
-        return torch.nn.functional.linear(self._shrink(args[0]), self.weights[module], module.bias)
+    def _linear(self, module, inp, weight, bias):
+        return torch.nn.functional.linear(self._shrink(inp), self.weights[module], bias)
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        self._mode.remove()
