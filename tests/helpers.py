@@ -228,6 +228,25 @@ def assert_within_float32_bound(got, x64, bound, what: str):
                                               f"derived float32 bound {float(bound):.3g}")
 
 
+def step_bound(table, i, x, eps, weights, noise):
+    """:func:`fdp.tolerances.compose_step_bound` for step ``i`` of ``table`` on these inputs (any dtype, any
+    device; ``noise`` ignored on a step that adds none)."""
+    from fdp.tolerances import compose_step_bound
+
+    d = torch.float64
+    return compose_step_bound(table.coef[i], x.to(d), eps.to(d), weights.to(d),
+                              noise.to(d) if table._adds[i] else None, table.clip_range if table.clip_sample else None)
+
+
+def bound_ratio(out, ref, bound):
+    """``max |out - ref| / bound`` over the elements of an elementwise bound (above 1: out of bound); inf for a
+    NaN. A zero bound (a copied value) admits only an exact match."""
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    d = (out.double() - ref).abs()
+    return float(torch.where(d == 0, 0.0, d / bound).max())
+
+
 def assert_matches_in_float32(results: dict, sampler, cond, x_T, step_noise=None):
     """Each float32 result in ``results`` (name -> actions) and ``sampler``'s own within the derived float32
     bound (:func:`float32_loop_bound`) of the same loop in float64 on the same inputs."""

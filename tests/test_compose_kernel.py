@@ -22,7 +22,7 @@ from fdp.backends import get_backend  # noqa: E402
 from fdp.schedulers import apply_step  # noqa: E402
 from fdp.tolerances import compose_step_bound  # noqa: E402
 from fdp_kernels.compose_step import compose_step, compose_step_kernel  # noqa: E402
-from helpers import assert_within_float32_bound, float32_loop_bound  # noqa: E402
+from helpers import assert_within_float32_bound, bound_ratio, float32_loop_bound, step_bound  # noqa: E402
 
 NAN = float("nan")
 PAD = 19
@@ -88,20 +88,6 @@ def router_weights(B, K, dtype=torch.float32, seed=1, signed=False):
 def reference(table, i, x, eps, w, noise):
     m = (w.T.reshape(*w.T.shape, *([1] * (x.ndim - 1))) * eps).sum(0)
     return apply_step(table, i, x, m, noise)
-
-
-def step_bound(table, i, x, eps64, w64, noise):
-    """:func:`fdp.tolerances.compose_step_bound` for step ``i`` of ``table`` on these inputs."""
-    return compose_step_bound(table.coef[i], x.to(F64), eps64, w64, noise.to(F64) if table._adds[i] else None,
-                              table.clip_range if table.clip_sample else None)
-
-
-def bound_ratio(out, ref, bound):
-    """``max |out - ref| / bound`` over the elements (above 1: out of bound); inf for a NaN."""
-    if not bool(torch.isfinite(out).all()):
-        return float("inf")
-    d = (out.to(F64) - ref).abs()
-    return float(torch.where(d == 0, 0.0, d / bound).max())  # a zero bound (a copied value) admits only 0
 
 
 def assert_within_step_bound(out, ref, bound, what):
