@@ -188,16 +188,24 @@ def float32_loop_bound(run64, modules, extent: int = 1, runs: int = 4, seed: int
     return x64, tolerances.finish_bound(x64, spread, coverage)
 
 
-def tf32_kernel_bound(policy64, table, cond, x_T, step_noise=None):
-    """``(x64, bound)`` for a fused MLP kernel computing its matmuls on tensor cores in tf32 (Triton's
-    ``precision="tf32"`` on float32 weights): :func:`float32_loop_bound` of the float64 torch loop with the
-    operands of :func:`kernel_matmuls` rounded to tf32 (:class:`fdp.tolerances.OperandRounding`). All
-    arguments float64, on one device."""
+def torch_loop_bound(policy, table, cond, x_T, step_noise=None, known=None, known_mask=None, tf32=False):
+    """``(x64, bound)``: the torch backend's sampling loop of ``policy`` over ``table`` in float64 (a copy, on
+    these inputs widened) and :func:`float32_loop_bound` of it: how far a float32 evaluation of that loop may
+    be. ``tf32``: for a fused MLP kernel computing its matmuls on tensor cores in tf32 (Triton's
+    ``precision="tf32"`` on float32 weights), the operands of :func:`kernel_matmuls` rounded to tf32
+    (:class:`fdp.tolerances.OperandRounding`)."""
     from fdp.backends import get_backend
 
-    prep = get_backend("torch").prepare(policy64, table)
-    return float32_loop_bound(lambda: prep.run(cond, x_T, step_noise), [policy64], extent=policy64.horizon,
-                              tf32=kernel_matmuls(policy64))
+    p64 = copy.deepcopy(policy).double()
+    prep = get_backend("torch").prepare(p64, table)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return float32_loop_bound(lambda: prep.run(d(cond), d(x_T), d(step_noise), d(known), known_mask), [p64],
+                              extent=p64.horizon, tf32=kernel_matmuls(p64) if tf32 else ())
+
+
+def tf32_kernel_bound(policy, table, cond, x_T, step_noise=None):
+    """:func:`torch_loop_bound` of a fused MLP kernel whose matmuls run in tf32."""
+    return torch_loop_bound(policy, table, cond, x_T, step_noise, tf32=True)
 
 
 def round_to_tf32(t, toward_zero=False):

@@ -10,8 +10,6 @@ with canaries on both sides, and strided inputs are views into NaN-filled
 buffers: a stray read or write, or an unwritten element, shows as NaN.
 """
 
-import copy
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -22,7 +20,7 @@ from fdp.backends import get_backend  # noqa: E402
 from fdp.schedulers import apply_step  # noqa: E402
 from fdp.tolerances import compose_step_bound  # noqa: E402
 from fdp_kernels.compose_step import compose_step, compose_step_kernel  # noqa: E402
-from helpers import assert_within_float32_bound, bound_ratio, float32_loop_bound, step_bound  # noqa: E402
+from helpers import assert_within_float32_bound, bound_ratio, step_bound, torch_loop_bound  # noqa: E402
 
 NAN = float("nan")
 PAD = 19
@@ -260,14 +258,10 @@ def test_graph_backend_loop_with_the_kernel(per_step):
     assert prepared.compose == "triton"
     known, mask = inpainting(n, 2, (8, 3), per_step)
     # The float32 loops against the float64 one, within the float32 error growth derived for this loop on
-    # these inputs (helpers.float32_loop_bound: Monte Carlo arithmetic over all n steps), each of them.
-    p64 = copy.deepcopy(policy).double()
-    torch64 = get_backend("torch").prepare(p64, table, F64)
-    d = lambda t: t.to(F64)  # noqa: E731
+    # these inputs (helpers.torch_loop_bound: Monte Carlo arithmetic over all n steps), each of them.
     for inpaint in (False, True):
         ip = (known, mask) if inpaint else (None, None)
-        x64, bound = float32_loop_bound(lambda: torch64.run(d(gc), d(x_T), d(noise), None if not inpaint else
-                                                            d(known), ip[1]), [p64], extent=p64.horizon)
+        x64, bound = torch_loop_bound(policy, table, gc, x_T, noise, *ip)
         ref = get_backend("torch").prepare(policy, table, torch.float32).run(gc, x_T, noise, *ip)
         assert_within_float32_bound(ref, x64, bound, f"torch backend, inpaint={inpaint}")
         for compose in ("triton", "torch") if inpaint else ("triton",):

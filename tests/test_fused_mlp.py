@@ -34,9 +34,9 @@ import triton.language as tl  # noqa: E402
 
 import fdp  # noqa: E402
 from helpers import (KERNEL_COND_DIM, KERNEL_PROBLEMS, KERNEL_SCHEDULERS, KERNEL_TOL,  # noqa: E402
-                     assert_signed_unnormalised, assert_within_float32_bound, float32_loop_bound, kernel_matmuls,
+                     assert_signed_unnormalised, assert_within_float32_bound, kernel_matmuls,
                      kernel_policy, make_mlp_policy, rel_err, replaced, rounded_reference, signed_tanh_routing,
-                     round_to_tf32, tf32_kernel_bound, tf32_matmuls)
+                     round_to_tf32, tf32_kernel_bound, tf32_matmuls, torch_loop_bound)
 from fdp import packing  # noqa: E402
 from fdp.backends import available_backends, get_backend, resolve_backend  # noqa: E402
 from fdp.backends import cuda_backend as cb  # noqa: E402
@@ -504,15 +504,6 @@ def test_skips_components_no_row_uses(family, strategy):
     torch.testing.assert_close(out, expect.reshape(out.shape), rtol=0, atol=0)
 
 
-def _float32_bound_of(c):
-    """``(x64, bound)``: a float32 case's float64 loop and the float32 error growth derived for it on its inputs
-    (helpers.float32_loop_bound)."""
-    p64 = rounded_reference(c.policy, torch.float32)
-    prep = get_backend("torch").prepare(p64, c.table)
-    return float32_loop_bound(lambda: prep.run(c.cond, c.x_T, c.noise if c.adds else None, c.known, c.known_mask),
-                              [p64], extent=p64.horizon)
-
-
 @pytest.mark.parametrize("family", _families())
 def test_in_place_output(family):
     if family == "cuda":
@@ -520,8 +511,9 @@ def test_in_place_output(family):
         # The decompositions sum in different orders, so they agree only to float32 rounding: each in-place
         # result is checked against the out-of-place run of the same launch (bit for bit: the same arithmetic,
         # and the cross-block combine sums the groups' partials in a fixed order, csrc/mlp_tile.cuh), and
-        # within the float32 error growth derived for this loop (helpers.float32_loop_bound) of the float64 one.
-        x64, bound = _float32_bound_of(c)
+        # within the float32 error growth derived for this loop (helpers.torch_loop_bound) of the float64 one.
+        x64, bound = torch_loop_bound(c.policy, c.table, c.cond, c.x_T, c.noise if c.adds else None, c.known,
+                                      c.known_mask)
         for kind, opts in ((cb.KIND_STEP, {}), (cb.KIND_STEP, {"groups": 2}), (cb.KIND_PERSISTENT, {})):
             expect = c.run(kind, **opts).reshape(c.B, c.D).cuda()
             x = c.x.clone()
@@ -545,7 +537,8 @@ def test_in_place_output(family):
     torch.testing.assert_close(x, expect, rtol=0, atol=0)
     # The float32 bound the CUDA case checks its decompositions with: the result is within it, and the same
     # loop one step short (a skipped step) is not.
-    x64, bound = _float32_bound_of(c)
+    x64, bound = torch_loop_bound(c.policy, c.table, c.cond, c.x_T, c.noise if c.adds else None, c.known,
+                                  c.known_mask)
     assert_within_float32_bound(x.reshape(c.shape), x64, bound, "in place")
     assert float((short.reshape(c.shape).double() - x64).abs().max()) > bound
 

@@ -8,15 +8,13 @@ backends in the Triton interpreter.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdp
-from helpers import KERNEL_SCHEDULERS, assert_within_float32_bound, float32_loop_bound, make_mlp_policy
+from helpers import KERNEL_SCHEDULERS, assert_within_float32_bound, make_mlp_policy, torch_loop_bound
 from fdp.backends import get_backend
 
 NAN = float("nan")
@@ -358,11 +356,8 @@ def test_graph_composition_leaves_zero_weight_components_out(compose):
     x_T = torch.randn(3, 4, 3, generator=seed())
     expect = get_backend("torch").prepare(policy, table).run(cond(), x_T, None)
     # The fused trunk and the compose step sum in other orders than the torch loop: both float32 results are
-    # held to the float64 loop (before the NaNs) within its derived float32 bound (helpers.float32_loop_bound).
-    p64 = copy.deepcopy(policy).double()
-    torch64 = get_backend("torch").prepare(p64, table)
-    x64, bound = float32_loop_bound(lambda: torch64.run(cond(dtype=torch.float64), x_T.double(), None), [p64],
-                                    extent=p64.horizon)
+    # held to the float64 loop (before the NaNs) within its derived float32 bound (helpers.torch_loop_bound).
+    x64, bound = torch_loop_bound(policy, table, cond(), x_T)
     assert_within_float32_bound(expect, x64, bound, "torch backend")
     with torch.no_grad():
         for p in policy.components[1].parameters():

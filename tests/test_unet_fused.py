@@ -22,7 +22,7 @@ import torch
 import fdp
 from fdp.backends import available_backends, backend_names, get_backend, graph_backend
 from fdp.backends.graph_backend import GraphPrepared, compose_step_torch
-from helpers import assert_within_float32_bound, float32_loop_bound, signed_tanh_routing
+from helpers import assert_within_float32_bound, signed_tanh_routing, torch_loop_bound
 from fdp.schedulers import apply_step
 from fdp.unet_fused import FusedUnets, fusion_mismatch
 
@@ -316,11 +316,9 @@ def test_graph_loop_float32(bug, monkeypatch):
         monkeypatch.setattr(graph_backend, "compose_step_torch", bug)
     _, out, ref = run_both(policy, "ddim_eta_v", 5, dtype=torch.float32)
     # The fused trunk sums in another order than the components: both float32 loops are held to the float64
-    # loop on the same inputs within its derived float32 bound (helpers.float32_loop_bound), not to each other.
-    p64 = copy.deepcopy(policy).double()
+    # loop on the same inputs within its derived float32 bound (helpers.torch_loop_bound), not to each other.
     table, loop_in = loop_inputs(policy, "ddim_eta_v", 5, dtype=torch.float32)
-    torch64 = get_backend("torch").prepare(p64, table)
-    x64, bound = float32_loop_bound(lambda: torch64.run(*(v.double() for v in loop_in)), [p64], extent=p64.horizon)
+    x64, bound = torch_loop_bound(policy, table, *loop_in)
     assert_within_float32_bound(ref, x64, bound, "torch backend")
     if bug is None:
         assert_within_float32_bound(out, x64, bound, "graph backend")
