@@ -255,18 +255,21 @@ def bound_ratio(out, ref, bound):
     return float(torch.where(d == 0, 0.0, d / bound).max())
 
 
-def assert_matches_in_float32(results: dict, sampler, cond, x_T, step_noise=None):
+def assert_matches_in_float32(results: dict, sampler, cond, x_T, step_noise=None, known=None, known_mask=None):
     """Each float32 result in ``results`` (name -> actions) and ``sampler``'s own within the derived float32
-    bound (:func:`float32_loop_bound`) of the same loop in float64 on the same inputs."""
+    bound (:func:`float32_loop_bound`) of the same loop in float64 on the same inputs (inpainting ``known``
+    where given)."""
     import fdp
 
     p64 = copy.deepcopy(sampler.policy).double()
     s64 = fdp.Sampler(p64, sampler.scheduler, num_inference_steps=sampler.num_steps, eta=sampler.eta,
                       backend="torch")
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    x64, bound = float32_loop_bound(lambda: s64(d(cond), x_T=d(x_T), step_noise=d(step_noise)), [p64],
-                                    extent=p64.horizon)
-    results = dict(results, sampler=sampler(cond, x_T=x_T, step_noise=step_noise))
+    inpaint = {} if known is None else {"known": known, "known_mask": known_mask}
+    x64, bound = float32_loop_bound(lambda: s64(d(cond), x_T=d(x_T), step_noise=d(step_noise),
+                                                **{k: d(v) if k == "known" else v for k, v in inpaint.items()}),
+                                    [p64], extent=p64.horizon)
+    results = dict(results, sampler=sampler(cond, x_T=x_T, step_noise=step_noise, **inpaint))
     for name, got in results.items():
         assert_within_float32_bound(got, x64, bound, name)
 

@@ -17,7 +17,7 @@ from fdp.backends import get_backend
 from fdp.backends.torch_backend import TorchBackend
 from fdp.inpainting import continuation
 from fdp.schedulers import apply_step
-from helpers import assert_within_float32_bound, float32_loop_bound, make_mlp_policy
+from helpers import assert_matches_in_float32, make_mlp_policy
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -66,15 +66,10 @@ def test_clean_rule_is_diffusion_policys_conditional_sample(kind, cfg, n, eta):
     assert torch.equal(ours[mask], data[mask])
     # As tests/test_sampler.py's loop without a mask: diffusers' scheduler rounds in its own order, so both
     # float32 loops are held to the float64 loop on the same noise within its derived float32 bound
-    # (helpers.float32_loop_bound), not to each other.
+    # (helpers.assert_matches_in_float32), not to each other.
     x_T, noise = sampler.noise(4, torch.Generator().manual_seed(3))
-    s64 = fdp.Sampler(copy.deepcopy(policy).double(), sampler.scheduler, num_inference_steps=n, eta=eta,
-                      backend="torch")
-    x64, bound = float32_loop_bound(
-        lambda: s64(cond.double(), x_T=x_T.double(), step_noise=None if noise is None else noise.double(),
-                    known=data.double(), known_mask=mask), [s64.policy])
-    assert_within_float32_bound(ref, x64, bound, "diffusion_policy's loop")
-    assert_within_float32_bound(ours, x64, bound, "fdp")
+    assert_matches_in_float32({"diffusion_policy's loop": ref, "fdp": ours}, sampler, cond, x_T, noise,
+                              known=data, known_mask=mask)
 
 
 def _float64_loop(policy, table, cond, x_T, noise, known, mask):
