@@ -170,7 +170,7 @@ def bfloat16_trunk_bound(comps, x, t, global_cond, runs=4, coverage=4.0, seed=0)
     gen = torch.Generator().manual_seed(seed)
 
     def rounded(v):
-        return v * (1 + u * tolerances._uniform_like(v, gen)) if v.is_floating_point() else None
+        return tolerances.perturbed(v, u, gen) if v.is_floating_point() else None
 
     hooks = tolerances.perturb_outputs(c64, torch.finfo(torch.float32).eps / 2, gen, extent=x.shape[1])
     for m in (m for c in c64 for m in c.modules()):

@@ -98,12 +98,11 @@ def perturb_outputs(modules, unit: float, generator: torch.Generator, extent: in
         def hook(module, args, out):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
-            return out * (1 + scale * _uniform_like(out, generator))
+            return perturbed(out, scale, generator)
         return hook
 
     def linear(scale, inp, weight, bias):
-        out = torch.nn.functional.linear(inp, weight, bias)
-        return out * (1 + scale * _uniform_like(out, generator))
+        return perturbed(torch.nn.functional.linear(inp, weight, bias), scale, generator)
 
     hooks, linears = [], {}
     for mod in modules:
@@ -136,6 +135,12 @@ def rounded_update(coef, x, m, noise, clip_sample: bool, clip_range: float, unit
         prev = prev + sigma * noise
         size = size + abs(sigma) * noise.abs()
     return prev + _uniform_like(prev, generator) * 2 * unit * size, x0c
+
+
+def perturbed(t: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """``t`` times ``1 + scale d``, ``d`` uniform in ``[-1, 1]`` per element: one rounding of relative size up to
+    ``scale``, at random (Monte Carlo arithmetic)."""
+    return t * (1 + scale * _uniform_like(t, generator))
 
 
 def _uniform_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
